@@ -1,0 +1,54 @@
+"""normstats: BatchNorm statistics and class centers over data larger than memory.
+
+The library API mirrors the command line::
+
+    import normstats as ns
+
+    with ns.open_stream(["train.h5:features"]) as stream:
+        state = ns.BatchNormEMA(alpha=0.01, batch_size=256)
+        stats = ns.fit_batchnorm(state, stream)
+    ns.write_stats(stats, "stats.npz")
+
+Every estimator is a state object with ``update`` / ``merge`` / ``result``
+that never touches files; readers (:mod:`normstats.sources`) and writers
+(:mod:`normstats.stores`) never compute.
+"""
+
+from ._version import __version__
+from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
+from .centers import CentersEMA, CentersExact, centers_state
+from .errors import DataError, NormstatsError, StatsFileError, UsageError
+from .moments import Moments, merge_moments, moments
+from .normalize import Normalizer
+from .pipeline import apply_stats, fit_batchnorm, fit_centers
+from .sources import Stream, open_source, open_stream
+from .stats import Stats
+from .stores import read_array, read_stats, write_stats
+
+__all__ = [
+    "__version__",
+    "BatchNormEMA",
+    "BatchNormExact",
+    "batchnorm_state",
+    "CentersEMA",
+    "CentersExact",
+    "centers_state",
+    "DataError",
+    "NormstatsError",
+    "StatsFileError",
+    "UsageError",
+    "Moments",
+    "merge_moments",
+    "moments",
+    "Normalizer",
+    "apply_stats",
+    "fit_batchnorm",
+    "fit_centers",
+    "Stream",
+    "open_source",
+    "open_stream",
+    "Stats",
+    "read_array",
+    "read_stats",
+    "write_stats",
+]

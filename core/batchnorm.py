@@ -1,0 +1,418 @@
+"""BatchNorm statistics: running (EMA) and exact population mean / inv_std.
+
+Both estimators follow one life cycle: ``update(x) -> self`` per array of rows,
+``merge(other) -> self`` where the mode allows it, ``result() -> Stats``.
+They never touch files.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+
+from ._version import __version__
+from .axes import AxesSpec, kept_shape, resolve_axes
+from .errors import DataError, StatsFileError, UsageError
+from .moments import Moments, moments
+from .stats import BATCHNORM, Stats
+from .validate import (
+    check_alpha,
+    check_batch_size,
+    check_ddof,
+    check_eps,
+    check_numeric_dtype,
+)
+from .workspace import Workspace
+
+Initial = Union[float, np.ndarray, None]
+
+
+class _BatchNormBase:
+    """Options, input checks and bookkeeping shared by both modes."""
+
+    mode = ""
+
+    def __init__(
+        self,
+        *,
+        axes: AxesSpec,
+        eps: float,
+        ddof: int,
+        batch_size: Optional[int],
+        use_mean: bool,
+        use_inv_std: bool,
+    ) -> None:
+        if not (use_mean or use_inv_std):
+            raise UsageError("mean and inv_std are both disabled: there is nothing to fit")
+        self.axes_spec = axes if isinstance(axes, str) else tuple(int(a) for a in axes)
+        self.eps = check_eps(eps)
+        self.ddof = check_ddof(ddof)
+        self.batch_size = check_batch_size(batch_size)
+        self.use_mean = use_mean
+        self.use_inv_std = use_inv_std
+        self.axes: Optional[tuple[int, ...]] = None
+        self.row_shape: Optional[tuple[int, ...]] = None
+        self.input_dtype: Optional[str] = None
+        self.rows_seen = 0
+        self.batches_seen = 0
+        self.batches_skipped = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of each statistic (the input's kept axes)."""
+        if self.axes is None:
+            raise UsageError("the statistics' shape is known only after the first update")
+        return kept_shape(self.row_shape, self.axes)
+
+    def _check(self, x: np.ndarray) -> None:
+        """Fix rank, row shape and axes on the first array; check them afterwards."""
+        check_numeric_dtype(x.dtype, "input")
+        if x.ndim < 1:
+            raise DataError("input is a scalar; it needs at least one (row) axis")
+        if self.axes is None:
+            self.axes = resolve_axes(self.axes_spec, x.ndim)
+            self.row_shape = tuple(x.shape[1:])
+            self.input_dtype = str(x.dtype)
+            self._start()
+        elif tuple(x.shape[1:]) != self.row_shape:
+            raise DataError(
+                f"rows of shape {tuple(x.shape[1:])} do not match the rows seen so far "
+                f"{self.row_shape}; every batch and shard must share the shape after axis 0"
+            )
+
+    def _start(self) -> None:
+        """Allocate the state once the statistic's shape is known."""
+
+    def _meta(self) -> dict:
+        return {
+            "normstats_version": __version__,
+            "kind": BATCHNORM,
+            "mode": self.mode,
+            "axes": list(self.axes),
+            "eps": self.eps,
+            "ddof": self.ddof,
+            "batch_size": self.batch_size,
+            "rows_seen": self.rows_seen,
+            "batches_seen": self.batches_seen,
+            "batches_skipped": self.batches_skipped,
+            "row_shape": list(self.row_shape),
+            "input_dtype": self.input_dtype,
+            "use_mean": self.use_mean,
+            "use_inv_std": self.use_inv_std,
+        }
+
+    def _require_updates(self) -> None:
+        if self.axes is None:
+            raise DataError("no rows were given: the statistics are undefined")
+
+    def _restore_meta(self, stats: Stats) -> None:
+        meta = stats.meta
+        self.axes = tuple(meta["axes"])
+        self.row_shape = tuple(meta["row_shape"])
+        self.input_dtype = meta["input_dtype"]
+        self.rows_seen = int(meta["rows_seen"])
+        self.batches_seen = int(meta["batches_seen"])
+        self.batches_skipped = int(meta["batches_skipped"])
+
+
+def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), shape))
+    except ValueError:
+        raise DataError(
+            f"initial {name} of shape {np.shape(value)} does not fit statistics of shape {shape}"
+        ) from None
+
+
+class BatchNormEMA(_BatchNormBase):
+    """BatchNorm running statistics: exponential moving averages per batch.
+
+    For every batch ``x`` of `batch_size` rows (the last one may be shorter)::
+
+        batch_mean    = mean(x over axes)
+        batch_inv_std = 1 / sqrt(var(x over axes, ddof) + eps)
+        mean    <- (1 - alpha) * mean    + alpha * batch_mean
+        inv_std <- (1 - alpha) * inv_std + alpha * batch_inv_std
+
+    A batch whose element count per statistic is ``<= ddof`` changes nothing
+    and is counted in ``batches_skipped``.
+
+    Parameters
+    ----------
+    axes : 'auto' or tuple of int
+        Axes reduced per batch; ``'auto'`` is every axis but the second.
+    alpha : float
+        Weight of the newest batch, in (0, 1].
+    eps : float
+        Added to the variance before the inverse square root.
+    ddof : int
+        Delta degrees of freedom of the batch variance.
+    mean, inv_std : float, ndarray or None
+        Initial values (broadcast to the statistic's shape); ``None``
+        disables the statistic (not estimated, not stored).
+    batch_size : int, optional
+        Rows per batch. Each :meth:`update` call splits its rows into
+        consecutive batches of this size; without it, each call is one batch.
+
+    Notes
+    -----
+    The batch mean and variance are computed in float64 (two-pass), so the
+    result does not depend on how rows are grouped into update calls as long
+    as the batches are the same. All batches of one call are folded in at
+    once: after ``k`` batches ``m_k = (1-a)^k m_0 + sum_i a (1-a)^(k-i) b_i``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bn = BatchNormEMA(alpha=0.5, batch_size=2)
+    >>> bn.update(np.array([[0.0], [2.0], [4.0], [6.0]])).result().arrays["mean"]
+    array([3.])
+    """
+
+    mode = "ema"
+
+    def __init__(
+        self,
+        *,
+        axes: AxesSpec = "auto",
+        alpha: float = 0.01,
+        eps: float = 1e-5,
+        ddof: int = 1,
+        mean: Initial = 0.0,
+        inv_std: Initial = 1.0,
+        batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            axes=axes,
+            eps=eps,
+            ddof=ddof,
+            batch_size=batch_size,
+            use_mean=mean is not None,
+            use_inv_std=inv_std is not None,
+        )
+        self.alpha = check_alpha(alpha)
+        self._initial_mean = mean
+        self._initial_inv_std = inv_std
+        self.mean: Optional[np.ndarray] = None
+        self.inv_std: Optional[np.ndarray] = None
+        self._workspace = Workspace()
+
+    @classmethod
+    def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
+        """Continue from fitted statistics: their mean / inv_std are the
+        starting values and their counters go on (options as in the constructor;
+        axes come from the file)."""
+        stats.require(BATCHNORM)
+        options.setdefault("mean", stats.arrays.get("mean"))
+        options.setdefault("inv_std", stats.arrays.get("inv_std"))
+        for name in ("mean", "inv_std"):
+            if options[name] is not None and stats.arrays.get(name) is None:
+                raise StatsFileError(f"the initial stats file has no {name} to continue from")
+        state = cls(axes=tuple(stats.meta["axes"]), **options)
+        state._restore_meta(stats)
+        state._start()
+        return state
+
+    def _start(self) -> None:
+        shape = self.shape
+        if self.use_mean:
+            self.mean = _initial(self._initial_mean, shape, "mean")
+        if self.use_inv_std:
+            self.inv_std = _initial(self._initial_inv_std, shape, "inv_std")
+
+    def update(self, x: np.ndarray) -> "BatchNormEMA":
+        """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
+        x = np.asarray(x)
+        self._check(x)
+        rows = x.shape[0]
+        if rows == 0:
+            return self
+        batch = self.batch_size or rows
+        full = rows // batch
+        if full:
+            self._fold(x[: full * batch].reshape((full, batch) + x.shape[1:]))
+        if rows % batch:
+            self._fold(x[full * batch :][np.newaxis])
+        self.rows_seen += rows
+        return self
+
+    def _fold(self, batches: np.ndarray) -> None:
+        """Fold in equally sized batches, stacked along a new leading axis."""
+        count = batches.shape[0]
+        self.batches_seen += count
+        per_batch_axes = (1,) + tuple(a + 1 for a in self.axes if a != 0)
+        n, batch_mean, batch_m2 = moments(batches, per_batch_axes, self._workspace)
+        if n <= self.ddof:
+            self.batches_skipped += count
+            return
+        decay = (1.0 - self.alpha) ** count
+        weights = self.alpha * (1.0 - self.alpha) ** np.arange(count - 1, -1, -1)
+        if self.use_mean:
+            self.mean = decay * self.mean + np.tensordot(weights, batch_mean, axes=1)
+        if self.use_inv_std:
+            batch_inv_std = 1.0 / np.sqrt(batch_m2 / (n - self.ddof) + self.eps)
+            self.inv_std = decay * self.inv_std + np.tensordot(weights, batch_inv_std, axes=1)
+
+    def merge(self, other: "_BatchNormBase") -> "BatchNormEMA":
+        """Moving averages depend on batch order and cannot be merged."""
+        raise UsageError(
+            "ema statistics cannot be merged: a moving average depends on the order of all "
+            "batches; fit shards with --mode exact to merge them"
+        )
+
+    def result(self) -> Stats:
+        """The running mean / inv_std (float64) and metadata."""
+        self._require_updates()
+        arrays = {}
+        if self.use_mean:
+            arrays["mean"] = self.mean.copy()
+        if self.use_inv_std:
+            arrays["inv_std"] = self.inv_std.copy()
+        meta = self._meta()
+        meta["alpha"] = self.alpha
+        return Stats(BATCHNORM, arrays, meta)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_workspace"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._workspace = Workspace()
+
+
+class BatchNormExact(_BatchNormBase):
+    """Exact population mean and inv_std over every element seen.
+
+    ``mean`` and ``var`` (with `ddof`) over all rows, accumulated in float64
+    with Chan–Golub–LeVeque merges (see :mod:`normstats.moments`);
+    ``inv_std = 1 / sqrt(var + eps)``. The result does not depend on batch
+    size, block size, order, or how the data was split into merged shards.
+
+    Parameters
+    ----------
+    axes, eps, ddof, batch_size
+        As for :class:`BatchNormEMA` (`batch_size` is only recorded).
+    use_mean, use_inv_std : bool
+        Whether the statistic is stored (and later applied).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bn = BatchNormExact(ddof=0).update(np.array([[1.0], [3.0]]))
+    >>> bn.result().arrays["var"]
+    array([1.])
+    """
+
+    mode = "exact"
+
+    def __init__(
+        self,
+        *,
+        axes: AxesSpec = "auto",
+        eps: float = 1e-5,
+        ddof: int = 1,
+        use_mean: bool = True,
+        use_inv_std: bool = True,
+        batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            axes=axes,
+            eps=eps,
+            ddof=ddof,
+            batch_size=batch_size,
+            use_mean=use_mean,
+            use_inv_std=use_inv_std,
+        )
+        self.moments: Optional[Moments] = None
+
+    @classmethod
+    def from_stats(cls, stats: Stats, **options) -> "BatchNormExact":
+        """Continue an exact fit stored in `stats` (further updates and merges
+        add to it)."""
+        stats.require(BATCHNORM)
+        if stats.mode != "exact":
+            raise StatsFileError(
+                f"the stats file was fitted with --mode {stats.mode}; only exact statistics "
+                "can be continued or merged exactly"
+            )
+        for name in ("eps", "ddof"):
+            options.setdefault(name, stats.meta[name])
+        options.setdefault("use_mean", bool(stats.meta["use_mean"]))
+        options.setdefault("use_inv_std", bool(stats.meta["use_inv_std"]))
+        state = cls(axes=tuple(stats.meta["axes"]), **options)
+        state._restore_meta(stats)
+        state._start()
+        count = stats.arrays["count"]
+        state.moments.count = np.array(count, dtype=np.float64)
+        state.moments.mean = np.array(
+            stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"], dtype=np.float64
+        )
+        ddof = int(stats.meta["ddof"])
+        state.moments.m2 = np.asarray(stats.arrays["var"], dtype=np.float64) * (count - ddof)
+        return state
+
+    def _start(self) -> None:
+        self.moments = Moments(self.axes)
+
+    def update(self, x: np.ndarray) -> "BatchNormExact":
+        """Add the rows of `x` (shape ``(rows, ...)``) to the population."""
+        x = np.asarray(x)
+        self._check(x)
+        if x.shape[0] == 0:
+            return self
+        self.moments.update(x)
+        self.rows_seen += x.shape[0]
+        self.batches_seen += -(-x.shape[0] // (self.batch_size or x.shape[0]))
+        return self
+
+    def merge(self, other: "_BatchNormBase") -> "BatchNormExact":
+        """Add what `other` (an exact fit of the same shape and options) has seen."""
+        if not isinstance(other, BatchNormExact):
+            raise UsageError("only exact statistics can be merged")
+        if other.axes is None:
+            return self
+        if self.axes is None:
+            self.axes, self.row_shape, self.input_dtype = other.axes, other.row_shape, other.input_dtype
+            self._start()
+        for name in ("axes", "row_shape", "eps", "ddof"):
+            if getattr(self, name) != getattr(other, name):
+                raise DataError(
+                    f"cannot merge statistics with different {name}: "
+                    f"{getattr(self, name)} and {getattr(other, name)}"
+                )
+        self.moments.merge(other.moments)
+        self.rows_seen += other.rows_seen
+        self.batches_seen += other.batches_seen
+        return self
+
+    def result(self) -> Stats:
+        """Population mean, var, inv_std and count (float64) and metadata."""
+        self._require_updates()
+        count = self.moments.count
+        if count is None or np.any(count <= self.ddof):
+            raise DataError(
+                f"exact statistics need more than ddof={self.ddof} elements per statistic, "
+                f"got {0 if count is None else int(np.min(count))}"
+            )
+        var = self.moments.variance(self.ddof)
+        arrays = {"count": count.copy(), "var": var}
+        arrays["mean" if self.use_mean else "moment_mean"] = self.moments.mean.copy()
+        if self.use_inv_std:
+            arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
+        return Stats(BATCHNORM, arrays, self._meta())
+
+
+def batchnorm_state(
+    mode: str = "ema", *, init: Optional[Stats] = None, **options
+) -> Union[BatchNormEMA, BatchNormExact]:
+    """Make the BatchNorm state object for `mode` ('ema' or 'exact').
+
+    With `init`, continue from those statistics (see the classes' ``from_stats``).
+    """
+    if mode not in ("ema", "exact"):
+        raise UsageError(f"mode must be 'ema' or 'exact', got {mode!r}")
+    cls = BatchNormEMA if mode == "ema" else BatchNormExact
+    return cls(**options) if init is None else cls.from_stats(init, **options)

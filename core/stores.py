@@ -1,0 +1,278 @@
+"""Stats files (`.npz`, `.h5`), array outputs, and atomic writes.
+
+Nothing here computes: stats go to disk as the state objects made them. Every
+output is written under a temporary name in its target folder and renamed
+into place only when complete, so a failed or interrupted run leaves either
+no file or the previous one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import StatsFileError, UsageError
+from .sources import NPY_MAGIC, split_spec
+from .stats import BATCHNORM, CENTERS, Stats
+
+STATS_FORMATS = (".npz", ".h5", ".hdf5")
+ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
+H5_CHUNK_BYTES = 1 << 20
+
+
+def _extension(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats: Sequence[str]) -> None:
+    """Refuse an output path before any work is done.
+
+    Raises
+    ------
+    UsageError
+        Unknown extension, missing or unwritable folder, an existing file
+        without `force`, a directory, or the path of one of the `inputs`.
+    """
+    path = split_output(path)[0]
+    if _extension(path) not in formats:
+        raise UsageError(
+            f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {folder!r} is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"output {path!r} is a directory")
+    for spec in inputs:
+        input_path = split_spec(spec)[0]
+        if os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(input_path, path):
+            raise UsageError(f"output {path!r} is also an input; choose another output path")
+    if os.path.exists(path) and not force:
+        raise UsageError(f"output {path!r} exists; pass --force to overwrite it")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; rename it to `path` on success.
+
+    On any exception (including KeyboardInterrupt) the temporary is removed
+    and `path` is left as it was.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+# --- stats files -------------------------------------------------------------
+
+
+def write_stats(stats: Stats, path: str) -> None:
+    """Write `stats` atomically as `.npz` or HDF5 (by the extension of `path`)."""
+    meta = dict(stats.meta, kind=stats.kind)
+    with atomic_path(path) as temporary:
+        if _extension(path) == ".npz":
+            arrays = {name: np.asarray(value) for name, value in stats.arrays.items()}
+            with open(temporary, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        else:
+            _write_stats_h5(stats.arrays, meta, temporary)
+
+
+def _write_stats_h5(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=np.asarray(value))
+        for key, value in meta.items():
+            # Scalars stay readable attributes; lists and None are stored as JSON.
+            if isinstance(value, (str, bool, int, float)):
+                f.attrs[key] = value
+            else:
+                f.attrs[key] = "json:" + json.dumps(value)
+
+
+def read_stats(path: str) -> Stats:
+    """Read a stats or centers file written by :func:`write_stats`.
+
+    `.npz` files are loaded with ``allow_pickle=False``: an archive holding
+    pickled objects is refused, never loaded.
+
+    Raises
+    ------
+    UsageError
+        The file does not exist.
+    StatsFileError
+        It is not a normstats stats file or is damaged.
+    """
+    if not os.path.exists(path):
+        raise UsageError(f"stats file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"stats file {path!r} is a directory")
+    import h5py
+
+    try:
+        if h5py.is_hdf5(path):
+            arrays, meta = _read_stats_h5(path)
+        else:
+            arrays, meta = _read_stats_npz(path)
+    except StatsFileError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise StatsFileError(f"{path} is not a readable normstats stats file ({error})") from None
+    kind = meta.get("kind")
+    if kind not in (BATCHNORM, CENTERS) or "mode" not in meta:
+        raise StatsFileError(f"{path} is not a normstats stats file (no kind/mode metadata)")
+    return Stats(kind, arrays, meta)
+
+
+def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
+            raise StatsFileError(f"{path} is a single .npy array, not a normstats stats file")
+    with np.load(path, allow_pickle=False) as archive:
+        if "meta" not in archive.files:
+            raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
+        arrays = {name: archive[name] for name in archive.files if name != "meta"}
+        meta = json.loads(str(archive["meta"]))
+    return arrays, meta
+
+
+def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        arrays = {name: f[name][()] for name in f if isinstance(f[name], h5py.Dataset)}
+        meta = {}
+        for key, value in f.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value.startswith("json:"):
+                value = json.loads(value[5:])
+            elif isinstance(value, np.generic):
+                value = value.item()
+            meta[key] = value
+    return arrays, meta
+
+
+def read_array(spec: str) -> np.ndarray:
+    """Read a small array (gamma, beta, initial centers) from `.npy`, `.npz`
+    (one array) or ``file.h5:NAME``; never unpickles."""
+    from .sources import open_source
+
+    path, name = split_spec(spec)
+    if _extension(path) == ".npz":
+        if not os.path.exists(path):
+            raise UsageError(f"file {path!r} does not exist")
+        with np.load(path, allow_pickle=False) as archive:
+            names = [n for n in archive.files if n != "meta"]
+            if name is None and len(names) != 1:
+                raise UsageError(f"{path} holds {', '.join(names)}; name one as {path}:NAME")
+            key = name or names[0]
+            if key not in archive.files:
+                raise UsageError(f"{path} has no array {key!r}; it has: {', '.join(names)}")
+            return archive[key]
+    source = open_source(spec)
+    try:
+        out = np.empty(source.shape, dtype=source.dtype)
+        source.read_into(0, out)
+        return out
+    finally:
+        source.close()
+
+
+# --- array outputs (apply) ----------------------------------------------------
+
+
+class ArrayWriter:
+    """Writes an array of known shape block by block to `.npy` or an HDF5 dataset.
+
+    Use as a context manager: on a clean exit the file is renamed into place,
+    on an exception the temporary is removed.
+
+    Parameters
+    ----------
+    path : str
+        ``out.npy``, ``out.h5`` or ``out.h5:NAME``.
+    shape : tuple of int
+        Shape of the whole output.
+    dtype : numpy dtype
+    dataset : str
+        Dataset name in an HDF5 output when `path` names none.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, dataset: str = "data") -> None:
+        self.path, name = split_output(path)
+        self.dataset = name or dataset
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._context: Optional[contextlib.AbstractContextManager] = None
+        self._rows_written = 0
+
+    def __enter__(self) -> "ArrayWriter":
+        self._context = atomic_path(self.path)
+        temporary = self._context.__enter__()
+        try:
+            if _extension(self.path) == ".npy":
+                self._file = open(temporary, "wb")
+                header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                          "fortran_order": False, "shape": self.shape}
+                np.lib.format.write_array_header_1_0(self._file, header)
+                self._dataset = None
+            else:
+                import h5py
+
+                self._file = h5py.File(temporary, "w")
+                row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+                chunk_rows = max(1, min(self.shape[0], H5_CHUNK_BYTES // row_bytes))
+                self._dataset = self._file.create_dataset(
+                    self.dataset, shape=self.shape, dtype=self.dtype,
+                    chunks=(chunk_rows,) + self.shape[1:],
+                )
+        except BaseException as error:
+            self._context.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        """Append the next rows."""
+        if self._dataset is None:
+            self._file.write(np.ascontiguousarray(block, dtype=self.dtype).data)
+        else:
+            stop = self._rows_written + block.shape[0]
+            self._dataset.write_direct(
+                np.ascontiguousarray(block, dtype=self.dtype), dest_sel=np.s_[self._rows_written : stop]
+            )
+        self._rows_written += block.shape[0]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()
+        if exc_type is None and self._rows_written != self.shape[0]:
+            exc = RuntimeError(f"wrote {self._rows_written} of {self.shape[0]} rows")
+            self._context.__exit__(RuntimeError, exc, None)
+            raise exc
+        self._context.__exit__(exc_type, exc, tb)
+
+
+def split_output(spec: str) -> tuple[str, Optional[str]]:
+    """Split an output ``file.h5:NAME`` into path and dataset name."""
+    root, ext = os.path.splitext(spec)
+    if ":" in ext:
+        ext, _, name = ext.partition(":")
+        return root + ext, name
+    return spec, None
