@@ -34,7 +34,7 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
     """Print the one-line summary of a fit to stdout."""
     meta = stats.meta
     parts = [f"{command} {meta['mode']}: {meta['rows_seen']:,} rows"]
-    if meta["mode"] == "ema" or command == "fit-bn":
+    if meta["mode"] == "ema":
         skipped = meta.get("batches_skipped")
         parts.append(
             f"{meta['batches_seen']:,} batches" + (f" ({skipped} skipped)" if skipped else "")
