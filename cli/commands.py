@@ -2,39 +2,115 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import click
 
 import normstats as ns
-from normstats.stores import ARRAY_FORMATS, STATS_FORMATS, check_output
+from normstats.pipeline import resume_row
+from normstats.stores import ARRAY_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
 from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
 from .report import progress_bar, summarize_apply, summarize_fit
 
 
-def _common(function: Callable) -> Callable:
-    """Options every command shares."""
-    for decorator in reversed([
-        click.option("--dataset", metavar="NAME",
-                     help="HDF5 dataset to read (or write INPUT as file.h5:NAME)."),
-        click.option("--force", is_flag=True, help="Overwrite an existing output file."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-    ]):
-        function = decorator(function)
-    return function
+def _options(*decorators: Callable) -> Callable:
+    """Apply click option decorators in the order written."""
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return apply
 
 
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
+COMMON = _options(
+    click.option("--dataset", metavar="NAME",
+                 help="HDF5 dataset to read (or write INPUT as file.h5:NAME)."),
+    click.option("--force", is_flag=True, help="Overwrite an existing output file."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+)
 MODE = click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
 BATCH_SIZE = click.option("--batch-size", type=int, default=256, show_default=True,
                           callback=positive_int,
                           help="Rows per logical batch (one EMA step); independent of disk reads.")
+FIT = _options(
+    click.option("--nan-policy", type=click.Choice(["error", "omit"]), default="error",
+                 show_default=True,
+                 help="NaN/Inf values: stop with the file, row and column of the first, or "
+                      "leave them out of each statistic (counts are stored)."),
+    click.option("--weights", metavar="FILE[:NAME]",
+                 help="One non-negative weight per row (--mode exact), e.g. 0 for silence."),
+    click.option("--checkpoint", "checkpoint_path", metavar="FILE",
+                 help="Save the running state to FILE (.npz/.h5) every --checkpoint-every "
+                      "seconds; it is removed when the fit completes."),
+    click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
+                 metavar="SECONDS", help="Seconds between checkpoints."),
+    click.option("--resume", "resume_path", metavar="FILE",
+                 help="Continue an interrupted fit from its --checkpoint FILE (same inputs and "
+                      "options); the result equals an uninterrupted run."),
+)
+
+
+@contextlib.contextmanager
+def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], **side_specs: Any):
+    """Open the feature shards and each given per-row side input (labels, weights, groups)."""
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(ns.open_stream(inputs, dataset))
+        side = {}
+        for name, specs in side_specs.items():
+            if specs:
+                specs = (specs,) if isinstance(specs, str) else tuple(specs)
+                side[name] = stack.enter_context(ns.open_stream(specs))
+        yield stream, side
+
+
+def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool,
+         resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
+         checkpoint_every: float) -> tuple[ns.Stats, Optional[Checkpointer]]:
+    """Drive one fit with progress and checkpoints."""
+    start_row = resume_row(resume, stream, resume_path) if resume is not None else 0
+    checkpoint = None
+    if checkpoint_path:
+        checkpoint = Checkpointer(checkpoint_path, checkpoint_every, sources=stream.names,
+                                  rows_total=stream.rows)
+    with progress_bar(stream.rows, quiet=quiet, label=command, initial=start_row) as advance:
+        stats = ns.run_fit(state, stream, side=side, start_row=start_row, progress=advance,
+                           checkpoint=checkpoint)
+    return stats, checkpoint
+
+
+def _finish(command: str, stats: ns.Stats, output: str, checkpoint: Optional[Checkpointer]) -> None:
+    ns.write_stats(stats, output)
+    if checkpoint:
+        checkpoint.remove()
+    summarize_fit(command, stats, output)
+
+
+def _start_from(init: Optional[str], resume_path: Optional[str]) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
+    """The stats a fit starts from (--init or --resume) and the checkpoint, if resuming."""
+    if init and resume_path:
+        raise click.UsageError("--init and --resume exclude each other")
+    resume = ns.read_stats(resume_path) if resume_path else None
+    return (resume or (ns.read_stats(init) if init else None)), resume
+
+
+def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line; a continued fit takes the rest from its file."""
+    cli_name = {"use_mean": "mean", "use_inv_std": "inv_std"}
+    return {k: v for k, v in options.items() if _given(ctx, cli_name.get(k, k))}
+
+
+def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
+    for name in names:
+        if mode != "exact" and ctx.params.get(name) is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')} needs --mode exact")
 
 
 @cli.command("fit-bn")
@@ -58,12 +134,20 @@ BATCH_SIZE = click.option("--batch-size", type=int, default=256, show_default=Tr
 @click.option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
-@_common
+@click.option("--groups", metavar="FILE[:NAME]",
+              help="One group index per row (--mode exact): per-group statistics, e.g. per "
+                   "speaker CMVN, of shape (G, ...).")
+@click.option("--num-groups", type=int, callback=positive_int, metavar="G",
+              help="Number of groups G; group indices lie in [0, G).")
+@FIT
+@COMMON
 @click.pass_context
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
            alpha: float, eps: float, ddof: int, mode: str, mean: Optional[float],
-           inv_std: Optional[float], init: Optional[str], dataset: Optional[str], force: bool,
-           quiet: bool) -> None:
+           inv_std: Optional[float], init: Optional[str], groups: Optional[str],
+           num_groups: Optional[int], nan_policy: str, weights: Optional[str],
+           checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
+           dataset: Optional[str], force: bool, quiet: bool) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
     shards read in order).
 
@@ -77,31 +161,36 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     Example:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
-    check_output(output, force=force, inputs=inputs + ((init,) if init else ()), formats=STATS_FORMATS)
-    options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size}
-    if not (init and mode == "ema"):
-        options["axes"] = axes
-    elif _given(ctx, "axes"):
-        raise click.UsageError("--axes cannot change when continuing with --init; the file fixes them")
+    _check_exact_only(ctx, mode, "groups", "weights")
+    if num_groups is not None and groups is None:
+        raise click.UsageError("--num-groups needs --groups FILE")
+    if groups is not None and num_groups is None and not (init or resume_path):
+        raise click.UsageError("--groups needs --num-groups G")
+    check_output(output, force=force, formats=STATS_FORMATS,
+                 inputs=inputs + tuple(p for p in (init, groups, weights, resume_path) if p))
+    start, resume = _start_from(init, resume_path)
+    options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
+                               "nan_policy": nan_policy, "axes": axes}
     if mode == "ema":
-        options["alpha"] = alpha
-        for name, value in (("mean", mean), ("inv_std", inv_std)):
-            if _given(ctx, name) or not init:
-                options[name] = value
+        options.update(alpha=alpha, mean=mean, inv_std=inv_std)
     else:
         for name, value in (("mean", mean), ("inv_std", inv_std)):
             if value is not None and _given(ctx, name):
                 flag = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{flag} VALUE sets an ema starting value; with --mode exact "
                                        f"only {flag} none applies")
-        options.update(use_mean=mean is not None, use_inv_std=inv_std is not None)
-    start = ns.read_stats(init) if init else None
-    with ns.open_stream(inputs, dataset) as stream:
+        options.update(use_mean=mean is not None, use_inv_std=inv_std is not None,
+                       num_groups=num_groups)
+    if start:
+        if _given(ctx, "axes"):
+            raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
+        options = _given_only(ctx, options)
+    with _fit_inputs(inputs, dataset, groups=groups, weights=weights) as (stream, side):
         state = ns.batchnorm_state(mode, init=start, **options)
-        with progress_bar(stream.rows, quiet=quiet, label="fit-bn") as advance:
-            stats = ns.fit_batchnorm(state, stream, progress=advance)
-    ns.write_stats(stats, output)
-    summarize_fit("fit-bn", stats, output)
+        stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
+                     resume_path=resume_path, checkpoint_path=checkpoint_path,
+                     checkpoint_every=checkpoint_every)
+    _finish("fit-bn", stats, output, checkpoint)
 
 
 @cli.command("fit-centers")
@@ -118,13 +207,19 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @MODE
 @click.option("--init", "init", type=CenterInit(), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
-                   "batch mean, or a file of shape (K, dim).")
+                   "batch mean, a file of shape (K, dim); or a centers file to continue from.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --init random.")
-@_common
+@click.option("--ignore-label", type=int, metavar="L",
+              help="Skip rows with this label (e.g. -1 for unlabelled rows).")
+@FIT
+@COMMON
 @click.pass_context
 def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels: tuple[str, ...],
                 num_classes: int, batch_size: int, alpha: float, mode: str, init: Any, seed: int,
-                dataset: Optional[str], force: bool, quiet: bool) -> None:
+                ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
+                checkpoint_path: Optional[str], checkpoint_every: float,
+                resume_path: Optional[str], dataset: Optional[str], force: bool,
+                quiet: bool) -> None:
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
@@ -137,20 +232,32 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
       normstats fit-centers sample_data/digits.h5:features \\
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
-    check_output(output, force=force, inputs=inputs + labels, formats=STATS_FORMATS)
+    _check_exact_only(ctx, mode, "weights")
+    check_output(output, force=force, formats=STATS_FORMATS,
+                 inputs=inputs + labels + tuple(p for p in (weights, resume_path) if p))
+    options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
+                               "nan_policy": nan_policy}
     if mode == "ema":
-        options: dict[str, Any] = {"alpha": alpha, "init": init, "seed": seed}
+        options.update(alpha=alpha, seed=seed)
     else:
-        for name in ("alpha", "init", "seed"):
+        for name in ("alpha", "seed"):
             if _given(ctx, name):
                 raise click.UsageError(f"--{name} applies to --mode ema only")
-        options = {}
-    with ns.open_stream(inputs, dataset) as features, ns.open_stream(labels) as label_stream:
-        state = ns.centers_state(num_classes, mode, batch_size=batch_size, **options)
-        with progress_bar(features.rows, quiet=quiet, label="fit-centers") as advance:
-            stats = ns.fit_centers(state, features, label_stream, progress=advance)
-    ns.write_stats(stats, output)
-    summarize_fit("fit-centers", stats, output)
+    if mode == "exact" and _given(ctx, "init") and not isinstance(init, ns.Stats):
+        raise click.UsageError("--init random|zeros|first|FILE of centers applies to --mode ema only")
+    continued = init if isinstance(init, ns.Stats) else None
+    if continued is not None and resume_path:
+        raise click.UsageError("--init and --resume exclude each other")
+    resume = ns.read_stats(resume_path) if resume_path else None
+    init = resume or continued or (init if mode == "ema" else None)
+    if isinstance(init, ns.Stats):
+        options = _given_only(ctx, options)
+    with _fit_inputs(inputs, dataset, labels=labels, weights=weights) as (stream, side):
+        state = ns.centers_state(num_classes, mode, init=init, **options)
+        stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,
+                     resume_path=resume_path, checkpoint_path=checkpoint_path,
+                     checkpoint_every=checkpoint_every)
+    _finish("fit-centers", stats, output, checkpoint)
 
 
 @cli.command("apply")
@@ -162,9 +269,11 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
               help="Scale: a number, a file of the statistics' shape, or 'none'.")
 @click.option("--beta", type=ValueOrFile(), default=0.0, show_default=True,
               help="Shift: a number, a file of the statistics' shape, or 'none'.")
-@_common
+@click.option("--groups", metavar="FILE[:NAME]",
+              help="Each row's group, for per-group statistics (fit-bn --groups).")
+@COMMON
 def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          dataset: Optional[str], force: bool, quiet: bool) -> None:
+          groups: Optional[str], dataset: Optional[str], force: bool, quiet: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
     \b
@@ -177,9 +286,35 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
     Example:
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
-    check_output(output, force=force, inputs=(stats_path, input_spec), formats=ARRAY_FORMATS)
+    check_output(output, force=force, formats=ARRAY_FORMATS,
+                 inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
     normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
-    with ns.open_stream([input_spec], dataset) as stream:
+    with _fit_inputs((input_spec,), dataset, groups=groups) as (stream, side):
         with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
-            result = ns.apply_stats(normalizer, stream, output, progress=advance)
+            result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
+                                    progress=advance)
     summarize_apply(result, output)
+
+
+@cli.command("merge")
+@click.argument("parts", metavar="IN...", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="Merged stats or centers file to write (.npz or .h5).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
+    """Merge exact statistics fitted on shards into those of all the shards.
+
+    The IN files must come from fit-bn or fit-centers with --mode exact and
+    the same axes, shapes and options; the result equals one fit over every
+    shard (to float64 rounding). Moving averages (ema) cannot be merged.
+
+    \b
+    Example:
+      normstats fit-bn part1.npy -o a.npz --mode exact
+      normstats fit-bn part2.npy -o b.npz --mode exact
+      normstats merge a.npz b.npz -o all.npz
+    """
+    check_output(output, force=force, inputs=parts, formats=STATS_FORMATS)
+    stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
+    ns.write_stats(stats, output)
+    summarize_fit("merge", stats, output)

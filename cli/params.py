@@ -7,8 +7,9 @@ from typing import Any, Optional
 import click
 
 from normstats.axes import parse_axes
-from normstats.errors import NormstatsError
-from normstats.stores import read_array
+from normstats.errors import NormstatsError, StatsFileError
+from normstats.stats import CENTERS
+from normstats.stores import read_array, read_stats
 
 
 class AxesType(click.ParamType):
@@ -62,13 +63,20 @@ class ValueOrFile(click.ParamType):
 
 
 class CenterInit(click.ParamType):
-    """``random``, ``zeros``, ``first``, or a file of initial centers (read here)."""
+    """``random``, ``zeros``, ``first``, a file of initial centers, or a centers
+    stats file to continue from (read here)."""
 
     name = "random|zeros|first|FILE"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
         if not isinstance(value, str) or value in ("random", "zeros", "first"):
             return value
+        try:
+            return read_stats(value).require(CENTERS, value)
+        except StatsFileError:
+            pass  # not a normstats file: an array of centers
+        except NormstatsError as error:
+            self.fail(str(error), param, ctx)
         try:
             return read_array(value)
         except NormstatsError as error:

@@ -13,10 +13,12 @@ from normstats.stats import Stats
 
 
 @contextlib.contextmanager
-def progress_bar(total_rows: int, *, quiet: bool, label: str) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total_rows: int, *, quiet: bool, label: str, initial: int = 0
+) -> Iterator[Callable[[int], None]]:
     """Yield a callback taking rows done; draws a bar only on a terminal."""
     disable = quiet or not sys.stderr.isatty()
-    with tqdm(total=total_rows, unit="rows", unit_scale=True, desc=label, disable=disable,
+    with tqdm(total=total_rows, initial=initial, unit="rows", unit_scale=True, desc=label, disable=disable,
               file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield bar.update
 
@@ -36,8 +38,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
     parts = [f"{command} {meta['mode']}: {meta['rows_seen']:,} rows"]
     if meta["mode"] == "ema":
         skipped = meta.get("batches_skipped")
+        batches = meta["batches_seen"]
         parts.append(
-            f"{meta['batches_seen']:,} batches" + (f" ({skipped} skipped)" if skipped else "")
+            f"{batches:,} batch{'es' if batches != 1 else ''}" + (f" ({skipped} skipped)" if skipped else "")
         )
     if stats.kind == "centers":
         first = stats.arrays["centers"]
@@ -46,7 +49,10 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         first = stats.arrays.get("mean", stats.arrays.get("inv_std"))
     names = [n for n in ("mean", "inv_std", "centers", "counts", "var") if n in stats.arrays]
     parts.append(f"{'/'.join(names)} {shape_text(first.shape)}")
-    parts.append(throughput(meta["rows_seen"], meta["bytes_read"], meta["seconds"]))
+    if "merged_from" in meta:
+        parts.append(f"merged from {len(meta['merged_from'])} files")
+    else:
+        parts.append(throughput(meta["rows_seen"], meta["bytes_read"], meta["seconds"]))
     click.echo(", ".join(parts) + f" -> {output}")
 
 

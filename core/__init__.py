@@ -17,10 +17,10 @@ that never touches files; readers (:mod:`normstats.sources`) and writers
 from ._version import __version__
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
-from .errors import DataError, NormstatsError, StatsFileError, UsageError
-from .moments import Moments, merge_moments, moments
+from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, UsageError
+from .moments import GroupedMoments, Moments, merge_moments, moments
 from .normalize import Normalizer
-from .pipeline import apply_stats, fit_batchnorm, fit_centers
+from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
 from .stores import read_array, read_stats, write_stats
@@ -34,9 +34,11 @@ __all__ = [
     "CentersExact",
     "centers_state",
     "DataError",
+    "NonFiniteError",
     "NormstatsError",
     "StatsFileError",
     "UsageError",
+    "GroupedMoments",
     "Moments",
     "merge_moments",
     "moments",
@@ -44,6 +46,9 @@ __all__ = [
     "apply_stats",
     "fit_batchnorm",
     "fit_centers",
+    "merge_stats",
+    "resume_row",
+    "run_fit",
     "Stream",
     "open_source",
     "open_stream",

@@ -41,7 +41,7 @@ def resolve_axes(axes: AxesSpec, ndim: int) -> tuple[int, ...]:
 
     Raises
     ------
-    DataError
+    UsageError
         If an axis is out of range for `ndim`, repeated, or axis 0 is missing.
     """
     if ndim < 1:
@@ -54,15 +54,15 @@ def resolve_axes(axes: AxesSpec, ndim: int) -> tuple[int, ...]:
     for axis in axes:
         axis = int(axis)
         if not -ndim <= axis < ndim:
-            raise DataError(
+            raise UsageError(
                 f"axis {axis} is out of range for {ndim}-D input "
                 f"(valid: {-ndim}..{ndim - 1}); choose --axes that fit the input rank"
             )
         resolved.append(axis % ndim)
     if len(set(resolved)) != len(resolved):
-        raise DataError(f"axes {tuple(axes)} repeat an axis for {ndim}-D input")
+        raise UsageError(f"axes {tuple(axes)} repeat an axis for {ndim}-D input")
     if 0 not in resolved:
-        raise DataError(
+        raise UsageError(
             f"axes {tuple(axes)} do not include axis 0, the row axis that is streamed; "
             "statistics must reduce over it"
         )
@@ -77,7 +77,7 @@ def kept_shape(row_shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ..
     return tuple(size for axis, size in enumerate(row_shape, start=1) if axis not in axes)
 
 
-def broadcastable(stat: np.ndarray, axes: tuple[int, ...], ndim: int) -> np.ndarray:
+def broadcastable(stat: np.ndarray, axes: tuple[int, ...], row_shape: Sequence[int]) -> np.ndarray:
     """View `stat` (of the kept shape) with size-1 axes where `axes` reduced,
-    so that it broadcasts against a batch of rank `ndim`."""
-    return np.reshape(stat, [1 if axis in axes else -1 for axis in range(ndim)]) if stat.ndim else stat
+    so that it broadcasts against a batch of rows of `row_shape`."""
+    return np.reshape(stat, [1] + [1 if axis in axes else size for axis, size in enumerate(row_shape, start=1)])

@@ -13,19 +13,23 @@ import numpy as np
 
 from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
-from .errors import DataError, StatsFileError, UsageError
-from .moments import Moments, moments
+from .errors import DataError, NonFiniteError, StatsFileError, UsageError
+from .moments import GroupedMoments, Moments, checked_moments
 from .stats import BATCHNORM, Stats
 from .validate import (
     check_alpha,
     check_batch_size,
     check_ddof,
     check_eps,
+    check_nan_policy,
+    check_groups,
     check_numeric_dtype,
+    check_weights,
 )
 from .workspace import Workspace
 
 Initial = Union[float, np.ndarray, None]
+REPORTED_INDICES = 100  # near-constant statistics listed by index in the metadata
 
 
 class _BatchNormBase:
@@ -42,6 +46,7 @@ class _BatchNormBase:
         batch_size: Optional[int],
         use_mean: bool,
         use_inv_std: bool,
+        nan_policy: str,
     ) -> None:
         if not (use_mean or use_inv_std):
             raise UsageError("mean and inv_std are both disabled: there is nothing to fit")
@@ -51,6 +56,7 @@ class _BatchNormBase:
         self.batch_size = check_batch_size(batch_size)
         self.use_mean = use_mean
         self.use_inv_std = use_inv_std
+        self.nan_policy = check_nan_policy(nan_policy)
         self.axes: Optional[tuple[int, ...]] = None
         self.row_shape: Optional[tuple[int, ...]] = None
         self.input_dtype: Optional[str] = None
@@ -100,6 +106,7 @@ class _BatchNormBase:
             "input_dtype": self.input_dtype,
             "use_mean": self.use_mean,
             "use_inv_std": self.use_inv_std,
+            "nan_policy": self.nan_policy,
         }
 
     def _require_updates(self) -> None:
@@ -114,6 +121,13 @@ class _BatchNormBase:
         self.rows_seen = int(meta["rows_seen"])
         self.batches_seen = int(meta["batches_seen"])
         self.batches_skipped = int(meta["batches_skipped"])
+
+
+def _file_options(meta: dict, options: dict, *names: str) -> None:
+    """Options a continued fit takes from its stats file unless given anew."""
+    for name in names:
+        if name in meta:
+            options.setdefault(name, meta[name])
 
 
 def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -154,6 +168,10 @@ class BatchNormEMA(_BatchNormBase):
     batch_size : int, optional
         Rows per batch. Each :meth:`update` call splits its rows into
         consecutive batches of this size; without it, each call is one batch.
+    nan_policy : {'error', 'omit'}
+        A NaN / Inf element raises :class:`NonFiniteError`, or is left out of
+        its batch statistic (a statistic with ``<= ddof`` finite elements in a
+        batch is not updated by it; ``count`` then records the elements used).
 
     Notes
     -----
@@ -182,6 +200,7 @@ class BatchNormEMA(_BatchNormBase):
         mean: Initial = 0.0,
         inv_std: Initial = 1.0,
         batch_size: Optional[int] = None,
+        nan_policy: str = "error",
     ) -> None:
         super().__init__(
             axes=axes,
@@ -190,12 +209,14 @@ class BatchNormEMA(_BatchNormBase):
             batch_size=batch_size,
             use_mean=mean is not None,
             use_inv_std=inv_std is not None,
+            nan_policy=nan_policy,
         )
         self.alpha = check_alpha(alpha)
         self._initial_mean = mean
         self._initial_inv_std = inv_std
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
+        self.count: Optional[np.ndarray] = None  # elements used per statistic
         self._workspace = Workspace()
 
     @classmethod
@@ -204,6 +225,11 @@ class BatchNormEMA(_BatchNormBase):
         starting values and their counters go on (options as in the constructor;
         axes come from the file)."""
         stats.require(BATCHNORM)
+        if "groups" in stats.meta:
+            raise StatsFileError("per-group statistics cannot start a moving average")
+        _file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
+        if stats.mode == "ema":
+            _file_options(stats.meta, options, "alpha")
         options.setdefault("mean", stats.arrays.get("mean"))
         options.setdefault("inv_std", stats.arrays.get("inv_std"))
         for name in ("mean", "inv_std"):
@@ -212,6 +238,8 @@ class BatchNormEMA(_BatchNormBase):
         state = cls(axes=tuple(stats.meta["axes"]), **options)
         state._restore_meta(stats)
         state._start()
+        if stats.mode == "ema" and "count" in stats.arrays:
+            state.count = np.array(stats.arrays["count"], dtype=np.float64)
         return state
 
     def _start(self) -> None:
@@ -220,6 +248,7 @@ class BatchNormEMA(_BatchNormBase):
             self.mean = _initial(self._initial_mean, shape, "mean")
         if self.use_inv_std:
             self.inv_std = _initial(self._initial_inv_std, shape, "inv_std")
+        self.count = np.zeros(shape)
 
     def update(self, x: np.ndarray) -> "BatchNormEMA":
         """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
@@ -231,28 +260,39 @@ class BatchNormEMA(_BatchNormBase):
         batch = self.batch_size or rows
         full = rows // batch
         if full:
-            self._fold(x[: full * batch].reshape((full, batch) + x.shape[1:]))
+            self._fold(x[: full * batch].reshape((full, batch) + x.shape[1:]), 0)
         if rows % batch:
-            self._fold(x[full * batch :][np.newaxis])
+            self._fold(x[full * batch :][np.newaxis], full * batch)
         self.rows_seen += rows
         return self
 
-    def _fold(self, batches: np.ndarray) -> None:
+    def _fold(self, batches: np.ndarray, first_row: int) -> None:
         """Fold in equally sized batches, stacked along a new leading axis."""
         count = batches.shape[0]
-        self.batches_seen += count
         per_batch_axes = (1,) + tuple(a + 1 for a in self.axes if a != 0)
-        n, batch_mean, batch_m2 = moments(batches, per_batch_axes, self._workspace)
-        if n <= self.ddof:
-            self.batches_skipped += count
+        try:
+            n, batch_mean, batch_m2 = checked_moments(
+                batches, per_batch_axes, self._workspace, nan_policy=self.nan_policy, row_axes=2
+            )
+        except NonFiniteError as error:
+            raise error.shifted(self.rows_seen + first_row) from None
+        self.batches_seen += count
+        # Per batch and statistic: is there enough data for a variance?
+        valid = np.broadcast_to(np.asarray(n) > self.ddof, batch_mean.shape)
+        used = valid.reshape(count, -1).any(axis=1)
+        self.batches_skipped += int(count - used.sum())
+        if not used.any():
             return
-        decay = (1.0 - self.alpha) ** count
-        weights = self.alpha * (1.0 - self.alpha) ** np.arange(count - 1, -1, -1)
+        self.count += np.where(valid, n, 0).sum(axis=0)
+        later = np.flip(np.cumsum(np.flip(valid, 0), axis=0), 0) - valid  # valid batches after each
+        weights = np.where(valid, self.alpha * (1.0 - self.alpha) ** later, 0.0)
+        decay = (1.0 - self.alpha) ** valid.sum(axis=0)
         if self.use_mean:
-            self.mean = decay * self.mean + np.tensordot(weights, batch_mean, axes=1)
+            self.mean = decay * self.mean + (weights * np.where(valid, batch_mean, 0.0)).sum(axis=0)
         if self.use_inv_std:
-            batch_inv_std = 1.0 / np.sqrt(batch_m2 / (n - self.ddof) + self.eps)
-            self.inv_std = decay * self.inv_std + np.tensordot(weights, batch_inv_std, axes=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                batch_inv_std = 1.0 / np.sqrt(batch_m2 / (n - self.ddof) + self.eps)
+            self.inv_std = decay * self.inv_std + (weights * np.where(valid, batch_inv_std, 0.0)).sum(axis=0)
 
     def merge(self, other: "_BatchNormBase") -> "BatchNormEMA":
         """Moving averages depend on batch order and cannot be merged."""
@@ -271,6 +311,9 @@ class BatchNormEMA(_BatchNormBase):
             arrays["inv_std"] = self.inv_std.copy()
         meta = self._meta()
         meta["alpha"] = self.alpha
+        if self.nan_policy == "omit":
+            arrays["count"] = self.count.copy()
+            meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - self.count.sum())
         return Stats(BATCHNORM, arrays, meta)
 
     def __getstate__(self) -> dict:
@@ -283,6 +326,11 @@ class BatchNormEMA(_BatchNormBase):
         self._workspace = Workspace()
 
 
+def _elements_per_row(state: _BatchNormBase) -> int:
+    """Values in one row (rows_seen * this = the sum of all counts without omissions)."""
+    return int(np.prod(state.row_shape, dtype=np.int64))
+
+
 class BatchNormExact(_BatchNormBase):
     """Exact population mean and inv_std over every element seen.
 
@@ -293,10 +341,21 @@ class BatchNormExact(_BatchNormBase):
 
     Parameters
     ----------
-    axes, eps, ddof, batch_size
+    axes, eps, ddof, batch_size, nan_policy
         As for :class:`BatchNormEMA` (`batch_size` is only recorded).
     use_mean, use_inv_std : bool
         Whether the statistic is stored (and later applied).
+    num_groups : int, optional
+        Per-group statistics (e.g. per speaker): every update then takes one
+        group index in ``[0, num_groups)`` per row, and each statistic gets a
+        leading axis of length `num_groups`.
+
+    Notes
+    -----
+    A statistic whose variance is below what float64 rounding of its mean
+    can resolve (a constant channel) is reported in the metadata
+    (``near_constant``) and gets variance 0, so its inv_std is
+    ``1/sqrt(eps)``, never infinite or NaN.
 
     Examples
     --------
@@ -317,6 +376,8 @@ class BatchNormExact(_BatchNormBase):
         use_mean: bool = True,
         use_inv_std: bool = True,
         batch_size: Optional[int] = None,
+        nan_policy: str = "error",
+        num_groups: Optional[int] = None,
     ) -> None:
         super().__init__(
             axes=axes,
@@ -325,8 +386,13 @@ class BatchNormExact(_BatchNormBase):
             batch_size=batch_size,
             use_mean=use_mean,
             use_inv_std=use_inv_std,
+            nan_policy=nan_policy,
         )
-        self.moments: Optional[Moments] = None
+        if num_groups is not None and (int(num_groups) != num_groups or num_groups < 1):
+            raise UsageError(f"the number of groups must be a positive integer, got {num_groups}")
+        self.num_groups = None if num_groups is None else int(num_groups)
+        self.weighted = False
+        self.moments: Union[Moments, GroupedMoments, None] = None
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormExact":
@@ -338,32 +404,67 @@ class BatchNormExact(_BatchNormBase):
                 f"the stats file was fitted with --mode {stats.mode}; only exact statistics "
                 "can be continued or merged exactly"
             )
-        for name in ("eps", "ddof"):
-            options.setdefault(name, stats.meta[name])
-        options.setdefault("use_mean", bool(stats.meta["use_mean"]))
-        options.setdefault("use_inv_std", bool(stats.meta["use_inv_std"]))
-        state = cls(axes=tuple(stats.meta["axes"]), **options)
+        meta = stats.meta
+        _file_options(meta, options, "eps", "ddof", "use_mean", "use_inv_std", "nan_policy", "batch_size")
+        options.setdefault("num_groups", meta.get("groups"))
+        if options["num_groups"] != meta.get("groups"):
+            raise StatsFileError(
+                f"{stats.source or 'the stats file'} holds statistics for "
+                f"{meta.get('groups') or 'no'} groups, not {options['num_groups']}"
+            )
+        state = cls(axes=tuple(meta["axes"]), **options)
         state._restore_meta(stats)
         state._start()
-        count = stats.arrays["count"]
-        state.moments.count = np.array(count, dtype=np.float64)
-        state.moments.mean = np.array(
+        state.weighted = bool(meta.get("weighted", False))
+        moments = state.moments
+        moments.count = np.array(stats.arrays["count"], dtype=np.float64)
+        moments.mean = np.array(
             stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"], dtype=np.float64
         )
-        ddof = int(stats.meta["ddof"])
-        state.moments.m2 = np.asarray(stats.arrays["var"], dtype=np.float64) * (count - ddof)
+        moments.m2 = np.nan_to_num(
+            np.asarray(stats.arrays["var"], dtype=np.float64) * (moments.count - int(meta["ddof"]))
+        )
+        if state.num_groups is not None:
+            moments.rows = np.array(stats.arrays["group_rows"], dtype=np.int64)
         return state
 
     def _start(self) -> None:
-        self.moments = Moments(self.axes)
+        if self.num_groups is None:
+            self.moments = Moments(self.axes, nan_policy=self.nan_policy)
+        else:
+            self.moments = GroupedMoments(self.num_groups, self.axes, nan_policy=self.nan_policy)
 
-    def update(self, x: np.ndarray) -> "BatchNormExact":
-        """Add the rows of `x` (shape ``(rows, ...)``) to the population."""
+    def update(
+        self, x: np.ndarray, groups: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
+    ) -> "BatchNormExact":
+        """Add the rows of `x` (shape ``(rows, ...)``) to the population.
+
+        Parameters
+        ----------
+        x : ndarray
+        groups : ndarray of int, optional
+            One group per row; required exactly when `num_groups` was given.
+        weights : ndarray, optional
+            One non-negative weight per row (frequency or reliability
+            weights); the count becomes the weight sum.
+        """
         x = np.asarray(x)
         self._check(x)
+        if weights is not None:
+            weights = check_weights(weights, x.shape[0], self.rows_seen)
+            self.weighted = True
         if x.shape[0] == 0:
             return self
-        self.moments.update(x)
+        try:
+            if self.num_groups is None:
+                if groups is not None:
+                    raise UsageError("groups were given but the state has no num_groups")
+                self.moments.update(x, weights)
+            else:
+                groups = check_groups(groups, x.shape[0], self.num_groups, self.rows_seen, "group")
+                self.moments.update(x, groups, weights)
+        except NonFiniteError as error:
+            raise error.shifted(self.rows_seen) from None
         self.rows_seen += x.shape[0]
         self.batches_seen += -(-x.shape[0] // (self.batch_size or x.shape[0]))
         return self
@@ -377,7 +478,7 @@ class BatchNormExact(_BatchNormBase):
         if self.axes is None:
             self.axes, self.row_shape, self.input_dtype = other.axes, other.row_shape, other.input_dtype
             self._start()
-        for name in ("axes", "row_shape", "eps", "ddof"):
+        for name in ("axes", "row_shape", "eps", "ddof", "num_groups", "use_mean", "use_inv_std"):
             if getattr(self, name) != getattr(other, name):
                 raise DataError(
                     f"cannot merge statistics with different {name}: "
@@ -386,23 +487,50 @@ class BatchNormExact(_BatchNormBase):
         self.moments.merge(other.moments)
         self.rows_seen += other.rows_seen
         self.batches_seen += other.batches_seen
+        self.weighted = self.weighted or other.weighted
         return self
 
     def result(self) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata."""
         self._require_updates()
-        count = self.moments.count
-        if count is None or np.any(count <= self.ddof):
+        moments = self.moments
+        meta = self._meta()
+        count = moments.count
+        if count is None:
+            raise DataError("no rows were given: the statistics are undefined")
+        relevant = count if self.num_groups is None else count[moments.rows > 0]
+        if np.any(relevant <= self.ddof):
             raise DataError(
                 f"exact statistics need more than ddof={self.ddof} elements per statistic, "
-                f"got {0 if count is None else int(np.min(count))}"
+                f"got {int(np.min(relevant))}"
+                + ("; NaN / Inf values were left out" if self.nan_policy == "omit" else "")
             )
-        var = self.moments.variance(self.ddof)
+        var = moments.variance(self.ddof)
+        near_constant = _near_constant(var, moments.mean, count)
+        var = np.where(near_constant, 0.0, var)
+        flat = np.flatnonzero(near_constant)
+        meta["near_constant_count"] = int(flat.size)
+        meta["near_constant"] = [int(i) for i in flat[:REPORTED_INDICES]]
+        meta["weighted"] = self.weighted
         arrays = {"count": count.copy(), "var": var}
-        arrays["mean" if self.use_mean else "moment_mean"] = self.moments.mean.copy()
+        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean.copy()
         if self.use_inv_std:
             arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
-        return Stats(BATCHNORM, arrays, self._meta())
+        if self.num_groups is not None:
+            meta["groups"] = self.num_groups
+            meta["groups_unseen"] = int(np.sum(moments.rows == 0))
+            arrays["group_rows"] = moments.rows.copy()
+        if self.nan_policy == "omit" and not self.weighted:
+            meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - count.sum())
+        return Stats(BATCHNORM, arrays, meta)
+
+
+def _near_constant(var: np.ndarray, mean: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Statistics whose variance is within float64 rounding of the mean:
+    the two-pass / Chan computation cannot tell them from constants."""
+    resolution = 4.0 * np.finfo(np.float64).eps * np.log2(np.maximum(count, 2.0)) * np.abs(mean)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(var, nan=np.inf) <= resolution**2
 
 
 def batchnorm_state(

@@ -12,10 +12,17 @@ from typing import Optional, Union
 import numpy as np
 
 from ._version import __version__
-from .errors import DataError, StatsFileError, UsageError
-from .moments import grouped_moments, merge_moments
+from .errors import DataError, NonFiniteError, StatsFileError, UsageError
+from .moments import GroupedMoments, first_nonfinite, grouped_moments
 from .stats import CENTERS, Stats
-from .validate import check_alpha, check_batch_size, check_numeric_dtype
+from .validate import (
+    check_alpha,
+    check_batch_size,
+    check_groups,
+    check_nan_policy,
+    check_numeric_dtype,
+    check_weights,
+)
 
 Init = Union[str, np.ndarray]
 INITS = ("random", "zeros", "first")
@@ -26,47 +33,46 @@ class _CentersBase:
 
     mode = ""
 
-    def __init__(self, num_classes: int, *, batch_size: Optional[int]) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        batch_size: Optional[int],
+        ignore_label: Optional[int],
+        nan_policy: str,
+    ) -> None:
         if int(num_classes) != num_classes or num_classes < 1:
             raise UsageError(f"the number of classes must be a positive integer, got {num_classes}")
         self.num_classes = int(num_classes)
         self.batch_size = check_batch_size(batch_size)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.nan_policy = check_nan_policy(nan_policy)
         self.row_shape: Optional[tuple[int, ...]] = None
         self.input_dtype: Optional[str] = None
         self.counts = np.zeros(self.num_classes, dtype=np.int64)
         self.rows_seen = 0
+        self.rows_ignored = 0
         self.batches_seen = 0
 
     @property
     def feature_dim(self) -> int:
         return int(np.prod(self.row_shape, dtype=np.int64))
 
-    def _check(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Validate one array of rows and its labels; return them as (rows, F) and int64."""
+    def _check(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate one array of rows and its labels.
+
+        Returns the rows flattened to (rows, F), the labels as int64, and the
+        mask of rows to use (those not labelled `ignore_label`).
+        """
         check_numeric_dtype(x.dtype, "features")
         if x.ndim < 1:
             raise DataError("features are a scalar; they need at least one (row) axis")
         labels = np.asarray(labels)
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels[:, 0]
-        if labels.ndim != 1:
-            raise DataError(f"labels must be one integer per row, got shape {labels.shape}")
-        if labels.dtype.kind not in "iu":
-            raise DataError(
-                f"labels have dtype {labels.dtype}; they must be integers in [0, {self.num_classes})"
-            )
-        if len(labels) != x.shape[0]:
-            raise DataError(
-                f"{len(labels)} labels for {x.shape[0]} feature rows; features and labels "
-                "must have the same number of rows"
-            )
-        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
-        if bad.size:
-            row = int(bad[0])
-            raise DataError(
-                f"label {labels[row]} at row {self.rows_seen + row} is outside "
-                f"[0, {self.num_classes}); check --num-classes or the labels"
-            )
+        keep = np.ones(x.shape[0], dtype=bool)
+        if self.ignore_label is not None and labels.dtype.kind in "iu":
+            keep = labels.reshape(-1) != self.ignore_label if labels.size == x.shape[0] else keep
+            labels = np.where(keep.reshape(labels.shape), labels, 0)
+        labels = check_groups(labels, x.shape[0], self.num_classes, self.rows_seen, "label")
         if self.row_shape is None:
             self.row_shape = tuple(x.shape[1:])
             self.input_dtype = str(x.dtype)
@@ -76,7 +82,13 @@ class _CentersBase:
                 f"feature rows of shape {tuple(x.shape[1:])} do not match the rows seen so far "
                 f"{self.row_shape}"
             )
-        return x.reshape(x.shape[0], -1), labels.astype(np.int64, copy=False)
+        return x.reshape(x.shape[0], -1), labels, keep
+
+    def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
+        self.counts += np.bincount(labels[keep], minlength=self.num_classes)
+        self.rows_seen += len(labels)
+        self.rows_ignored += int(len(labels) - keep.sum())
+        self.batches_seen += -(-len(labels) // (self.batch_size or len(labels)))
 
     def _start(self) -> None:
         """Allocate the state once the feature shape is known."""
@@ -89,9 +101,12 @@ class _CentersBase:
             "num_classes": self.num_classes,
             "batch_size": self.batch_size,
             "rows_seen": self.rows_seen,
+            "rows_ignored": self.rows_ignored,
+            "ignore_label": self.ignore_label,
             "batches_seen": self.batches_seen,
             "row_shape": list(self.row_shape),
             "input_dtype": self.input_dtype,
+            "nan_policy": self.nan_policy,
             "classes_unseen": int(np.sum(self.counts == 0)),
         }
 
@@ -109,11 +124,20 @@ class _CentersBase:
         self.row_shape = tuple(meta["row_shape"])
         self.input_dtype = meta["input_dtype"]
         self.rows_seen = int(meta["rows_seen"])
+        self.rows_ignored = int(meta.get("rows_ignored", 0))
         self.batches_seen = int(meta["batches_seen"])
         self.counts = np.array(stats.arrays["counts"], dtype=np.int64)
 
     def _shaped(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape((self.num_classes,) + self.row_shape)
+
+
+def _state_options(meta: dict, options: dict, *names: str) -> dict:
+    """Options a continued fit takes from its file unless given anew."""
+    for name in ("ignore_label", "nan_policy", "batch_size") + names:
+        if name in meta:
+            options.setdefault(name, meta[name])
+    return options
 
 
 class CentersEMA(_CentersBase):
@@ -142,6 +166,12 @@ class CentersEMA(_CentersBase):
         Seed of the random initial centers.
     batch_size : int, optional
         Rows per batch; without it each :meth:`update` call is one batch.
+    ignore_label : int, optional
+        Rows with this label (e.g. -1 for unlabelled) are skipped; they
+        still count towards the batches they fall in.
+    nan_policy : {'error', 'omit'}
+        A row holding NaN / Inf raises :class:`NonFiniteError`, or is
+        skipped like an ignored row.
 
     Examples
     --------
@@ -162,8 +192,11 @@ class CentersEMA(_CentersBase):
         init: Init = "random",
         seed: int = 0,
         batch_size: Optional[int] = None,
+        ignore_label: Optional[int] = None,
+        nan_policy: str = "error",
     ) -> None:
-        super().__init__(num_classes, batch_size=batch_size)
+        super().__init__(num_classes, batch_size=batch_size, ignore_label=ignore_label,
+                         nan_policy=nan_policy)
         self.alpha = check_alpha(alpha)
         if isinstance(init, str) and init not in INITS:
             raise UsageError(f"init must be one of {', '.join(INITS)} or an array, got {init!r}")
@@ -177,6 +210,8 @@ class CentersEMA(_CentersBase):
         """Continue from fitted centers: they are the starting values, counts go on."""
         stats.require(CENTERS)
         centers = np.asarray(stats.arrays["centers"], dtype=np.float64)
+        options.pop("init", None)
+        options = _state_options(stats.meta, options, "alpha", "seed")
         state = cls(int(stats.meta["num_classes"]), init=centers, **options)
         state._restore(stats)
         state._start()
@@ -208,28 +243,36 @@ class CentersEMA(_CentersBase):
     def update(self, x: np.ndarray, labels: np.ndarray) -> "CentersEMA":
         """Fold in the consecutive batches of `x` with their `labels`."""
         x = np.asarray(x)
-        flat, labels = self._check(x, labels)
+        flat, labels, keep = self._check(x, labels)
         rows = flat.shape[0]
         if rows == 0:
             return self
         batch = self.batch_size or rows
-        batch_index = np.arange(rows, dtype=np.int64) // batch
-        self._fold(flat, batch_index * self.num_classes + labels)
-        self.counts += np.bincount(labels, minlength=self.num_classes)
-        self.rows_seen += rows
-        self.batches_seen += -(-rows // batch)
+        keys = (np.arange(rows, dtype=np.int64) // batch) * self.num_classes + labels
+        grouped = grouped_moments(keys[keep], flat[keep], with_m2=False)
+        if not np.isfinite(grouped[3]).all():
+            bad = first_nonfinite(flat[keep])
+            if self.nan_policy == "error":
+                row = int(np.flatnonzero(keep)[bad[0]])
+                raise NonFiniteError(self.rows_seen + row, np.unravel_index(bad[1], self.row_shape),
+                                     flat[keep][bad])
+            keep &= np.isfinite(flat).all(axis=1)
+            grouped = grouped_moments(keys[keep], flat[keep], with_m2=False)
+        self._fold(grouped[0], grouped[3])
+        self._count(labels, keep)
         return self
 
-    def _fold(self, flat: np.ndarray, batch_class: np.ndarray) -> None:
+    def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
         """Apply the EMA of every (batch, class) mean in batch order, at once.
 
-        After its ``m`` batches in this call, class ``j`` holds
-        ``(1-a)^m C[j] + sum_i a (1-a)^(m-1-i) C_batch_i[j]``; a class that
-        starts uninitialized (``init='first'``) takes its first batch mean
-        with weight 1 instead of ``a``.
+        `keys` are ``batch * K + class``, ascending. After its ``m`` batches
+        here, class ``j`` holds ``(1-a)^m C[j] + sum_i a (1-a)^(m-1-i) C_batch_i[j]``;
+        a class that starts uninitialized (``init='first'``) takes its first
+        batch mean with weight 1 instead of ``a``.
         """
+        if keys.size == 0:
+            return
         alpha = self.alpha
-        keys, _, means, _ = grouped_moments(flat, batch_class, with_m2=False)
         classes = keys % self.num_classes
         # keys are sorted by batch, then class; a stable sort by class keeps batch order.
         order = np.argsort(classes, kind="stable")
@@ -280,6 +323,12 @@ class CentersExact(_CentersBase):
         Number of classes K; labels must lie in ``[0, K)``.
     batch_size : int, optional
         Only recorded; the result does not depend on it.
+    ignore_label : int, optional
+        Rows with this label are skipped.
+    nan_policy : {'error', 'omit'}
+        A NaN / Inf feature value raises :class:`NonFiniteError`, or is left
+        out of its class's statistic for that feature (``weight`` then holds
+        the values used per class and feature).
 
     Examples
     --------
@@ -293,10 +342,18 @@ class CentersExact(_CentersBase):
 
     mode = "exact"
 
-    def __init__(self, num_classes: int, *, batch_size: Optional[int] = None) -> None:
-        super().__init__(num_classes, batch_size=batch_size)
-        self.means: Optional[np.ndarray] = None  # (K, feature_dim) float64
-        self.m2: Optional[np.ndarray] = None
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        batch_size: Optional[int] = None,
+        ignore_label: Optional[int] = None,
+        nan_policy: str = "error",
+    ) -> None:
+        super().__init__(num_classes, batch_size=batch_size, ignore_label=ignore_label,
+                         nan_policy=nan_policy)
+        self.moments = GroupedMoments(self.num_classes, (0,), nan_policy=self.nan_policy)
+        self.weighted = False
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "CentersExact":
@@ -307,39 +364,47 @@ class CentersExact(_CentersBase):
                 f"the centers file was fitted with --mode {stats.mode}; only exact centers "
                 "can be continued or merged exactly"
             )
-        state = cls(int(stats.meta["num_classes"]), **options)
+        state = cls(int(stats.meta["num_classes"]), **_state_options(stats.meta, options))
         state._restore(stats)
         state._start()
-        seen = state.counts > 0
-        state.means[seen] = np.asarray(stats.arrays["centers"], np.float64).reshape(
-            state.means.shape
-        )[seen]
-        var = np.asarray(stats.arrays["var"], np.float64).reshape(state.m2.shape)
-        state.m2[seen] = var[seen] * state.counts[seen, None]
+        state.weighted = bool(stats.meta.get("weighted", False))
+        moments = state.moments
+        shape = moments.mean.shape
+        moments.rows = state.counts.copy()
+        weight = stats.arrays.get("weight")
+        moments.count = (
+            np.broadcast_to(state.counts[:, None], shape).astype(np.float64)
+            if weight is None else np.asarray(weight, np.float64).reshape(shape).copy()
+        )
+        moments.mean = np.asarray(stats.arrays["centers"], np.float64).reshape(shape).copy()
+        var = np.asarray(stats.arrays["var"], np.float64).reshape(shape)
+        moments.m2 = np.nan_to_num(var * moments.count)
         return state
 
     def _start(self) -> None:
-        shape = (self.num_classes, self.feature_dim)
-        self.means = np.zeros(shape)
-        self.m2 = np.zeros(shape)
+        self.moments._allocate((self.feature_dim,))
 
-    def update(self, x: np.ndarray, labels: np.ndarray) -> "CentersExact":
-        """Add the rows of `x` to the classes given by `labels`."""
+    def update(
+        self, x: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None
+    ) -> "CentersExact":
+        """Add the rows of `x` to the classes given by `labels`, optionally weighted
+        (one non-negative weight per row)."""
         x = np.asarray(x)
-        flat, labels = self._check(x, labels)
+        flat, labels, keep = self._check(x, labels)
+        if weights is not None:
+            weights = check_weights(weights, flat.shape[0], self.rows_seen)[keep]
+            self.weighted = True
         if flat.shape[0] == 0:
             return self
-        keys, counts, means, m2 = grouped_moments(flat, labels)
-        self._add(keys, counts, means, m2)
-        self.rows_seen += flat.shape[0]
-        self.batches_seen += -(-flat.shape[0] // (self.batch_size or flat.shape[0]))
+        kept = flat if keep.all() else flat[keep]
+        try:
+            self.moments.update(kept, labels[keep], weights)
+        except NonFiniteError as error:
+            row = int(np.flatnonzero(keep)[error.row])
+            raise NonFiniteError(self.rows_seen + row, np.unravel_index(error.index[0], self.row_shape),
+                                 error.value) from None
+        self._count(labels, keep)
         return self
-
-    def _add(self, keys: np.ndarray, counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> None:
-        total, self.means[keys], self.m2[keys] = merge_moments(
-            self.counts[keys, None], self.means[keys], self.m2[keys], counts[:, None], means, m2
-        )
-        self.counts[keys] = total[:, 0].astype(np.int64)
 
     def merge(self, other: "_CentersBase") -> "CentersExact":
         """Add what `other` (exact centers of the same classes and shape) has seen."""
@@ -358,31 +423,49 @@ class CentersExact(_CentersBase):
             raise DataError(
                 f"cannot merge centers of features shaped {self.row_shape} and {other.row_shape}"
             )
-        keys = np.flatnonzero(other.counts)
-        self._add(keys, other.counts[keys], other.means[keys], other.m2[keys])
+        self.moments.merge(other.moments)
+        self.counts += other.counts
         self.rows_seen += other.rows_seen
+        self.rows_ignored += other.rows_ignored
         self.batches_seen += other.batches_seen
+        self.weighted = self.weighted or other.weighted
         return self
 
     def result(self) -> Stats:
         """Class means and variances (NaN where unseen), counts and metadata."""
         self._require_updates()
-        seen = self.counts > 0
-        centers = np.where(seen[:, None], self.means, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            var = np.where(seen[:, None], self.m2 / self.counts[:, None], np.nan)
+        moments = self.moments
+        seen = moments.count > 0
+        centers = np.where(seen, moments.mean, np.nan)
+        var = np.where(seen, moments.variance(0), np.nan)
         arrays = {
             "centers": self._shaped(centers),
             "counts": self.counts.copy(),
             "var": self._shaped(var),
         }
-        return Stats(CENTERS, arrays, self._meta())
+        meta = self._meta()
+        meta["weighted"] = self.weighted
+        if self.weighted or self.nan_policy == "omit":
+            arrays["weight"] = self._shaped(moments.count.copy())
+        return Stats(CENTERS, arrays, meta)
 
 
-def centers_state(num_classes: int, mode: str = "ema", **options) -> Union[CentersEMA, CentersExact]:
-    """Make the centers state object for `mode` ('ema' or 'exact')."""
-    if mode == "ema":
-        return CentersEMA(num_classes, **options)
-    if mode == "exact":
-        return CentersExact(num_classes, **options)
-    raise UsageError(f"mode must be 'ema' or 'exact', got {mode!r}")
+def centers_state(
+    num_classes: int, mode: str = "ema", *, init: Union[Init, Stats] = None, **options
+) -> Union[CentersEMA, CentersExact]:
+    """Make the centers state object for `mode` ('ema' or 'exact').
+
+    `init` may be a :class:`Stats` of centers to continue from (ema: its
+    centers are the starting values; exact: its classes are added to), or, for
+    ema, ``'random'``, ``'zeros'``, ``'first'`` or an array of initial centers.
+    """
+    if mode not in ("ema", "exact"):
+        raise UsageError(f"mode must be 'ema' or 'exact', got {mode!r}")
+    cls = CentersEMA if mode == "ema" else CentersExact
+    if isinstance(init, Stats):
+        return cls.from_stats(init, **options)
+    if init is not None:
+        if mode == "exact":
+            raise UsageError("initial centers apply to --mode ema only")
+        options["init"] = init
+    return cls(num_classes, **options)

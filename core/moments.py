@@ -17,16 +17,22 @@ the mean is large against the spread (float32 features with offset 1e6).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
+from .errors import DataError, NonFiniteError
 from .workspace import Workspace
 
 
 def moments(
-    x: np.ndarray, axes: tuple[int, ...], workspace: Optional[Workspace] = None
-) -> tuple[int, np.ndarray, np.ndarray]:
+    x: np.ndarray,
+    axes: tuple[int, ...],
+    workspace: Optional[Workspace] = None,
+    *,
+    weights: Optional[np.ndarray] = None,
+    omit_nonfinite: bool = False,
+) -> tuple[Union[int, np.ndarray], np.ndarray, np.ndarray]:
     """Count, mean and M2 of `x` over `axes`, two-pass, in float64.
 
     Parameters
@@ -38,24 +44,60 @@ def moments(
     workspace : Workspace, optional
         Reused scratch memory for the float64 deviations (one array of
         ``x.shape``); without it a temporary is allocated.
+    weights : ndarray, optional
+        Non-negative weights broadcastable to `x` (e.g. one per row, shaped
+        ``(rows, 1, ...)``); the count becomes the weight sum.
+    omit_nonfinite : bool
+        Leave NaN and ±Inf elements out; counts then differ per statistic.
 
     Returns
     -------
-    count : int
-        Elements reduced per statistic.
+    count : int or ndarray of float64
+        Elements (or weight) reduced per statistic: an int when it is the
+        same for all, else an array of the statistic's shape.
     mean, m2 : ndarray of float64
-        Shape of `x` without `axes`.
+        Shape of `x` without `axes`; NaN mean where the count is 0.
     """
-    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    mean = np.mean(x, axis=axes, dtype=np.float64, keepdims=True)
-    if workspace is None:
-        deviations = np.subtract(x, mean, dtype=np.float64)
-    else:
-        deviations = workspace.array("deviations", x.shape, np.float64)
-        np.subtract(x, mean, out=deviations, dtype=np.float64, casting="unsafe")
-    np.square(deviations, out=deviations)
-    m2 = deviations.sum(axis=axes)
-    return count, mean.reshape(m2.shape), m2
+    if weights is None and not omit_nonfinite:
+        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        # NaN / Inf propagate into the result, where the caller's policy finds them.
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = np.mean(x, axis=axes, dtype=np.float64, keepdims=True)
+            if workspace is None:
+                deviations = np.subtract(x, mean, dtype=np.float64)
+            else:
+                deviations = workspace.array("deviations", x.shape, np.float64)
+                np.subtract(x, mean, out=deviations, dtype=np.float64, casting="unsafe")
+            np.square(deviations, out=deviations)
+            m2 = deviations.sum(axis=axes)
+        return count, mean.reshape(m2.shape), m2
+    return _weighted_moments(x, axes, weights, omit_nonfinite)
+
+
+def _weighted_moments(
+    x: np.ndarray, axes: tuple[int, ...], weights: Optional[np.ndarray], omit_nonfinite: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The general path of :func:`moments`: per-element weights, in float64."""
+    w = np.ones(x.shape) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), x.shape)
+    values = np.asarray(x, dtype=np.float64)
+    if omit_nonfinite:
+        finite = np.isfinite(values)
+        w = np.where(finite, w, 0.0)
+        values = np.where(finite, values, 0.0)
+    count = w.sum(axis=axes, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (w * values).sum(axis=axes, keepdims=True) / count
+    deviations = values - np.where(count > 0, mean, 0.0)
+    m2 = (w * deviations * deviations).sum(axis=axes)
+    return count.reshape(m2.shape), mean.reshape(m2.shape), m2
+
+
+def first_nonfinite(x: np.ndarray) -> Optional[tuple[int, ...]]:
+    """Index of the first NaN or ±Inf element of `x` (C order), or None."""
+    if x.dtype.kind not in "fc":
+        return None
+    bad = np.flatnonzero(~np.isfinite(x))
+    return None if bad.size == 0 else tuple(int(i) for i in np.unravel_index(bad[0], x.shape))
 
 
 def merge_moments(
@@ -90,6 +132,51 @@ def merge_moments(
     return count, mean, m2
 
 
+def _row_weights(weights: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
+    """One weight per row, shaped to broadcast against an array of rank `ndim`."""
+    if weights is None:
+        return None
+    return np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def checked_moments(
+    x: np.ndarray,
+    axes: tuple[int, ...],
+    workspace: Optional[Workspace] = None,
+    *,
+    weights: Optional[np.ndarray] = None,
+    nan_policy: str = "error",
+    row_axes: int = 1,
+) -> tuple[Union[int, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`moments` under a NaN policy.
+
+    The fast path runs first; only when its result is not finite is `x`
+    searched for NaN / Inf, so clean data pays nothing for the check.
+
+    Parameters
+    ----------
+    nan_policy : {'error', 'omit'}
+        'error' raises :class:`NonFiniteError` for the first NaN / Inf
+        element; 'omit' leaves such elements out of each statistic.
+    row_axes : int
+        How many leading axes of `x` enumerate rows (2 for stacked batches),
+        to report the row of a bad element.
+    """
+    result = moments(x, axes, workspace, weights=weights)
+    if np.isfinite(result[1]).all() and np.isfinite(result[2]).all():
+        return result
+    bad = first_nonfinite(x)
+    if bad is None:
+        raise DataError(
+            "the sum of squares overflows float64; the data are too large in magnitude to have a "
+            "variance, scale them down"
+        )
+    if nan_policy == "omit":
+        return moments(x, axes, weights=weights, omit_nonfinite=True)
+    row = int(np.ravel_multi_index(bad[:row_axes], x.shape[:row_axes]))
+    raise NonFiniteError(row, bad[row_axes:], x[bad])
+
+
 class Moments:
     """Exact population moments over a stream of arrays, mergeable.
 
@@ -100,6 +187,8 @@ class Moments:
     ----------
     axes : tuple of int
         Non-negative axes reduced in every update (must include 0).
+    nan_policy : {'error', 'omit'}
+        What a NaN or Inf element does: raise, or stay out of the counts.
 
     Examples
     --------
@@ -110,17 +199,28 @@ class Moments:
     (array([2.]), array([0.66666667]))
     """
 
-    def __init__(self, axes: tuple[int, ...]) -> None:
+    def __init__(self, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
         self.axes = tuple(axes)
+        self.nan_policy = nan_policy
         self.count: Optional[np.ndarray] = None
         self.mean: Optional[np.ndarray] = None
         self.m2: Optional[np.ndarray] = None
         self._workspace = Workspace()
 
-    def update(self, x: np.ndarray) -> "Moments":
-        """Add the elements of `x` (reduced over ``axes``)."""
-        count, mean, m2 = moments(x, self.axes, self._workspace)
-        self._add(np.full(mean.shape, float(count)), mean, m2)
+    def update(self, x: np.ndarray, weights: Optional[np.ndarray] = None) -> "Moments":
+        """Add the elements of `x` (reduced over ``axes``), optionally one weight per row.
+
+        Raises
+        ------
+        NonFiniteError
+            With ``nan_policy='error'``, for the first NaN / Inf; its row
+            counts from the first row of `x`.
+        """
+        count, mean, m2 = checked_moments(
+            x, self.axes, self._workspace, weights=_row_weights(weights, x.ndim),
+            nan_policy=self.nan_policy,
+        )
+        self._add(np.broadcast_to(np.asarray(count, np.float64), mean.shape), mean, m2)
         return self
 
     def merge(self, other: "Moments") -> "Moments":
@@ -141,8 +241,7 @@ class Moments:
 
     def variance(self, ddof: int) -> np.ndarray:
         """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.count > ddof, self.m2 / (self.count - ddof), np.nan)
+        return variance(self.count, self.m2, ddof)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -154,16 +253,36 @@ class Moments:
         self._workspace = Workspace()
 
 
+def variance(count: np.ndarray, m2: np.ndarray, ddof: int) -> np.ndarray:
+    """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > ddof, m2 / (count - ddof), np.nan)
+
+
 def grouped_moments(
-    x: np.ndarray, groups: np.ndarray, *, with_m2: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Count, mean and M2 of the rows of `x` per group label, in float64.
+    groups: np.ndarray,
+    means: np.ndarray,
+    counts: Optional[np.ndarray] = None,
+    m2: Optional[np.ndarray] = None,
+    *,
+    with_m2: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Combine per-row moments into per-group moments, in float64.
+
+    Row ``r`` stands for `counts[r]` elements (default 1) with mean
+    `means[r]` and squared deviations `m2[r]` (default 0); a plain row of
+    features is its own mean. Per group ``g``::
+
+        count_g = sum counts[r]
+        mean_g  = sum counts[r] * means[r] / count_g
+        M2_g    = sum m2[r] + sum counts[r] * (means[r] - mean_g)**2
 
     Parameters
     ----------
-    x : ndarray, shape (rows, features)
     groups : ndarray of int, shape (rows,)
         Non-negative group of each row.
+    means : ndarray, shape (rows, ...)
+    counts, m2 : ndarray broadcastable to `means`, optional
     with_m2 : bool
         Whether to compute M2 (a second pass over the rows).
 
@@ -171,21 +290,126 @@ def grouped_moments(
     -------
     keys : ndarray of int64
         The groups present, ascending.
-    counts : ndarray of int64
+    rows : ndarray of int64
         Rows per present group.
-    means : ndarray of float64, shape (len(keys), features)
+    count, mean : ndarray of float64, shape (len(keys),) + means.shape[1:]
     m2 : ndarray of float64 or None
     """
     order = np.argsort(groups, kind="stable")
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     keys = sorted_groups[starts].astype(np.int64)
-    counts = np.diff(np.r_[starts, len(groups)]).astype(np.int64)
-    rows = x[order]
-    means = np.add.reduceat(rows, starts, axis=0, dtype=np.float64) / counts[:, None]
-    m2 = None
+    rows = np.diff(np.r_[starts, len(groups)]).astype(np.int64)
+    values = means[order]
+    tail = (1,) * (means.ndim - 1)
+    if counts is None:
+        weight = None
+        count = np.broadcast_to(rows.reshape((-1,) + tail).astype(np.float64), (len(keys),) + means.shape[1:])
+        sums = np.add.reduceat(values, starts, axis=0, dtype=np.float64)
+    else:
+        weight = np.broadcast_to(counts, means.shape)[order]
+        count = np.add.reduceat(weight, starts, axis=0, dtype=np.float64)
+        sums = np.add.reduceat(weight * values, starts, axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / count
+    group_m2 = None
     if with_m2:
-        deviations = np.subtract(rows, np.repeat(means, counts, axis=0), dtype=np.float64)
+        deviations = np.subtract(values, np.repeat(np.nan_to_num(mean), rows, axis=0), dtype=np.float64)
         np.square(deviations, out=deviations)
-        m2 = np.add.reduceat(deviations, starts, axis=0)
-    return keys, counts, means, m2
+        if weight is not None:
+            deviations *= weight
+        group_m2 = np.add.reduceat(deviations, starts, axis=0)
+        if m2 is not None:
+            group_m2 += np.add.reduceat(np.broadcast_to(m2, means.shape)[order], starts, axis=0)
+    return keys, rows, np.array(count), mean, group_m2
+
+
+class GroupedMoments:
+    """Exact moments per group (class, speaker, ...), mergeable.
+
+    Each row belongs to one of `num_groups` groups; within a row, `axes`
+    other than 0 are reduced too. The state is ``rows`` (rows per group)
+    and ``count``, ``mean``, ``m2`` of shape ``(num_groups,) + kept``.
+    Groups never seen have count 0 and NaN mean.
+
+    Parameters
+    ----------
+    num_groups : int
+    axes : tuple of int
+        Non-negative axes of each update's input to reduce (including 0).
+    nan_policy : {'error', 'omit'}
+    """
+
+    def __init__(self, num_groups: int, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
+        self.num_groups = int(num_groups)
+        self.axes = tuple(axes)
+        self.nan_policy = nan_policy
+        self.rows = np.zeros(self.num_groups, dtype=np.int64)
+        self.count: Optional[np.ndarray] = None
+        self.mean: Optional[np.ndarray] = None
+        self.m2: Optional[np.ndarray] = None
+
+    def _allocate(self, shape: tuple[int, ...]) -> None:
+        self.count = np.zeros((self.num_groups,) + shape)
+        self.mean = np.full((self.num_groups,) + shape, np.nan)
+        self.m2 = np.zeros((self.num_groups,) + shape)
+
+    def update(
+        self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray] = None
+    ) -> "GroupedMoments":
+        """Add the rows of `x` to their `groups` (validated by the caller).
+
+        Raises
+        ------
+        NonFiniteError
+            With ``nan_policy='error'``, for the first NaN / Inf (row counted
+            from the first row of `x`).
+        """
+        result = self._grouped(x, groups, weights, omit=False)
+        if not (np.isfinite(result[3]).all() and np.isfinite(result[4]).all()):
+            bad = first_nonfinite(x)
+            if bad is None:
+                raise DataError("the sum of squares overflows float64; scale the data down")
+            if self.nan_policy != "omit":
+                raise NonFiniteError(bad[0], bad[1:], x[bad])
+            result = self._grouped(x, groups, weights, omit=True)
+        keys, rows, count, mean, m2 = result
+        if self.count is None:
+            self._allocate(mean.shape[1:])
+        self._add(keys, rows, count, mean, m2)
+        return self
+
+    def _grouped(self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray], omit: bool):
+        inner = tuple(a for a in self.axes if a != 0)
+        row_weights = _row_weights(weights, x.ndim)
+        if inner:
+            count, means, m2 = moments(x, inner, weights=row_weights, omit_nonfinite=omit)
+            counts = np.broadcast_to(np.asarray(count, np.float64), means.shape)
+            if omit:  # a row with no finite element in a statistic has no mean there
+                means = np.where(counts > 0, means, 0.0)
+            return grouped_moments(groups, means, counts, m2)
+        if omit:
+            finite = np.isfinite(x)
+            counts = finite if row_weights is None else row_weights * finite
+            return grouped_moments(groups, np.where(finite, x, 0.0), counts)
+        return grouped_moments(groups, x, row_weights)
+
+    def _add(self, keys, rows, count, mean, m2) -> None:
+        self.count[keys], self.mean[keys], self.m2[keys] = merge_moments(
+            self.count[keys], self.mean[keys], self.m2[keys], count, mean, m2
+        )
+        self.rows[keys] += rows
+
+    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
+        """Add what `other` (same groups, axes and shape) has seen."""
+        if other.count is None:
+            return self
+        if self.count is None:
+            self._allocate(other.count.shape[1:])
+        keys = np.flatnonzero(other.rows)
+        self._add(keys, other.rows[keys], other.count[keys], other.mean[keys], other.m2[keys])
+        return self
+
+    def variance(self, ddof: int) -> np.ndarray:
+        """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
+        return variance(self.count, self.m2, ddof)

@@ -7,9 +7,9 @@ from typing import Optional, Union
 import numpy as np
 
 from .axes import broadcastable, kept_shape
-from .errors import DataError
+from .errors import DataError, UsageError
 from .stats import BATCHNORM, Stats
-from .validate import check_numeric_dtype
+from .validate import check_groups, check_numeric_dtype
 from .workspace import Workspace
 
 Affine = Union[float, np.ndarray, None]
@@ -54,6 +54,7 @@ class Normalizer:
         self.axes = tuple(stats.meta["axes"])
         self.row_shape = tuple(stats.meta["row_shape"])
         self.ndim = len(self.row_shape) + 1
+        self.num_groups = stats.meta.get("groups")
         shape = kept_shape(self.row_shape, self.axes)
         mean = stats.arrays.get("mean")
         inv_std = stats.arrays.get("inv_std")
@@ -63,12 +64,21 @@ class Normalizer:
             scale = gamma * inv_std
         else:
             scale = inv_std if inv_std is not None else gamma
+        grouped = self.num_groups is not None
         self._terms = {
-            name: None if value is None else broadcastable(np.asarray(value, np.float64), self.axes, self.ndim)
-            for name, value in (("mean", mean), ("scale", scale), ("beta", beta))
+            name: None if value is None else self._broadcastable(np.asarray(value, np.float64), grouped)
+            for name, value in (("mean", mean), ("scale", scale))
         }
+        self._terms["beta"] = None if beta is None else self._broadcastable(beta, False)
+        self._group_rows = stats.arrays.get("group_rows")
         self._cast: dict[np.dtype, dict[str, Optional[np.ndarray]]] = {}
         self._workspace = Workspace()
+
+    def _broadcastable(self, value: np.ndarray, grouped: bool) -> np.ndarray:
+        """`value` shaped to broadcast over a batch; per-group terms keep their
+        leading group axis, to be indexed by each row's group."""
+        shaped = broadcastable(value, self.axes, self.row_shape)
+        return shaped.reshape((value.shape[0],) + shaped.shape[1:]) if grouped else shaped
 
     def check(self, row_shape: tuple[int, ...], dtype: np.dtype, name: str = "input") -> None:
         """Raise DataError unless rows of `row_shape` and `dtype` can be normalized."""
@@ -79,10 +89,11 @@ class Normalizer:
                 f"rows of shape {self.row_shape}"
             )
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
         """Normalize `x`; the result has the shape of `x` and :func:`output_dtype`.
 
-        The returned array may be a reused buffer, valid until the next call.
+        With per-group statistics, `groups` gives each row's group. The
+        returned array may be a reused buffer, valid until the next call.
         """
         x = np.asarray(x)
         self.check(x.shape[1:], x.dtype)
@@ -92,6 +103,8 @@ class Normalizer:
         if terms is None:
             terms = {k: None if v is None else v.astype(compute) for k, v in self._terms.items()}
             self._cast[compute] = terms
+        if self.num_groups is not None:
+            terms = self._per_row(terms, groups, x.shape[0])
         y = self._workspace.array("y", x.shape, compute)
         if terms["mean"] is not None:
             np.subtract(x, terms["mean"], out=y, casting="unsafe")
@@ -107,6 +120,22 @@ class Normalizer:
         np.copyto(out, y, casting="unsafe")
         return out
 
+    def _per_row(self, terms: dict, groups: Optional[np.ndarray], rows: int) -> dict:
+        """Select each row's group statistics."""
+        if groups is None:
+            raise UsageError(
+                f"the statistics are per group ({self.num_groups} groups); give each row's group "
+                "(--groups)"
+            )
+        groups = check_groups(groups, rows, self.num_groups, 0, "group")
+        if self._group_rows is not None:
+            empty = np.flatnonzero(self._group_rows[groups] == 0)
+            if empty.size:
+                raise DataError(
+                    f"group {groups[empty[0]]} (block row {empty[0]}) had no rows when the "
+                    "statistics were fitted; it has no statistics to apply"
+                )
+        return {k: v if v is None or k == "beta" else v[groups] for k, v in terms.items()}
 
 def _affine(value: Affine, shape: tuple[int, ...], name: str, *, neutral: float) -> Optional[np.ndarray]:
     """`value` as float64 of the statistics' shape; None when absent or neutral."""

@@ -1,82 +1,195 @@
 """Drivers: feed streamed blocks to a state object, or through a normalizer.
 
 A fit is ``for block in stream: state.update(block)``; these functions add
-the block sizing, label alignment, progress callback and provenance, and
-nothing else.
+block sizing, alignment of per-row side data (labels, groups, weights),
+checkpoints, progress and provenance, and nothing else.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
-from .batchnorm import BatchNormEMA, BatchNormExact
-from .centers import CentersEMA, CentersExact
-from .errors import DataError
+import numpy as np
+
+from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
+from .centers import CentersEMA, CentersExact, centers_state
+from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer, output_dtype
 from .sources import Stream, block_rows_for
-from .stats import Stats
+from .stats import BATCHNORM, Stats
 from .stores import ArrayWriter
 
 Progress = Optional[Callable[[int], None]]
-BatchNormState = Union[BatchNormEMA, BatchNormExact]
-CentersState = Union[CentersEMA, CentersExact]
+Checkpoint = Optional[Callable[[object, int], None]]
+State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
 
 
-def _provenance(stats: Stats, stream: Stream, seconds: float, **extra) -> Stats:
-    stats.meta["sources"] = stream.names
-    stats.meta["seconds"] = round(seconds, 6)
-    stats.meta["bytes_read"] = stream.nbytes
-    stats.meta.update(extra)
-    return stats
+def _aligned(
+    stream: Stream, side: dict[str, Stream], block_rows: int, start_row: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Blocks of `stream` with the same rows of each per-row side stream."""
+    for name, other in side.items():
+        if other.rows != stream.rows:
+            raise DataError(
+                f"{other.rows} {name} ({', '.join(other.names)}) for {stream.rows} feature rows "
+                f"({', '.join(stream.names)}); they must have the same number of rows"
+            )
+        if name in ("labels", "groups") and other.dtype.kind not in "iu":
+            raise DataError(
+                f"{', '.join(other.names)}: {name} have dtype {other.dtype}; they must be integers"
+            )
+    blocks = [stream.blocks(block_rows, start_row)] + [s.blocks(block_rows, start_row) for s in side.values()]
+    for block, *extras in zip(*blocks):
+        yield block, dict(zip(side, extras))
 
 
-def fit_batchnorm(
-    state: BatchNormState, stream: Stream, *, block_rows: Optional[int] = None, progress: Progress = None
+def run_fit(
+    state: State,
+    stream: Stream,
+    *,
+    side: Optional[dict[str, Stream]] = None,
+    start_row: int = 0,
+    block_rows: Optional[int] = None,
+    progress: Progress = None,
+    checkpoint: Checkpoint = None,
 ) -> Stats:
-    """Stream every row of `stream` through `state`; return its result.
+    """Stream the rows of `stream` (from `start_row` on) through `state`.
 
     Parameters
     ----------
-    state : BatchNormEMA or BatchNormExact
+    state : state object
+        Any estimator; its ``update`` takes each block and, by keyword, the
+        same rows of every `side` stream.
     stream : Stream
         The feature shards, read in order.
+    side : dict of str to Stream, optional
+        Per-row data passed to ``update`` under its key ('labels', 'groups',
+        'weights').
+    start_row : int
+        First row to read (to resume from a checkpoint).
     block_rows : int, optional
-        Rows read per block (default about 8 MB, a whole number of batches).
+        Rows read per block (default about 8 MB); rounded to whole batches,
+        since the logical batches must not depend on it.
     progress : callable, optional
         Called with the number of rows after each block.
+    checkpoint : callable, optional
+        Called with the state and the rows done after each block.
+
+    Returns
+    -------
+    Stats
+        ``state.result()`` with the sources, time and bytes read added.
+
+    Raises
+    ------
+    NonFiniteError
+        Naming the shard and row of the first NaN / Inf (policy 'error').
     """
-    block_rows = block_rows or block_rows_for(stream.row_bytes, state.batch_size)
+    side = side or {}
+    block_rows = block_rows_for(stream.row_bytes, state.batch_size, rows=block_rows)
+    first_state_row = state.rows_seen - start_row  # the state's row number of stream row 0
     started = time.perf_counter()
-    for block in stream.blocks(block_rows):
-        state.update(block)
+    done = start_row
+    for block, extras in _aligned(stream, side, block_rows, start_row):
+        try:
+            state.update(block, **extras)
+        except RowError as error:
+            holder = side[error.side] if error.side else stream
+            raise error.located(*holder.locate(error.row - first_state_row)) from None
+        done += block.shape[0]
         if progress:
             progress(block.shape[0])
-    return _provenance(state.result(), stream, time.perf_counter() - started)
+        if checkpoint:
+            checkpoint(state, done)
+    stats = state.result()
+    stats.meta["sources"] = stream.names
+    stats.meta["seconds"] = round(time.perf_counter() - started, 6)
+    stats.meta["bytes_read"] = (stream.rows - start_row) * stream.row_bytes
+    for name, other in side.items():
+        stats.meta[f"{name}_sources"] = other.names
+    return stats
+
+
+def fit_batchnorm(state: Union[BatchNormEMA, BatchNormExact], stream: Stream, **options) -> Stats:
+    """Fit BatchNorm statistics over `stream` (see :func:`run_fit` for options)."""
+    return run_fit(state, stream, **options)
 
 
 def fit_centers(
-    state: CentersState,
-    features: Stream,
-    labels: Stream,
-    *,
-    block_rows: Optional[int] = None,
-    progress: Progress = None,
+    state: Union[CentersEMA, CentersExact], features: Stream, labels: Stream, **options
 ) -> Stats:
-    """Stream features and their labels, in lockstep, through `state`."""
-    if labels.rows != features.rows:
-        raise DataError(
-            f"{labels.rows} labels ({', '.join(labels.names)}) for {features.rows} feature rows "
-            f"({', '.join(features.names)}); they must have the same number of rows"
+    """Fit centers over `features` with their `labels` (see :func:`run_fit`)."""
+    side = dict(options.pop("side", None) or {}, labels=labels)
+    return run_fit(state, features, side=side, **options)
+
+
+def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint") -> int:
+    """The row of `stream` at which a fit saved in `checkpoint` goes on.
+
+    Raises
+    ------
+    UsageError
+        The file is not a checkpoint, or was made over other inputs.
+    """
+    info = checkpoint.meta.get("checkpoint")
+    if not info:
+        raise UsageError(f"{name} is not a checkpoint (it records no rows done); use --init to continue from it")
+    same = [os.path.basename(n) for n in info["sources"]] == [os.path.basename(n) for n in stream.names]
+    if not same or int(info["rows_total"]) != stream.rows:
+        raise UsageError(
+            f"{name} was made over {', '.join(info['sources'])} ({info['rows_total']} rows), not over "
+            f"{', '.join(stream.names)} ({stream.rows} rows); resume with the same inputs"
         )
-    block_rows = block_rows or block_rows_for(features.row_bytes, state.batch_size)
-    started = time.perf_counter()
-    for block, block_labels in zip(features.blocks(block_rows), labels.blocks(block_rows)):
-        state.update(block, block_labels)
-        if progress:
-            progress(block.shape[0])
-    stats = state.result()
-    return _provenance(stats, features, time.perf_counter() - started, labels=labels.names)
+    return int(info["rows_done"])
+
+
+def state_from_stats(stats: Stats, **options) -> State:
+    """The exact state object stored in `stats`, ready to update or merge."""
+    if stats.kind == BATCHNORM:
+        return batchnorm_state(stats.mode, init=stats, **options)
+    return centers_state(int(stats.meta["num_classes"]), stats.mode, init=stats, **options)
+
+
+def merge_stats(parts: Sequence[Stats], names: Optional[Sequence[str]] = None) -> Stats:
+    """Combine exact statistics fitted on shards into those of all the shards.
+
+    Parameters
+    ----------
+    parts : sequence of Stats
+        Exact-mode results of one kind with the same axes, shapes and options.
+    names : sequence of str, optional
+        Where each part came from, for messages.
+
+    Raises
+    ------
+    UsageError
+        A part was fitted with ``mode='ema'`` (moving averages do not merge).
+    DataError
+        The parts differ in kind, axes, shape, classes or options.
+    """
+    names = list(names or [f"part {i + 1}" for i in range(len(parts))])
+    if not parts:
+        raise UsageError("nothing to merge")
+    for stats, name in zip(parts, names):
+        if stats.mode != "exact":
+            raise UsageError(
+                f"{name} holds {stats.mode} statistics, which cannot be merged: a moving average "
+                "depends on the order of all batches; fit the shards with --mode exact"
+            )
+        if stats.kind != parts[0].kind:
+            raise DataError(f"{name} holds {stats.kind} statistics but {names[0]} holds {parts[0].kind}")
+    merged = state_from_stats(parts[0])
+    for stats, name in zip(parts[1:], names[1:]):
+        try:
+            merged.merge(state_from_stats(stats))
+        except DataError as error:
+            raise DataError(f"{name} does not fit {names[0]}: {error}") from None
+    result = merged.result()
+    result.meta["sources"] = [s for stats in parts for s in stats.meta.get("sources", [])]
+    result.meta["merged_from"] = names
+    return result
 
 
 def apply_stats(
@@ -84,6 +197,7 @@ def apply_stats(
     stream: Stream,
     output: str,
     *,
+    groups: Optional[Stream] = None,
     dataset: Optional[str] = None,
     block_rows: Optional[int] = None,
     progress: Progress = None,
@@ -91,7 +205,8 @@ def apply_stats(
     """Normalize every row of `stream` into `output` (`.npy` or HDF5), atomically.
 
     An HDF5 output's dataset is the one named in `output` (``out.h5:NAME``),
-    else `dataset`, else the input's dataset name, else ``data``.
+    else `dataset`, else the input's dataset name, else ``data``. With
+    per-group statistics, `groups` gives each row's group.
 
     Returns
     -------
@@ -101,10 +216,11 @@ def apply_stats(
     normalizer.check(stream.row_shape, stream.dtype, ", ".join(stream.names))
     dataset = dataset or stream.sources[0].dataset or "data"
     block_rows = block_rows or block_rows_for(stream.row_bytes, None)
+    side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
     with ArrayWriter(output, stream.shape, output_dtype(stream.dtype), dataset=dataset) as writer:
-        for block in stream.blocks(block_rows):
-            writer.write(normalizer(block))
+        for block, extras in _aligned(stream, side, block_rows, 0):
+            writer.write(normalizer(block, **extras))
             if progress:
                 progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}

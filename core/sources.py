@@ -226,9 +226,12 @@ def open_source(spec: str, dataset: Optional[str] = None) -> ArraySource:
     raise DataError(f"{path} is neither a .npy nor an HDF5 file")
 
 
-def block_rows_for(row_bytes: int, batch_size: Optional[int], target: int = BLOCK_BYTES) -> int:
-    """Rows per read block: about `target` bytes, a whole number of batches."""
-    rows = max(1, target // max(row_bytes, 1))
+def block_rows_for(
+    row_bytes: int, batch_size: Optional[int], target: int = BLOCK_BYTES, rows: Optional[int] = None
+) -> int:
+    """Rows per read block: `rows`, or about `target` bytes; then rounded down
+    to a whole number of batches (at least one batch)."""
+    rows = rows or max(1, target // max(row_bytes, 1))
     if batch_size:
         rows = max(batch_size, rows - rows % batch_size)
     return rows
@@ -273,16 +276,28 @@ class Stream:
     def nbytes(self) -> int:
         return self.rows * self.row_bytes
 
-    def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
-        """Yield consecutive blocks of `block_rows` rows (the last may be shorter).
+    def locate(self, row: int) -> tuple[str, int]:
+        """The shard holding `row` of the stream, and the row's index within it."""
+        for source in self.sources:
+            if row < source.rows:
+                return source.name, row
+            row -= source.rows
+        raise IndexError(row)
+
+    def blocks(self, block_rows: int, start_row: int = 0) -> Iterator[np.ndarray]:
+        """Yield consecutive blocks of `block_rows` rows (the last may be shorter),
+        beginning at `start_row`.
 
         Blocks span shard boundaries, so logical batches do too. Each block is a
         view of one reused buffer.
         """
-        buffer = np.empty((block_rows,) + self.row_shape, dtype=self.dtype)
+        buffer = np.empty((min(block_rows, max(self.rows - start_row, 1)),) + self.row_shape, dtype=self.dtype)
+        block_rows = buffer.shape[0]
         filled = 0
+        skip = start_row
         for source in self.sources:
-            start = 0
+            start = min(skip, source.rows)
+            skip -= start
             while start < source.rows:
                 take = min(block_rows - filled, source.rows - start)
                 source.read_into(start, buffer[filled : filled + take])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,13 +33,18 @@ class Stats:
     kind: str
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None  # the file it was read from, for messages
 
     @property
     def mode(self) -> str:
         return self.meta["mode"]
 
-    def require(self, kind: str, source: str = "stats file") -> "Stats":
+    def require(self, kind: str, source: Optional[str] = None) -> "Stats":
         """Return self if it holds `kind` statistics, else raise StatsFileError."""
         if self.kind != kind:
-            raise StatsFileError(f"{source} holds {self.kind} statistics, not {kind}")
+            name = source or self.source or "the stats file"
+            raise StatsFileError(
+                f"{name} holds {self.kind} statistics, not {kind}; give a file written by "
+                f"{'fit-bn' if kind == BATCHNORM else 'fit-centers'}"
+            )
         return self

@@ -12,11 +12,13 @@ import contextlib
 import json
 import os
 import tempfile
+import time
+import zipfile
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import StatsFileError, UsageError
+from .errors import DataError, StatsFileError, UsageError
 from .sources import NPY_MAGIC, split_spec
 from .stats import BATCHNORM, CENTERS, Stats
 
@@ -38,7 +40,9 @@ def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats:
         Unknown extension, missing or unwritable folder, an existing file
         without `force`, a directory, or the path of one of the `inputs`.
     """
-    path = split_output(path)[0]
+    path, dataset = split_output(path)
+    if dataset is not None and formats is STATS_FORMATS:
+        raise UsageError(f"output {path}:{dataset}: a stats file takes no dataset name; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
@@ -68,6 +72,7 @@ def atomic_path(path: str) -> Iterator[str]:
     folder, base = os.path.split(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
     try:
         yield temporary
         with open(temporary, "rb+") as f:
@@ -77,6 +82,12 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- stats files -------------------------------------------------------------
@@ -134,19 +145,31 @@ def read_stats(path: str) -> Stats:
             arrays, meta = _read_stats_npz(path)
     except StatsFileError:
         raise
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise StatsFileError(f"{path} is not a readable normstats stats file ({error})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise StatsFileError(
+            f"{path} is not a readable normstats stats file (.npz or HDF5): "
+            f"{_reason(error)}; re-create it with fit-bn or fit-centers"
+        ) from None
     kind = meta.get("kind")
     if kind not in (BATCHNORM, CENTERS) or "mode" not in meta:
         raise StatsFileError(f"{path} is not a normstats stats file (no kind/mode metadata)")
-    return Stats(kind, arrays, meta)
+    return Stats(kind, arrays, meta, source=path)
+
+
+def _reason(error: Exception) -> str:
+    """Why a stats file failed to load, without numpy's advice to unpickle."""
+    text = str(error)
+    if "pickle" in text:
+        return "it is not a zip archive of plain arrays (normstats never unpickles)"
+    return text or type(error).__name__
 
 
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
             raise StatsFileError(f"{path} is a single .npy array, not a normstats stats file")
-    with np.load(path, allow_pickle=False) as archive:
+    # np.load given a path leaks its handle when the archive is damaged; pass our own.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
         if "meta" not in archive.files:
             raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
         arrays = {name: archive[name] for name in archive.files if name != "meta"}
@@ -158,7 +181,7 @@ def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        arrays = {name: f[name][()] for name in f if isinstance(f[name], h5py.Dataset)}
+        arrays = {name: np.asarray(f[name][()]) for name in f if isinstance(f[name], h5py.Dataset)}
         meta = {}
         for key, value in f.attrs.items():
             if isinstance(value, bytes):
@@ -276,3 +299,37 @@ def split_output(spec: str) -> tuple[str, Optional[str]]:
         ext, _, name = ext.partition(":")
         return root + ext, name
     return spec, None
+
+
+# --- checkpoints ----------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves a running fit's state to `path`, atomically, at most every `every` seconds.
+
+    The checkpoint is an ordinary stats file whose metadata also records how
+    many rows of which inputs it covers (``meta['checkpoint']``), so a later
+    run can resume from it (:func:`normstats.pipeline.resume_row`).
+    """
+
+    def __init__(self, path: str, every: float, *, sources: Sequence[str], rows_total: int) -> None:
+        self.path, self.every = path, float(every)
+        self._info = {"sources": list(sources), "rows_total": int(rows_total)}
+        self._last = time.monotonic()
+
+    def __call__(self, state: Any, rows_done: int) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every or rows_done >= self._info["rows_total"]:
+            return
+        try:
+            stats = state.result()
+        except DataError:  # too few rows so far for a result; the next block may do
+            return
+        stats.meta["checkpoint"] = dict(self._info, rows_done=int(rows_done))
+        write_stats(stats, self.path)
+        self._last = now
+
+    def remove(self) -> None:
+        """Delete the checkpoint once the fit it protects is written."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

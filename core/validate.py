@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError, UsageError
+from .errors import DataError, RowError, UsageError
 
 
 def check_numeric_dtype(dtype: np.dtype, what: str) -> np.dtype:
@@ -19,7 +19,7 @@ def check_numeric_dtype(dtype: np.dtype, what: str) -> np.dtype:
     elif dtype.kind == "b":
         reason = "booleans are not numeric features"
     elif dtype.kind == "O":
-        reason = "object arrays are never loaded (they would need unpickling)"
+        reason = "it holds Python objects or variable-length strings, not numbers"
     else:
         reason = "it is not numeric"
     raise DataError(f"{what} has dtype {dtype}: {reason}; convert it to float32 or float64")
@@ -53,3 +53,67 @@ def check_mode(mode: str) -> str:
     if mode not in ("ema", "exact"):
         raise UsageError(f"mode must be 'ema' or 'exact', got {mode!r}")
     return mode
+
+
+NAN_POLICIES = ("error", "omit")
+
+
+def check_nan_policy(policy: str) -> str:
+    if policy not in NAN_POLICIES:
+        raise UsageError(f"nan policy must be one of {', '.join(NAN_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def check_groups(
+    groups: Optional[np.ndarray], rows: int, num_groups: int, first_row: int, what: str
+) -> np.ndarray:
+    """Return `groups` as int64 of length `rows`, each in ``[0, num_groups)``.
+
+    `what` ('label', 'group') and `first_row` (rows before this array) make
+    the message name the first bad row of the whole stream.
+    """
+    if groups is None:
+        raise UsageError(f"a {what} per row is required")
+    groups = np.asarray(groups)
+    if groups.ndim == 2 and groups.shape[1] == 1:
+        groups = groups[:, 0]
+    if groups.ndim != 1:
+        raise DataError(f"{what}s must be one integer per row, got shape {groups.shape}")
+    if groups.dtype.kind not in "iu":
+        raise DataError(f"{what}s have dtype {groups.dtype}; they must be integers in [0, {num_groups})")
+    if len(groups) != rows:
+        raise DataError(
+            f"{len(groups)} {what}s for {rows} feature rows; they must have the same number of rows"
+        )
+    bad = np.flatnonzero((groups < 0) | (groups >= num_groups))
+    if bad.size:
+        row = int(bad[0])
+        raise RowError(
+            first_row + row,
+            f"{what} {groups[row]} is outside [0, {num_groups}); check the {what}s or the "
+            f"number of {what} values (--num-{'classes' if what == 'label' else 'groups'})",
+            side=f"{what}s",
+        )
+    return groups.astype(np.int64, copy=False)
+
+
+def check_weights(weights: np.ndarray, rows: int, first_row: int) -> np.ndarray:
+    """Return `weights` as float64 of length `rows`, finite and non-negative."""
+    weights = np.asarray(weights)
+    if weights.ndim == 2 and weights.shape[1] == 1:
+        weights = weights[:, 0]
+    if weights.ndim != 1 or len(weights) != rows:
+        raise DataError(
+            f"weights of shape {weights.shape} for {rows} rows; give one weight per row"
+        )
+    check_numeric_dtype(weights.dtype, "weights")
+    weights = weights.astype(np.float64, copy=False)
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        row = int(bad[0])
+        raise RowError(
+            first_row + row,
+            f"weight {weights[row]} is negative or not finite; weights must be finite and >= 0",
+            side="weights",
+        )
+    return weights
