@@ -82,7 +82,7 @@ class _CentersBase:
                 f"feature rows of shape {tuple(x.shape[1:])} do not match the rows seen so far "
                 f"{self.row_shape}"
             )
-        return x.reshape(x.shape[0], -1), labels, keep
+        return x.reshape(x.shape[0], self.feature_dim), labels, keep
 
     def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
         self.counts += np.bincount(labels[keep], minlength=self.num_classes)
