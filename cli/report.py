@@ -49,6 +49,10 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         first = stats.arrays.get("mean", stats.arrays.get("inv_std"))
     names = [n for n in ("mean", "inv_std", "centers", "counts", "var") if n in stats.arrays]
     parts.append(f"{'/'.join(names)} {shape_text(first.shape)}")
+    for key, text in (("groups_unseen", "groups unseen"), ("near_constant_count", "near-constant"),
+                      ("values_omitted", "NaN/Inf omitted"), ("rows_ignored", "rows ignored")):
+        if meta.get(key):
+            parts.append(f"{meta[key]:,} {text}")
     if "merged_from" in meta:
         parts.append(f"merged from {len(meta['merged_from'])} files")
     else:

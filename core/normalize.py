@@ -77,8 +77,9 @@ class Normalizer:
     def _broadcastable(self, value: np.ndarray, grouped: bool) -> np.ndarray:
         """`value` shaped to broadcast over a batch; per-group terms keep their
         leading group axis, to be indexed by each row's group."""
-        shaped = broadcastable(value, self.axes, self.row_shape)
-        return shaped.reshape((value.shape[0],) + shaped.shape[1:]) if grouped else shaped
+        if not grouped:
+            return broadcastable(value, self.axes, self.row_shape)
+        return np.stack([broadcastable(v, self.axes, self.row_shape)[0] for v in value])
 
     def check(self, row_shape: tuple[int, ...], dtype: np.dtype, name: str = "input") -> None:
         """Raise DataError unless rows of `row_shape` and `dtype` can be normalized."""
