@@ -49,7 +49,8 @@ class NormstatsGroup(click.Group):
         except NormstatsError as error:
             raise CommandError(str(error), error.exit_code) from None
         except KeyboardInterrupt:
-            raise CommandError("interrupted; no output was written", INTERRUPTED) from None
+            # An output is renamed into place only when complete, so this holds at any moment.
+            raise CommandError("interrupted; no partial output was written", INTERRUPTED) from None
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away: nothing left to report to
             raise CommandError("output pipe closed", 1) from None

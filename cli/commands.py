@@ -34,6 +34,9 @@ COMMON = _options(
                  help="HDF5 dataset to read (or write INPUT as file.h5:NAME)."),
     click.option("--force", is_flag=True, help="Overwrite an existing output file."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    click.option("--allow-external", is_flag=True,
+                 help="Read HDF5 data that external links or virtual datasets take from "
+                      "outside the input's folder (refused by default)."),
 )
 MODE = click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
@@ -59,15 +62,16 @@ FIT = _options(
 
 
 @contextlib.contextmanager
-def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], **side_specs: Any):
+def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
+                **side_specs: Any):
     """Open the feature shards and each given per-row side input (labels, weights, groups)."""
     with contextlib.ExitStack() as stack:
-        stream = stack.enter_context(ns.open_stream(inputs, dataset))
+        stream = stack.enter_context(ns.open_stream(inputs, dataset, allow_external=allow_external))
         side = {}
         for name, specs in side_specs.items():
             if specs:
                 specs = (specs,) if isinstance(specs, str) else tuple(specs)
-                side[name] = stack.enter_context(ns.open_stream(specs))
+                side[name] = stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
         yield stream, side
 
 
@@ -147,7 +151,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            inv_std: Optional[float], init: Optional[str], groups: Optional[str],
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
-           dataset: Optional[str], force: bool, quiet: bool) -> None:
+           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
     shards read in order).
 
@@ -185,7 +189,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
-    with _fit_inputs(inputs, dataset, groups=groups, weights=weights) as (stream, side):
+    with _fit_inputs(inputs, dataset, allow_external, groups=groups, weights=weights) as (stream, side):
         state = ns.batchnorm_state(mode, init=start, **options)
         stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
                      resume_path=resume_path, checkpoint_path=checkpoint_path,
@@ -219,7 +223,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
                 ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
                 checkpoint_path: Optional[str], checkpoint_every: float,
                 resume_path: Optional[str], dataset: Optional[str], force: bool,
-                quiet: bool) -> None:
+                quiet: bool, allow_external: bool) -> None:
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
@@ -252,7 +256,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
-    with _fit_inputs(inputs, dataset, labels=labels, weights=weights) as (stream, side):
+    with _fit_inputs(inputs, dataset, allow_external, labels=labels, weights=weights) as (stream, side):
         state = ns.centers_state(num_classes, mode, init=init, **options)
         stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,
                      resume_path=resume_path, checkpoint_path=checkpoint_path,
@@ -273,7 +277,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
               help="Each row's group, for per-group statistics (fit-bn --groups).")
 @COMMON
 def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], dataset: Optional[str], force: bool, quiet: bool) -> None:
+          groups: Optional[str], dataset: Optional[str], force: bool, quiet: bool,
+          allow_external: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
     \b
@@ -289,7 +294,7 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
     check_output(output, force=force, formats=ARRAY_FORMATS,
                  inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
     normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
-    with _fit_inputs((input_spec,), dataset, groups=groups) as (stream, side):
+    with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
         with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
             result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
                                     progress=advance)

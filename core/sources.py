@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError, UsageError
+from .errors import DataError, NormstatsError, UsageError
 from .validate import check_numeric_dtype
 
 BLOCK_BYTES = 8 << 20  # 4-8 MB blocks stay in cache; 64 MB ones run 30-40 % slower
@@ -144,7 +144,7 @@ class NpySource(ArraySource):
 class H5Source(ArraySource):
     """One dataset of an HDF5 file, read with ``read_direct``."""
 
-    def __init__(self, path: str, dataset: Optional[str]) -> None:
+    def __init__(self, path: str, dataset: Optional[str], *, allow_external: bool = False) -> None:
         import h5py
 
         self.path = path
@@ -153,26 +153,77 @@ class H5Source(ArraySource):
         except OSError as error:
             raise DataError(f"{path} is not a readable HDF5 file ({error})") from None
         try:
-            name = dataset if dataset is not None else self._only_dataset()
-            self.name, self.dataset = f"{path}:{name}", name
-            obj = self._file.get(name)
-            if obj is None:
-                raise UsageError(
-                    f"{path} has no dataset {name!r}; it has: {', '.join(self._datasets()) or 'none'}"
-                )
-            if not isinstance(obj, h5py.Dataset):
-                raise UsageError(
-                    f"{self.name} is a group, not a dataset; it holds: "
-                    f"{', '.join(self._datasets(obj)) or 'no datasets'}"
-                )
-            if obj.shape is None:
-                raise DataError(f"{self.name} is an empty dataset (no shape)")
-            self._dataset = obj
-            self.shape, self.dtype = tuple(obj.shape), obj.dtype
-            self._validate()
-        except BaseException:
+            self._open(dataset, allow_external)
+        except BaseException as error:
             self._file.close()
+            if isinstance(error, (RuntimeError, KeyError, ValueError, OSError)) and not isinstance(
+                error, NormstatsError
+            ):
+                raise DataError(f"{path} is a damaged HDF5 file ({error})") from None
             raise
+
+    def _open(self, dataset: Optional[str], allow_external: bool) -> None:
+        """Find and check the dataset; h5py errors here mean a damaged file."""
+        import h5py
+
+        path = self.path
+        name = dataset if dataset is not None else self._only_dataset()
+        self.name, self.dataset = f"{path}:{name}", name
+        obj = self._file.get(name)
+        if obj is None:
+            raise UsageError(
+                f"{path} has no dataset {name!r}; it has: {', '.join(self._datasets()) or 'none'}"
+            )
+        if not isinstance(obj, h5py.Dataset):
+            raise UsageError(
+                f"{self.name} is a group, not a dataset; it holds: "
+                f"{', '.join(self._datasets(obj)) or 'no datasets'}"
+            )
+        if obj.shape is None:
+            raise DataError(f"{self.name} is an empty dataset (no shape)")
+        if not allow_external:
+            self._refuse_outside(name, obj)
+        if obj.external:
+            del obj  # HDF5 refuses a second handle with another external-file prefix
+            obj = self._with_origin_prefix(name)
+        self._dataset = obj
+        self.shape, self.dtype = tuple(obj.shape), obj.dtype
+        self._validate()
+
+    def _with_origin_prefix(self, name: str):
+        """Reopen a dataset with external storage so that its raw files resolve
+        against the HDF5 file's folder, as the trust check does, not the
+        current directory (HDF5's default)."""
+        import h5py
+
+        access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        access.set_efile_prefix(b"${ORIGIN}")
+        return h5py.Dataset(h5py.h5d.open(self._file.id, name.encode(), dapl=access))
+
+    def _refuse_outside(self, name: str, dataset) -> None:
+        """Refuse data that an external link, a virtual dataset or external
+        storage pulls in from outside the input's folder."""
+        import h5py
+
+        folder = os.path.dirname(os.path.realpath(self.path))
+        targets = []
+        parts = name.strip("/").split("/")
+        for depth in range(1, len(parts) + 1):
+            link = self._file.get("/".join(parts[:depth]), getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                targets.append(("external link", link.filename))
+        if dataset.is_virtual:
+            targets += [("virtual dataset source", vs.file_name) for vs in dataset.virtual_sources()
+                        if vs.file_name != "."]
+        targets += [("external storage", entry[0]) for entry in dataset.external or ()]
+        for kind, target in targets:
+            target = target.decode() if isinstance(target, bytes) else target
+            resolved = os.path.realpath(os.path.join(folder, target))
+            if os.path.commonpath([folder, resolved]) != folder:
+                raise UsageError(
+                    f"{self.name} reads {target!r} through an HDF5 {kind}, outside the input's "
+                    "folder; pass --allow-external if you trust that file"
+                )
 
     def _datasets(self, group=None) -> list[str]:
         import h5py
@@ -193,16 +244,24 @@ class H5Source(ArraySource):
         return names[0]
 
     def read_into(self, start: int, out: np.ndarray) -> None:
-        self._dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
+        try:
+            self._dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
+        except (OSError, RuntimeError, ValueError) as error:
+            raise DataError(
+                f"{self.name}: rows {start}..{start + out.shape[0] - 1} cannot be read ({error}); "
+                "the file is damaged or its external data is missing"
+            ) from None
 
     def close(self) -> None:
         self._file.close()
 
 
-def open_source(spec: str, dataset: Optional[str] = None) -> ArraySource:
+def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: bool = False) -> ArraySource:
     """Open ``file.npy``, ``file.h5``, or ``file.h5:NAME`` for reading by rows.
 
-    The format is recognized by the file's content, not its extension.
+    The format is recognized by the file's content, not its extension. HDF5
+    data reached through external links, virtual datasets or external storage
+    outside the file's folder is refused unless `allow_external`.
 
     Raises
     ------
@@ -222,7 +281,7 @@ def open_source(spec: str, dataset: Optional[str] = None) -> ArraySource:
             raise UsageError(f"{path} is a .npy file; it has no dataset {name!r}")
         return NpySource(path)
     if h5py.is_hdf5(path):
-        return H5Source(path, name)
+        return H5Source(path, name, allow_external=allow_external)
     raise DataError(f"{path} is neither a .npy nor an HDF5 file")
 
 
@@ -320,12 +379,14 @@ class Stream:
         self.close()
 
 
-def open_stream(specs: Sequence[str], dataset: Optional[str] = None) -> Stream:
+def open_stream(
+    specs: Sequence[str], dataset: Optional[str] = None, *, allow_external: bool = False
+) -> Stream:
     """Open every shard in `specs` (closing those opened if one fails)."""
     sources: list[ArraySource] = []
     try:
         for spec in specs:
-            sources.append(open_source(spec, dataset))
+            sources.append(open_source(spec, dataset, allow_external=allow_external))
         return Stream(sources)
     except BaseException:
         for source in sources:

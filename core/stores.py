@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import DataError, StatsFileError, UsageError
 from .sources import NPY_MAGIC, split_spec
-from .stats import BATCHNORM, CENTERS, Stats
+from .stats import BATCHNORM, CENTERS, Stats, check_stats
 
 STATS_FORMATS = (".npz", ".h5", ".hdf5")
 ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
@@ -145,7 +145,7 @@ def read_stats(path: str) -> Stats:
             arrays, meta = _read_stats_npz(path)
     except StatsFileError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
         raise StatsFileError(
             f"{path} is not a readable normstats stats file (.npz or HDF5): "
             f"{_reason(error)}; re-create it with fit-bn or fit-centers"
@@ -153,7 +153,7 @@ def read_stats(path: str) -> Stats:
     kind = meta.get("kind")
     if kind not in (BATCHNORM, CENTERS) or "mode" not in meta:
         raise StatsFileError(f"{path} is not a normstats stats file (no kind/mode metadata)")
-    return Stats(kind, arrays, meta, source=path)
+    return check_stats(Stats(kind, arrays, meta, source=path))
 
 
 def _reason(error: Exception) -> str:
