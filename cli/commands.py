@@ -105,6 +105,19 @@ def _start_from(init: Optional[str], resume_path: Optional[str]) -> tuple[Option
     return (resume or (ns.read_stats(init) if init else None)), resume
 
 
+def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
+                    resume: Optional[ns.Stats]) -> str:
+    """A continued fit keeps its file's mode unless --mode says otherwise; a
+    resumed one must keep it."""
+    if start is None:
+        return mode
+    if not _given(ctx, "mode"):
+        return start.mode
+    if resume is not None and mode != resume.mode:
+        raise click.UsageError(f"the checkpoint was made with --mode {resume.mode}; resume with the same mode")
+    return mode
+
+
 def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     """The options typed on the command line; a continued fit takes the rest from its file."""
     cli_name = {"use_mean": "mean", "use_inv_std": "inv_std"}
@@ -165,7 +178,6 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     Example:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
-    _check_exact_only(ctx, mode, "groups", "weights")
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
     if groups is not None and num_groups is None and not (init or resume_path):
@@ -173,6 +185,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     check_output(output, force=force, formats=STATS_FORMATS,
                  inputs=inputs + tuple(p for p in (init, groups, weights, resume_path) if p))
     start, resume = _start_from(init, resume_path)
+    mode = _continued_mode(ctx, mode, start, resume)
+    _check_exact_only(ctx, mode, "groups", "weights")
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
                                "nan_policy": nan_policy, "axes": axes}
     if mode == "ema":
@@ -236,9 +250,14 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
       normstats fit-centers sample_data/digits.h5:features \\
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
-    _check_exact_only(ctx, mode, "weights")
     check_output(output, force=force, formats=STATS_FORMATS,
                  inputs=inputs + labels + tuple(p for p in (weights, resume_path) if p))
+    continued = init if isinstance(init, ns.Stats) else None
+    if continued is not None and resume_path:
+        raise click.UsageError("--init and --resume exclude each other")
+    resume = ns.read_stats(resume_path) if resume_path else None
+    mode = _continued_mode(ctx, mode, continued or resume, resume)
+    _check_exact_only(ctx, mode, "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
                                "nan_policy": nan_policy}
     if mode == "ema":
@@ -247,12 +266,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
         for name in ("alpha", "seed"):
             if _given(ctx, name):
                 raise click.UsageError(f"--{name} applies to --mode ema only")
-    if mode == "exact" and _given(ctx, "init") and not isinstance(init, ns.Stats):
+    if mode == "exact" and _given(ctx, "init") and continued is None:
         raise click.UsageError("--init random|zeros|first|FILE of centers applies to --mode ema only")
-    continued = init if isinstance(init, ns.Stats) else None
-    if continued is not None and resume_path:
-        raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)

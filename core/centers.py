@@ -447,6 +447,9 @@ class CentersExact(_CentersBase):
         meta["weighted"] = self.weighted
         if self.weighted or self.nan_policy == "omit":
             arrays["weight"] = self._shaped(moments.count.copy())
+        if self.nan_policy == "omit" and not self.weighted:
+            used = (self.rows_seen - self.rows_ignored) * self.feature_dim
+            meta["values_omitted"] = int(used - moments.count.sum())
         return Stats(CENTERS, arrays, meta)
 
 

@@ -310,17 +310,18 @@ def grouped_moments(
         weight = np.broadcast_to(counts, means.shape)[order]
         count = np.add.reduceat(weight, starts, axis=0, dtype=np.float64)
         sums = np.add.reduceat(weight * values, starts, axis=0, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # NaN / Inf propagate into the result, where the caller's policy finds them.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         mean = sums / count
-    group_m2 = None
-    if with_m2:
-        deviations = np.subtract(values, np.repeat(np.nan_to_num(mean), rows, axis=0), dtype=np.float64)
-        np.square(deviations, out=deviations)
-        if weight is not None:
-            deviations *= weight
-        group_m2 = np.add.reduceat(deviations, starts, axis=0)
-        if m2 is not None:
-            group_m2 += np.add.reduceat(np.broadcast_to(m2, means.shape)[order], starts, axis=0)
+        group_m2 = None
+        if with_m2:
+            deviations = np.subtract(values, np.repeat(np.nan_to_num(mean), rows, axis=0), dtype=np.float64)
+            np.square(deviations, out=deviations)
+            if weight is not None:
+                deviations *= weight
+            group_m2 = np.add.reduceat(deviations, starts, axis=0)
+            if m2 is not None:
+                group_m2 += np.add.reduceat(np.broadcast_to(m2, means.shape)[order], starts, axis=0)
     return keys, rows, np.array(count), mean, group_m2
 
 
