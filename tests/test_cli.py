@@ -657,6 +657,12 @@ def _stats(path: Path, source: Path, **options) -> Path:
     return path
 
 
+def _exact_stats(path: Path, source: Path) -> Path:
+    with normstats.open_stream([str(source)]) as stream:
+        normstats.write_stats(normstats.fit_batchnorm(normstats.BatchNormExact(), stream), str(path))
+    return path
+
+
 def _centers(path: Path, f) -> Path:
     with normstats.open_stream([f"{f.h5}:x"]) as x, normstats.open_stream([f"{f.h5}:labels"]) as y:
         normstats.write_stats(normstats.fit_centers(normstats.CentersExact(4), x, y), str(path))
@@ -834,6 +840,29 @@ ERROR_CASES = {
                                      "-o", f.tmp / "s.npz"], 1, lambda f: ["centers.npz"]),
     "centers-exact-with-init": (lambda f: [*_centers_args(f, f.labels_npy), "--mode", "exact", "--init",
                                            "zeros"], 2, lambda f: ["--init"]),
+    "compound-dtype": (_bn(lambda f: _npy(f, "records.npy", np.zeros(4, dtype=[("a", "f4"), ("b", "i4")]))),
+                       1, lambda f: ["records.npy", "dtype"]),
+    "compound-dtype-h5": (_bn(lambda f: f"{save_h5(f.tmp / 'rec.h5', r=np.zeros(4, dtype=[('a', 'f4'), ('b', 'i4')]))}:r"),
+                          1, lambda f: ["rec.h5:r", "dtype"]),
+    "alpha-above-1": (lambda f: ["fit-bn", f.npy4d, "--alpha", 1.5, "-o", f.tmp / "s.npz"], 2,
+                      lambda f: ["alpha", "1.5"]),
+    "eps-negative": (lambda f: ["fit-bn", f.npy4d, "--eps", -1e-5, "-o", f.tmp / "s.npz"], 2,
+                     lambda f: ["eps"]),
+    "batch-size-negative": (lambda f: ["fit-bn", f.npy4d, "--batch-size", -3, "-o", f.tmp / "s.npz"], 2,
+                            lambda f: ["batch-size"]),
+    "rank-does-not-fit-axes": (_bn(lambda f: f.features_npy, "--axes", "0,2,3"), 2, lambda f: ["axis"]),
+    "merge-ema-file": (lambda f: ["merge", _stats(f.tmp / "st.npz", f.npy4d), _stats(f.tmp / "st2.npz", f.npy4d),
+                                  "-o", f.tmp / "m.npz"], 2, lambda f: ["st.npz", "cannot be merged"]),
+    "merge-other-shape": (lambda f: ["merge", _exact_stats(f.tmp / "a.npz", f.npy4d),
+                                     _exact_stats(f.tmp / "b.npz", f.features_npy),
+                                     "-o", f.tmp / "m.npz"], 1, lambda f: ["b.npz", "a.npz"]),
+    "merge-output-is-input": (lambda f: ["merge", _exact_stats(f.tmp / "a.npz", f.npy4d),
+                                         "-o", f.tmp / "a.npz", "--force"], 2, lambda f: ["a.npz", "input"]),
+    "weights-negative": (lambda f: ["fit-bn", f.features_npy, "--mode", "exact", "--weights",
+                                    _npy(f, "w.npy", np.r_[np.ones(10), -1.0, np.ones(42)]),
+                                    "-o", f.tmp / "s.npz"], 1, lambda f: ["w.npy row 10", "weight"]),
+    "nan-in-input": (_bn(lambda f: _npy(f, "nan.npy", np.r_[np.ones((3, 6)), np.full((1, 6), np.nan)])),
+                     1, lambda f: ["nan.npy row 3", "--nan-policy"]),
 }
 
 
