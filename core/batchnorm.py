@@ -416,16 +416,13 @@ class BatchNormExact(_BatchNormBase):
         state._restore_meta(stats)
         state._start()
         state.weighted = bool(meta.get("weighted", False))
-        moments = state.moments
-        moments.count = np.array(stats.arrays["count"], dtype=np.float64)
-        moments.mean = np.array(
-            stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"], dtype=np.float64
-        )
-        moments.m2 = np.nan_to_num(
-            np.asarray(stats.arrays["var"], dtype=np.float64) * (moments.count - int(meta["ddof"]))
-        )
-        if state.num_groups is not None:
-            moments.rows = np.array(stats.arrays["group_rows"], dtype=np.int64)
+        count = np.asarray(stats.arrays["count"], dtype=np.float64)
+        mean = stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"]
+        m2 = np.nan_to_num(np.asarray(stats.arrays["var"], dtype=np.float64) * (count - int(meta["ddof"])))
+        if state.num_groups is None:
+            state.moments.restore(count, mean, m2)
+        else:
+            state.moments.restore(stats.arrays["group_rows"], count, mean, m2)
         return state
 
     def _start(self) -> None:

@@ -368,17 +368,14 @@ class CentersExact(_CentersBase):
         state._restore(stats)
         state._start()
         state.weighted = bool(stats.meta.get("weighted", False))
-        moments = state.moments
-        shape = moments.mean.shape
-        moments.rows = state.counts.copy()
+        shape = (state.num_classes, state.feature_dim)
         weight = stats.arrays.get("weight")
-        moments.count = (
+        count = (
             np.broadcast_to(state.counts[:, None], shape).astype(np.float64)
-            if weight is None else np.asarray(weight, np.float64).reshape(shape).copy()
+            if weight is None else np.asarray(weight, np.float64).reshape(shape)
         )
-        moments.mean = np.asarray(stats.arrays["centers"], np.float64).reshape(shape).copy()
         var = np.asarray(stats.arrays["var"], np.float64).reshape(shape)
-        moments.m2 = np.nan_to_num(var * moments.count)
+        state.moments.restore(state.counts, count, stats.arrays["centers"].reshape(shape), var * count)
         return state
 
     def _start(self) -> None:
