@@ -18,7 +18,8 @@ from ._version import __version__
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, UsageError
-from .moments import GroupedMoments, Moments, merge_moments, moments
+from .accumulators import GroupedMoments, Moments
+from .moments import merge_moments, moments
 from .normalize import Normalizer
 from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
 from .sources import Stream, open_source, open_stream

@@ -14,7 +14,8 @@ import numpy as np
 from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
-from .moments import GroupedMoments, Moments, checked_moments
+from .kernels import THREADS, chunk_moments
+from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
 from .validate import (
     check_alpha,
@@ -217,7 +218,7 @@ class BatchNormEMA(_BatchNormBase):
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
-        self._workspace = Workspace()
+        self._workspaces = [Workspace() for _ in range(THREADS)]
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -254,31 +255,25 @@ class BatchNormEMA(_BatchNormBase):
         """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
         x = np.asarray(x)
         self._check(x)
-        rows = x.shape[0]
-        if rows == 0:
+        if x.shape[0] == 0:
             return self
-        batch = self.batch_size or rows
-        full = rows // batch
-        if full:
-            self._fold(x[: full * batch].reshape((full, batch) + x.shape[1:]), 0)
-        if rows % batch:
-            self._fold(x[full * batch :][np.newaxis], full * batch)
-        self.rows_seen += rows
-        return self
-
-    def _fold(self, batches: np.ndarray, first_row: int) -> None:
-        """Fold in equally sized batches, stacked along a new leading axis."""
-        count = batches.shape[0]
-        per_batch_axes = (1,) + tuple(a + 1 for a in self.axes if a != 0)
         try:
-            n, batch_mean, batch_m2 = checked_moments(
-                batches, per_batch_axes, self._workspace, nan_policy=self.nan_policy, row_axes=2
+            n, batch_mean, batch_m2 = chunk_moments(
+                x, self.axes, self.batch_size or x.shape[0], nan_policy=self.nan_policy,
+                workspaces=self._workspaces,
             )
         except NonFiniteError as error:
-            raise error.shifted(self.rows_seen + first_row) from None
+            raise error.shifted(self.rows_seen) from None
+        self._fold(n, batch_mean, batch_m2)
+        self.rows_seen += x.shape[0]
+        return self
+
+    def _fold(self, n: np.ndarray, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
+        """Fold in consecutive batches' counts, means and M2 (stacked on axis 0)."""
+        count = batch_mean.shape[0]
         self.batches_seen += count
         # Per batch and statistic: is there enough data for a variance?
-        valid = np.broadcast_to(np.asarray(n) > self.ddof, batch_mean.shape)
+        valid = n > self.ddof
         used = valid.reshape(count, -1).any(axis=1)
         self.batches_skipped += int(count - used.sum())
         if not used.any():
@@ -318,12 +313,12 @@ class BatchNormEMA(_BatchNormBase):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_workspace"]
+        del state["_workspaces"]  # scratch memory, not state
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._workspace = Workspace()
+        self._workspaces = [Workspace() for _ in range(THREADS)]
 
 
 def _elements_per_row(state: _BatchNormBase) -> int:

@@ -13,7 +13,8 @@ import numpy as np
 
 from ._version import __version__
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
-from .moments import GroupedMoments, first_nonfinite, grouped_moments
+from .accumulators import GroupedMoments
+from .moments import first_nonfinite, grouped_moments
 from .stats import CENTERS, Stats
 from .validate import (
     check_alpha,

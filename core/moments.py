@@ -64,27 +64,31 @@ def moments(
         Shape of `x` without `axes`; NaN mean where the count is 0.
     """
     if weights is None and not omit_nonfinite:
-        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-        if workspace is None:
-            values = np.empty(x.shape)
-        else:
-            values = workspace.array("deviations", x.shape, np.float64)
-        # NaN / Inf propagate into the result, where the caller's policy finds them.
-        with np.errstate(invalid="ignore", over="ignore"):
-            if shift is None:
-                np.copyto(values, x, casting="unsafe")
-            else:
-                np.subtract(x, shift, out=values, dtype=np.float64, casting="unsafe")
-            mean = values.mean(axis=axes, keepdims=True)
-            np.subtract(values, mean, out=values)
-            np.square(values, out=values)
-            m2 = values.sum(axis=axes)
-        return count, mean.reshape(m2.shape), m2
+        return _plain_moments(x, axes, workspace, shift)
     values = np.asarray(x, dtype=np.float64)
     if shift is not None:
         with np.errstate(invalid="ignore", over="ignore"):
             values = values - shift
     return _weighted_moments(values, axes, weights, omit_nonfinite)
+
+
+def _plain_moments(
+    x: np.ndarray, axes: tuple[int, ...], workspace: Optional[Workspace], shift: Optional[np.ndarray]
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The unweighted path of :func:`moments`."""
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    values = np.empty(x.shape) if workspace is None else workspace.array("deviations", x.shape, np.float64)
+    # NaN / Inf propagate into the result, where the caller's policy finds them.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if shift is None:
+            np.copyto(values, x, casting="unsafe")
+        else:
+            np.subtract(x, shift, out=values, dtype=np.float64, casting="unsafe")
+        mean = values.mean(axis=axes, keepdims=True)
+        np.subtract(values, mean, out=values)
+        np.square(values, out=values)
+        m2 = values.sum(axis=axes)
+    return count, mean.reshape(m2.shape), m2
 
 
 def _weighted_moments(
@@ -144,13 +148,6 @@ def merge_moments(
     return count, mean, m2
 
 
-def _row_weights(weights: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
-    """One weight per row, shaped to broadcast against an array of rank `ndim`."""
-    if weights is None:
-        return None
-    return np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
-
-
 def checked_moments(
     x: np.ndarray,
     axes: tuple[int, ...],
@@ -188,112 +185,6 @@ def checked_moments(
         return moments(x, axes, shift=shift, weights=weights, omit_nonfinite=True)
     row = int(np.ravel_multi_index(bad[:row_axes], x.shape[:row_axes]))
     raise NonFiniteError(row, bad[row_axes:], x[bad])
-
-
-def _first_row_shift(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """A shift near the data: the first row, reduced over the other `axes`
-    (0 where it is not finite)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        start = np.asarray(x[:1], dtype=np.float64).mean(axis=axes)
-    return np.where(np.isfinite(start), start, 0.0)
-
-
-class Moments:
-    """Exact population moments over a stream of arrays, mergeable.
-
-    The state is plain data (float64 arrays of the statistic's shape), so it
-    pickles cheaply and stores as it is: ``count``, ``m2``, and the mean as
-    ``shift + offset``. The shift is the first block's mean; later blocks are
-    reduced relative to it, so a large common offset (1e9 plus noise) cannot
-    take the digits that block means and merges need.
-
-    Parameters
-    ----------
-    axes : tuple of int
-        Non-negative axes reduced in every update (must include 0).
-    nan_policy : {'error', 'omit'}
-        What a NaN or Inf element does: raise, or stay out of the counts.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> m = Moments((0,))
-    >>> _ = m.update(np.array([[1.0], [2.0]])).update(np.array([[3.0]]))
-    >>> m.mean, m.variance(ddof=0)
-    (array([2.]), array([0.66666667]))
-    """
-
-    def __init__(self, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
-        self.axes = tuple(axes)
-        self.nan_policy = nan_policy
-        self.count: Optional[np.ndarray] = None
-        self.shift: Optional[np.ndarray] = None
-        self.offset: Optional[np.ndarray] = None
-        self.m2: Optional[np.ndarray] = None
-        self._workspace = Workspace()
-
-    @property
-    def mean(self) -> Optional[np.ndarray]:
-        return None if self.shift is None else self.shift + self.offset
-
-    def restore(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "Moments":
-        """Set the state from stored count, mean and M2."""
-        self.count = np.array(count, dtype=np.float64)
-        self.shift = np.nan_to_num(np.array(mean, dtype=np.float64))
-        self.offset = np.zeros_like(self.shift)
-        self.m2 = np.array(m2, dtype=np.float64)
-        return self
-
-    def update(self, x: np.ndarray, weights: Optional[np.ndarray] = None) -> "Moments":
-        """Add the elements of `x` (reduced over ``axes``), optionally one weight per row.
-
-        Raises
-        ------
-        NonFiniteError
-            With ``nan_policy='error'``, for the first NaN / Inf; its row
-            counts from the first row of `x`.
-        """
-        if self.shift is None:
-            self.shift = _first_row_shift(x, self.axes)
-        count, mean, m2 = checked_moments(
-            x, self.axes, self._workspace, shift=np.expand_dims(self.shift, self.axes),
-            weights=_row_weights(weights, x.ndim), nan_policy=self.nan_policy,
-        )
-        self._add(np.broadcast_to(np.asarray(count, np.float64), mean.shape), mean, m2)
-        return self
-
-    def merge(self, other: "Moments") -> "Moments":
-        """Add the elements that `other` has seen (same axes and shape)."""
-        if other.count is None:
-            return self
-        if self.shift is None:
-            self.shift = other.shift.copy()
-        # Shifts of one data set are close, so their difference is exact (Sterbenz).
-        self._add(other.count, other.offset + (other.shift - self.shift), other.m2)
-        return self
-
-    def _add(self, count: np.ndarray, offset: np.ndarray, m2: np.ndarray) -> None:
-        if self.count is None:
-            self.count = np.array(count, dtype=np.float64)
-            self.offset = np.array(offset, dtype=np.float64)
-            self.m2 = np.array(m2, dtype=np.float64)
-        else:
-            self.count, self.offset, self.m2 = merge_moments(
-                self.count, self.offset, self.m2, count, offset, m2
-            )
-
-    def variance(self, ddof: int) -> np.ndarray:
-        """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return variance(self.count, self.m2, ddof)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_workspace"]  # scratch memory, not state
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._workspace = Workspace()
 
 
 def variance(count: np.ndarray, m2: np.ndarray, ddof: int) -> np.ndarray:
@@ -366,125 +257,3 @@ def grouped_moments(
             if m2 is not None:
                 group_m2 += np.add.reduceat(np.broadcast_to(m2, means.shape)[order], starts, axis=0)
     return keys, rows, np.array(count), mean, group_m2
-
-
-class GroupedMoments:
-    """Exact moments per group (class, speaker, ...), mergeable.
-
-    Each row belongs to one of `num_groups` groups; within a row, `axes`
-    other than 0 are reduced too. The state is ``rows`` (rows per group) and
-    ``count``, ``m2`` and the mean as ``shift + offset``, each of shape
-    ``(num_groups,) + kept``; a group's shift is taken from its first row, as
-    in :class:`Moments`. Groups never seen have count 0 and NaN mean.
-
-    Parameters
-    ----------
-    num_groups : int
-    axes : tuple of int
-        Non-negative axes of each update's input to reduce (including 0).
-    nan_policy : {'error', 'omit'}
-    """
-
-    def __init__(self, num_groups: int, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
-        self.num_groups = int(num_groups)
-        self.axes = tuple(axes)
-        self.inner = tuple(a for a in self.axes if a != 0)
-        self.nan_policy = nan_policy
-        self.rows = np.zeros(self.num_groups, dtype=np.int64)
-        self.count: Optional[np.ndarray] = None
-        self.shift: Optional[np.ndarray] = None
-        self.offset: Optional[np.ndarray] = None
-        self.m2: Optional[np.ndarray] = None
-
-    def _allocate(self, shape: tuple[int, ...]) -> None:
-        full = (self.num_groups,) + tuple(shape)
-        self.count, self.offset, self.m2 = np.zeros(full), np.zeros(full), np.zeros(full)
-        self.shift = np.full(full, np.nan)
-
-    @property
-    def mean(self) -> Optional[np.ndarray]:
-        if self.count is None:
-            return None
-        return np.where(self.count > 0, np.nan_to_num(self.shift) + self.offset, np.nan)
-
-    def restore(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "GroupedMoments":
-        """Set the state from stored rows, count, mean and M2 per group."""
-        self._allocate(np.shape(mean)[1:])
-        self.rows = np.array(rows, dtype=np.int64)
-        self.count[...] = count
-        self.shift[...] = np.where(self.count > 0, mean, np.nan)
-        self.m2[...] = np.nan_to_num(m2)
-        return self
-
-    def update(
-        self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray] = None
-    ) -> "GroupedMoments":
-        """Add the rows of `x` to their `groups` (validated by the caller).
-
-        Raises
-        ------
-        NonFiniteError
-            With ``nan_policy='error'``, for the first NaN / Inf (row counted
-            from the first row of `x`).
-        """
-        if self.count is None:
-            self._allocate([x.shape[a] for a in range(1, x.ndim) if a not in self.axes])
-        shifted = self._shifted(x, groups)
-        result = self._grouped(shifted, groups, weights, omit=False)
-        if not (np.isfinite(result[3]).all() and np.isfinite(result[4]).all()):
-            bad = first_nonfinite(x)
-            if bad is None:
-                raise DataError("the sum of squares overflows float64; scale the data down")
-            if self.nan_policy != "omit":
-                raise NonFiniteError(bad[0], bad[1:], x[bad])
-            result = self._grouped(shifted, groups, weights, omit=True)
-        self._add(*result)
-        return self
-
-    def _shifted(self, x: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """`x` minus its group's shift, in float64; groups seen for the first time
-        take their first row (reduced over the inner axes) as shift."""
-        present, first = np.unique(groups, return_index=True)
-        new = np.isnan(self.shift[present].reshape(len(present), -1)).all(axis=1)
-        for group, row in zip(present[new], first[new]):
-            self.shift[group] = _first_row_shift(x[row : row + 1], self.axes)
-        shift = np.nan_to_num(self.shift)[groups]
-        with np.errstate(invalid="ignore", over="ignore"):
-            return np.subtract(x, np.expand_dims(shift, self.inner), dtype=np.float64)
-
-    def _grouped(self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray], omit: bool):
-        row_weights = _row_weights(weights, x.ndim)
-        if self.inner:
-            count, means, m2 = moments(x, self.inner, weights=row_weights, omit_nonfinite=omit)
-            counts = np.broadcast_to(np.asarray(count, np.float64), means.shape)
-            if omit:  # a row with no finite element in a statistic has no mean there
-                means = np.where(counts > 0, means, 0.0)
-            return grouped_moments(groups, means, counts, m2)
-        if omit:
-            finite = np.isfinite(x)
-            counts = finite if row_weights is None else row_weights * finite
-            return grouped_moments(groups, np.where(finite, x, 0.0), counts)
-        return grouped_moments(groups, x, row_weights)
-
-    def _add(self, keys, rows, count, offset, m2) -> None:
-        self.count[keys], self.offset[keys], self.m2[keys] = merge_moments(
-            self.count[keys], self.offset[keys], self.m2[keys], count, offset, m2
-        )
-        self.rows[keys] += rows
-
-    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
-        """Add what `other` (same groups, axes and shape) has seen."""
-        if other.count is None:
-            return self
-        if self.count is None:
-            self._allocate(other.count.shape[1:])
-        keys = np.flatnonzero(other.rows)
-        unset = np.isnan(self.shift[keys])
-        self.shift[keys] = np.where(unset, other.shift[keys], self.shift[keys])
-        offset = other.offset[keys] + (np.nan_to_num(other.shift[keys]) - self.shift[keys])
-        self._add(keys, other.rows[keys], other.count[keys], offset, other.m2[keys])
-        return self
-
-    def variance(self, ddof: int) -> np.ndarray:
-        """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return variance(self.count, self.m2, ddof)
