@@ -14,7 +14,7 @@ import numpy as np
 from .errors import DataError, NonFiniteError
 from .kernels import chunk_moments, chunk_rows_for, combine_chunks
 from .moments import checked_moments, first_nonfinite, grouped_moments, merge_moments, moments, variance
-from .workspace import Workspace
+from .workspace import KeepsScratch, Workspace
 
 
 def _row_weights(weights: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
@@ -32,7 +32,7 @@ def _first_row_shift(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.where(np.isfinite(start), start, 0.0)
 
 
-class Moments:
+class Moments(KeepsScratch):
     """Exact population moments over a stream of arrays, mergeable.
 
     The state is plain data (float64 arrays of the statistic's shape), so it
@@ -126,15 +126,6 @@ class Moments:
     def variance(self, ddof: int) -> np.ndarray:
         """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
         return variance(self.count, self.m2, ddof)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_workspaces"]  # scratch memory, not state
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._workspaces = []
 
 
 class GroupedMoments:

@@ -14,7 +14,7 @@ import numpy as np
 from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
-from .kernels import THREADS, chunk_moments
+from .kernels import chunk_moments
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
 from .validate import (
@@ -27,7 +27,7 @@ from .validate import (
     check_numeric_dtype,
     check_weights,
 )
-from .workspace import Workspace
+from .workspace import KeepsScratch, Workspace
 
 Initial = Union[float, np.ndarray, None]
 REPORTED_INDICES = 100  # near-constant statistics listed by index in the metadata
@@ -140,7 +140,7 @@ def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
         ) from None
 
 
-class BatchNormEMA(_BatchNormBase):
+class BatchNormEMA(KeepsScratch, _BatchNormBase):
     """BatchNorm running statistics: exponential moving averages per batch.
 
     For every batch ``x`` of `batch_size` rows (the last one may be shorter)::
@@ -218,7 +218,7 @@ class BatchNormEMA(_BatchNormBase):
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
-        self._workspaces = [Workspace() for _ in range(THREADS)]
+        self._workspaces: list[Workspace] = []
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -310,15 +310,6 @@ class BatchNormEMA(_BatchNormBase):
             arrays["count"] = self.count.copy()
             meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - self.count.sum())
         return Stats(BATCHNORM, arrays, meta)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_workspaces"]  # scratch memory, not state
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._workspaces = [Workspace() for _ in range(THREADS)]
 
 
 def _elements_per_row(state: _BatchNormBase) -> int:

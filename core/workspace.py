@@ -31,3 +31,19 @@ class Workspace:
             buffer = np.empty(max(size, 1), dtype=dtype)
             self._buffers[name] = buffer
         return buffer[:size].reshape(shape)
+
+
+class KeepsScratch:
+    """Mixin for state objects holding per-thread scratch memory in `_workspaces`:
+    it is left out when they pickle (they travel to workers as plain data)."""
+
+    _workspaces: list
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_workspaces", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._workspaces = []

@@ -21,6 +21,7 @@ ref_apply
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def ref_axes(axes, ndim):
@@ -178,3 +179,20 @@ def ref_apply(x, mean, inv_std, axes="auto", gamma=1.0, beta=0.0):
     if beta is not None:
         y = y + _expand(beta, axes)
     return y
+
+
+# Input shapes and axes the tests sweep: ranks 1-5, auto and custom (also negative) axes.
+N = 10
+
+SHAPES = [
+    pytest.param((N,), "auto", id="1d-auto"),
+    pytest.param((N, 3), "auto", id="2d-auto"),
+    pytest.param((N, 3, 4), "auto", id="3d-auto"),
+    pytest.param((N, 2, 3, 2), "auto", id="4d-auto"),
+    pytest.param((N, 2, 2, 3, 2), "auto", id="5d-auto"),
+    pytest.param((N, 3), (0, -1), id="2d-axes0,-1"),
+    pytest.param((N, 3, 4), (0,), id="3d-axes0"),
+    pytest.param((N, 2, 3, 2), (0, 1, 3), id="4d-axes0,1,3"),
+    pytest.param((N, 2, 3, 2), (0, -1), id="4d-axes0,-1"),
+    pytest.param((N, 2, 2, 3, 2), (-5, 2, -1), id="5d-axes-5,2,-1"),
+]

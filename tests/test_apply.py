@@ -15,21 +15,8 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import ref_apply
+from tests.reference import N, SHAPES, ref_apply
 
-N = 10
-
-SHAPES = [
-    pytest.param((N,), "auto", id="1d-auto"),
-    pytest.param((N, 3), "auto", id="2d-auto"),
-    pytest.param((N, 3, 4), "auto", id="3d-auto"),
-    pytest.param((N, 2, 3, 2), "auto", id="4d-auto"),
-    pytest.param((N, 2, 2, 3, 2), "auto", id="5d-auto"),
-    pytest.param((N, 3), (0, -1), id="2d-axes0,-1"),
-    pytest.param((N, 3, 4), (0,), id="3d-axes0"),
-    pytest.param((N, 2, 3, 2), (0, 1, 3), id="4d-axes0,1,3"),
-    pytest.param((N, 2, 3, 2), (0, -1), id="4d-axes0,-1"),
-]
 
 OUTPUT_DTYPES = {
     "float16": "float16",

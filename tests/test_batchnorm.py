@@ -14,22 +14,8 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import ref_axes, ref_bn_ema, ref_bn_exact
+from tests.reference import N, SHAPES, ref_axes, ref_bn_ema, ref_bn_exact
 
-N = 10
-
-SHAPES = [
-    pytest.param((N,), "auto", id="1d-auto"),
-    pytest.param((N, 3), "auto", id="2d-auto"),
-    pytest.param((N, 3, 4), "auto", id="3d-auto"),
-    pytest.param((N, 2, 3, 2), "auto", id="4d-auto"),
-    pytest.param((N, 2, 2, 3, 2), "auto", id="5d-auto"),
-    pytest.param((N, 3), (0, -1), id="2d-axes0,-1"),
-    pytest.param((N, 3, 4), (0,), id="3d-axes0"),
-    pytest.param((N, 2, 3, 2), (0, 1, 3), id="4d-axes0,1,3"),
-    pytest.param((N, 2, 3, 2), (0, -1), id="4d-axes0,-1"),
-    pytest.param((N, 2, 2, 3, 2), (-5, 2, -1), id="5d-axes-5,2,-1"),
-]
 
 BATCH_SIZES = [
     pytest.param(1, id="bs1"),
