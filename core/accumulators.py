@@ -64,7 +64,7 @@ class Moments(KeepsScratch):
         self.shift: Optional[np.ndarray] = None
         self.offset: Optional[np.ndarray] = None
         self.m2: Optional[np.ndarray] = None
-        self._workspaces: list[Workspace] = []
+        self._workspace = Workspace()
 
     @property
     def mean(self) -> Optional[np.ndarray]:
@@ -93,7 +93,7 @@ class Moments(KeepsScratch):
             chunk = chunk_rows_for(int(np.prod(x.shape[1:], dtype=np.int64)))
             count, mean, m2 = combine_chunks(*chunk_moments(
                 x, self.axes, chunk, shift=self.shift, nan_policy=self.nan_policy,
-                workspaces=self._workspaces,
+                workspace=self._workspace,
             ))
         else:
             count, mean, m2 = checked_moments(

@@ -218,7 +218,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
-        self._workspaces: list[Workspace] = []
+        self._workspace = Workspace()
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -260,7 +260,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         try:
             n, batch_mean, batch_m2 = chunk_moments(
                 x, self.axes, self.batch_size or x.shape[0], nan_policy=self.nan_policy,
-                workspaces=self._workspaces,
+                workspace=self._workspace,
             )
         except NonFiniteError as error:
             raise error.shifted(self.rows_seen) from None

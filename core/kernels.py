@@ -1,17 +1,19 @@
-"""Per-chunk moments of a block, computed while each chunk is in cache, on all cores.
+"""Per-chunk moments of a block, computed while each chunk is in cache.
 
 A read block (about 8 MB) is split into chunks of whole rows (one logical
-batch for the moving averages, a few hundred rows for exact statistics).
-Each chunk is copied to float64 and reduced in two passes while it sits in
-the core's cache, instead of sweeping the whole block several times through
-memory; the chunks are shared between threads, since NumPy releases the GIL
-inside its loops.
+batch for the moving averages, about a thousand rows for exact statistics).
+Each unit of work (a chunk, or several small chunks stacked) is copied to
+float64 and reduced in two passes while it sits in cache, instead of
+sweeping the whole block several times through memory.
+
+Measured on the 2-core development machine: splitting the chunks over two
+threads ran no faster (the many small NumPy calls serialize on the GIL), so
+the work is serial; the reader thread of :mod:`normstats.sources` overlaps
+the file reads instead.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -20,16 +22,7 @@ from .moments import checked_moments
 from .errors import NonFiniteError
 from .workspace import Workspace
 
-CHUNK_BYTES = 256 << 10  # float64 chunk of ~256 KB: stays in L2 with room for its temporaries
-THREADS = max(1, min(4, os.cpu_count() or 1))
-_pool: Optional[ThreadPoolExecutor] = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="normstats")
-    return _pool
+CHUNK_BYTES = 2 << 20  # float64 units of ~2 MB: in cache, and few enough calls to amortize numpy's overhead
 
 
 def chunk_rows_for(row_elements: int) -> int:
@@ -44,7 +37,7 @@ def chunk_moments(
     *,
     shift: Optional[np.ndarray] = None,
     nan_policy: str = "error",
-    workspaces: Optional[list[Workspace]] = None,
+    workspace: Optional[Workspace] = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Moments of each run of `chunk` consecutive rows of `x`.
 
@@ -61,9 +54,8 @@ def chunk_moments(
         returned are relative to it.
     nan_policy : {'error', 'omit'}
         As for :func:`normstats.moments.checked_moments`.
-    workspaces : list of Workspace, optional
-        Scratch memory per thread, kept by the caller across calls (grown
-        here as needed).
+    workspace : Workspace, optional
+        Scratch memory the caller keeps across calls.
 
     Returns
     -------
@@ -96,31 +88,17 @@ def chunk_moments(
     if rest:
         units.append((full, 1, rest))
 
-    def work(part: list, workspace: Workspace) -> None:
-        for first, number, size in part:
-            start = first * chunk
-            block = x[start : start + number * size].reshape((number, size) + x.shape[1:])
-            try:
-                n, mean[first : first + number], m2[first : first + number] = checked_moments(
-                    block, per_chunk, workspace, shift=stacked_shift, nan_policy=nan_policy, row_axes=2
-                )
-            except NonFiniteError as error:
-                raise error.shifted(start) from None
-            count[first : first + number] = n
-
-    threads = min(THREADS, len(units))
-    workspaces = workspaces if workspaces is not None else []
-    workspaces.extend(Workspace() for _ in range(threads - len(workspaces)))
-    if threads <= 1:
-        work(units, workspaces[0] if workspaces else Workspace())
-        return count, mean, m2
-    bounds = np.linspace(0, len(units), threads + 1).astype(int)
-    futures = [
-        _executor().submit(work, units[bounds[t] : bounds[t + 1]], workspaces[t]) for t in range(threads)
-    ]
-    raised = [error for error in (future.exception() for future in futures) if error is not None]
-    if raised:  # report the earliest row's problem, as a serial run would
-        raise min(raised, key=lambda error: getattr(error, "row", 0))
+    workspace = workspace if workspace is not None else Workspace()
+    for first, number, size in units:
+        start = first * chunk
+        block = x[start : start + number * size].reshape((number, size) + x.shape[1:])
+        try:
+            n, mean[first : first + number], m2[first : first + number] = checked_moments(
+                block, per_chunk, workspace, shift=stacked_shift, nan_policy=nan_policy, row_axes=2
+            )
+        except NonFiniteError as error:
+            raise error.shifted(start) from None
+        count[first : first + number] = n
     return count, mean, m2
 
 

@@ -75,20 +75,47 @@ def moments(
 def _plain_moments(
     x: np.ndarray, axes: tuple[int, ...], workspace: Optional[Workspace], shift: Optional[np.ndarray]
 ) -> tuple[int, np.ndarray, np.ndarray]:
-    """The unweighted path of :func:`moments`."""
+    """The unweighted path of :func:`moments`.
+
+    A first pass takes the mean in the input's own float type (cheap); the
+    deviations from it are then formed and summed, with their squares, in
+    float64::
+
+        d = x - c,   mean = c + sum(d)/n,   M2 = sum(d**2) - sum(d)**2/n
+
+    `c` is within a few roundings of the mean, so the last term is tiny and
+    cancels nothing that matters: this is the shifted two-pass algorithm, not
+    the raw sum/sum-of-squares formula.
+    """
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     values = np.empty(x.shape) if workspace is None else workspace.array("deviations", x.shape, np.float64)
     # NaN / Inf propagate into the result, where the caller's policy finds them.
     with np.errstate(invalid="ignore", over="ignore"):
-        if shift is None:
-            np.copyto(values, x, casting="unsafe")
-        else:
-            np.subtract(x, shift, out=values, dtype=np.float64, casting="unsafe")
-        mean = values.mean(axis=axes, keepdims=True)
-        np.subtract(values, mean, out=values)
+        center = x.mean(axis=axes, keepdims=True, dtype=None if x.dtype.kind == "f" else np.float64)
+        if not np.isfinite(center).all():  # a float32 sum may overflow where float64 does not
+            center = x.mean(axis=axes, keepdims=True, dtype=np.float64)
+        np.copyto(values, x, casting="unsafe")  # a plain cast: far faster than a mixed-type subtract
+        np.subtract(values, center.astype(np.float64), out=values)
+        sums = _axis_sum(values, axes)
         np.square(values, out=values)
-        m2 = values.sum(axis=axes)
-    return count, mean.reshape(m2.shape), m2
+        m2 = _axis_sum(values, axes) - sums * sums / count
+        mean = center.reshape(m2.shape).astype(np.float64)
+        if shift is not None:
+            mean -= np.broadcast_to(shift, center.shape).reshape(m2.shape)
+        mean += sums / count
+    return count, mean, np.maximum(m2, 0.0)
+
+
+def _axis_sum(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Sum over `axes`; over a single axis of a C-contiguous array as a product
+    with a vector of ones, which BLAS does at memory speed (twice numpy's
+    strided reduction)."""
+    if len(axes) != 1 or not values.flags.c_contiguous:
+        return values.sum(axis=axes)
+    axis = axes[0]
+    lead, size, rest = values.shape[:axis], values.shape[axis], values.shape[axis + 1 :]
+    flat = values.reshape(lead + (size, int(np.prod(rest, dtype=np.int64))))
+    return np.matmul(np.ones(size), flat).reshape(lead + rest)
 
 
 def _weighted_moments(

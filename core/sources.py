@@ -8,6 +8,8 @@ reused buffer, valid until the next block is requested.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -343,15 +345,26 @@ class Stream:
             row -= source.rows
         raise IndexError(row)
 
-    def blocks(self, block_rows: int, start_row: int = 0) -> Iterator[np.ndarray]:
+    def blocks(self, block_rows: int, start_row: int = 0, *, prefetch: bool = True) -> Iterator[np.ndarray]:
         """Yield consecutive blocks of `block_rows` rows (the last may be shorter),
         beginning at `start_row`.
 
         Blocks span shard boundaries, so logical batches do too. Each block is a
-        view of one reused buffer.
+        view of a reused buffer, valid until the next block is requested. With
+        `prefetch`, a reader thread fills the next buffer while the caller works
+        on this one (file reads and HDF5 decoding release the GIL).
         """
-        buffer = np.empty((min(block_rows, max(self.rows - start_row, 1)),) + self.row_shape, dtype=self.dtype)
-        block_rows = buffer.shape[0]
+        rows = min(block_rows, max(self.rows - start_row, 1))
+        shape = (rows,) + self.row_shape
+        if not prefetch:
+            buffer = np.empty(shape, dtype=self.dtype)
+            yield from self._fill(lambda: buffer, rows, start_row)
+            return
+        yield from _prefetched(lambda take: self._fill(take, rows, start_row), shape, self.dtype)
+
+    def _fill(self, take_buffer, block_rows: int, start_row: int) -> Iterator[np.ndarray]:
+        """Read the rows into buffers from `take_buffer()`, yielding each when full."""
+        buffer = take_buffer()
         filled = 0
         skip = start_row
         for source in self.sources:
@@ -365,6 +378,8 @@ class Stream:
                 if filled == block_rows:
                     yield buffer
                     filled = 0
+                    if start < source.rows or source is not self.sources[-1]:
+                        buffer = take_buffer()
         if filled:
             yield buffer[:filled]
 
@@ -377,6 +392,60 @@ class Stream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prefetched(fill, shape: tuple[int, ...], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Run `fill(take_buffer)` in a reader thread over two buffers, yielding its blocks.
+
+    A buffer goes back to the reader only when the consumer asks for the next
+    block, so the block in hand is never overwritten. Errors in the reader
+    are raised here; leaving early stops the reader.
+    """
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(np.empty(shape, dtype=dtype))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def take_buffer() -> np.ndarray:
+        while not stop.is_set():
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def reader() -> None:
+        try:
+            for block in fill(take_buffer):
+                ready.put(("block", block))
+            ready.put(("end", None))
+        except _Stopped:
+            pass
+        except BaseException as error:  # handed to the consumer
+            ready.put(("error", error))
+
+    thread = threading.Thread(target=reader, name="normstats-reader", daemon=True)
+    thread.start()
+    try:
+        previous = None
+        while True:
+            kind, item = ready.get()
+            if previous is not None:
+                free.put(previous.base if previous.base is not None else previous)
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            previous = item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Stopped(Exception):
+    """The consumer left; the reader thread ends."""
 
 
 def open_stream(

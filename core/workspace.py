@@ -34,16 +34,16 @@ class Workspace:
 
 
 class KeepsScratch:
-    """Mixin for state objects holding per-thread scratch memory in `_workspaces`:
-    it is left out when they pickle (they travel to workers as plain data)."""
+    """Mixin for state objects holding scratch memory in `_workspace`: it is
+    left out when they pickle (they travel to workers as plain data)."""
 
-    _workspaces: list
+    _workspace: Workspace
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_workspaces", None)
+        state.pop("_workspace", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._workspaces = []
+        self._workspace = Workspace()
