@@ -250,7 +250,9 @@ class CentersEMA(_CentersBase):
             return self
         batch = self.batch_size or rows
         keys = (np.arange(rows, dtype=np.int64) // batch) * self.num_classes + labels
-        grouped = grouped_moments(keys[keep], flat[keep], with_m2=False)
+        everything = keep.all()  # then skip copying the block
+        grouped = grouped_moments(keys if everything else keys[keep], flat if everything else flat[keep],
+                                  with_m2=False)
         if not np.isfinite(grouped[3]).all():
             bad = first_nonfinite(flat[keep])
             if self.nan_policy == "error":
