@@ -54,6 +54,9 @@ class NormstatsGroup(click.Group):
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away: nothing left to report to
             raise CommandError("output pipe closed", 1) from None
+        except OSError as error:  # the system refused a read or write (disk full, permissions)
+            where = f"{error.filename}: " if error.filename else ""
+            raise CommandError(f"{where}{error.strerror or error}", 1) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

@@ -82,6 +82,7 @@ def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool
     start_row = resume_row(resume, stream, resume_path) if resume is not None else 0
     checkpoint = None
     if checkpoint_path:
+        check_output(checkpoint_path, force=True, inputs=stream.names, formats=STATS_FORMATS)
         checkpoint = Checkpointer(checkpoint_path, checkpoint_every, sources=stream.names,
                                   rows_total=stream.rows)
     with progress_bar(stream.rows, quiet=quiet, label=command, initial=start_row) as advance:
