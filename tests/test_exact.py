@@ -1099,3 +1099,17 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, big_file, unin
     assert result.meta["rows_seen"] == full.meta["rows_seen"] == BIG_ROWS
     assert result.meta["batches_seen"] == full.meta["batches_seen"]
     assert result.meta["bytes_read"] == (BIG_ROWS - done) * BIG_COLS * 4
+
+
+@pytest.mark.parametrize("dtype, offset, spread", [(np.float32, 1e6, 1e-2), (np.float64, 1e9, 1.0),
+                                                   (np.float32, 5.0, 2.0)])
+def test_variance_matches_extended_precision_under_large_offsets(dtype, offset, spread):
+    """Against a long-double reference (numpy's own float64 var errs by up to 1e-9 here)."""
+    x = (offset + spread * np.random.default_rng(7).standard_normal((60_000, 3))).astype(dtype)
+    wide = x.astype(np.longdouble)
+    reference = ((wide - wide.mean(axis=0)) ** 2).mean(axis=0)
+    state = ns.BatchNormExact(ddof=0)
+    for start in range(0, len(x), 7_001):
+        state.update(x[start:start + 7_001])
+    error = np.abs(state.result().arrays["var"].astype(np.longdouble) / reference - 1)
+    assert error.max() < 1e-13, error
