@@ -71,9 +71,9 @@ def atomic_path(path: str) -> Iterator[str]:
     """
     folder, base = os.path.split(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
-    try:
+    try:  # from here on, any exit (Ctrl-C included) removes the temporary
+        os.close(handle)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         yield temporary
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
@@ -84,10 +84,13 @@ def atomic_path(path: str) -> Iterator[str]:
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: setting it back and forth mid-run could be interrupted
 
 
 # --- stats files -------------------------------------------------------------
