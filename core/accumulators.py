@@ -196,7 +196,11 @@ class GroupedMoments(KeepsScratch):
         present = np.unique(groups)
         if weights is None and len(present) <= FEW_GROUPS:
             return self._update_each(x, groups, present)
-        shifted = self._shifted(x, groups)
+        # Sort the rows by group once: the segment sums below then need no gather of their own.
+        order = np.argsort(groups, kind="stable")
+        groups = groups[order]
+        weights = None if weights is None else np.asarray(weights)[order]
+        shifted = self._shifted(x[order], groups)
         result = self._grouped(shifted, groups, weights, omit=False)
         if not (np.isfinite(result[3]).all() and np.isfinite(result[4]).all()):
             bad = first_nonfinite(x)
@@ -235,9 +239,11 @@ class GroupedMoments(KeepsScratch):
         new = np.isnan(self.shift[present].reshape(len(present), -1)).all(axis=1)
         for group, row in zip(present[new], first[new]):
             self.shift[group] = _first_row_shift(x[row : row + 1], self.axes)
-        shift = np.nan_to_num(self.shift)[groups]
+        values = self._workspace.array("shifted", x.shape, np.float64)
+        np.copyto(values, x, casting="unsafe")  # a plain cast, then a float64 subtract: both fast
         with np.errstate(invalid="ignore", over="ignore"):
-            return np.subtract(x, np.expand_dims(shift, self.inner), dtype=np.float64)
+            values -= np.expand_dims(self.shift[groups], self.inner)  # every present group has one now
+        return values
 
     def _grouped(self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray], omit: bool):
         row_weights = _row_weights(weights, x.ndim)
@@ -246,12 +252,12 @@ class GroupedMoments(KeepsScratch):
             counts = np.broadcast_to(np.asarray(count, np.float64), means.shape)
             if omit:  # a row with no finite element in a statistic has no mean there
                 means = np.where(counts > 0, means, 0.0)
-            return grouped_moments(groups, means, counts, m2)
+            return grouped_moments(groups, means, counts, m2, presorted=True)
         if omit:
             finite = np.isfinite(x)
             counts = finite if row_weights is None else row_weights * finite
-            return grouped_moments(groups, np.where(finite, x, 0.0), counts)
-        return grouped_moments(groups, x, row_weights)
+            return grouped_moments(groups, np.where(finite, x, 0.0), counts, presorted=True)
+        return grouped_moments(groups, x, row_weights, presorted=True)
 
     def _add(self, keys, rows, count, offset, m2) -> None:
         self.count[keys], self.offset[keys], self.m2[keys] = merge_moments(

@@ -226,6 +226,7 @@ def grouped_moments(
     m2: Optional[np.ndarray] = None,
     *,
     with_m2: bool = True,
+    presorted: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Combine per-row moments into per-group moments, in float64.
 
@@ -245,6 +246,8 @@ def grouped_moments(
     counts, m2 : ndarray broadcastable to `means`, optional
     with_m2 : bool
         Whether to compute M2 (a second pass over the rows).
+    presorted : bool
+        The rows are already ordered by group (saves a gather of every row).
 
     Returns
     -------
@@ -255,7 +258,7 @@ def grouped_moments(
     count, mean : ndarray of float64, shape (len(keys),) + means.shape[1:]
     m2 : ndarray of float64 or None
     """
-    order = np.argsort(groups, kind="stable")
+    order = slice(None) if presorted else np.argsort(groups, kind="stable")
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     keys = sorted_groups[starts].astype(np.int64)
