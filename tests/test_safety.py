@@ -4,7 +4,6 @@ concurrent runs, and numerically hazardous streams."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
