@@ -58,6 +58,8 @@ FIT = _options(
     click.option("--resume", "resume_path", metavar="FILE",
                  help="Continue an interrupted fit from its --checkpoint FILE (same inputs and "
                       "options); the result equals an uninterrupted run."),
+    click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+                 help="Processes sharing the rows (--mode exact); their states are merged."),
 )
 
 
@@ -67,11 +69,8 @@ def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external:
     """Open the feature shards and each given per-row side input (labels, weights, groups)."""
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(ns.open_stream(inputs, dataset, allow_external=allow_external))
-        side = {}
-        for name, specs in side_specs.items():
-            if specs:
-                specs = (specs,) if isinstance(specs, str) else tuple(specs)
-                side[name] = stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
+        side = {name: stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
+                for name, specs in _side_specs(**side_specs).items()}
         yield stream, side
 
 
@@ -125,6 +124,18 @@ def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if _given(ctx, cli_name.get(k, k))}
 
 
+def _check_parallel(mode: str, start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
+    if mode != "exact":
+        raise click.UsageError("--jobs needs --mode exact: a moving average runs batch after batch")
+    if start is not None or checkpoint_path:
+        raise click.UsageError("--jobs does not combine with --init, --resume or --checkpoint")
+
+
+def _side_specs(**specs: Any) -> dict[str, tuple[str, ...]]:
+    """The given per-row inputs, each as a tuple of shards."""
+    return {name: (value,) if isinstance(value, str) else tuple(value) for name, value in specs.items() if value}
+
+
 def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
     for name in names:
         if mode != "exact" and ctx.params.get(name) is not None:
@@ -165,7 +176,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            inv_std: Optional[float], init: Optional[str], groups: Optional[str],
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
-           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
+           jobs: int, dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
     shards read in order).
 
@@ -204,6 +215,12 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
+    if jobs > 1:
+        _check_parallel(mode, start, checkpoint_path)
+        stats = ns.run_fit_parallel({"kind": "batchnorm", "mode": mode, "options": options}, inputs,
+                                    dataset=dataset, allow_external=allow_external, jobs=jobs,
+                                    side_specs=_side_specs(groups=groups, weights=weights))
+        return _finish("fit-bn", stats, output, None)
     with _fit_inputs(inputs, dataset, allow_external, groups=groups, weights=weights) as (stream, side):
         state = ns.batchnorm_state(mode, init=start, **options)
         stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
@@ -237,7 +254,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
                 num_classes: int, batch_size: int, alpha: float, mode: str, init: Any, seed: int,
                 ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
                 checkpoint_path: Optional[str], checkpoint_every: float,
-                resume_path: Optional[str], dataset: Optional[str], force: bool,
+                resume_path: Optional[str], jobs: int, dataset: Optional[str], force: bool,
                 quiet: bool, allow_external: bool) -> None:
     """Fit per-class centers of INPUT features with integer LABELS.
 
@@ -272,6 +289,12 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
+    if jobs > 1:
+        _check_parallel(mode, init if isinstance(init, ns.Stats) else None, checkpoint_path)
+        recipe = {"kind": "centers", "mode": mode, "options": dict(options, num_classes=num_classes)}
+        stats = ns.run_fit_parallel(recipe, inputs, dataset=dataset, allow_external=allow_external,
+                                    jobs=jobs, side_specs=_side_specs(labels=labels, weights=weights))
+        return _finish("fit-centers", stats, output, None)
     with _fit_inputs(inputs, dataset, allow_external, labels=labels, weights=weights) as (stream, side):
         state = ns.centers_state(num_classes, mode, init=init, **options)
         stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,

@@ -21,7 +21,7 @@ from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, U
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
-from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
+from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit, run_fit_parallel
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
 from .stores import read_array, read_stats, write_stats
@@ -50,6 +50,7 @@ __all__ = [
     "merge_stats",
     "resume_row",
     "run_fit",
+    "run_fit_parallel",
     "Stream",
     "open_source",
     "open_stream",

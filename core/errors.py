@@ -63,6 +63,9 @@ class RowError(DataError):
     def _copy(self, row: int, source: str | None) -> "RowError":
         return RowError(row, self.problem, side=self.side, source=source)
 
+    def __reduce__(self):  # errors cross process boundaries in parallel fits
+        return _rebuild_row_error, (self.row, self.problem, self.side, self.source)
+
 
 class NonFiniteError(RowError):
     """A NaN or infinite value where the NaN policy is 'error'.
@@ -86,3 +89,10 @@ class NonFiniteError(RowError):
 
     def _copy(self, row: int, source: str | None) -> "NonFiniteError":
         return NonFiniteError(row, self.index, self.value, source)
+
+    def __reduce__(self):
+        return NonFiniteError, (self.row, self.index, self.value, self.source)
+
+
+def _rebuild_row_error(row: int, problem: str, side: str | None, source: str | None) -> RowError:
+    return RowError(row, problem, side=side, source=source)

@@ -345,40 +345,47 @@ class Stream:
             row -= source.rows
         raise IndexError(row)
 
-    def blocks(self, block_rows: int, start_row: int = 0, *, prefetch: bool = True) -> Iterator[np.ndarray]:
-        """Yield consecutive blocks of `block_rows` rows (the last may be shorter),
-        beginning at `start_row`.
+    def blocks(
+        self, block_rows: int, start_row: int = 0, stop_row: Optional[int] = None, *, prefetch: bool = True
+    ) -> Iterator[np.ndarray]:
+        """Yield consecutive blocks of `block_rows` rows (the last may be shorter)
+        of rows ``start_row:stop_row`` (default: to the end).
 
         Blocks span shard boundaries, so logical batches do too. Each block is a
         view of a reused buffer, valid until the next block is requested. With
         `prefetch`, a reader thread fills the next buffer while the caller works
         on this one (file reads and HDF5 decoding release the GIL).
         """
-        rows = min(block_rows, max(self.rows - start_row, 1))
+        stop_row = self.rows if stop_row is None else min(stop_row, self.rows)
+        rows = min(block_rows, max(stop_row - start_row, 1))
         shape = (rows,) + self.row_shape
         if not prefetch:
             buffer = np.empty(shape, dtype=self.dtype)
-            yield from self._fill(lambda: buffer, rows, start_row)
+            yield from self._fill(lambda: buffer, rows, start_row, stop_row)
             return
-        yield from _prefetched(lambda take: self._fill(take, rows, start_row), shape, self.dtype)
+        yield from _prefetched(lambda take: self._fill(take, rows, start_row, stop_row), shape, self.dtype)
 
-    def _fill(self, take_buffer, block_rows: int, start_row: int) -> Iterator[np.ndarray]:
-        """Read the rows into buffers from `take_buffer()`, yielding each when full."""
+    def _fill(self, take_buffer, block_rows: int, start_row: int, stop_row: int) -> Iterator[np.ndarray]:
+        """Read rows ``start_row:stop_row`` into buffers from `take_buffer()`,
+        yielding each when full."""
         buffer = take_buffer()
         filled = 0
-        skip = start_row
+        position = start_row  # the stream row read next
+        first = 0  # the stream row where the current shard starts
         for source in self.sources:
-            start = min(skip, source.rows)
-            skip -= start
-            while start < source.rows:
-                take = min(block_rows - filled, source.rows - start)
+            start = min(max(position - first, 0), source.rows)
+            end = min(stop_row - first, source.rows)
+            first += source.rows
+            while start < end:
+                take = min(block_rows - filled, end - start)
                 source.read_into(start, buffer[filled : filled + take])
                 filled += take
                 start += take
+                position += take
                 if filled == block_rows:
                     yield buffer
                     filled = 0
-                    if start < source.rows or source is not self.sources[-1]:
+                    if position < stop_row:
                         buffer = take_buffer()
         if filled:
             yield buffer[:filled]

@@ -1113,3 +1113,67 @@ def test_variance_matches_extended_precision_under_large_offsets(dtype, offset, 
         state.update(x[start:start + 7_001])
     error = np.abs(state.result().arrays["var"].astype(np.longdouble) / reference - 1)
     assert error.max() < 1e-13, error
+
+
+# --- --jobs: exact fits split over processes ---------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3000, 5)) * 3 + 100).astype(np.float32)
+    labels = rng.integers(0, 4, 3000)
+    weights = rng.random(3000)
+    for i, (a, b) in enumerate([(0, 1200), (1200, 3000)]):
+        np.save(tmp_path / f"x{i}.npy", x[a:b])
+        np.save(tmp_path / f"y{i}.npy", labels[a:b])
+    np.save(tmp_path / "w.npy", weights)
+    np.save(tmp_path / "g.npy", labels)
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra", [[], ["--weights", "w.npy"], ["--groups", "g.npy", "--num-groups", "4"]],
+                         ids=["plain", "weights", "groups"])
+def test_jobs_equal_a_serial_exact_fit(run, sharded, monkeypatch, extra):
+    monkeypatch.chdir(sharded)
+    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
+    args = ["fit-bn", "x0.npy", "x1.npy", "--mode", "exact", *extra]
+    assert run(*args, "-o", "serial.npz").exit_code == 0
+    result = run(*args, "-o", "parallel.npz", "--jobs", "3")
+    assert result.exit_code == 0, result.stderr
+    with np.load(sharded / "serial.npz") as serial, np.load(sharded / "parallel.npz") as parallel:
+        for key in ("mean", "var", "inv_std", "count"):
+            close(parallel[key], serial[key], rtol=1e-12)
+        meta = json.loads(str(parallel["meta"]))
+    assert meta["jobs"] == 3 and meta["rows_seen"] == 3000
+
+
+def test_jobs_for_centers(run, sharded, monkeypatch):
+    monkeypatch.chdir(sharded)
+    args = ["fit-centers", "x0.npy", "x1.npy", "--labels", "y0.npy", "--labels", "y1.npy",
+            "--num-classes", "4", "--mode", "exact"]
+    assert run(*args, "-o", "serial.npz").exit_code == 0
+    assert run(*args, "-o", "parallel.npz", "--jobs", "2").exit_code == 0
+    with np.load(sharded / "serial.npz") as serial, np.load(sharded / "parallel.npz") as parallel:
+        close(parallel["centers"], serial["centers"], rtol=1e-12)
+        assert np.array_equal(parallel["counts"], serial["counts"])
+
+
+def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch):
+    monkeypatch.chdir(sharded)
+    x = np.load(sharded / "x1.npy")
+    x[1500, 3] = np.nan
+    np.save(sharded / "x1.npy", x)
+    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
+    result = run("fit-bn", "x0.npy", "x1.npy", "--mode", "exact", "--jobs", "2", "-o", "s.npz")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: x1.npy row 1500: column 3 holds nan")
+    assert not (sharded / "s.npz").exists()
+
+
+@pytest.mark.parametrize("extra", [["--mode", "ema"], ["--mode", "exact", "--checkpoint", "ck.npz"]],
+                         ids=["ema", "checkpoint"])
+def test_jobs_refuse_what_cannot_be_split(run, sharded, monkeypatch, extra):
+    monkeypatch.chdir(sharded)
+    result = run("fit-bn", "x0.npy", *extra, "--jobs", "2", "-o", "s.npz")
+    assert result.exit_code == 2 and "--jobs" in result.stderr
