@@ -339,6 +339,14 @@ def case_fit_bn(data: Data, fmt: str, *, mode: str) -> None:
         ns.run_fit(ns.batchnorm_state(mode, batch_size=BATCH_SIZE, axes="auto"), stream)
 
 
+def case_fit_bn_jobs(data: Data, fmt: str, *, jobs: int) -> None:
+    """normstats fit-bn --mode exact --jobs N: row ranges in N processes, states merged."""
+    import normstats as ns
+
+    recipe = {"kind": "batchnorm", "mode": "exact", "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
+    ns.run_fit_parallel(recipe, [data.spec(fmt)], jobs=jobs)
+
+
 def case_fit_centers(data: Data, fmt: str, *, mode: str, k: int) -> None:
     """normstats fit-centers as the CLI runs it, labels as a side stream."""
     import normstats as ns
@@ -368,6 +376,7 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
     "dask": (case_dask, FORMATS, ("dask.array",)),
     "fit-bn-ema": (functools.partial(case_fit_bn, mode="ema"), FORMATS, ()),
     "fit-bn-exact": (functools.partial(case_fit_bn, mode="exact"), FORMATS, ()),
+    "fit-bn-exact-jobs2": (functools.partial(case_fit_bn_jobs, jobs=2), ("npy", "h5"), ()),
     **{f"fit-centers-{mode}-K{k}": (functools.partial(case_fit_centers, mode=mode, k=k), ("npy",), ())
        for k in CLASS_COUNTS for mode in ("ema", "exact")},
     "apply": (case_apply, ("npy", "h5"), ()),
