@@ -59,7 +59,8 @@ FIT = _options(
                  help="Continue an interrupted fit from its --checkpoint FILE (same inputs and "
                       "options); the result equals an uninterrupted run."),
     click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
-                 help="Processes sharing the rows (--mode exact); their states are merged."),
+                 help="Processes sharing the rows; their states are merged (exact) or "
+                      "chained (fit-bn ema)."),
 )
 
 
@@ -124,9 +125,7 @@ def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if _given(ctx, cli_name.get(k, k))}
 
 
-def _check_parallel(mode: str, start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
-    if mode != "exact":
-        raise click.UsageError("--jobs needs --mode exact: a moving average runs batch after batch")
+def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
     if start is not None or checkpoint_path:
         raise click.UsageError("--jobs does not combine with --init, --resume or --checkpoint")
 
@@ -216,7 +215,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
     if jobs > 1:
-        _check_parallel(mode, start, checkpoint_path)
+        _check_parallel(start, checkpoint_path)
         stats = ns.run_fit_parallel({"kind": "batchnorm", "mode": mode, "options": options}, inputs,
                                     dataset=dataset, allow_external=allow_external, jobs=jobs,
                                     side_specs=_side_specs(groups=groups, weights=weights))
@@ -290,7 +289,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
     if jobs > 1:
-        _check_parallel(mode, init if isinstance(init, ns.Stats) else None, checkpoint_path)
+        if mode != "exact":
+            raise click.UsageError("--jobs for fit-centers needs --mode exact")
+        _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
         recipe = {"kind": "centers", "mode": mode, "options": dict(options, num_classes=num_classes)}
         stats = ns.run_fit_parallel(recipe, inputs, dataset=dataset, allow_external=allow_external,
                                     jobs=jobs, side_specs=_side_specs(labels=labels, weights=weights))

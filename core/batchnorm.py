@@ -250,6 +250,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         if self.use_inv_std:
             self.inv_std = _initial(self._initial_inv_std, shape, "inv_std")
         self.count = np.zeros(shape)
+        self.decay = np.ones(shape)  # (1 - alpha) ** (batches folded in), per statistic
 
     def update(self, x: np.ndarray) -> "BatchNormEMA":
         """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
@@ -282,6 +283,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         later = np.flip(np.cumsum(np.flip(valid, 0), axis=0), 0) - valid  # valid batches after each
         weights = np.where(valid, self.alpha * (1.0 - self.alpha) ** later, 0.0)
         decay = (1.0 - self.alpha) ** valid.sum(axis=0)
+        self.decay = self.decay * decay
         if self.use_mean:
             self.mean = decay * self.mean + (weights * np.where(valid, batch_mean, 0.0)).sum(axis=0)
         if self.use_inv_std:
@@ -295,6 +297,37 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             "ema statistics cannot be merged: a moving average depends on the order of all "
             "batches; fit shards with --mode exact to merge them"
         )
+
+    def follow(self, later: "BatchNormEMA") -> "BatchNormEMA":
+        """Append the batches of `later`, fitted on the rows right after these.
+
+        The moving average is linear in its batches: a state that started from
+        zero over the later rows holds ``sum a (1-a)^(k-i) b_i`` and its
+        ``decay`` ``(1-a)^k``, so ``decay * m + later.mean`` is what one state
+        fed every row in order would hold (to float64 rounding). `later` must
+        have started from ``mean=0`` and ``inv_std=0`` (:meth:`zero_start`).
+        """
+        if later.axes is None:
+            return self
+        for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std"):
+            if getattr(self, name) != getattr(later, name):
+                raise DataError(f"cannot append an ema fit with different {name}")
+        if self.use_mean:
+            self.mean = later.decay * self.mean + later.mean
+        if self.use_inv_std:
+            self.inv_std = later.decay * self.inv_std + later.inv_std
+        self.decay = self.decay * later.decay
+        self.count = self.count + later.count
+        self.rows_seen += later.rows_seen
+        self.batches_seen += later.batches_seen
+        self.batches_skipped += later.batches_skipped
+        return self
+
+    def zero_start(self) -> "BatchNormEMA":
+        """Start from mean 0 and inv_std 0 (for a range of rows to :meth:`follow` others)."""
+        self._initial_mean = None if self._initial_mean is None else 0.0
+        self._initial_inv_std = None if self._initial_inv_std is None else 0.0
+        return self
 
     def result(self) -> Stats:
         """The running mean / inv_std (float64) and metadata."""

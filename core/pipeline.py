@@ -144,18 +144,20 @@ def run_fit_parallel(
     jobs: int = 2,
     block_rows: Optional[int] = None,
 ) -> Stats:
-    """An exact fit split over `jobs` processes by row range, their states merged.
+    """A fit split over `jobs` processes by row range, their states combined.
 
     Each process opens the inputs itself (HDF5 handles do not pickle), feeds
-    the same state object code over its rows, and returns the state; the
-    merge is the states' own Chan merge, so the result equals a serial fit to
-    float64 rounding (the row ranges are whole read blocks, so the counters
-    match too).
+    the same state object code over its rows, and returns the state. Exact
+    states merge (Chan); BatchNorm moving averages are linear in their
+    batches, so each later range starts from zero and is appended with
+    :meth:`BatchNormEMA.follow`. Either way the result equals a serial fit to
+    float64 rounding; the ranges are whole read blocks (whole batches), so the
+    counters match too.
 
     Parameters
     ----------
     recipe : dict
-        ``{"kind": "batchnorm" | "centers", "mode": "exact", "options": {...}}``
+        ``{"kind": "batchnorm" | "centers", "mode": "ema" | "exact", "options": {...}}``
         (centers options include ``num_classes``) to build the state in each
         process.
     specs, dataset, allow_external
@@ -165,8 +167,8 @@ def run_fit_parallel(
     jobs : int
         Processes (the rows are split evenly).
     """
-    if recipe.get("mode") != "exact":
-        raise UsageError("parallel fits need --mode exact: a moving average is sequential")
+    if recipe["mode"] == "ema" and recipe["kind"] != BATCHNORM:
+        raise UsageError("parallel ema fits are for BatchNorm statistics; fit centers with --mode exact")
     side_specs = side_specs or {}
     with _open_all(specs, dataset, allow_external, side_specs) as (stream, side):
         state = _make_state(recipe)
@@ -182,7 +184,10 @@ def run_fit_parallel(
             ])))
         merged = parts[0]
         for part in parts[1:]:
-            merged.merge(part)
+            if recipe["mode"] == "ema":
+                merged.follow(part)
+            else:
+                merged.merge(part)
         stats = _described(merged.result(), stream, side, time.perf_counter() - started, stream.nbytes)
     stats.meta["jobs"] = len(ranges)
     return stats
@@ -207,6 +212,8 @@ def _open_all(specs, dataset, allow_external, side_specs):
 def _fit_rows(recipe, specs, dataset, allow_external, side_specs, start, stop, block_rows) -> State:
     """One process's share of :func:`run_fit_parallel`: rows ``start:stop``."""
     state = _make_state(recipe)
+    if recipe["mode"] == "ema" and start > 0:
+        state.zero_start()  # its moving average is appended to the earlier ranges' (follow)
     state.rows_seen = start  # row numbers in its errors count from the stream's start
     with _open_all(specs, dataset, allow_external, side_specs) as (stream, side):
         _feed(state, stream, side, block_rows, start, stop)

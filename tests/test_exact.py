@@ -1171,9 +1171,40 @@ def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch
     assert not (sharded / "s.npz").exists()
 
 
-@pytest.mark.parametrize("extra", [["--mode", "ema"], ["--mode", "exact", "--checkpoint", "ck.npz"]],
-                         ids=["ema", "checkpoint"])
-def test_jobs_refuse_what_cannot_be_split(run, sharded, monkeypatch, extra):
+@pytest.mark.parametrize("args", [
+    ["fit-bn", "x0.npy", "--mode", "exact", "--checkpoint", "ck.npz"],
+    ["fit-centers", "x0.npy", "--labels", "y0.npy", "--num-classes", "4"],  # ema centers: sequential
+], ids=["checkpoint", "centers-ema"])
+def test_jobs_refuse_what_cannot_be_split(run, sharded, monkeypatch, args):
     monkeypatch.chdir(sharded)
-    result = run("fit-bn", "x0.npy", *extra, "--jobs", "2", "-o", "s.npz")
+    result = run(*args, "--jobs", "2", "-o", "s.npz")
     assert result.exit_code == 2 and "--jobs" in result.stderr
+
+
+@pytest.mark.parametrize("nan_policy", ["error", "omit"])
+def test_ema_split_at_a_batch_boundary_and_followed_equals_one_pass(nan_policy):
+    x = np.random.default_rng(12).standard_normal((1000, 3, 4))
+    if nan_policy == "omit":
+        x[[5, 600], 1, 2] = np.nan
+    options = dict(alpha=0.05, batch_size=8, nan_policy=nan_policy, mean=0.5, inv_std=2.0)
+    whole = ns.BatchNormEMA(**options).update(x).result()
+    first = ns.BatchNormEMA(**options).update(x[:408])
+    later = ns.BatchNormEMA(**options).zero_start().update(x[408:])
+    joined = first.follow(later).result()
+    assert sorted(joined.arrays) == sorted(whole.arrays)
+    for key in whole.arrays:  # mean, inv_std (and count under omit)
+        close(joined.arrays[key], whole.arrays[key], rtol=1e-13)
+    for key in ("rows_seen", "batches_seen", "batches_skipped"):
+        assert joined.meta[key] == whole.meta[key]
+
+
+def test_jobs_for_ema_equal_a_serial_fit(run, sharded, monkeypatch):
+    monkeypatch.chdir(sharded)
+    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 2 * batch_size)
+    args = ["fit-bn", "x0.npy", "x1.npy", "--batch-size", "16", "--alpha", "0.05"]
+    assert run(*args, "-o", "serial.npz").exit_code == 0
+    assert run(*args, "-o", "parallel.npz", "--jobs", "2").exit_code == 0
+    with np.load(sharded / "serial.npz") as serial, np.load(sharded / "parallel.npz") as parallel:
+        for key in ("mean", "inv_std"):
+            close(parallel[key], serial[key], rtol=1e-12)
+        assert json.loads(str(parallel["meta"]))["batches_seen"] == json.loads(str(serial["meta"]))["batches_seen"]
