@@ -339,11 +339,11 @@ def case_fit_bn(data: Data, fmt: str, *, mode: str) -> None:
         ns.run_fit(ns.batchnorm_state(mode, batch_size=BATCH_SIZE, axes="auto"), stream)
 
 
-def case_fit_bn_jobs(data: Data, fmt: str, *, jobs: int) -> None:
-    """normstats fit-bn --mode exact --jobs N: row ranges in N processes, states merged."""
+def case_fit_bn_jobs(data: Data, fmt: str, *, mode: str, jobs: int) -> None:
+    """normstats fit-bn --jobs N: row ranges in N processes, states merged (exact) or chained (ema)."""
     import normstats as ns
 
-    recipe = {"kind": "batchnorm", "mode": "exact", "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
+    recipe = {"kind": "batchnorm", "mode": mode, "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
     ns.run_fit_parallel(recipe, [data.spec(fmt)], jobs=jobs)
 
 
@@ -376,7 +376,8 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
     "dask": (case_dask, FORMATS, ("dask.array",)),
     "fit-bn-ema": (functools.partial(case_fit_bn, mode="ema"), FORMATS, ()),
     "fit-bn-exact": (functools.partial(case_fit_bn, mode="exact"), FORMATS, ()),
-    "fit-bn-exact-jobs2": (functools.partial(case_fit_bn_jobs, jobs=2), ("npy", "h5"), ()),
+    "fit-bn-ema-jobs2": (functools.partial(case_fit_bn_jobs, mode="ema", jobs=2), ("npy", "h5"), ()),
+    "fit-bn-exact-jobs2": (functools.partial(case_fit_bn_jobs, mode="exact", jobs=2), ("npy", "h5"), ()),
     **{f"fit-centers-{mode}-K{k}": (functools.partial(case_fit_centers, mode=mode, k=k), ("npy",), ())
        for k in CLASS_COUNTS for mode in ("ema", "exact")},
     "apply": (case_apply, ("npy", "h5"), ()),
