@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Callable, Optional
 
 import click
 
 import normstats as ns
+from normstats.inspection import describe
 from normstats.pipeline import resume_row
 from normstats.stores import ARRAY_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
 from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
-from .report import progress_bar, summarize_apply, summarize_fit
+from .report import progress_bar, show_summary, summarize_apply, summarize_fit
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -363,3 +365,22 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
     stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
     ns.write_stats(stats, output)
     summarize_fit("merge", stats, output)
+
+
+@cli.command("inspect")
+@click.argument("path", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Summarize a stats or centers FILE: options and provenance, value ranges,
+    NaN counts, near-constant channels, class counts (empty and rare classes),
+    center norms and the closest pairs of centers.
+
+    \b
+    Example:
+      normstats inspect centers.npz
+    """
+    summary = describe(ns.read_stats(path))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        show_summary(summary)

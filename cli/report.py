@@ -66,3 +66,31 @@ def summarize_apply(result: dict, output: str) -> None:
         f"apply: {result['rows']:,} rows, "
         f"{throughput(result['rows'], result['bytes_read'], result['seconds'])} -> {output}"
     )
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict) and {"min", "median", "max"} <= set(value):
+        return " / ".join("-" if value[k] is None else _fmt(value[k]) for k in ("min", "median", "max")) + \
+            "  (min / median / max)"
+    if isinstance(value, dict) and {"count", "first"} <= set(value):
+        more = "" if value["count"] <= len(value["first"]) else ", ..."
+        return f"{value['count']}" + (f": {', '.join(map(str, value['first']))}{more}" if value["count"] else "")
+    return str(value)
+
+
+def show_summary(summary: dict) -> None:
+    """Print :func:`normstats.inspection.describe`'s summary as aligned lines."""
+    click.echo(f"{summary['source']}: {summary['kind']} statistics")
+    for key, value in summary["options"].items():
+        click.echo(f"  {key:<18} {_fmt(value)}")
+    for key, value in summary.items():
+        if key in ("kind", "source", "options"):
+            continue
+        if key == "closest_pairs" and isinstance(value, list):
+            value = ", ".join(f"{a}-{b} ({_fmt(d)})" for (a, b), d in
+                              ((p["classes"], p["distance"]) for p in value)) or "-"
+        if key == "nan_counts":
+            value = ", ".join(f"{name} {n}" for name, n in value.items())
+        click.echo(f"  {key:<18} {_fmt(value)}")

@@ -1040,3 +1040,37 @@ def test_only_normstats_is_importable(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import normstats, normstats.cli; print(normstats.cli.cli.name)"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def test_inspect_reports_empty_classes_and_the_closest_pair(run, tmp_path):
+    x = np.repeat(np.array([[0.0, 0.0], [10.0, 0.0], [10.5, 0.0], [0.0, 7.0]]), 5, axis=0)
+    labels = np.repeat([0, 1, 2, 4], 5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", labels)
+    out = tmp_path / "c.npz"
+    ok(run("fit-centers", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--num-classes", 6,
+           "--mode", "exact", "-o", out), out)
+    result = run("inspect", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["empty_classes"] == {"count": 2, "first": [3, 5]}
+    assert summary["closest_pairs"][0] == {"classes": [1, 2], "distance": pytest.approx(0.5)}
+    assert summary["counts"]["total"] == 20
+    text = run("inspect", out)
+    assert text.exit_code == 0 and "empty_classes      2: 3, 5" in text.stdout
+
+
+def test_inspect_reports_near_constant_channels(run, tmp_path):
+    x = np.random.default_rng(3).standard_normal((50, 4))
+    x[:, 2] = 1.5
+    np.save(tmp_path / "x.npy", x)
+    for mode in ("ema", "exact"):
+        out = tmp_path / f"{mode}.npz"
+        alpha = ["--alpha", 1] if mode == "ema" else []  # ema: the last batch alone, converged
+        ok(run("fit-bn", tmp_path / "x.npy", "--mode", mode, "--batch-size", 10, *alpha, "-o", out), out)
+        summary = json.loads(run("inspect", out, "--json").stdout)
+        assert summary["near_constant"] == {"count": 1, "first": [2]}, mode
+        assert summary["options"]["mode"] == mode and summary["nan_counts"]["mean"] == 0
