@@ -49,12 +49,6 @@ def check_batch_size(batch_size: Optional[int]) -> Optional[int]:
     return None if batch_size is None else int(batch_size)
 
 
-def check_mode(mode: str) -> str:
-    if mode not in ("ema", "exact"):
-        raise UsageError(f"mode must be 'ema' or 'exact', got {mode!r}")
-    return mode
-
-
 NAN_POLICIES = ("error", "omit")
 
 
