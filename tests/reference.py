@@ -20,6 +20,7 @@ ref_apply
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
@@ -196,3 +197,18 @@ SHAPES = [
     pytest.param((N, 2, 3, 2), (0, -1), id="4d-axes0,-1"),
     pytest.param((N, 2, 2, 3, 2), (-5, 2, -1), id="5d-axes-5,2,-1"),
 ]
+
+
+# Small files for the tests that read through normstats' readers.
+
+def write_npy(tmp_path, x, name="x.npy"):
+    path = tmp_path / name
+    np.save(path, x)
+    return str(path)
+
+
+def write_h5(tmp_path, x, name="x.h5", dataset="features"):
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        f.create_dataset(dataset, data=x)
+    return f"{path}:{dataset}"

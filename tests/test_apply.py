@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import N, SHAPES, ref_apply
+from tests.reference import N, SHAPES, write_h5, write_npy, ref_apply
 
 
 OUTPUT_DTYPES = {
@@ -75,17 +75,6 @@ def assert_output(actual, wanted, dtype):
     np.testing.assert_allclose(actual.astype(np.float64), wanted, rtol=rtol, atol=rtol * scale)
 
 
-def write_npy(tmp_path, x, name="x.npy"):
-    path = tmp_path / name
-    np.save(path, x)
-    return str(path)
-
-
-def write_h5(tmp_path, x, name="x.h5", dataset="features"):
-    path = tmp_path / name
-    with h5py.File(path, "w") as f:
-        f.create_dataset(dataset, data=x)
-    return f"{path}:{dataset}"
 
 
 def read_output(path, dataset=None):

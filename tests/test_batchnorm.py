@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import N, SHAPES, ref_axes, ref_bn_ema, ref_bn_exact
+from tests.reference import N, SHAPES, write_h5, write_npy, ref_axes, ref_bn_ema, ref_bn_exact
 
 
 BATCH_SIZES = [
@@ -62,17 +62,6 @@ def batch_chunks(x, batch_size):
     return chunks
 
 
-def write_npy(tmp_path, x, name="x.npy"):
-    path = tmp_path / name
-    np.save(path, x)
-    return str(path)
-
-
-def write_h5(tmp_path, x, name="x.h5", dataset="features"):
-    path = tmp_path / name
-    with h5py.File(path, "w") as f:
-        f.create_dataset(dataset, data=x)
-    return f"{path}:{dataset}"
 
 
 def feed(state, x, how, tmp_path, batch_size):
