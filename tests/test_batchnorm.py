@@ -9,7 +9,6 @@ Tolerances: rtol 1e-10 for float64 input, 1e-5 for every other dtype.
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 
