@@ -16,6 +16,7 @@ from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .accumulators import GroupedMoments
 from .moments import first_nonfinite, grouped_moments
 from .stats import CENTERS, Stats
+from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
     check_batch_size,
@@ -27,6 +28,7 @@ from .validate import (
 
 Init = Union[str, np.ndarray]
 INITS = ("random", "zeros", "first")
+FEW_CLASSES = 64  # up to this many classes, EMA batch class means come from one BLAS product
 
 
 class _CentersBase:
@@ -141,7 +143,7 @@ def _state_options(meta: dict, options: dict, *names: str) -> dict:
     return options
 
 
-class CentersEMA(_CentersBase):
+class CentersEMA(KeepsScratch, _CentersBase):
     """Per-class moving average of batch class means (the center-loss update).
 
     For every batch of `batch_size` rows and every class ``j`` present in it,
@@ -205,6 +207,7 @@ class CentersEMA(_CentersBase):
         self.seed = int(seed)
         self.centers: Optional[np.ndarray] = None  # (K, feature_dim) float64
         self.initialized = np.zeros(self.num_classes, dtype=bool)
+        self._workspace = Workspace()
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "CentersEMA":
@@ -250,9 +253,12 @@ class CentersEMA(_CentersBase):
             return self
         batch = self.batch_size or rows
         keys = (np.arange(rows, dtype=np.int64) // batch) * self.num_classes + labels
-        everything = keep.all()  # then skip copying the block
-        grouped = grouped_moments(keys if everything else keys[keep], flat if everything else flat[keep],
-                                  with_m2=False)
+        if self.num_classes <= FEW_CLASSES:
+            grouped = self._batch_class_means(flat, labels, keep, batch)
+        else:
+            everything = keep.all()  # then skip copying the block
+            grouped = grouped_moments(keys if everything else keys[keep], flat if everything else flat[keep],
+                                      with_m2=False)
         if not np.isfinite(grouped[3]).all():
             bad = first_nonfinite(flat[keep])
             if self.nan_policy == "error":
@@ -264,6 +270,33 @@ class CentersEMA(_CentersBase):
         self._fold(grouped[0], grouped[3])
         self._count(labels, keep)
         return self
+
+    def _batch_class_means(
+        self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int
+    ) -> tuple[np.ndarray, None, None, np.ndarray]:
+        """Per (batch, class) means for few classes, as one batched product of a
+        one-hot matrix with the rows (BLAS; ~3x the segment sums after a sort).
+
+        Returns the keys ``batch * K + class`` present (ascending) and their means,
+        in the layout of :func:`normstats.moments.grouped_moments`.
+        """
+        rows, features = flat.shape
+        batches = -(-rows // batch)
+        values = self._workspace.array("rows", (batches * batch, features), np.float64)
+        np.copyto(values[:rows], flat, casting="unsafe")
+        values[rows:] = 0.0  # pad the last batch; padding rows belong to no class
+        if not keep.all():
+            values[:rows][~keep] = 0.0  # a NaN in a skipped row must not reach the product
+        one_hot = self._workspace.array("one_hot", (batches, self.num_classes, batch), np.float64)
+        one_hot[...] = 0.0
+        index = np.flatnonzero(keep)
+        one_hot[index // batch, labels[index], index % batch] = 1.0
+        with np.errstate(invalid="ignore", over="ignore"):
+            sums = np.matmul(one_hot, values.reshape(batches, batch, features))
+        counts = one_hot.sum(axis=2)
+        present = np.nonzero(counts)  # row-major: by batch, then class
+        keys = present[0].astype(np.int64) * self.num_classes + present[1]
+        return keys, None, None, sums[present] / counts[present][:, None]
 
     def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
         """Apply the EMA of every (batch, class) mean in batch order, at once.
