@@ -70,12 +70,9 @@ class _CentersBase:
         check_numeric_dtype(x.dtype, "features")
         if x.ndim < 1:
             raise DataError("features are a scalar; they need at least one (row) axis")
-        labels = np.asarray(labels)
-        keep = np.ones(x.shape[0], dtype=bool)
-        if self.ignore_label is not None and labels.dtype.kind in "iu":
-            keep = labels.reshape(-1) != self.ignore_label if labels.size == x.shape[0] else keep
-            labels = np.where(keep.reshape(labels.shape), labels, 0)
-        labels = check_groups(labels, x.shape[0], self.num_classes, self.rows_seen, "label")
+        labels = check_groups(labels, x.shape[0], self.num_classes, self.rows_seen, "label",
+                              ignore=self.ignore_label)
+        keep = labels != self.ignore_label if self.ignore_label is not None else np.ones(len(labels), bool)
         if self.row_shape is None:
             self.row_shape = tuple(x.shape[1:])
             self.input_dtype = str(x.dtype)

@@ -59,9 +59,11 @@ def check_nan_policy(policy: str) -> str:
 
 
 def check_groups(
-    groups: Optional[np.ndarray], rows: int, num_groups: int, first_row: int, what: str
+    groups: Optional[np.ndarray], rows: int, num_groups: int, first_row: int, what: str,
+    ignore: Optional[int] = None,
 ) -> np.ndarray:
-    """Return `groups` as int64 of length `rows`, each in ``[0, num_groups)``.
+    """Return `groups` as int64 of length `rows`, each in ``[0, num_groups)``
+    or equal to `ignore`.
 
     `what` ('label', 'group') and `first_row` (rows before this array) make
     the message name the first bad row of the whole stream.
@@ -79,7 +81,10 @@ def check_groups(
         raise DataError(
             f"{len(groups)} {what}s for {rows} feature rows; they must have the same number of rows"
         )
-    bad = np.flatnonzero((groups < 0) | (groups >= num_groups))
+    outside = (groups < 0) | (groups >= num_groups)
+    if ignore is not None:
+        outside &= groups != ignore
+    bad = np.flatnonzero(outside)
     if bad.size:
         row = int(bad[0])
         raise RowError(

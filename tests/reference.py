@@ -212,3 +212,14 @@ def write_h5(tmp_path, x, name="x.h5", dataset="features"):
     with h5py.File(path, "w") as f:
         f.create_dataset(dataset, data=x)
     return f"{path}:{dataset}"
+
+
+def make_data(shape, dtype="float64", seed=0):
+    """Random data of `shape` and `dtype` with a non-zero mean."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.normal(0.5, 2.0, size=shape).astype(dtype)
+    if dtype.kind == "u":
+        return rng.integers(0, 200, size=shape).astype(dtype)
+    return rng.integers(-60, 90, size=shape).astype(dtype)

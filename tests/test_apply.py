@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import N, SHAPES, write_h5, write_npy, ref_apply
+from tests.reference import N, SHAPES, make_data, ref_apply, write_h5, write_npy
 
 
 OUTPUT_DTYPES = {
@@ -28,16 +28,6 @@ OUTPUT_DTYPES = {
     "int32": "float64",
     "int64": "float64",
 }
-
-
-def make_data(shape, dtype="float64", seed=0):
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.normal(0.5, 2.0, size=shape).astype(dtype)
-    if dtype.kind == "u":
-        return rng.integers(0, 200, size=shape).astype(dtype)
-    return rng.integers(-60, 90, size=shape).astype(dtype)
 
 
 def fitted(x, axes="auto", mode="exact", **options):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-from tests.reference import N, SHAPES, write_h5, write_npy, ref_axes, ref_bn_ema, ref_bn_exact
+from tests.reference import N, SHAPES, make_data, write_h5, write_npy, ref_axes, ref_bn_ema, ref_bn_exact
 
 
 BATCH_SIZES = [
@@ -28,17 +28,6 @@ BATCH_SIZES = [
 FEEDS = ["whole", "chunks", "npy", "h5"]
 
 DTYPES = ["float16", "float32", "float64", "int8", "int32", "int64", "uint8"]
-
-
-def make_data(shape, dtype="float64", seed=0):
-    """Random data of `shape` and `dtype` with a non-zero mean."""
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.normal(0.5, 2.0, size=shape).astype(dtype)
-    if dtype.kind == "u":
-        return rng.integers(0, 200, size=shape).astype(dtype)
-    return rng.integers(-60, 90, size=shape).astype(dtype)
 
 
 def rtol_for(dtype):

@@ -24,74 +24,13 @@ import normstats.cli.commands
 import normstats.pipeline
 import normstats.stores
 from normstats.cli import cli
+from tests.reference import ref_bn_ema, ref_bn_exact, ref_centers_ema, ref_centers_ema_first, ref_centers_exact
 
 RTOL = 1e-5
 BN_META_KEYS = {
     "mode", "axes", "alpha", "eps", "ddof", "batch_size", "rows_seen", "batches_seen",
     "batches_skipped", "row_shape", "input_dtype", "sources", "normstats_version",
 }
-
-
-# --- plain numpy references ------------------------------------------------------
-
-
-def auto_axes(ndim: int) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, ndim))
-
-
-def bn_ema_reference(x, *, batch_size, axes=None, alpha=0.01, eps=1e-5, ddof=1, mean=0.0, inv_std=1.0):
-    """Batch-by-batch EMA of mean and inv_std; returns (mean, inv_std, batches, skipped)."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = auto_axes(x.ndim) if axes is None else axes
-    kept = tuple(size for axis, size in enumerate(x.shape) if axis not in axes)
-    m = np.full(kept, mean, dtype=np.float64)
-    s = np.full(kept, inv_std, dtype=np.float64)
-    batches = skipped = 0
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
-        batches += 1
-        n = int(np.prod([batch.shape[a] for a in axes]))
-        if n <= ddof:
-            skipped += 1
-            continue
-        m = (1 - alpha) * m + alpha * batch.mean(axis=axes)
-        s = (1 - alpha) * s + alpha / np.sqrt(batch.var(axis=axes, ddof=ddof) + eps)
-    return m, s, batches, skipped
-
-
-def bn_exact_reference(x, *, axes=None, eps=1e-5, ddof=1):
-    x = np.asarray(x, dtype=np.float64)
-    axes = auto_axes(x.ndim) if axes is None else axes
-    var = x.var(axis=axes, ddof=ddof)
-    return x.mean(axis=axes), var, 1.0 / np.sqrt(var + eps)
-
-
-def centers_ema_reference(x, labels, num_classes, *, batch_size, alpha=0.9, init="zeros"):
-    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    if isinstance(init, np.ndarray):
-        centers, ready = init.reshape(num_classes, -1).astype(np.float64), np.ones(num_classes, bool)
-    elif init == "zeros":
-        centers, ready = np.zeros((num_classes, flat.shape[1])), np.ones(num_classes, bool)
-    else:  # first
-        centers, ready = np.full((num_classes, flat.shape[1]), np.nan), np.zeros(num_classes, bool)
-    for start in range(0, len(flat), batch_size):
-        batch, batch_labels = flat[start:start + batch_size], labels[start:start + batch_size]
-        for j in np.unique(batch_labels):
-            class_mean = batch[batch_labels == j].mean(axis=0)
-            if ready[j]:
-                centers[j] = alpha * class_mean + (1 - alpha) * centers[j]
-            else:
-                centers[j], ready[j] = class_mean, True
-    return centers.reshape((num_classes,) + np.shape(x)[1:])
-
-
-def centers_exact_reference(x, labels, num_classes):
-    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    centers = np.full((num_classes, flat.shape[1]), np.nan)
-    for j in range(num_classes):
-        if np.any(labels == j):
-            centers[j] = flat[labels == j].mean(axis=0)
-    return centers.reshape((num_classes,) + np.shape(x)[1:])
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -193,7 +132,7 @@ def test_fit_bn_npy_matches_numpy_ema(run, files, x4d, suffix):
     out = files.tmp / f"stats{suffix}"
     line = ok(run("fit-bn", files.npy4d, "-o", out, "--batch-size", 8), out)
     arrays, meta = load_stats(out)
-    mean, inv_std, batches, _ = bn_ema_reference(x4d, batch_size=8)
+    mean, inv_std, batches, _ = ref_bn_ema(x4d, batch_size=8)
     assert arrays["mean"].shape == (3,)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
@@ -209,7 +148,7 @@ def test_fit_bn_hdf5_input_forms(run, files, features, form, suffix):
     out = files.tmp / f"stats{suffix}"
     ok(run("fit-bn", *args, "-o", out, "--batch-size", 10, "--alpha", 0.2), out)
     arrays, meta = load_stats(out)
-    mean, inv_std, _, _ = bn_ema_reference(features, batch_size=10, alpha=0.2)
+    mean, inv_std, _, _ = ref_bn_ema(features, batch_size=10, alpha=0.2)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
     expected_source = f"{files.h5single}:only" if form == "single-dataset" else f"{files.h5}:x"
@@ -235,7 +174,7 @@ def test_fit_bn_options_match_numpy(run, files, x4d, options, reference):
     out = files.tmp / "stats.npz"
     ok(run("fit-bn", files.npy4d, "-o", out, "--batch-size", 6, *options), out)
     arrays, meta = load_stats(out)
-    mean, inv_std, _, _ = bn_ema_reference(x4d, batch_size=6, **reference)
+    mean, inv_std, _, _ = ref_bn_ema(x4d, batch_size=6, **reference)
     assert arrays["mean"].shape == mean.shape
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
@@ -246,7 +185,7 @@ def test_fit_bn_skips_batches_not_larger_than_ddof(run, files, features):
     out = files.tmp / "stats.npz"
     line = ok(run("fit-bn", f"{files.h5}:x", "-o", out, "--batch-size", 26, "--alpha", 0.5), out)
     arrays, meta = load_stats(out)
-    mean, inv_std, batches, skipped = bn_ema_reference(features, batch_size=26, alpha=0.5)
+    mean, inv_std, batches, skipped = ref_bn_ema(features, batch_size=26, alpha=0.5)
     assert (batches, skipped) == (3, 1)  # 26 + 26 + 1 row: the last has n = 1 <= ddof
     assert (meta["batches_seen"], meta["batches_skipped"]) == (3, 1)
     assert "(1 skipped)" in line
@@ -260,7 +199,7 @@ def test_fit_bn_disabled_statistic_is_absent(run, files, x4d, disabled, suffix):
     out = files.tmp / f"stats{suffix}"
     ok(run("fit-bn", files.npy4d, "-o", out, "--batch-size", 8, f"--{disabled}", "none"), out)
     arrays, _ = load_stats(out)
-    mean, inv_std, _, _ = bn_ema_reference(x4d, batch_size=8)
+    mean, inv_std, _, _ = ref_bn_ema(x4d, batch_size=8)
     if disabled == "mean":
         assert set(arrays) == {"inv_std"}
         np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
@@ -275,7 +214,7 @@ def test_fit_bn_exact_is_population_statistics(run, files, x4d, ddof, suffix):
     out = files.tmp / f"stats{suffix}"
     ok(run("fit-bn", files.npy4d, "-o", out, "--mode", "exact", "--ddof", ddof, "--eps", 1e-3), out)
     arrays, meta = load_stats(out)
-    mean, var, inv_std = bn_exact_reference(x4d, ddof=ddof, eps=1e-3)
+    mean, var, inv_std = ref_bn_exact(x4d, ddof=ddof, eps=1e-3)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["var"], var, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
@@ -309,7 +248,7 @@ def test_fit_bn_shards_equal_their_concatenation(run, files, features, mode):
     for name in ("mean", "inv_std"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-12)
     if mode == "ema":
-        mean, inv_std, _, _ = bn_ema_reference(features, batch_size=8, alpha=0.3)
+        mean, inv_std, _, _ = ref_bn_ema(features, batch_size=8, alpha=0.3)
         np.testing.assert_allclose(got["mean"], mean, rtol=RTOL)
         np.testing.assert_allclose(got["inv_std"], inv_std, rtol=RTOL)
     assert meta["sources"] == [str(a), str(b), f"{c}:feats"]
@@ -323,7 +262,7 @@ def test_fit_bn_batches_do_not_depend_on_read_blocks(run, files, x4d, monkeypatc
     out = files.tmp / "stats.npz"
     ok(run("fit-bn", files.npy4d, "-o", out, "--batch-size", 8, "--alpha", 0.3), out)
     arrays, meta = load_stats(out)
-    mean, inv_std, batches, _ = bn_ema_reference(x4d, batch_size=8, alpha=0.3)
+    mean, inv_std, batches, _ = ref_bn_ema(x4d, batch_size=8, alpha=0.3)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
     assert meta["batches_seen"] == batches
@@ -339,7 +278,7 @@ def test_fit_bn_init_continues_an_ema_fit(run, files, features, suffix):
     ok(run("fit-bn", first, "-o", start, *options), start)
     ok(run("fit-bn", second, "-o", resumed, "--init", start, *options), resumed)
     arrays, meta = load_stats(resumed)
-    mean, inv_std, batches, _ = bn_ema_reference(features, batch_size=8, alpha=0.2, eps=1e-3, ddof=0)
+    mean, inv_std, batches, _ = ref_bn_ema(features, batch_size=8, alpha=0.2, eps=1e-3, ddof=0)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
     assert (meta["rows_seen"], meta["batches_seen"]) == (53, batches)
@@ -357,7 +296,7 @@ def test_fit_bn_init_takes_the_fit_options_from_the_file(run, files, features):
     ok(run("fit-bn", second, "-o", resumed, "--init", start), resumed)
     arrays, meta = load_stats(resumed)
     assert (meta["alpha"], meta["batch_size"], meta["eps"], meta["ddof"]) == (0.2, 8, 1e-3, 0)
-    mean, inv_std, _, _ = bn_ema_reference(features, batch_size=8, alpha=0.2, eps=1e-3, ddof=0)
+    mean, inv_std, _, _ = ref_bn_ema(features, batch_size=8, alpha=0.2, eps=1e-3, ddof=0)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
 
@@ -370,7 +309,7 @@ def test_fit_bn_init_continues_an_exact_fit(run, files, features):
     ok(run("fit-bn", first, "-o", start, "--mode", "exact"), start)
     ok(run("fit-bn", second, "-o", resumed, "--mode", "exact", "--init", start), resumed)
     arrays, meta = load_stats(resumed)
-    mean, var, inv_std = bn_exact_reference(features)
+    mean, var, inv_std = ref_bn_exact(features)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=1e-10)
     np.testing.assert_allclose(arrays["var"], var, rtol=1e-10)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=1e-10)
@@ -432,7 +371,8 @@ def test_fit_centers_ema_matches_numpy(run, files, features, labels, init, suffi
     line = ok(run("fit-centers", f"{files.h5}:x", "--labels", f"{files.h5}:labels", "--num-classes", 4,
                   "--batch-size", 7, "--alpha", 0.3, "--init", init, "-o", out), out)
     arrays, meta = load_stats(out)
-    expected = centers_ema_reference(features, labels, 4, batch_size=7, alpha=0.3, init=init)
+    expected = (ref_centers_ema_first(features, labels, 4, 7, alpha=0.3) if init == "first"
+                else ref_centers_ema(features, labels, 4, 7, alpha=0.3))[0]
     assert arrays["centers"].shape == (4, 6)
     np.testing.assert_allclose(arrays["centers"], expected, rtol=RTOL)
     np.testing.assert_array_equal(arrays["counts"], np.bincount(labels, minlength=4))
@@ -448,7 +388,7 @@ def test_fit_centers_ema_with_npy_labels_and_4d_features(run, files, x4d):
     ok(run("fit-centers", files.npy4d, "--labels", files.tmp / "y.npy", "--num-classes", 3,
            "--batch-size", 5, "--init", "first", "-o", out), out)
     arrays, _ = load_stats(out)
-    expected = centers_ema_reference(x4d, y, 3, batch_size=5, init="first")
+    expected = ref_centers_ema_first(x4d, y, 3, 5)[0]
     assert arrays["centers"].shape == (3, 3, 4, 5)
     np.testing.assert_allclose(arrays["centers"], expected, rtol=RTOL)
 
@@ -460,7 +400,7 @@ def test_fit_centers_init_file(run, files, features, labels):
     ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 4,
            "--batch-size", 16, "--alpha", 0.5, "--init", files.tmp / "start.npy", "-o", out), out)
     arrays, _ = load_stats(out)
-    expected = centers_ema_reference(features, labels, 4, batch_size=16, alpha=0.5, init=start)
+    expected = ref_centers_ema(features, labels, 4, 16, alpha=0.5, init_centers=start)[0]
     np.testing.assert_allclose(arrays["centers"], expected, rtol=RTOL)
 
 
@@ -484,7 +424,7 @@ def test_fit_centers_exact(run, files, features, labels, suffix):
     line = ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 6,
                   "--mode", "exact", "-o", out), out)
     arrays, meta = load_stats(out)
-    expected = centers_exact_reference(features, labels, 6)
+    expected = ref_centers_exact(features, labels, 6)[0]
     np.testing.assert_allclose(arrays["centers"], expected, rtol=1e-10)  # NaN == NaN here
     assert np.all(np.isnan(arrays["centers"][4:]))
     np.testing.assert_array_equal(arrays["counts"], np.bincount(labels, minlength=6))
@@ -502,7 +442,7 @@ def test_fit_centers_shards_with_one_labels_file_each(run, files, features, labe
     ok(run("fit-centers", *parts, "--labels", files.tmp / "y0.npy", "--labels", files.tmp / "y1.npy",
            "--num-classes", 4, "--batch-size", 8, "--init", "zeros", "-o", out), out)
     arrays, _ = load_stats(out)
-    expected = centers_ema_reference(features, labels, 4, batch_size=8, init="zeros")
+    expected = ref_centers_ema(features, labels, 4, 8)[0]
     np.testing.assert_allclose(arrays["centers"], expected, rtol=RTOL)
 
 
@@ -1019,7 +959,7 @@ def test_installed_script_end_to_end(tmp_path, features):
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fit-bn ema: 53 rows") and lines[0].endswith("-> stats.npz")
     arrays, meta = load_stats(tmp_path / "stats.npz")
-    mean, inv_std, _, _ = bn_ema_reference(features, batch_size=16)
+    mean, inv_std, _, _ = ref_bn_ema(features, batch_size=16)
     np.testing.assert_allclose(arrays["mean"], mean, rtol=RTOL)
     np.testing.assert_allclose(arrays["inv_std"], inv_std, rtol=RTOL)
     assert meta["sources"] == ["x.npy"]
