@@ -167,12 +167,24 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
+@contextlib.contextmanager
+def _npz(path: str) -> Iterator[Any]:
+    """An `.npz` archive opened without pickles; a damaged one is a StatsFileError
+    (np.load given a path leaks its handle then, so it gets ours)."""
+    with open(path, "rb") as f:
+        try:
+            archive = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise StatsFileError(f"{path} is not a readable .npz archive: {_reason(error)}") from None
+        with archive:
+            yield archive
+
+
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
             raise StatsFileError(f"{path} is a single .npy array, not a normstats stats file")
-    # np.load given a path leaks its handle when the archive is damaged; pass our own.
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+    with _npz(path) as archive:
         if "meta" not in archive.files:
             raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
         arrays = {name: archive[name] for name in archive.files if name != "meta"}
@@ -206,7 +218,7 @@ def read_array(spec: str) -> np.ndarray:
     if _extension(path) == ".npz":
         if not os.path.exists(path):
             raise UsageError(f"file {path!r} does not exist")
-        with np.load(path, allow_pickle=False) as archive:
+        with _npz(path) as archive:
             names = [n for n in archive.files if n != "meta"]
             if name is None and len(names) != 1:
                 raise UsageError(f"{path} holds {', '.join(names)}; name one as {path}:NAME")
