@@ -65,6 +65,37 @@ FIT = _options(
                       "chained (fit-bn ema)."),
 )
 
+ENGINE = _options(
+    click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+                 help="local: this process (or --jobs processes); dask: tasks over row ranges "
+                      "on a Dask cluster (pip install 'normstats[dask]')."),
+    click.option("--scheduler", metavar="ADDRESS",
+                 help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
+                      "--engine dask starts a local cluster with one worker per core."),
+    click.option("--task-rows", type=int, callback=positive_int, metavar="N",
+                 help="Rows per Dask task (default: about 256 MB of input)."),
+)
+
+
+def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int], jobs: int = 1) -> None:
+    if engine == "local" and (scheduler or task_rows):
+        raise click.UsageError(f"--{'scheduler' if scheduler else 'task-rows'} needs --engine dask")
+    if engine == "dask" and jobs > 1:
+        raise click.UsageError("--jobs is for the local engine; with --engine dask the cluster's workers "
+                               "share the rows")
+
+
+def _fit_split(command: str, recipe: dict, stream: ns.Stream, side: dict, *, jobs: int, engine: str,
+               scheduler: Optional[str], task_rows: Optional[int], allow_external: bool,
+               quiet: bool) -> ns.Stats:
+    """A fit cut into row ranges: over --jobs local processes or Dask tasks."""
+    if engine == "local":
+        return ns.run_fit_parallel(recipe, stream, side=side, allow_external=allow_external, jobs=jobs)
+    with ns.dask_client(scheduler) as client, \
+            progress_bar(stream.rows, quiet=quiet, label=command) as advance:
+        return ns.run_fit_dask(recipe, stream, client, side=side, allow_external=allow_external,
+                               task_rows=task_rows, progress=advance)
+
 
 @contextlib.contextmanager
 def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
@@ -129,7 +160,8 @@ def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
 
 def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
     if start is not None or checkpoint_path:
-        raise click.UsageError("--jobs does not combine with --init, --resume or --checkpoint")
+        raise click.UsageError("--jobs and --engine dask do not combine with --init, --resume or "
+                               "--checkpoint")
 
 
 def _side_specs(**specs: Any) -> dict[str, tuple[str, ...]]:
@@ -170,6 +202,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @click.option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
 @FIT
+@ENGINE
 @COMMON
 @click.pass_context
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
@@ -177,7 +210,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            inv_std: Optional[float], init: Optional[str], groups: Optional[str],
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
-           jobs: int, dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
+           jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
+           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
     shards read in order).
 
@@ -191,6 +225,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     Example:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
+    _check_engine(engine, scheduler, task_rows, jobs)
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
     if groups is not None and num_groups is None and not (init or resume_path):
@@ -216,17 +251,20 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
-    if jobs > 1:
+    split = jobs > 1 or engine == "dask"
+    if split:
         _check_parallel(start, checkpoint_path)
-        stats = ns.run_fit_parallel({"kind": "batchnorm", "mode": mode, "options": options}, inputs,
-                                    dataset=dataset, allow_external=allow_external, jobs=jobs,
-                                    side_specs=_side_specs(groups=groups, weights=weights))
-        return _finish("fit-bn", stats, output, None)
     with _fit_inputs(inputs, dataset, allow_external, groups=groups, weights=weights) as (stream, side):
-        state = ns.batchnorm_state(mode, init=start, **options)
-        stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
-                     resume_path=resume_path, checkpoint_path=checkpoint_path,
-                     checkpoint_every=checkpoint_every)
+        if split:
+            recipe = {"kind": "batchnorm", "mode": mode, "options": options}
+            stats, checkpoint = _fit_split("fit-bn", recipe, stream, side, jobs=jobs, engine=engine,
+                                           scheduler=scheduler, task_rows=task_rows,
+                                           allow_external=allow_external, quiet=quiet), None
+        else:
+            state = ns.batchnorm_state(mode, init=start, **options)
+            stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
+                                     resume_path=resume_path, checkpoint_path=checkpoint_path,
+                                     checkpoint_every=checkpoint_every)
     _finish("fit-bn", stats, output, checkpoint)
 
 
@@ -249,14 +287,16 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @click.option("--ignore-label", type=int, metavar="L",
               help="Skip rows with this label (e.g. -1 for unlabelled rows).")
 @FIT
+@ENGINE
 @COMMON
 @click.pass_context
 def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels: tuple[str, ...],
                 num_classes: int, batch_size: int, alpha: float, mode: str, init: Any, seed: int,
                 ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
                 checkpoint_path: Optional[str], checkpoint_every: float,
-                resume_path: Optional[str], jobs: int, dataset: Optional[str], force: bool,
-                quiet: bool, allow_external: bool) -> None:
+                resume_path: Optional[str], jobs: int, engine: str, scheduler: Optional[str],
+                task_rows: Optional[int], dataset: Optional[str], force: bool, quiet: bool,
+                allow_external: bool) -> None:
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
@@ -269,6 +309,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
       normstats fit-centers sample_data/digits.h5:features \\
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
+    _check_engine(engine, scheduler, task_rows, jobs)
     check_output(output, force=force, formats=STATS_FORMATS,
                  inputs=inputs + labels + tuple(p for p in (weights, resume_path) if p))
     continued = init if isinstance(init, ns.Stats) else None
@@ -290,19 +331,21 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
-    if jobs > 1:
-        if mode != "exact":
-            raise click.UsageError("--jobs for fit-centers needs --mode exact")
+    split = jobs > 1 or engine == "dask"
+    if split:
         _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
-        recipe = {"kind": "centers", "mode": mode, "options": dict(options, num_classes=num_classes)}
-        stats = ns.run_fit_parallel(recipe, inputs, dataset=dataset, allow_external=allow_external,
-                                    jobs=jobs, side_specs=_side_specs(labels=labels, weights=weights))
-        return _finish("fit-centers", stats, output, None)
     with _fit_inputs(inputs, dataset, allow_external, labels=labels, weights=weights) as (stream, side):
-        state = ns.centers_state(num_classes, mode, init=init, **options)
-        stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,
-                     resume_path=resume_path, checkpoint_path=checkpoint_path,
-                     checkpoint_every=checkpoint_every)
+        if split:
+            recipe = {"kind": "centers", "mode": mode,
+                      "options": dict(options, num_classes=num_classes, **({} if init is None else {"init": init}))}
+            stats, checkpoint = _fit_split("fit-centers", recipe, stream, side, jobs=jobs, engine=engine,
+                                           scheduler=scheduler, task_rows=task_rows,
+                                           allow_external=allow_external, quiet=quiet), None
+        else:
+            state = ns.centers_state(num_classes, mode, init=init, **options)
+            stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,
+                                     resume_path=resume_path, checkpoint_path=checkpoint_path,
+                                     checkpoint_every=checkpoint_every)
     _finish("fit-centers", stats, output, checkpoint)
 
 
@@ -317,10 +360,11 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
               help="Shift: a number, a file of the statistics' shape, or 'none'.")
 @click.option("--groups", metavar="FILE[:NAME]",
               help="Each row's group, for per-group statistics (fit-bn --groups).")
+@ENGINE
 @COMMON
 def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], dataset: Optional[str], force: bool, quiet: bool,
-          allow_external: bool) -> None:
+          groups: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
+          dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
     \b
@@ -333,13 +377,21 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
     Example:
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
+    _check_engine(engine, scheduler, task_rows)
     check_output(output, force=force, formats=ARRAY_FORMATS,
                  inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
     normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
-        with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
-            result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
-                                    progress=advance)
+        if engine == "dask":
+            with ns.dask_client(scheduler) as client, \
+                    progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
+                result = ns.apply_dask(normalizer, stream, output, client, groups=side.get("groups"),
+                                       allow_external=allow_external, task_rows=task_rows,
+                                       progress=advance)
+        else:
+            with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
+                result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
+                                        progress=advance)
     summarize_apply(result, output)
 
 

@@ -17,11 +17,12 @@ that never touches files; readers (:mod:`normstats.sources`) and writers
 from ._version import __version__
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
-from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, UsageError
+from .engines import apply_dask, dask_client, run_fit_dask, run_fit_parallel
+from .errors import DataError, EngineError, NonFiniteError, NormstatsError, StatsFileError, UsageError
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
-from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit, run_fit_parallel
+from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
 from .stores import read_array, read_stats, write_stats
@@ -35,6 +36,7 @@ __all__ = [
     "CentersExact",
     "centers_state",
     "DataError",
+    "EngineError",
     "NonFiniteError",
     "NormstatsError",
     "StatsFileError",
@@ -51,6 +53,9 @@ __all__ = [
     "resume_row",
     "run_fit",
     "run_fit_parallel",
+    "run_fit_dask",
+    "apply_dask",
+    "dask_client",
     "Stream",
     "open_source",
     "open_stream",

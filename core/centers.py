@@ -204,6 +204,12 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self.seed = int(seed)
         self.centers: Optional[np.ndarray] = None  # (K, feature_dim) float64
         self.initialized = np.zeros(self.num_classes, dtype=bool)
+        self.decay = np.ones(self.num_classes)  # (1 - alpha) ** (batches folded in), per class
+        # Only in a state that will follow earlier rows (zero_start): each class's
+        # first batch mean here, which seeds it if the earlier rows never saw it.
+        self.first_mean: Optional[np.ndarray] = None
+        self.first_seen = np.zeros(self.num_classes, dtype=bool)
+        self._follows = False
         self._workspace = Workspace()
 
     @classmethod
@@ -221,6 +227,8 @@ class CentersEMA(KeepsScratch, _CentersBase):
 
     def _start(self) -> None:
         shape = (self.num_classes, self.feature_dim)
+        if self._follows:
+            self.first_mean = np.zeros(shape)
         if isinstance(self.init, str):
             if self.init == "random":
                 bound = 1.0 / np.sqrt(self.feature_dim)
@@ -324,6 +332,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
         contribution = np.add.reduceat(weights[:, None] * means, np.flatnonzero(first), axis=0)
         self.centers[present] = decay[:, None] * old + contribution
         self.initialized[present] = True
+        self.decay[present] *= (1.0 - alpha) ** seen_here
+        if self.first_mean is not None:
+            new = ~self.first_seen[present]
+            self.first_mean[present[new]] = means[first][new]
+            self.first_seen[present] = True
 
     def merge(self, other: "_CentersBase") -> "CentersEMA":
         """Moving averages depend on batch order and cannot be merged."""
@@ -331,6 +344,45 @@ class CentersEMA(KeepsScratch, _CentersBase):
             "ema centers cannot be merged: a moving average depends on the order of all "
             "batches; fit shards with --mode exact to merge them"
         )
+
+    def follow(self, later: "CentersEMA") -> "CentersEMA":
+        """Append the batches of `later`, fitted on the rows right after these.
+
+        Per class the moving average is linear in its batch means: a state that
+        started from zero (:meth:`zero_start`) over the later rows holds
+        ``sum a (1-a)^(m-1-i) C_batch_i[j]`` and ``decay[j] = (1-a)^m``, so
+        ``decay[j] * C[j] + later.centers[j]`` is what one state fed every row
+        in order would hold (to float64 rounding). A class these rows never
+        initialized (``init='first'``) is seeded with its first batch mean in
+        `later` instead. Appending is associative, so ranges combine in a tree.
+        """
+        if later.row_shape is None:
+            return self
+        if not later._follows:
+            raise UsageError("only a state made with zero_start() can follow another")
+        for name in ("num_classes", "row_shape", "alpha", "batch_size", "ignore_label", "nan_policy"):
+            if getattr(self, name) != getattr(later, name):
+                raise DataError(f"cannot append ema centers fitted with a different {name}")
+        seen = later.first_seen
+        start = np.where(self.initialized[:, None], self.centers, later.first_mean)
+        self.centers[seen] = later.decay[seen, None] * start[seen] + later.centers[seen]
+        self.initialized |= seen
+        if self.first_mean is not None:  # this state follows others in turn
+            fresh = seen & ~self.first_seen
+            self.first_mean[fresh] = later.first_mean[fresh]
+            self.first_seen |= seen
+        self.decay *= later.decay
+        self.counts += later.counts
+        self.rows_seen += later.rows_seen
+        self.rows_ignored += later.rows_ignored
+        self.batches_seen += later.batches_seen
+        return self
+
+    def zero_start(self) -> "CentersEMA":
+        """Start from zero centers (for a range of rows to :meth:`follow` others)."""
+        self.init = "zeros"
+        self._follows = True
+        return self
 
     def result(self) -> Stats:
         """Centers (float64, NaN for never-initialized classes), counts and metadata."""

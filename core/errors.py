@@ -26,6 +26,12 @@ class UsageError(NormstatsError, ValueError):
     exit_code = 2
 
 
+class EngineError(NormstatsError):
+    """The machinery running the work failed (e.g. Dask workers kept dying)."""
+
+    exit_code = 1
+
+
 class StatsFileError(DataError):
     """A stats or centers file is unreadable or does not fit the request."""
 

@@ -7,11 +7,8 @@ checkpoints, progress and provenance, and nothing else.
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -20,7 +17,7 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer, output_dtype
-from .sources import Stream, block_rows_for, open_stream
+from .sources import Stream, block_rows_for
 from .stats import BATCHNORM, Stats
 from .stores import ArrayWriter
 
@@ -29,10 +26,18 @@ Checkpoint = Optional[Callable[[object, int], None]]
 State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
 
 
-def _aligned(
+def aligned_blocks(
     stream: Stream, side: dict[str, Stream], block_rows: int, start_row: int, stop_row: Optional[int] = None
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Blocks of `stream` with the same rows of each per-row side stream."""
+    check_side(stream, side)
+    blocks = [s.blocks(block_rows, start_row, stop_row) for s in [stream, *side.values()]]
+    for block, *extras in zip(*blocks):
+        yield block, dict(zip(side, extras))
+
+
+def check_side(stream: Stream, side: dict[str, Stream]) -> None:
+    """Per-row side streams must have the features' rows; labels and groups, integers."""
     for name, other in side.items():
         if other.rows != stream.rows:
             raise DataError(
@@ -43,9 +48,6 @@ def _aligned(
             raise DataError(
                 f"{', '.join(other.names)}: {name} have dtype {other.dtype}; they must be integers"
             )
-    blocks = [s.blocks(block_rows, start_row, stop_row) for s in [stream, *side.values()]]
-    for block, *extras in zip(*blocks):
-        yield block, dict(zip(side, extras))
 
 
 def run_fit(
@@ -93,12 +95,12 @@ def run_fit(
     side = side or {}
     block_rows = block_rows_for(stream.row_bytes, state.batch_size, rows=block_rows)
     started = time.perf_counter()
-    _feed(state, stream, side, block_rows, start_row, None, progress, checkpoint)
-    return _described(state.result(), stream, side, time.perf_counter() - started,
+    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint)
+    return with_provenance(state.result(), stream, side, time.perf_counter() - started,
                       (stream.rows - start_row) * stream.row_bytes)
 
 
-def _described(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, nbytes: int) -> Stats:
+def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, nbytes: int) -> Stats:
     """Add provenance to a fit's result."""
     stats.meta["sources"] = stream.names
     stats.meta["seconds"] = round(seconds, 6)
@@ -108,7 +110,7 @@ def _described(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: f
     return stats
 
 
-def _feed(
+def feed(
     state: State,
     stream: Stream,
     side: dict[str, Stream],
@@ -121,7 +123,7 @@ def _feed(
     """Update `state` with rows ``start_row:stop_row``, block by block."""
     first_state_row = state.rows_seen - start_row  # the state's row number of stream row 0
     done = start_row
-    for block, extras in _aligned(stream, side, block_rows, start_row, stop_row):
+    for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
         try:
             state.update(block, **extras)
         except RowError as error:
@@ -132,93 +134,6 @@ def _feed(
             progress(block.shape[0])
         if checkpoint:
             checkpoint(state, done)
-
-
-def run_fit_parallel(
-    recipe: dict,
-    specs: Sequence[str],
-    *,
-    dataset: Optional[str] = None,
-    allow_external: bool = False,
-    side_specs: Optional[dict[str, Sequence[str]]] = None,
-    jobs: int = 2,
-    block_rows: Optional[int] = None,
-) -> Stats:
-    """A fit split over `jobs` processes by row range, their states combined.
-
-    Each process opens the inputs itself (HDF5 handles do not pickle), feeds
-    the same state object code over its rows, and returns the state. Exact
-    states merge (Chan); BatchNorm moving averages are linear in their
-    batches, so each later range starts from zero and is appended with
-    :meth:`BatchNormEMA.follow`. Either way the result equals a serial fit to
-    float64 rounding; the ranges are whole read blocks (whole batches), so the
-    counters match too.
-
-    Parameters
-    ----------
-    recipe : dict
-        ``{"kind": "batchnorm" | "centers", "mode": "ema" | "exact", "options": {...}}``
-        (centers options include ``num_classes``) to build the state in each
-        process.
-    specs, dataset, allow_external
-        The feature inputs, as for :func:`normstats.sources.open_stream`.
-    side_specs : dict, optional
-        Per-row inputs by name ('labels', 'weights', 'groups').
-    jobs : int
-        Processes (the rows are split evenly).
-    """
-    if recipe["mode"] == "ema" and recipe["kind"] != BATCHNORM:
-        raise UsageError("parallel ema fits are for BatchNorm statistics; fit centers with --mode exact")
-    side_specs = side_specs or {}
-    with _open_all(specs, dataset, allow_external, side_specs) as (stream, side):
-        state = _make_state(recipe)
-        block_rows = block_rows_for(stream.row_bytes, state.batch_size, rows=block_rows)
-        blocks = -(-stream.rows // block_rows)
-        cuts = [block_rows * (blocks * j // jobs) for j in range(jobs)] + [stream.rows]
-        ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-        started = time.perf_counter()
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(len(ranges), mp_context=context) as pool:
-            parts = list(pool.map(_fit_rows, *zip(*[
-                (recipe, list(specs), dataset, allow_external, side_specs, a, b, block_rows) for a, b in ranges
-            ])))
-        merged = parts[0]
-        for part in parts[1:]:
-            if recipe["mode"] == "ema":
-                merged.follow(part)
-            else:
-                merged.merge(part)
-        stats = _described(merged.result(), stream, side, time.perf_counter() - started, stream.nbytes)
-    stats.meta["jobs"] = len(ranges)
-    return stats
-
-
-def _make_state(recipe: dict) -> State:
-    options = dict(recipe["options"])
-    if recipe["kind"] == BATCHNORM:
-        return batchnorm_state(recipe["mode"], **options)
-    return centers_state(options.pop("num_classes"), recipe["mode"], **options)
-
-
-@contextlib.contextmanager
-def _open_all(specs, dataset, allow_external, side_specs):
-    with contextlib.ExitStack() as stack:
-        stream = stack.enter_context(open_stream(specs, dataset, allow_external=allow_external))
-        side = {name: stack.enter_context(open_stream(list(paths), allow_external=allow_external))
-                for name, paths in side_specs.items()}
-        yield stream, side
-
-
-def _fit_rows(recipe, specs, dataset, allow_external, side_specs, start, stop, block_rows) -> State:
-    """One process's share of :func:`run_fit_parallel`: rows ``start:stop``."""
-    state = _make_state(recipe)
-    if recipe["mode"] == "ema" and start > 0:
-        state.zero_start()  # its moving average is appended to the earlier ranges' (follow)
-    state.rows_seen = start  # row numbers in its errors count from the stream's start
-    with _open_all(specs, dataset, allow_external, side_specs) as (stream, side):
-        _feed(state, stream, side, block_rows, start, stop)
-    state.rows_seen -= start
-    return state
 
 
 def fit_batchnorm(state: Union[BatchNormEMA, BatchNormExact], stream: Stream, **options) -> Stats:
@@ -328,7 +243,7 @@ def apply_stats(
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
     with ArrayWriter(output, stream.shape, output_dtype(stream.dtype), dataset=dataset) as writer:
-        for block, extras in _aligned(stream, side, block_rows, 0):
+        for block, extras in aligned_blocks(stream, side, block_rows, 0):
             writer.write(normalizer(block, **extras))
             if progress:
                 progress(block.shape[0])

@@ -55,6 +55,7 @@ class ArraySource:
     dataset: Optional[str] = None  # the HDF5 dataset read, if any
     shape: tuple[int, ...]
     dtype: np.dtype
+    first_row: int = 0  # the file's row that is row 0 here (see RowSlice)
 
     @property
     def rows(self) -> int:
@@ -287,6 +288,59 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
     raise DataError(f"{path} is neither a .npy nor an HDF5 file")
 
 
+class RowSlice(ArraySource):
+    """Rows ``start:stop`` of another source: one task's share of a shard."""
+
+    def __init__(self, source: ArraySource, start: int, stop: int) -> None:
+        self.source = source
+        self.path, self.name, self.dataset = source.path, source.name, source.dataset
+        self.dtype = source.dtype
+        self.shape = (stop - start,) + source.row_shape
+        self.first_row = start
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        self.source.read_into(self.first_row + start, out)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def open_window(
+    shards: Sequence[tuple[str, Optional[str], int]],
+    start: int,
+    stop: int,
+    *,
+    allow_external: bool = False,
+    dtype: Optional[np.dtype] = None,
+) -> Stream:
+    """Rows ``start:stop`` of a stream, opening only the shards they touch.
+
+    `shards` are the stream's (path, dataset, rows) as the planner saw them;
+    a shard that has since changed is an error. `dtype` is the whole stream's
+    block dtype, so every window reads what one stream would.
+    """
+    sources: list[ArraySource] = []
+    try:
+        first = 0
+        for path, dataset, rows in shards:
+            begin, end = max(start - first, 0), min(stop - first, rows)
+            first += rows
+            if begin >= end:
+                continue
+            source = open_source(path, dataset, allow_external=allow_external)
+            sources.append(source)
+            if source.rows != rows:
+                raise DataError(f"{source.name} now has {source.rows} rows, not {rows}; "
+                                "it changed while the fit ran")
+            if (begin, end) != (0, rows):
+                sources[-1] = RowSlice(source, begin, end)
+        return Stream(sources, dtype=dtype)
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+
+
 def block_rows_for(
     row_bytes: int, batch_size: Optional[int], target: int = BLOCK_BYTES, rows: Optional[int] = None
 ) -> int:
@@ -341,7 +395,7 @@ class Stream:
         """The shard holding `row` of the stream, and the row's index within it."""
         for source in self.sources:
             if row < source.rows:
-                return source.name, row
+                return source.name, source.first_row + row
             row -= source.rows
         raise IndexError(row)
 

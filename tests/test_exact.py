@@ -1136,7 +1136,7 @@ def sharded(tmp_path):
                          ids=["plain", "weights", "groups"])
 def test_jobs_equal_a_serial_exact_fit(run, sharded, monkeypatch, extra):
     monkeypatch.chdir(sharded)
-    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
+    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     args = ["fit-bn", "x0.npy", "x1.npy", "--mode", "exact", *extra]
     assert run(*args, "-o", "serial.npz").exit_code == 0
     result = run(*args, "-o", "parallel.npz", "--jobs", "3")
@@ -1148,15 +1148,20 @@ def test_jobs_equal_a_serial_exact_fit(run, sharded, monkeypatch, extra):
     assert meta["jobs"] == 3 and meta["rows_seen"] == 3000
 
 
-def test_jobs_for_centers(run, sharded, monkeypatch):
+@pytest.mark.parametrize("extra", [["--mode", "exact"], ["--batch-size", "32"],
+                                   ["--batch-size", "32", "--init", "first", "--alpha", "0.3"]],
+                         ids=["exact", "ema", "ema-first"])
+def test_jobs_for_centers(run, sharded, monkeypatch, extra):
     monkeypatch.chdir(sharded)
+    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     args = ["fit-centers", "x0.npy", "x1.npy", "--labels", "y0.npy", "--labels", "y1.npy",
-            "--num-classes", "4", "--mode", "exact"]
+            "--num-classes", "4", *extra]
     assert run(*args, "-o", "serial.npz").exit_code == 0
-    assert run(*args, "-o", "parallel.npz", "--jobs", "2").exit_code == 0
+    assert run(*args, "-o", "parallel.npz", "--jobs", "3").exit_code == 0
     with np.load(sharded / "serial.npz") as serial, np.load(sharded / "parallel.npz") as parallel:
         close(parallel["centers"], serial["centers"], rtol=1e-12)
         assert np.array_equal(parallel["counts"], serial["counts"])
+        assert json.loads(str(parallel["meta"]))["jobs"] == 3
 
 
 def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch):
@@ -1164,7 +1169,7 @@ def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch
     x = np.load(sharded / "x1.npy")
     x[1500, 3] = np.nan
     np.save(sharded / "x1.npy", x)
-    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
+    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     result = run("fit-bn", "x0.npy", "x1.npy", "--mode", "exact", "--jobs", "2", "-o", "s.npz")
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: x1.npy row 1500: column 3 holds nan")
@@ -1173,8 +1178,7 @@ def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch
 
 @pytest.mark.parametrize("args", [
     ["fit-bn", "x0.npy", "--mode", "exact", "--checkpoint", "ck.npz"],
-    ["fit-centers", "x0.npy", "--labels", "y0.npy", "--num-classes", "4"],  # ema centers: sequential
-], ids=["checkpoint", "centers-ema"])
+], ids=["checkpoint"])
 def test_jobs_refuse_what_cannot_be_split(run, sharded, monkeypatch, args):
     monkeypatch.chdir(sharded)
     result = run(*args, "--jobs", "2", "-o", "s.npz")
@@ -1200,7 +1204,7 @@ def test_ema_split_at_a_batch_boundary_and_followed_equals_one_pass(nan_policy):
 
 def test_jobs_for_ema_equal_a_serial_fit(run, sharded, monkeypatch):
     monkeypatch.chdir(sharded)
-    monkeypatch.setattr(ns.pipeline, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 2 * batch_size)
+    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 2 * batch_size)
     args = ["fit-bn", "x0.npy", "x1.npy", "--batch-size", "16", "--alpha", "0.05"]
     assert run(*args, "-o", "serial.npz").exit_code == 0
     assert run(*args, "-o", "parallel.npz", "--jobs", "2").exit_code == 0

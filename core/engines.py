@@ -1,0 +1,225 @@
+"""Engines that run a fit or an apply as tasks over row ranges (see :mod:`normstats.tasks`).
+
+- :func:`run_fit_parallel`: forked processes on this machine (``--jobs N``);
+- :func:`run_fit_dask` and :func:`apply_dask`: a Dask cluster, local or
+  remote (``--engine dask``; needs the ``dask`` extra).
+
+Both plan the same :class:`~normstats.tasks.FitTask` ranges and combine the
+states with the same :func:`~normstats.tasks.join` in a tree, so they give
+what the serial fit gives, to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterator, Optional
+
+from .errors import EngineError, UsageError
+from .normalize import Normalizer, output_dtype
+from .pipeline import Progress, check_side, with_provenance
+from .sources import Stream, block_rows_for
+from .stats import Stats
+from .stores import preallocated_output
+from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
+
+TASK_BYTES = 256 << 20  # input per Dask task: seconds of work, few enough tasks for the scheduler
+DASK_HINT = "pip install 'normstats[dask]'"
+
+
+def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], *, allow_external: bool,
+               absolute: bool = False, block_rows: Optional[int], **split: Any) -> list[FitTask]:
+    check_side(stream, side)
+    inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
+    block_rows = block_rows_for(stream.row_bytes, recipe["options"].get("batch_size"), rows=block_rows)
+    return [FitTask(recipe, inputs, a, b, block_rows) for a, b in split_rows(stream.rows, block_rows, **split)]
+
+
+def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
+    """Combine consecutive items pairwise, level by level, keeping their order."""
+    while len(items) > 1:
+        items = [combine(*items[i:i + 2]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def run_fit_parallel(
+    recipe: dict,
+    stream: Stream,
+    *,
+    side: Optional[dict[str, Stream]] = None,
+    allow_external: bool = False,
+    jobs: int = 2,
+    block_rows: Optional[int] = None,
+) -> Stats:
+    """A fit split over `jobs` processes by row range, their states combined.
+
+    Each process opens the shards of its rows itself (HDF5 handles do not
+    pickle) and feeds the same state object code. Exact states merge (Chan);
+    moving averages are linear in their batches, so each later range starts
+    from zero and is appended with ``follow``. Either way the result equals a
+    serial fit to float64 rounding; the ranges are whole read blocks (whole
+    batches), so the counters match too.
+
+    Parameters
+    ----------
+    recipe : dict
+        ``{"kind": "batchnorm" | "centers", "mode": "ema" | "exact", "options": {...}}``
+        (centers options include ``num_classes``) to build the state in each
+        process.
+    stream : Stream
+        The feature shards (opened here only to plan; each process reopens its share).
+    side : dict of str to Stream, optional
+        Per-row inputs by name ('labels', 'weights', 'groups').
+    allow_external : bool
+        As the streams were opened (see :func:`normstats.sources.open_source`).
+    jobs : int
+        Processes (the rows are split evenly).
+    block_rows : int, optional
+        Rows per read block (default about 8 MB), rounded to whole batches.
+    """
+    side = side or {}
+    tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, block_rows=block_rows, parts=jobs)
+    started = time.perf_counter()
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(len(tasks), mp_context=context) as pool:
+        state = _tree(list(pool.map(run, tasks)), join)
+    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
+    stats.meta["jobs"] = len(tasks)
+    return stats
+
+
+# --- Dask ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: Optional[str] = None, *, workers: Optional[int] = None) -> Iterator[Any]:
+    """A ``distributed.Client`` of the scheduler at `scheduler`, or of a local cluster.
+
+    The local cluster has `workers` single-threaded worker processes (default:
+    one per core), listens on the loopback address only, and is shut down on
+    exit.
+
+    Raises
+    ------
+    UsageError
+        dask.distributed is not installed, or the scheduler cannot be reached.
+    """
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError(f"--engine dask needs dask.distributed; install it with {DASK_HINT}") from None
+    if scheduler:
+        try:
+            client = distributed.Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as error:
+            raise UsageError(f"cannot connect to the Dask scheduler at {scheduler}: {error}") from None
+        with client:
+            yield client
+        return
+    with distributed.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                  processes=True, host="127.0.0.1", dashboard_address=None,
+                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def _gather(client: Any, tasks: list, progress: Progress, combine: Optional[Callable] = None) -> list:
+    """Run `tasks` on the cluster; with `combine`, reduce their results in a tree there.
+
+    Progress advances by each task's rows as it finishes. A worker lost
+    mid-run has its tasks (and any results it held) recomputed by Dask.
+    """
+    import distributed
+
+    futures = client.map(run, tasks, pure=False)
+    rows = {future.key: task.stop - task.start for future, task in zip(futures, tasks)}
+    final = [_tree(futures, lambda a, b: client.submit(combine, a, b, pure=False))] if combine else futures
+    try:
+        for future in distributed.as_completed(futures):
+            future.result()  # raises the task's error (a NormstatsError keeps its file and row)
+            if progress:
+                progress(rows[future.key])
+        return client.gather(final)
+    except BaseException as error:
+        client.cancel(futures + final)  # stop the rest (on success they are released as usual)
+        if isinstance(error, concurrent.futures.CancelledError):
+            raise EngineError(f"the Dask cluster cancelled the work: {error}") from None
+        if isinstance(error, distributed.KilledWorker):
+            raise EngineError(f"Dask workers died repeatedly running one task ({error}); "
+                              "check the workers' memory and logs") from None
+        raise
+
+
+def run_fit_dask(
+    recipe: dict,
+    stream: Stream,
+    client: Any,
+    *,
+    side: Optional[dict[str, Stream]] = None,
+    allow_external: bool = False,
+    task_rows: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    progress: Progress = None,
+) -> Stats:
+    """A fit run as Dask tasks over row ranges, their states joined in a tree on the cluster.
+
+    Every worker must be able to read the inputs at their absolute paths
+    (shared storage) and import normstats. Parameters as for
+    :func:`run_fit_parallel`, and:
+
+    Parameters
+    ----------
+    client : distributed.Client
+        See :func:`dask_client`.
+    task_rows : int, optional
+        Rows per task (default: about 256 MB of input), rounded to read blocks.
+    progress : callable, optional
+        Called with the rows of each finished task.
+    """
+    side = side or {}
+    tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=True,
+                       block_rows=block_rows, rows_per_task=task_rows or max(1, TASK_BYTES // stream.row_bytes))
+    started = time.perf_counter()
+    state, = _gather(client, tasks, progress, combine=join)
+    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
+    stats.meta.update(engine="dask", tasks=len(tasks), workers=len(client.scheduler_info()["workers"]))
+    return stats
+
+
+def apply_dask(
+    normalizer: Normalizer,
+    stream: Stream,
+    output: str,
+    client: Any,
+    *,
+    groups: Optional[Stream] = None,
+    allow_external: bool = False,
+    task_rows: Optional[int] = None,
+    progress: Progress = None,
+) -> dict:
+    """:func:`normstats.pipeline.apply_stats` as Dask tasks over row ranges.
+
+    The output (`.npy` or HDF5, contiguous) is allocated first; each task
+    writes its rows in place, so the file holds what the local engine writes
+    and is renamed into place only when every task has finished. `output`
+    must be on storage every worker sees at the same path.
+    """
+    normalizer.check(stream.row_shape, stream.dtype, ", ".join(stream.names))
+    side = {} if groups is None else {"groups": groups}
+    check_side(stream, side)
+    inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=True)
+    block_rows = block_rows_for(stream.row_bytes, None)
+    ranges = split_rows(stream.rows, block_rows, rows_per_task=task_rows or max(1, TASK_BYTES // stream.row_bytes))
+    started = time.perf_counter()
+    with preallocated_output(output, stream.shape, output_dtype(stream.dtype),
+                             stream.sources[0].dataset or "data") as region:
+        tasks = [ApplyTask(normalizer, inputs, a, b, block_rows, region) for a, b in ranges]
+        written = sum(_gather(client, tasks, progress))
+        if written != stream.rows:  # never rename a partial file into place
+            raise EngineError(f"the tasks wrote {written} of {stream.rows} rows")
+    return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started,
+            "tasks": len(tasks)}
