@@ -30,14 +30,24 @@ from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
 TASK_BYTES = 256 << 20  # input per Dask task: seconds of work, few enough tasks for the scheduler
 DASK_HINT = "pip install 'normstats[dask]'"
+CONNECT_TIMEOUT = "10s"  # a refused connection is retried until then
+
+
+def _task_blocks(stream: Stream, batch_size: Optional[int], block_rows: Optional[int], share: int) -> int:
+    """Rows per read block: the usual size, but no more than a task's share of rows."""
+    block_rows = min(block_rows or block_rows_for(stream.row_bytes, None), share)
+    return block_rows_for(stream.row_bytes, batch_size, rows=block_rows)
 
 
 def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], *, allow_external: bool,
-               absolute: bool = False, block_rows: Optional[int], **split: Any) -> list[FitTask]:
+               absolute: bool = False, block_rows: Optional[int], parts: Optional[int] = None,
+               rows_per_task: Optional[int] = None) -> list[FitTask]:
     check_side(stream, side)
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
-    block_rows = block_rows_for(stream.row_bytes, recipe["options"].get("batch_size"), rows=block_rows)
-    return [FitTask(recipe, inputs, a, b, block_rows) for a, b in split_rows(stream.rows, block_rows, **split)]
+    share = rows_per_task or -(-stream.rows // parts)
+    block_rows = _task_blocks(stream, recipe["options"].get("batch_size"), block_rows, share)
+    return [FitTask(recipe, inputs, a, b, block_rows)
+            for a, b in split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)]
 
 
 def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
@@ -115,14 +125,14 @@ def dask_client(scheduler: Optional[str] = None, *, workers: Optional[int] = Non
         raise UsageError(f"--engine dask needs dask.distributed; install it with {DASK_HINT}") from None
     if scheduler:
         try:
-            client = distributed.Client(scheduler, timeout="10s")
+            client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError, ValueError) as error:
             raise UsageError(f"cannot connect to the Dask scheduler at {scheduler}: {error}") from None
         with client:
             yield client
         return
     with distributed.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                  processes=True, host="127.0.0.1", dashboard_address=None,
+                                  processes=True, host="127.0.0.1", dashboard_address=":0",
                                   silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
         yield client
 
@@ -144,8 +154,10 @@ def _gather(client: Any, tasks: list, progress: Progress, combine: Optional[Call
             if progress:
                 progress(rows[future.key])
         return client.gather(final)
-    except BaseException as error:
-        client.cancel(futures + final)  # stop the rest (on success they are released as usual)
+    except Exception as error:
+        # No explicit cancel (cancelling a tree's leaves trips an assertion in the
+        # scheduler): the futures are released when they go out of scope, and
+        # the scheduler then drops the tasks not yet run.
         if isinstance(error, concurrent.futures.CancelledError):
             raise EngineError(f"the Dask cluster cancelled the work: {error}") from None
         if isinstance(error, distributed.KilledWorker):
@@ -212,8 +224,9 @@ def apply_dask(
     side = {} if groups is None else {"groups": groups}
     check_side(stream, side)
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=True)
-    block_rows = block_rows_for(stream.row_bytes, None)
-    ranges = split_rows(stream.rows, block_rows, rows_per_task=task_rows or max(1, TASK_BYTES // stream.row_bytes))
+    task_rows = task_rows or max(1, TASK_BYTES // stream.row_bytes)
+    block_rows = _task_blocks(stream, None, None, task_rows)
+    ranges = split_rows(stream.rows, block_rows, rows_per_task=task_rows)
     started = time.perf_counter()
     with preallocated_output(output, stream.shape, output_dtype(stream.dtype),
                              stream.sources[0].dataset or "data") as region:

@@ -12,6 +12,7 @@ combine them in a tree.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -39,10 +40,13 @@ def make_state(recipe: dict) -> State:
 
 
 def join(earlier: State, later: State) -> State:
-    """The state of two consecutive row ranges: `later` appended to `earlier`."""
-    if earlier.mode == "ema":
-        return earlier.follow(later)
-    return earlier.merge(later)
+    """The state of two consecutive row ranges: `later` appended to `earlier`.
+
+    Neither input changes: an engine may run a join again (Dask does, when a
+    worker holding its result is lost) on the inputs it still holds.
+    """
+    joined = copy.deepcopy(earlier)
+    return joined.follow(later) if joined.mode == "ema" else joined.merge(later)
 
 
 def split_rows(rows: int, block_rows: int, *, parts: Optional[int] = None,

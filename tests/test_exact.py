@@ -1136,7 +1136,6 @@ def sharded(tmp_path):
                          ids=["plain", "weights", "groups"])
 def test_jobs_equal_a_serial_exact_fit(run, sharded, monkeypatch, extra):
     monkeypatch.chdir(sharded)
-    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     args = ["fit-bn", "x0.npy", "x1.npy", "--mode", "exact", *extra]
     assert run(*args, "-o", "serial.npz").exit_code == 0
     result = run(*args, "-o", "parallel.npz", "--jobs", "3")
@@ -1153,7 +1152,6 @@ def test_jobs_equal_a_serial_exact_fit(run, sharded, monkeypatch, extra):
                          ids=["exact", "ema", "ema-first"])
 def test_jobs_for_centers(run, sharded, monkeypatch, extra):
     monkeypatch.chdir(sharded)
-    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     args = ["fit-centers", "x0.npy", "x1.npy", "--labels", "y0.npy", "--labels", "y1.npy",
             "--num-classes", "4", *extra]
     assert run(*args, "-o", "serial.npz").exit_code == 0
@@ -1169,7 +1167,6 @@ def test_jobs_report_the_first_bad_value_with_its_file(run, sharded, monkeypatch
     x = np.load(sharded / "x1.npy")
     x[1500, 3] = np.nan
     np.save(sharded / "x1.npy", x)
-    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 256)
     result = run("fit-bn", "x0.npy", "x1.npy", "--mode", "exact", "--jobs", "2", "-o", "s.npz")
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: x1.npy row 1500: column 3 holds nan")
@@ -1204,7 +1201,6 @@ def test_ema_split_at_a_batch_boundary_and_followed_equals_one_pass(nan_policy):
 
 def test_jobs_for_ema_equal_a_serial_fit(run, sharded, monkeypatch):
     monkeypatch.chdir(sharded)
-    monkeypatch.setattr(ns.engines, "block_rows_for", lambda row_bytes, batch_size, rows=None: rows or 2 * batch_size)
     args = ["fit-bn", "x0.npy", "x1.npy", "--batch-size", "16", "--alpha", "0.05"]
     assert run(*args, "-o", "serial.npz").exit_code == 0
     assert run(*args, "-o", "parallel.npz", "--jobs", "2").exit_code == 0
