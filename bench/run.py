@@ -33,6 +33,9 @@ Method
    + fsync copy of the same bytes) and, for fit-bn, to scikit-learn and Dask on the same
    format, checked against the targets of the benchmark issue. Compare ratios within one
    run only: absolute figures on shared VMs drift from run to run.
+5. The ``-jobs2`` cases run the local engine with 2 processes, the ``-dask2`` cases the Dask
+   engine on a local cluster of 2 single-threaded workers, started (and its workers' imports
+   done) before the clock, as a cluster in use is; their peak memory is the driving process's only.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -120,7 +124,7 @@ class Data:
             return [self.path(f) for f in FORMATS] + [self.labels(k) for k in CLASS_COUNTS] + [self.stats]
         name, fmt = case_id.split("/")
         extra = [self.labels(int(name.rsplit("K", 1)[1]))] if name.startswith("fit-centers") else []
-        return [self.path(fmt), *extra] + ([self.stats] if name == "apply" else [])
+        return [self.path(fmt), *extra] + ([self.stats] if name.startswith("apply") else [])
 
 
 def parse_size(text: str) -> int:
@@ -344,7 +348,40 @@ def case_fit_bn_jobs(data: Data, fmt: str, *, mode: str, jobs: int) -> None:
     import normstats as ns
 
     recipe = {"kind": "batchnorm", "mode": mode, "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
-    ns.run_fit_parallel(recipe, [data.spec(fmt)], jobs=jobs)
+    with ns.open_stream([data.spec(fmt)]) as stream:
+        ns.run_fit_parallel(recipe, stream, jobs=jobs)
+
+
+def case_fit_bn_dask(data: Data, fmt: str, *, mode: str, workers: int) -> Iterator[None]:
+    """normstats fit-bn --engine dask on a local cluster of `workers` processes.
+
+    The cluster starts before the clock (about 1 s here; on a real cluster it
+    is already up): the yield separates set-up from the timed fit.
+    """
+    import normstats as ns
+
+    recipe = {"kind": "batchnorm", "mode": mode, "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
+    with ns.dask_client(workers=workers) as client, ns.open_stream([data.spec(fmt)]) as stream:
+        _warm(client)
+        yield
+        ns.run_fit_dask(recipe, stream, client)
+
+
+def _warm(client) -> None:
+    """Have every worker import normstats and h5py, as a cluster in use already has."""
+    client.run(importlib.import_module, "normstats.tasks")
+    client.run(importlib.import_module, "h5py")
+
+
+def case_apply_dask(data: Data, fmt: str, *, workers: int) -> Iterator[None]:
+    """normstats apply --engine dask on a local cluster (started before the clock)."""
+    import normstats as ns
+
+    normalizer = ns.Normalizer(ns.read_stats(str(data.stats)))
+    with ns.dask_client(workers=workers) as client, ns.open_stream([data.spec(fmt)]) as stream:
+        _warm(client)
+        yield
+        ns.apply_dask(normalizer, stream, str(data.output(fmt, "apply")), client)
 
 
 def case_fit_centers(data: Data, fmt: str, *, mode: str, k: int) -> None:
@@ -378,9 +415,14 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
     "fit-bn-exact": (functools.partial(case_fit_bn, mode="exact"), FORMATS, ()),
     "fit-bn-ema-jobs2": (functools.partial(case_fit_bn_jobs, mode="ema", jobs=2), ("npy", "h5"), ()),
     "fit-bn-exact-jobs2": (functools.partial(case_fit_bn_jobs, mode="exact", jobs=2), ("npy", "h5"), ()),
+    "fit-bn-ema-dask2": (functools.partial(case_fit_bn_dask, mode="ema", workers=2), ("npy", "h5"),
+                         ("distributed",)),
+    "fit-bn-exact-dask2": (functools.partial(case_fit_bn_dask, mode="exact", workers=2), ("npy", "h5"),
+                           ("distributed",)),
     **{f"fit-centers-{mode}-K{k}": (functools.partial(case_fit_centers, mode=mode, k=k), ("npy",), ())
        for k in CLASS_COUNTS for mode in ("ema", "exact")},
     "apply": (case_apply, ("npy", "h5"), ()),
+    "apply-dask2": (functools.partial(case_apply_dask, workers=2), ("npy", "h5"), ("distributed",)),
 }
 
 
@@ -411,10 +453,18 @@ def run_child(case_id: str, folder: Path) -> dict:
     for module in ("h5py", "normstats") + modules:
         importlib.import_module(module)
     data = load_data(folder)
+    staged = inspect.isgeneratorfunction(function)  # set-up, yield, then the timed work
+    if staged:
+        work = function(data, fmt)
+        next(work)
     reset_peak()
     base = memory_mb("VmRSS")
     started = time.perf_counter()
-    function(data, fmt)
+    if staged:
+        for _ in work:
+            pass
+    else:
+        function(data, fmt)
     seconds = time.perf_counter() - started
     peak = memory_mb("VmHWM")
     return {"seconds": seconds, "bytes": data.nbytes, "base_mb": base, "rss_mb": peak, "peak_mb": peak - base}
@@ -488,7 +538,7 @@ def measure_all(ids: list[str], data: Data, repeat: int) -> dict[str, dict]:
 
 def raw_reference(name: str, fmt: str) -> Optional[str]:
     """The 'raw limit' a case is compared with: the copy for apply, else the read."""
-    if name == "apply":
+    if name.startswith("apply"):
         return f"copy-fsync/{fmt}"
     return None if name == "read" else f"read/{fmt}"
 
@@ -501,7 +551,7 @@ def targets(name: str, fmt: str) -> list[tuple[str, str, float]]:
         return [("raw", f"read/{fmt}", 0.5), ("sklearn", f"sklearn/{fmt}", 6.0), ("dask", f"dask/{fmt}", 4.0)]
     if name.startswith("fit-centers"):
         return [("raw", "read/npy", 0.25 if int(name.rsplit("K", 1)[1]) <= 1000 else 0.15)]
-    if name == "apply":
+    if name.startswith("apply"):
         return [("copy+fsync", f"copy-fsync/{fmt}", 0.8)]
     return []
 

@@ -73,7 +73,8 @@ ENGINE = _options(
                  help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
                       "--engine dask starts a local cluster with one worker per core."),
     click.option("--task-rows", type=int, callback=positive_int, metavar="N",
-                 help="Rows per Dask task (default: about 256 MB of input)."),
+                 help="Rows per Dask task (default: about 256 MB of input), rounded down to "
+                      "whole batches."),
 )
 
 

@@ -53,6 +53,10 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
                       ("values_omitted", "NaN/Inf omitted"), ("rows_ignored", "rows ignored")):
         if meta.get(key):
             parts.append(f"{meta[key]:,} {text}")
+    if "tasks" in meta:
+        parts.append(f"{meta['tasks']} Dask task{'s' if meta['tasks'] != 1 else ''}")
+    elif "jobs" in meta:
+        parts.append(f"{meta['jobs']} process{'es' if meta['jobs'] != 1 else ''}")
     if "merged_from" in meta:
         parts.append(f"merged from {len(meta['merged_from'])} files")
     else:
@@ -62,8 +66,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
 
 def summarize_apply(result: dict, output: str) -> None:
     """Print the one-line summary of an apply to stdout."""
+    tasks = f"{result['tasks']} Dask task{'s' if result['tasks'] != 1 else ''}, " if "tasks" in result else ""
     click.echo(
-        f"apply: {result['rows']:,} rows, "
+        f"apply: {result['rows']:,} rows, {tasks}"
         f"{throughput(result['rows'], result['bytes_read'], result['seconds'])} -> {output}"
     )
 
