@@ -24,11 +24,13 @@ def _row_weights(weights: Optional[np.ndarray], ndim: int) -> Optional[np.ndarra
     return np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
 
 
-def _first_row_shift(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+def _first_row_shift(x: np.ndarray, axes: tuple[int, ...], *, rows: bool = False) -> np.ndarray:
     """A shift near the data: the first row, reduced over the other `axes`
-    (0 where it is not finite)."""
+    (0 where it is not finite). With `rows`, one shift per row of `x`, reduced
+    over `axes` (which then exclude 0)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        start = np.asarray(x[:1], dtype=np.float64).mean(axis=axes)
+        start = np.asarray(x if rows else x[:1], dtype=np.float64)
+        start = start.mean(axis=axes) if axes else start
     return np.where(np.isfinite(start), start, 0.0)
 
 
@@ -237,8 +239,8 @@ class GroupedMoments(KeepsScratch):
         take their first row (reduced over the inner axes) as shift."""
         present, first = np.unique(groups, return_index=True)
         new = np.isnan(self.shift[present].reshape(len(present), -1)).all(axis=1)
-        for group, row in zip(present[new], first[new]):
-            self.shift[group] = _first_row_shift(x[row : row + 1], self.axes)
+        if new.any():  # each new group's first row, reduced over the inner axes: one call for all
+            self.shift[present[new]] = _first_row_shift(x[first[new]], self.inner, rows=True)
         values = self._workspace.array("shifted", x.shape, np.float64)
         np.copyto(values, x, casting="unsafe")  # a plain cast, then a float64 subtract: both fast
         with np.errstate(invalid="ignore", over="ignore"):
