@@ -644,6 +644,16 @@ def _truncated(f) -> Path:
     return path
 
 
+def _unbalanced_header(f) -> Path:
+    """A .npy whose header padding holds an unclosed '(' (numpy's tokenizer fails on it)."""
+    path = _npy(f, "unbalanced.npy", np.ones((4, 6), np.float32))
+    data = bytearray(path.read_bytes())
+    end = data.index(b"\n")
+    data[end - 1:end] = b"("
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _cut(path: Path, name: str) -> Path:
     """A copy of `path` cut to half its size."""
     data = path.read_bytes()
@@ -690,6 +700,7 @@ ERROR_CASES = {
     "input-is-directory": (_bn(lambda f: f.tmp), 2, lambda f: [str(f.tmp)]),
     "text-file": (_bn(_text), 1, lambda f: ["notes.txt"]),
     "truncated-npy": (_bn(_truncated), 1, lambda f: ["cut.npy", "truncated"]),
+    "npy-header-unbalanced": (_bn(_unbalanced_header), 1, lambda f: ["unbalanced.npy"]),
     "h5-dataset-missing": (_bn(lambda f: f"{f.h5}:nope"), 2, lambda f: ["nope", "labels", "x"]),
     "h5-dataset-option-missing": (lambda f: ["fit-bn", f.h5, "--dataset", "nope", "-o", f.tmp / "s.npz"],
                                   2, lambda f: ["nope", "labels", "x"]),
