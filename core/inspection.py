@@ -63,7 +63,8 @@ def _batchnorm(stats: Stats) -> dict[str, Any]:
         # inv_std near 1/sqrt(eps): a channel whose variance was (nearly) zero
         found["near_constant"] = _indices(inv_std >= 0.99 / np.sqrt(meta["eps"]))
     if "near_constant" in meta:
-        found["near_constant"] = {"count": meta["near_constant_count"], "first": meta["near_constant"][:LISTED]}
+        listed = list(meta["near_constant"])  # a hand-edited file may lack the count: the list is the floor
+        found["near_constant"] = {"count": meta.get("near_constant_count", len(listed)), "first": listed[:LISTED]}
     return found
 
 

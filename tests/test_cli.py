@@ -1025,3 +1025,13 @@ def test_inspect_reports_near_constant_channels(run, tmp_path):
         summary = json.loads(run("inspect", out, "--json").stdout)
         assert summary["near_constant"] == {"count": 1, "first": [2]}, mode
         assert summary["options"]["mode"] == mode and summary["nan_counts"]["mean"] == 0
+
+
+def test_inspect_reads_a_hand_edited_file_without_the_near_constant_count(run, tmp_path):
+    x = np.random.default_rng(3).standard_normal((50, 4))
+    x[:, 1] = 2.0
+    stats = normstats.BatchNormExact().update(x).result()
+    del stats.meta["near_constant_count"]
+    normstats.write_stats(stats, str(tmp_path / "edited.npz"))
+    summary = json.loads(run("inspect", tmp_path / "edited.npz", "--json").stdout)
+    assert summary["near_constant"] == {"count": 1, "first": [1]}
