@@ -581,6 +581,34 @@ def test_stats_output_takes_no_dataset_name(run, files):
         assert result.exit_code == 2 and error_lines(result)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_every_command_reads_safetensors_and_json_stats(run, files, features, labels, suffix):
+    """apply, merge, inspect and --init take the new formats as they take .npz."""
+    ok(run("fit-bn", files.features_npy, "-o", "a.npz", "--mode", "exact"))
+    ok(run("fit-bn", files.features_npy, "-o", f"a{suffix}", "--mode", "exact"), f"a{suffix}")
+    ok(run("apply", "a.npz", files.features_npy, "-o", "from_npz.npy"))
+    ok(run("apply", f"a{suffix}", files.features_npy, "-o", "y.npy"))
+    assert np.array_equal(np.load(files.tmp / "y.npy"), np.load(files.tmp / "from_npz.npy"))
+    twice = np.concatenate([features, features])
+    ok(run("merge", f"a{suffix}", "a.npz", "-o", f"m{suffix}"), f"m{suffix}")
+    ok(run("fit-bn", files.features_npy, "--init", f"a{suffix}", "-o", f"c{suffix}"), f"c{suffix}")
+    mean, var, inv_std = ref_bn_exact(twice)
+    for name in ("m", "c"):
+        arrays = normstats.read_stats(str(files.tmp / f"{name}{suffix}")).arrays
+        np.testing.assert_allclose(arrays["mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(arrays["var"], var, rtol=1e-12)
+    summary = json.loads(run("inspect", f"m{suffix}", "--json").stdout)
+    assert summary["options"]["merged_from"] == [f"a{suffix}", "a.npz"]
+    ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 4,
+           "--mode", "exact", "-o", f"k{suffix}"))
+    centers, counts, _ = ref_centers_exact(features, labels, 4)
+    ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 4,
+           "--init", f"k{suffix}", "-o", "k2.npz"))
+    arrays = normstats.read_stats(str(files.tmp / "k2.npz")).arrays
+    np.testing.assert_allclose(arrays["centers"], centers, rtol=1e-12)
+    np.testing.assert_array_equal(arrays["counts"], 2 * counts)
+
+
 def test_force_overwrites(run, files):
     out = files.tmp / "stats.npz"
     ok(run("fit-bn", files.npy4d, "-o", out, "--mode", "exact"))
