@@ -18,6 +18,7 @@ from ._version import __version__
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, UsageError
+from .interop import Export, export_stats, import_torch, stats_from_torch, to_espnet, to_kaldi, to_keras, to_torch
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
@@ -39,6 +40,14 @@ __all__ = [
     "NormstatsError",
     "StatsFileError",
     "UsageError",
+    "Export",
+    "export_stats",
+    "import_torch",
+    "stats_from_torch",
+    "to_espnet",
+    "to_kaldi",
+    "to_keras",
+    "to_torch",
     "GroupedMoments",
     "Moments",
     "merge_moments",

@@ -14,7 +14,8 @@ RARE_SHARE = 0.1  # a class is rare below this share of the median class count
 
 PROVENANCE = ("mode", "axes", "alpha", "eps", "ddof", "batch_size", "nan_policy", "rows_seen",
               "batches_seen", "batches_skipped", "row_shape", "input_dtype", "sources",
-              "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from")
+              "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from",
+              "imported_from", "imported_layer")
 
 
 def describe(stats: Stats) -> dict[str, Any]:

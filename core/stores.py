@@ -44,8 +44,8 @@ def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats:
         without `force`, a directory, or the path of one of the `inputs`.
     """
     path, dataset = split_output(path)
-    if dataset is not None and formats is STATS_FORMATS:
-        raise UsageError(f"output {path}:{dataset}: a stats file takes no dataset name; write {path}")
+    if dataset is not None and formats is not ARRAY_FORMATS:  # only apply's HDF5 output names one
+        raise UsageError(f"output {path}:{dataset}: this output takes no dataset name; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
@@ -198,10 +198,7 @@ def read_stats(path: str) -> Stats:
     StatsFileError
         It is not a normstats stats file or is damaged.
     """
-    if not os.path.exists(path):
-        raise UsageError(f"stats file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"stats file {path!r} is a directory")
+    require_file(path, "stats file")
     try:
         reader = {".h5": _read_stats_h5, ".npz": _read_stats_npz, ".json": _read_stats_json,
                   ".safetensors": _read_stats_safetensors}[_stats_format(path)]
@@ -217,6 +214,14 @@ def read_stats(path: str) -> Stats:
     if kind not in (BATCHNORM, CENTERS) or "mode" not in meta:
         raise StatsFileError(f"{path} is not a normstats stats file (no kind/mode metadata)")
     return check_stats(Stats(kind, arrays, meta, source=path))
+
+
+def require_file(path: str, what: str) -> None:
+    """Raise UsageError unless `path` is an existing file (called `what` in the message)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory")
 
 
 def _stats_format(path: str) -> str:
@@ -390,6 +395,53 @@ def safetensors_index(path: str) -> tuple[list[str], dict[str, str]]:
             return list(f.keys()), dict(f.metadata() or {})
     except (SafetensorError, TypeError, ValueError, OSError) as error:
         raise StatsFileError(f"{path} is not a readable .safetensors file: {_reason(error)}") from None
+
+
+# --- files for other toolkits (normstats export) ---------------------------------
+
+EXPORT_CONTAINERS = ("safetensors", "npz", "kaldi-matrix", "kaldi-ark")
+
+
+def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[str, str], path: str) -> None:
+    """Write arrays in another toolkit's layout to `path`, atomically.
+
+    Parameters
+    ----------
+    container : {'safetensors', 'npz', 'kaldi-matrix', 'kaldi-ark'}
+        ``safetensors``: tensors plus `metadata` in the header; ``npz``: plain
+        arrays, nothing else (tools such as ESPnet's aggregate_stats_dirs.py
+        sum every entry); ``kaldi-matrix``: the one array of `arrays` as a
+        Kaldi binary matrix; ``kaldi-ark``: each array under its key in a
+        binary Kaldi archive.
+    """
+    if container not in EXPORT_CONTAINERS:
+        raise UsageError(f"unknown export container {container!r}")
+    with atomic_path(path) as temporary:
+        if container == "safetensors":
+            write_safetensors(arrays, temporary, metadata)
+        elif container == "npz":
+            with open(temporary, "wb") as f:
+                np.savez(f, **arrays)
+        else:
+            with open(temporary, "wb") as f:
+                for key, matrix in arrays.items():
+                    if container == "kaldi-ark":
+                        f.write(key.encode() + b" ")  # an archive entry: "key " then the object
+                    f.write(kaldi_binary_matrix(matrix))
+
+
+def kaldi_binary_matrix(matrix: np.ndarray) -> bytes:
+    """`matrix` in Kaldi's binary ``Matrix<double>`` format, as ``copy-matrix`` reads it.
+
+    Kaldi's layout (matrix/kaldi-matrix.cc ``MatrixBase::Write`` after
+    ``Output::Open``'s binary header): ``\\0B`` (binary mode), the token
+    ``DM `` (double matrix), then rows and columns each as a size byte 4 and a
+    little-endian int32, then the values row by row as little-endian float64.
+    """
+    matrix = np.asarray(matrix, dtype="<f8")
+    rows, cols = matrix.shape
+    return (b"\0B" + b"DM " + b"\x04" + struct.pack("<i", rows) + b"\x04" + struct.pack("<i", cols)
+            + np.ascontiguousarray(matrix).tobytes())
 
 
 def read_array(spec: str) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Callable
 import h5py
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import normstats
 import normstats.cli.commands
@@ -722,6 +723,31 @@ def _bn(*inputs, out="stats.npz"):
     return lambda f: ["fit-bn", *[i(f) if callable(i) else i for i in inputs], "-o", f.tmp / out]
 
 
+def _grouped_stats(f) -> Path:
+    x, groups = np.load(f.features_npy), np.load(f.labels_npy)
+    normstats.write_stats(normstats.BatchNormExact(num_groups=4).update(x, groups).result(),
+                          str(f.tmp / "grouped.npz"))
+    return f.tmp / "grouped.npz"
+
+
+def _state_dict(f, name="model.safetensors", **tensors) -> Path:
+    tensors = tensors or {"features.1.running_mean": np.zeros(4, np.float32),
+                          "features.1.running_var": np.ones(4, np.float32),
+                          "head.bn.running_mean": np.zeros(2, np.float32),
+                          "head.bn.running_var": np.ones(2, np.float32)}
+    safetensors.numpy.save_file(tensors, f.tmp / name)
+    return f.tmp / name
+
+
+def _bytes(f, name: str, data: bytes) -> Path:
+    (f.tmp / name).write_bytes(data)
+    return f.tmp / name
+
+
+def _export(stats, target, out):
+    return lambda f: ["export", stats(f), "--to", target, "-o", f.tmp / out]
+
+
 # Each case: (build args from the files, exit code, builder of the strings the Error: line must contain).
 ERROR_CASES = {
     "missing-input": (_bn(lambda f: f.tmp / "missing.npy"), 2, lambda f: ["missing.npy"]),
@@ -842,6 +868,66 @@ ERROR_CASES = {
                                     "-o", f.tmp / "s.npz"], 1, lambda f: ["w.npy row 10", "weight"]),
     "nan-in-input": (_bn(lambda f: _npy(f, "nan.npy", np.r_[np.ones((3, 6)), np.full((1, 6), np.nan)])),
                      1, lambda f: ["nan.npy row 3", "--nan-policy"]),
+    "export-centers-to-torch": (_export(lambda f: _centers(f.tmp / "centers.npz", f), "torch", "bn.safetensors"),
+                                1, lambda f: ["centers.npz", "centers statistics"]),
+    "export-custom-axes-to-torch": (_export(lambda f: _stats(f.tmp / "st.npz", f.npy4d, axes=(0, 1)), "torch",
+                                            "bn.safetensors"), 1, lambda f: ["st.npz", "axis 1", "--axes auto"]),
+    "export-groups-to-torch": (_export(_grouped_stats, "torch", "bn.safetensors"), 1,
+                               lambda f: ["grouped.npz", "per-group"]),
+    "export-inv-std-too-large": (_export(lambda f: _stats(f.tmp / "st.npz", f.npy4d, inv_std=1e4), "torch",
+                                         "bn.safetensors"), 1, lambda f: ["st.npz", "above 1/sqrt(eps)", "--eps"]),
+    "export-ema-to-kaldi": (_export(lambda f: _stats(f.tmp / "st.npz", f.features_npy), "kaldi", "cmvn.mat"), 1,
+                            lambda f: ["st.npz", "ema", "--mode exact"]),
+    "export-ema-to-espnet": (_export(lambda f: _stats(f.tmp / "st.npz", f.features_npy), "espnet", "f.npz"), 1,
+                             lambda f: ["st.npz", "ema", "--mode exact"]),
+    "export-images-to-kaldi": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "kaldi", "cmvn.mat"), 1,
+                               lambda f: ["a.npz", "axes (0, 2, 3)", "--axes 0"]),
+    "export-groups-to-keras": (_export(_grouped_stats, "keras", "k.npz"), 1, lambda f: ["grouped.npz", "per-group"]),
+    "export-kaldi-plain-to-ark": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.features_npy), "kaldi",
+                                          "cmvn.ark"), 2, lambda f: ["cmvn.ark", "per-group", "cmvn.cmvn"]),
+    "export-kaldi-groups-to-mat": (_export(_grouped_stats, "kaldi", "cmvn.mat"), 2, lambda f: ["cmvn.ark"]),
+    "export-wrong-extension": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "torch", "bn.npz"), 2,
+                               lambda f: ["bn.npz", ".safetensors"]),
+    "export-dataset-suffix": (lambda f: ["export", _exact_stats(f.tmp / "a.npz", f.npy4d), "--to", "torch", "-o",
+                                         f"{f.tmp / 'bn.safetensors'}:x"], 2, lambda f: ["bn.safetensors:x"]),
+    "export-unknown-target": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "onnx", "m.onnx"), 2,
+                              lambda f: ["--to", "onnx"]),
+    "export-prefix-for-keras": (lambda f: [*_export(lambda g: _exact_stats(g.tmp / "a.npz", g.npy4d), "keras",
+                                                    "k.npz")(f), "--prefix", "bn"], 2,
+                                lambda f: ["--prefix", "--to torch"]),
+    "export-stats-missing": (_export(lambda f: f.tmp / "missing.npz", "torch", "bn.safetensors"), 2,
+                             lambda f: ["missing.npz"]),
+    "export-damaged-stats": (_export(lambda f: _cut(_exact_stats(f.tmp / "a.json", f.npy4d), "cut.json"), "keras",
+                                     "k.npz"), 1, lambda f: ["cut.json"]),
+    "export-output-exists": (lambda f: ["export", _exact_stats(f.tmp / "a.npz", f.npy4d), "--to", "keras",
+                                              "-o", _exact_stats(f.tmp / "b.npz", f.npy4d)], 2,
+                                   lambda f: ["b.npz", "--force"]),
+    "import-several-layers": (lambda f: ["import", _state_dict(f), "-o", f.tmp / "bn.npz"], 2,
+                              lambda f: ["model.safetensors", "'features.1', 'head.bn'", "--prefix"]),
+    "import-prefix-not-found": (lambda f: ["import", _state_dict(f), "--prefix", "nope", "-o", f.tmp / "bn.npz"], 2,
+                                lambda f: ["nope", "'features.1', 'head.bn'"]),
+    "import-no-batchnorm": (lambda f: ["import", _state_dict(f, w=np.ones((2, 2))), "-o", f.tmp / "bn.npz"], 1,
+                            lambda f: ["model.safetensors", "no BatchNorm"]),
+    "import-normstats-stats": (lambda f: ["import", _exact_stats(f.tmp / "a.safetensors", f.npy4d), "-o",
+                                          f.tmp / "bn.npz"], 1, lambda f: ["a.safetensors", "already"]),
+    "import-pickle": (lambda f: ["import", _bytes(f, "model.pt", b"\x80\x02}q\x00."), "-o", f.tmp / "bn.npz"], 2,
+                      lambda f: ["model.pt", "pickles", "safetensors.torch.save_file"]),
+    "import-damaged": (lambda f: ["import", _cut(_state_dict(f), "cut.safetensors"), "-o", f.tmp / "bn.npz"], 1,
+                       lambda f: ["cut.safetensors"]),
+    "import-missing": (lambda f: ["import", f.tmp / "none.safetensors", "-o", f.tmp / "bn.npz"], 2,
+                       lambda f: ["none.safetensors"]),
+    "import-negative-running-var": (lambda f: ["import", _state_dict(f, running_mean=np.zeros(2),
+                                                                     running_var=np.array([1.0, -2.0])),
+                                               "-o", f.tmp / "bn.npz"], 1, lambda f: ["running_var", "channel 1"]),
+    "import-row-shape-mismatch": (lambda f: ["import", _state_dict(f), "--prefix", "features.1", "--row-shape",
+                                             "3,8", "-o", f.tmp / "bn.npz"], 2,
+                                  lambda f: ["--row-shape 3,8", "4 channels"]),
+    "import-row-shape-not-a-shape": (lambda f: ["import", _state_dict(f), "--prefix", "head.bn", "--row-shape",
+                                                "2,x", "-o", f.tmp / "bn.npz"], 2, lambda f: ["--row-shape", "2,x"]),
+    "import-output-is-input": (lambda f: ["import", _state_dict(f), "--prefix", "head.bn", "-o",
+                                          f.tmp / "model.safetensors", "--force"], 2, lambda f: ["model.safetensors"]),
+    "apply-state-dict-as-stats": (lambda f: ["apply", _state_dict(f), f.features_npy, "-o", f.tmp / "y.npy"], 1,
+                                  lambda f: ["model.safetensors", "normstats import"]),
 }
 
 
