@@ -94,11 +94,11 @@ def _batchnorm(stats: Stats, toolkit: str, layer: str, *, per_group: bool = Fals
         )
 
 
-def _exact(stats: Stats, toolkit: str) -> None:
+def _exact(stats: Stats, what: str) -> None:
     if stats.mode != "exact":
         raise StatsFileError(
-            f"{_name(stats)} holds {stats.mode} statistics; {toolkit} stores sums over every frame, "
-            "which moving averages do not give: fit with --mode exact"
+            f"{_name(stats)} holds {stats.mode} statistics; {what} are sums over all frames, which "
+            "moving averages do not give: fit with --mode exact"
         )
 
 
@@ -431,7 +431,7 @@ def to_kaldi(stats: Stats) -> Export:
         axis, or counts that differ per dimension.
     """
     _batchnorm(stats, "Kaldi", "Kaldi's CMVN statistics", per_group=True)
-    _exact(stats, "Kaldi's CMVN")
+    _exact(stats, "Kaldi's CMVN statistics")
     shape = _trailing_features(stats, "Kaldi's apply-cmvn")
     if len(shape) > 1:
         raise StatsFileError(
@@ -476,7 +476,7 @@ def to_espnet(stats: Stats) -> Export:
         that differ per dimension.
     """
     _batchnorm(stats, "ESPnet", "GlobalMVN")
-    _exact(stats, "ESPnet's GlobalMVN")
+    _exact(stats, "ESPnet's GlobalMVN statistics")
     shape = _trailing_features(stats, "ESPnet's GlobalMVN")
     count, total, squares = _sums(stats, "ESPnet's GlobalMVN")
     frames = float(np.asarray(count).reshape(-1)[0])
