@@ -129,9 +129,8 @@ def _sums(stats: Stats, toolkit: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     mean = np.asarray(arrays.get("mean", arrays.get("moment_mean")), dtype=np.float64)
     m2 = np.asarray(arrays["var"], dtype=np.float64) * (count - int(stats.meta["ddof"]))
     seen = count > 0
-    lead = count.reshape(count.shape[:1] + (-1,)) if stats.meta.get("groups") is not None else count.reshape(1, -1)
-    uneven = [g for g, row in enumerate(lead) if row.size and row.min() != row.max()]
-    if uneven:
+    per_set = count.reshape(stats.meta.get("groups") or 1, -1)  # a row per group, or one for all
+    if (per_set.min(axis=1) != per_set.max(axis=1)).any():
         raise StatsFileError(
             f"{_name(stats)} counts different numbers of values per dimension (NaN/Inf values were "
             f"omitted); {toolkit} stores one count for all dimensions: clean the data or refit with "

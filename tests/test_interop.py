@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 
 import normstats as ns
-from tests.reference import make_data, ref_apply, ref_axes, ref_bn_ema, ref_bn_exact
+from tests.reference import make_data, ref_apply, ref_bn_ema, ref_bn_exact
 
 EPS = 1e-5
 
