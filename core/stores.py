@@ -382,6 +382,11 @@ def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[
                 raise StatsFileError(f"{path} has no tensor {missing[0]!r}")
             arrays = {name: f.get_tensor(name) for name in (available if names is None else names)}
     except (SafetensorError, TypeError, ValueError, OSError) as error:
+        if "bfloat16" in str(error):
+            raise StatsFileError(
+                f"{path} holds bfloat16 tensors, which numpy has no type for: save them as float32 "
+                "(e.g. {k: v.float() for k, v in state_dict.items()})"
+            ) from None
         raise StatsFileError(f"{path} is not a readable .safetensors file: {_reason(error)}") from None
     return arrays, metadata
 

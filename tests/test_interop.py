@@ -272,6 +272,14 @@ def test_import_refuses_unusable_buffers(bad, match, tmp_path):
         ns.import_torch(str(tmp_path / "bn.safetensors"))
 
 
+def test_import_of_bfloat16_says_to_save_float32(tmp_path):
+    header = json.dumps({name: {"dtype": "BF16", "shape": [2], "data_offsets": [4 * i, 4 * i + 4]}
+                         for i, name in enumerate(("running_mean", "running_var"))}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ns.StatsFileError, match="bfloat16.*float32"):
+        ns.import_torch(str(tmp_path / "bf16.safetensors"))
+
+
 # --- Keras -------------------------------------------------------------------------------------
 
 KERAS_CASES = {
