@@ -40,6 +40,10 @@ def bn_exact_4d():
     return ns.BatchNormExact(axes=(0, 1, 3), ddof=0).update(data((N, 2, 3, 2))).result()
 
 
+def bn_ema_no_inv_std():
+    return ns.BatchNormEMA(inv_std=None, batch_size=5).update(data((N, 3))).result()
+
+
 def bn_exact_no_mean():
     return ns.BatchNormExact(use_mean=False).update(data((N, 3))).result()
 
@@ -91,6 +95,7 @@ STATS = [
     pytest.param(lambda tmp: bn_ema_no_batch_size(), id="bn-ema-mean-none-no-batch-size"),
     pytest.param(lambda tmp: bn_exact_4d(), id="bn-exact-4d-axes0,1,3"),
     pytest.param(lambda tmp: bn_exact_no_mean(), id="bn-exact-mean-none"),
+    pytest.param(lambda tmp: bn_ema_no_inv_std(), id="bn-ema-inv-std-none"),
     pytest.param(lambda tmp: bn_exact_1d(), id="bn-exact-1d-scalar-stats"),
     pytest.param(lambda tmp: centers_ema_first(), id="centers-ema-first-nan"),
     pytest.param(lambda tmp: centers_exact(), id="centers-exact"),
