@@ -71,12 +71,13 @@ def cli() -> None:
     normstats fit-bn      features.h5:images -o stats.npz
     normstats fit-centers features.npy --labels labels.npy --num-classes 10 -o centers.npz
     normstats apply       stats.npz features.npy -o normalized.npy
+    normstats export      stats.npz --to torch|keras|kaldi|espnet -o FILE
 
     Run 'normstats COMMAND --help' for the options of each command.
     """
 
 
-from . import commands  # noqa: E402  (registers the commands on `cli`)
+from . import commands, interop  # noqa: E402  (register the commands on `cli`)
 
 
 def main() -> None:
@@ -84,4 +85,4 @@ def main() -> None:
     cli(prog_name="normstats")
 
 
-__all__ = ["cli", "main", "commands"]
+__all__ = ["cli", "main", "commands", "interop"]

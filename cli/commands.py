@@ -53,7 +53,7 @@ FIT = _options(
     click.option("--weights", metavar="FILE[:NAME]",
                  help="One non-negative weight per row (--mode exact), e.g. 0 for silence."),
     click.option("--checkpoint", "checkpoint_path", metavar="FILE",
-                 help="Save the running state to FILE (.npz/.h5) every --checkpoint-every "
+                 help="Save the running state to FILE (.npz/.h5/.safetensors/.json) every --checkpoint-every "
                       "seconds; it is removed when the fit completes."),
     click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
                  metavar="SECONDS", help="Seconds between checkpoints."),
@@ -179,7 +179,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @cli.command("fit-bn")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, metavar="STATS",
-              help="Stats file to write (.npz or .h5).")
+              help="Stats file to write (.npz, .h5, .safetensors or .json).")
 @BATCH_SIZE
 @click.option("--axes", type=AxesType(), default="auto", show_default=True,
               help="Axes to reduce: 'auto' (all but the second) or e.g. 0,2,3.")
@@ -272,7 +272,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @cli.command("fit-centers")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, metavar="CENTERS",
-              help="Centers file to write (.npz or .h5).")
+              help="Centers file to write (.npz, .h5, .safetensors or .json).")
 @click.option("--labels", "labels", required=True, multiple=True, metavar="LABELS",
               help="Integer labels: .npy or file.h5:NAME (repeat once per INPUT shard).")
 @click.option("--num-classes", type=int, required=True, callback=positive_int,
@@ -399,7 +399,7 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
 @cli.command("merge")
 @click.argument("parts", metavar="IN...", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, metavar="OUT",
-              help="Merged stats or centers file to write (.npz or .h5).")
+              help="Merged stats or centers file to write (.npz, .h5, .safetensors or .json).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
     """Merge exact statistics fitted on shards into those of all the shards.

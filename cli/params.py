@@ -83,6 +83,23 @@ class CenterInit(click.ParamType):
             self.fail(f"not random, zeros or first, and not a readable centers file: {error}", param, ctx)
 
 
+class ShapeType(click.ParamType):
+    """Comma-separated positive integers, e.g. ``64,32,32``."""
+
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            shape = tuple(int(part) for part in value.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            self.fail(f"expected comma-separated positive integers such as 64,32,32, got {value!r}", param, ctx)
+        return shape
+
+
 def positive_int(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
     if value is not None and value < 1:
         raise click.BadParameter(f"must be a positive integer, got {value}")

@@ -19,6 +19,7 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .engines import apply_dask, dask_client, run_fit_dask, run_fit_parallel
 from .errors import DataError, EngineError, NonFiniteError, NormstatsError, StatsFileError, UsageError
+from .interop import Export, export_stats, import_torch, stats_from_torch, to_espnet, to_kaldi, to_keras, to_torch
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
@@ -41,6 +42,14 @@ __all__ = [
     "NormstatsError",
     "StatsFileError",
     "UsageError",
+    "Export",
+    "export_stats",
+    "import_torch",
+    "stats_from_torch",
+    "to_espnet",
+    "to_kaldi",
+    "to_keras",
+    "to_torch",
     "GroupedMoments",
     "Moments",
     "merge_moments",

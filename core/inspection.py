@@ -14,7 +14,8 @@ RARE_SHARE = 0.1  # a class is rare below this share of the median class count
 
 PROVENANCE = ("mode", "axes", "alpha", "eps", "ddof", "batch_size", "nan_policy", "rows_seen",
               "batches_seen", "batches_skipped", "row_shape", "input_dtype", "sources",
-              "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from")
+              "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from",
+              "imported_from", "imported_layer")
 
 
 def describe(stats: Stats) -> dict[str, Any]:
@@ -63,7 +64,8 @@ def _batchnorm(stats: Stats) -> dict[str, Any]:
         # inv_std near 1/sqrt(eps): a channel whose variance was (nearly) zero
         found["near_constant"] = _indices(inv_std >= 0.99 / np.sqrt(meta["eps"]))
     if "near_constant" in meta:
-        found["near_constant"] = {"count": meta["near_constant_count"], "first": meta["near_constant"][:LISTED]}
+        listed = list(meta["near_constant"])  # a hand-edited file may lack the count: the list is the floor
+        found["near_constant"] = {"count": meta.get("near_constant_count", len(listed)), "first": listed[:LISTED]}
     return found
 
 

@@ -145,6 +145,18 @@ def _affine(value: Affine, shape: tuple[int, ...], name: str, *, neutral: float)
     array = np.asarray(value, dtype=np.float64)
     if array.ndim == 0 and float(array) == neutral:
         return None
+    return affine_array(array, shape, name)
+
+
+def affine_array(value: Union[float, np.ndarray], shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A scale or shift `value` (number or array) broadcast to `shape`, as float64.
+
+    Raises
+    ------
+    DataError
+        `value` does not broadcast to `shape`.
+    """
+    array = np.asarray(value, dtype=np.float64)
     try:
         return np.array(np.broadcast_to(array, shape))
     except ValueError:

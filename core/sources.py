@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import tokenize
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -106,7 +107,8 @@ class NpySource(ArraySource):
                 shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-        except (ValueError, OSError, SyntaxError) as error:
+        except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
+            # numpy parses an old-style header with tokenize, whose error is none of the others
             raise DataError(f"{self.path} is not a readable .npy file ({error})") from None
         self.shape, self.dtype, self._fortran = tuple(shape), np.dtype(dtype), fortran_order
         if self.dtype.hasobject:

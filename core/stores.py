@@ -1,4 +1,5 @@
-"""Stats files (`.npz`, `.h5`), array outputs, and atomic writes.
+"""Stats files (`.npz`, `.h5`, `.safetensors`, `.json`), array outputs, files
+for other toolkits, and atomic writes.
 
 Nothing here computes: stats go to disk as the state objects made them. Every
 output is written under a temporary name in its target folder and renamed
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import struct
 import tempfile
 import time
 import zipfile
@@ -23,7 +26,7 @@ from .errors import DataError, StatsFileError, UsageError
 from .sources import NPY_MAGIC, split_spec
 from .stats import BATCHNORM, CENTERS, Stats, check_stats
 
-STATS_FORMATS = (".npz", ".h5", ".hdf5")
+STATS_FORMATS = (".npz", ".h5", ".hdf5", ".safetensors", ".json")
 ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
 H5_CHUNK_BYTES = 1 << 20
 
@@ -42,8 +45,8 @@ def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats:
         without `force`, a directory, or the path of one of the `inputs`.
     """
     path, dataset = split_output(path)
-    if dataset is not None and formats is STATS_FORMATS:
-        raise UsageError(f"output {path}:{dataset}: a stats file takes no dataset name; write {path}")
+    if dataset is not None and formats is not ARRAY_FORMATS:  # only apply's HDF5 output names one
+        raise UsageError(f"output {path}:{dataset}: this output takes no dataset name; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
@@ -96,17 +99,46 @@ _UMASK = _read_umask()  # read once: setting it back and forth mid-run could be 
 
 # --- stats files -------------------------------------------------------------
 
+# A `.safetensors` stats file keeps its metadata, as JSON, under this key of the
+# header's __metadata__ (whose values must be strings).
+SAFETENSORS_META_KEY = "normstats_meta"
+# A `.json` stats file is {"format": JSON_FORMAT, "version": 1, "meta": {...},
+# "arrays": {name: {"dtype": ..., "shape": [...], "data": nested lists}}}.
+JSON_FORMAT = "normstats-stats"
+JSON_VERSION = 1
+# JSON has no NaN or infinity (Python's json writes bare NaN, which other parsers
+# reject), so non-finite array values are written as these strings.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+JSON_DTYPES = frozenset(
+    np.dtype(name).name
+    for name in ("bool", "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                 "uint8", "uint16", "uint32", "uint64")
+)
+FORMAT_NAMES = ".npz, HDF5, .safetensors or .json"
+
 
 def write_stats(stats: Stats, path: str) -> None:
-    """Write `stats` atomically as `.npz` or HDF5 (by the extension of `path`)."""
+    """Write `stats` atomically, in the format of the extension of `path`.
+
+    ``.npz`` (metadata as the JSON string array ``meta``), ``.safetensors``
+    (metadata as JSON under ``normstats_meta`` in the header), ``.json``
+    (arrays as nested lists with dtype and shape, non-finite values as the
+    strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``), else HDF5
+    (metadata as attributes). Every format holds the same arrays and metadata.
+    """
     meta = dict(stats.meta, kind=stats.kind)
+    arrays = {name: np.asarray(value) for name, value in stats.arrays.items()}
+    extension = _extension(path)
     with atomic_path(path) as temporary:
-        if _extension(path) == ".npz":
-            arrays = {name: np.asarray(value) for name, value in stats.arrays.items()}
+        if extension == ".npz":
             with open(temporary, "wb") as f:
                 np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        elif extension == ".safetensors":
+            write_safetensors(arrays, temporary, {SAFETENSORS_META_KEY: json.dumps(meta, sort_keys=True)})
+        elif extension == ".json":
+            _write_stats_json(arrays, meta, temporary)
         else:
-            _write_stats_h5(stats.arrays, meta, temporary)
+            _write_stats_h5(arrays, meta, temporary)
 
 
 def _write_stats_h5(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> None:
@@ -123,11 +155,42 @@ def _write_stats_h5(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: s
                 f.attrs[key] = "json:" + json.dumps(value)
 
 
+def _write_stats_json(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> None:
+    # allow_nan=False: strict JSON that any parser reads. One line per part and
+    # per array, so that a person can read the file and diff two of them.
+    def dump(value: Any) -> str:
+        return json.dumps(value, allow_nan=False, sort_keys=True)
+
+    entries = [f"  {dump(name)}: " + dump({"dtype": a.dtype.name, "shape": list(a.shape), "data": _json_values(a)})
+               for name, a in arrays.items()]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'{{"format": {dump(JSON_FORMAT)}, "version": {JSON_VERSION},\n "meta": {dump(meta)},\n'
+                f' "arrays": {{\n' + ",\n".join(entries) + "}}\n")
+
+
+def _json_values(array: np.ndarray) -> Any:
+    """`array` as nested lists; non-finite floats as their NON_FINITE names."""
+    values = array.tolist()
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return values
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [encode(v) for v in value]
+        if math.isnan(value):
+            return "NaN"
+        return value if math.isfinite(value) else ("Infinity" if value > 0 else "-Infinity")
+
+    return encode(values)
+
+
 def read_stats(path: str) -> Stats:
     """Read a stats or centers file written by :func:`write_stats`.
 
-    `.npz` files are loaded with ``allow_pickle=False``: an archive holding
-    pickled objects is refused, never loaded.
+    The format is recognized by content (HDF5, zip archive, safetensors header,
+    JSON), else by extension. Nothing is ever unpickled: `.npz` files are
+    loaded with ``allow_pickle=False``, and safetensors and JSON cannot hold
+    Python objects.
 
     Raises
     ------
@@ -136,28 +199,50 @@ def read_stats(path: str) -> Stats:
     StatsFileError
         It is not a normstats stats file or is damaged.
     """
-    if not os.path.exists(path):
-        raise UsageError(f"stats file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"stats file {path!r} is a directory")
-    import h5py
-
+    require_file(path, "stats file")
     try:
-        if h5py.is_hdf5(path):
-            arrays, meta = _read_stats_h5(path)
-        else:
-            arrays, meta = _read_stats_npz(path)
+        reader = {".h5": _read_stats_h5, ".npz": _read_stats_npz, ".json": _read_stats_json,
+                  ".safetensors": _read_stats_safetensors}[_stats_format(path)]
+        arrays, meta = reader(path)
     except StatsFileError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, OverflowError, zipfile.BadZipFile) as error:
         raise StatsFileError(
-            f"{path} is not a readable normstats stats file (.npz or HDF5): "
+            f"{path} is not a readable normstats stats file ({FORMAT_NAMES}): "
             f"{_reason(error)}; re-create it with fit-bn or fit-centers"
         ) from None
-    kind = meta.get("kind")
+    kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind not in (BATCHNORM, CENTERS) or "mode" not in meta:
         raise StatsFileError(f"{path} is not a normstats stats file (no kind/mode metadata)")
     return check_stats(Stats(kind, arrays, meta, source=path))
+
+
+def require_file(path: str, what: str) -> None:
+    """Raise UsageError unless `path` is an existing file (called `what` in the message)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory")
+
+
+def _stats_format(path: str) -> str:
+    """The stats format of the file at `path`: by its first bytes, else its extension."""
+    import h5py
+
+    if h5py.is_hdf5(path):
+        return ".h5"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith((b"PK", NPY_MAGIC)):
+        return ".npz"  # a zip archive (or a lone .npy, which the .npz reader names)
+    # safetensors: a little-endian u64 header length, then the JSON header. Text
+    # (a JSON file) read as that length is beyond 2**56, never a plausible header.
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 40:
+        return ".safetensors"
+    if head.lstrip()[:1] == b"{":
+        return ".json"
+    extension = _extension(path)
+    return extension if extension in (".safetensors", ".json") else ".npz"
 
 
 def _reason(error: Exception) -> str:
@@ -210,23 +295,176 @@ def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
+def _read_stats_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays, header = read_safetensors(path)
+    if SAFETENSORS_META_KEY not in header:
+        raise StatsFileError(
+            f"{path} has no normstats metadata; it was not written by normstats (a PyTorch "
+            "state dict of a BatchNorm layer is converted with 'normstats import')"
+        )
+    return arrays, json.loads(header[SAFETENSORS_META_KEY])
+
+
+def _read_stats_json(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with open(path, "rb") as f:
+        document = json.loads(f.read())
+    if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
+        raise StatsFileError(f'{path} is JSON but not a normstats stats file (no "format": "{JSON_FORMAT}")')
+    if document.get("version") != JSON_VERSION:
+        raise StatsFileError(
+            f"{path} is a normstats JSON file of version {document.get('version')!r}; "
+            f"this normstats reads version {JSON_VERSION}"
+        )
+    meta, entries = document.get("meta"), document.get("arrays")
+    if not isinstance(meta, dict) or not isinstance(entries, dict):
+        raise StatsFileError(f'{path} lacks the "meta" and "arrays" objects of a normstats JSON file')
+    return {name: _json_array(entry, f"{path}: array {name!r}") for name, entry in entries.items()}, meta
+
+
+def _json_array(entry: Any, where: str) -> np.ndarray:
+    """Decode one ``{"dtype", "shape", "data"}`` entry, checking every part."""
+    if not isinstance(entry, dict):
+        raise StatsFileError(f"{where} is not an object with dtype, shape and data")
+    name, shape, data = entry.get("dtype"), entry.get("shape"), entry.get("data")
+    if name not in JSON_DTYPES:
+        raise StatsFileError(f"{where} has dtype {name!r}; expected one of {', '.join(sorted(JSON_DTYPES))}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise StatsFileError(f"{where} has shape {shape!r}; expected a list of non-negative integers")
+    level = [data]
+    for size in shape:  # level by level, without recursion
+        if not all(isinstance(node, list) and len(node) == size for node in level):
+            raise StatsFileError(f"{where}: its data do not have the shape {tuple(shape)}")
+        level = [item for node in level for item in node]
+    dtype = np.dtype(name)
+    if dtype.kind == "f":
+        level = [NON_FINITE.get(v, v) if isinstance(v, str) else v for v in level]
+        scalar = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in level)
+    elif dtype.kind == "b":
+        scalar = all(isinstance(v, bool) for v in level)
+    else:
+        scalar = all(isinstance(v, int) and not isinstance(v, bool) for v in level)
+    if not scalar:
+        raise StatsFileError(f"{where} holds values that are not {name} numbers")
+    return np.array(level, dtype=dtype).reshape(shape)
+
+
+# --- safetensors -----------------------------------------------------------------
+
+
+def write_safetensors(arrays: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """Write `arrays` as tensors and `metadata` (strings) to `path` (not atomically:
+    callers write into :func:`atomic_path`'s temporary)."""
+    from safetensors.numpy import save_file
+
+    # order="C", not ascontiguousarray: that would turn a 0-d statistic into shape (1,)
+    save_file({name: np.asarray(a, order="C") for name, a in arrays.items()}, path, metadata=metadata)
+
+
+def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors `names` (default: all) of a `.safetensors` file, and its metadata.
+
+    The format holds only a JSON header and raw numbers, so reading it runs no
+    code from the file; only the tensors asked for are read.
+
+    Raises
+    ------
+    StatsFileError
+        The file is damaged, is not safetensors, lacks one of `names`, or holds
+        a dtype numpy has no type for (bfloat16).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            available = list(f.keys())
+            missing = [name for name in names or () if name not in available]
+            if missing:
+                raise StatsFileError(f"{path} has no tensor {missing[0]!r}")
+            arrays = {name: f.get_tensor(name) for name in (available if names is None else names)}
+    except (SafetensorError, TypeError, ValueError, OSError) as error:
+        if "bfloat16" in str(error):
+            raise StatsFileError(
+                f"{path} holds bfloat16 tensors, which numpy has no type for: save them as float32 "
+                "(e.g. {k: v.float() for k, v in state_dict.items()})"
+            ) from None
+        raise StatsFileError(f"{path} is not a readable .safetensors file: {_reason(error)}") from None
+    return arrays, metadata
+
+
+def safetensors_index(path: str) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a `.safetensors` file, without reading tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, TypeError, ValueError, OSError) as error:
+        raise StatsFileError(f"{path} is not a readable .safetensors file: {_reason(error)}") from None
+
+
+# --- files for other toolkits (normstats export) ---------------------------------
+
+EXPORT_CONTAINERS = ("safetensors", "npz", "kaldi-matrix", "kaldi-ark")
+
+
+def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[str, str], path: str) -> None:
+    """Write arrays in another toolkit's layout to `path`, atomically.
+
+    Parameters
+    ----------
+    container : {'safetensors', 'npz', 'kaldi-matrix', 'kaldi-ark'}
+        ``safetensors``: tensors plus `metadata` in the header; ``npz``: plain
+        arrays, nothing else (tools such as ESPnet's aggregate_stats_dirs.py
+        sum every entry); ``kaldi-matrix``: the one array of `arrays` as a
+        Kaldi binary matrix; ``kaldi-ark``: each array under its key in a
+        binary Kaldi archive.
+    """
+    if container not in EXPORT_CONTAINERS:
+        raise UsageError(f"unknown export container {container!r}")
+    with atomic_path(path) as temporary:
+        if container == "safetensors":
+            write_safetensors(arrays, temporary, metadata)
+        elif container == "npz":
+            with open(temporary, "wb") as f:
+                np.savez(f, **arrays)
+        else:
+            with open(temporary, "wb") as f:
+                for key, matrix in arrays.items():
+                    if container == "kaldi-ark":
+                        f.write(key.encode() + b" ")  # an archive entry: "key " then the object
+                    f.write(kaldi_binary_matrix(matrix))
+
+
+def kaldi_binary_matrix(matrix: np.ndarray) -> bytes:
+    """`matrix` in Kaldi's binary ``Matrix<double>`` format, as ``copy-matrix`` reads it.
+
+    Kaldi's layout (matrix/kaldi-matrix.cc ``MatrixBase::Write`` after
+    ``Output::Open``'s binary header): ``\\0B`` (binary mode), the token
+    ``DM `` (double matrix), then rows and columns each as a size byte 4 and a
+    little-endian int32, then the values row by row as little-endian float64.
+    """
+    matrix = np.asarray(matrix, dtype="<f8")
+    rows, cols = matrix.shape
+    return (b"\0B" + b"DM " + b"\x04" + struct.pack("<i", rows) + b"\x04" + struct.pack("<i", cols)
+            + np.ascontiguousarray(matrix).tobytes())
+
+
 def read_array(spec: str) -> np.ndarray:
-    """Read a small array (gamma, beta, initial centers) from `.npy`, `.npz`
-    (one array) or ``file.h5:NAME``; never unpickles."""
+    """Read a small array (gamma, beta, initial centers) from `.npy`, `.npz` or
+    `.safetensors` (``file:NAME``, or the file's only array) or ``file.h5:NAME``;
+    never unpickles."""
     from .sources import open_source
 
     path, name = split_spec(spec)
-    if _extension(path) == ".npz":
+    if _extension(path) in (".npz", ".safetensors"):
         if not os.path.exists(path):
             raise UsageError(f"file {path!r} does not exist")
+        if _extension(path) == ".safetensors":
+            key = _array_name(path, safetensors_index(path)[0], name)
+            return read_safetensors(path, [key])[0][key]
         with _npz(path) as archive:
-            names = [n for n in archive.files if n != "meta"]
-            if name is None and len(names) != 1:
-                raise UsageError(f"{path} holds {', '.join(names)}; name one as {path}:NAME")
-            key = name or names[0]
-            if key not in archive.files:
-                raise UsageError(f"{path} has no array {key!r}; it has: {', '.join(names)}")
-            return archive[key]
+            return archive[_array_name(path, [n for n in archive.files if n != "meta"], name)]
     source = open_source(spec)
     try:
         out = np.empty(source.shape, dtype=source.dtype)
@@ -234,6 +472,15 @@ def read_array(spec: str) -> np.ndarray:
         return out
     finally:
         source.close()
+
+
+def _array_name(path: str, names: Sequence[str], name: Optional[str]) -> str:
+    """`name` if the archive at `path` holds it, else its only array."""
+    if name is None and len(names) != 1:
+        raise UsageError(f"{path} holds {', '.join(names)}; name one as {path}:NAME")
+    if name is not None and name not in names:
+        raise UsageError(f"{path} has no array {name!r}; it has: {', '.join(names)}")
+    return name or names[0]
 
 
 # --- array outputs (apply) ----------------------------------------------------

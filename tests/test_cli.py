@@ -18,6 +18,7 @@ from typing import Callable
 import h5py
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import normstats
 import normstats.cli.commands
@@ -581,6 +582,34 @@ def test_stats_output_takes_no_dataset_name(run, files):
         assert result.exit_code == 2 and error_lines(result)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_every_command_reads_safetensors_and_json_stats(run, files, features, labels, suffix):
+    """apply, merge, inspect and --init take the new formats as they take .npz."""
+    ok(run("fit-bn", files.features_npy, "-o", "a.npz", "--mode", "exact"))
+    ok(run("fit-bn", files.features_npy, "-o", f"a{suffix}", "--mode", "exact"), f"a{suffix}")
+    ok(run("apply", "a.npz", files.features_npy, "-o", "from_npz.npy"))
+    ok(run("apply", f"a{suffix}", files.features_npy, "-o", "y.npy"))
+    assert np.array_equal(np.load(files.tmp / "y.npy"), np.load(files.tmp / "from_npz.npy"))
+    twice = np.concatenate([features, features])
+    ok(run("merge", f"a{suffix}", "a.npz", "-o", f"m{suffix}"), f"m{suffix}")
+    ok(run("fit-bn", files.features_npy, "--init", f"a{suffix}", "-o", f"c{suffix}"), f"c{suffix}")
+    mean, var, inv_std = ref_bn_exact(twice)
+    for name in ("m", "c"):
+        arrays = normstats.read_stats(str(files.tmp / f"{name}{suffix}")).arrays
+        np.testing.assert_allclose(arrays["mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(arrays["var"], var, rtol=1e-12)
+    summary = json.loads(run("inspect", f"m{suffix}", "--json").stdout)
+    assert summary["options"]["merged_from"] == [f"a{suffix}", "a.npz"]
+    ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 4,
+           "--mode", "exact", "-o", f"k{suffix}"))
+    centers, counts, _ = ref_centers_exact(features, labels, 4)
+    ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 4,
+           "--init", f"k{suffix}", "-o", "k2.npz"))
+    arrays = normstats.read_stats(str(files.tmp / "k2.npz")).arrays
+    np.testing.assert_allclose(arrays["centers"], centers, rtol=1e-12)
+    np.testing.assert_array_equal(arrays["counts"], 2 * counts)
+
+
 def test_force_overwrites(run, files):
     out = files.tmp / "stats.npz"
     ok(run("fit-bn", files.npy4d, "-o", out, "--mode", "exact"))
@@ -644,6 +673,16 @@ def _truncated(f) -> Path:
     return path
 
 
+def _unbalanced_header(f) -> Path:
+    """A .npy whose header padding holds an unclosed '(' (numpy's tokenizer fails on it)."""
+    path = _npy(f, "unbalanced.npy", np.ones((4, 6), np.float32))
+    data = bytearray(path.read_bytes())
+    end = data.index(b"\n")
+    data[end - 1:end] = b"("
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _cut(path: Path, name: str) -> Path:
     """A copy of `path` cut to half its size."""
     data = path.read_bytes()
@@ -684,12 +723,38 @@ def _bn(*inputs, out="stats.npz"):
     return lambda f: ["fit-bn", *[i(f) if callable(i) else i for i in inputs], "-o", f.tmp / out]
 
 
+def _grouped_stats(f) -> Path:
+    x, groups = np.load(f.features_npy), np.load(f.labels_npy)
+    normstats.write_stats(normstats.BatchNormExact(num_groups=4).update(x, groups).result(),
+                          str(f.tmp / "grouped.npz"))
+    return f.tmp / "grouped.npz"
+
+
+def _state_dict(f, name="model.safetensors", **tensors) -> Path:
+    tensors = tensors or {"features.1.running_mean": np.zeros(4, np.float32),
+                          "features.1.running_var": np.ones(4, np.float32),
+                          "head.bn.running_mean": np.zeros(2, np.float32),
+                          "head.bn.running_var": np.ones(2, np.float32)}
+    safetensors.numpy.save_file(tensors, f.tmp / name)
+    return f.tmp / name
+
+
+def _bytes(f, name: str, data: bytes) -> Path:
+    (f.tmp / name).write_bytes(data)
+    return f.tmp / name
+
+
+def _export(stats, target, out):
+    return lambda f: ["export", stats(f), "--to", target, "-o", f.tmp / out]
+
+
 # Each case: (build args from the files, exit code, builder of the strings the Error: line must contain).
 ERROR_CASES = {
     "missing-input": (_bn(lambda f: f.tmp / "missing.npy"), 2, lambda f: ["missing.npy"]),
     "input-is-directory": (_bn(lambda f: f.tmp), 2, lambda f: [str(f.tmp)]),
     "text-file": (_bn(_text), 1, lambda f: ["notes.txt"]),
     "truncated-npy": (_bn(_truncated), 1, lambda f: ["cut.npy", "truncated"]),
+    "npy-header-unbalanced": (_bn(_unbalanced_header), 1, lambda f: ["unbalanced.npy"]),
     "h5-dataset-missing": (_bn(lambda f: f"{f.h5}:nope"), 2, lambda f: ["nope", "labels", "x"]),
     "h5-dataset-option-missing": (lambda f: ["fit-bn", f.h5, "--dataset", "nope", "-o", f.tmp / "s.npz"],
                                   2, lambda f: ["nope", "labels", "x"]),
@@ -803,6 +868,66 @@ ERROR_CASES = {
                                     "-o", f.tmp / "s.npz"], 1, lambda f: ["w.npy row 10", "weight"]),
     "nan-in-input": (_bn(lambda f: _npy(f, "nan.npy", np.r_[np.ones((3, 6)), np.full((1, 6), np.nan)])),
                      1, lambda f: ["nan.npy row 3", "--nan-policy"]),
+    "export-centers-to-torch": (_export(lambda f: _centers(f.tmp / "centers.npz", f), "torch", "bn.safetensors"),
+                                1, lambda f: ["centers.npz", "centers statistics"]),
+    "export-custom-axes-to-torch": (_export(lambda f: _stats(f.tmp / "st.npz", f.npy4d, axes=(0, 1)), "torch",
+                                            "bn.safetensors"), 1, lambda f: ["st.npz", "axis 1", "--axes auto"]),
+    "export-groups-to-torch": (_export(_grouped_stats, "torch", "bn.safetensors"), 1,
+                               lambda f: ["grouped.npz", "per-group"]),
+    "export-inv-std-too-large": (_export(lambda f: _stats(f.tmp / "st.npz", f.npy4d, inv_std=1e4), "torch",
+                                         "bn.safetensors"), 1, lambda f: ["st.npz", "above 1/sqrt(eps)", "--eps"]),
+    "export-ema-to-kaldi": (_export(lambda f: _stats(f.tmp / "st.npz", f.features_npy), "kaldi", "cmvn.mat"), 1,
+                            lambda f: ["st.npz", "ema", "--mode exact"]),
+    "export-ema-to-espnet": (_export(lambda f: _stats(f.tmp / "st.npz", f.features_npy), "espnet", "f.npz"), 1,
+                             lambda f: ["st.npz", "ema", "--mode exact"]),
+    "export-images-to-kaldi": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "kaldi", "cmvn.mat"), 1,
+                               lambda f: ["a.npz", "axes (0, 2, 3)", "--axes 0"]),
+    "export-groups-to-keras": (_export(_grouped_stats, "keras", "k.npz"), 1, lambda f: ["grouped.npz", "per-group"]),
+    "export-kaldi-plain-to-ark": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.features_npy), "kaldi",
+                                          "cmvn.ark"), 2, lambda f: ["cmvn.ark", "per-group", "cmvn.cmvn"]),
+    "export-kaldi-groups-to-mat": (_export(_grouped_stats, "kaldi", "cmvn.mat"), 2, lambda f: ["cmvn.ark"]),
+    "export-wrong-extension": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "torch", "bn.npz"), 2,
+                               lambda f: ["bn.npz", ".safetensors"]),
+    "export-dataset-suffix": (lambda f: ["export", _exact_stats(f.tmp / "a.npz", f.npy4d), "--to", "torch", "-o",
+                                         f"{f.tmp / 'bn.safetensors'}:x"], 2, lambda f: ["bn.safetensors:x"]),
+    "export-unknown-target": (_export(lambda f: _exact_stats(f.tmp / "a.npz", f.npy4d), "onnx", "m.onnx"), 2,
+                              lambda f: ["--to", "onnx"]),
+    "export-prefix-for-keras": (lambda f: [*_export(lambda g: _exact_stats(g.tmp / "a.npz", g.npy4d), "keras",
+                                                    "k.npz")(f), "--prefix", "bn"], 2,
+                                lambda f: ["--prefix", "--to torch"]),
+    "export-stats-missing": (_export(lambda f: f.tmp / "missing.npz", "torch", "bn.safetensors"), 2,
+                             lambda f: ["missing.npz"]),
+    "export-damaged-stats": (_export(lambda f: _cut(_exact_stats(f.tmp / "a.json", f.npy4d), "cut.json"), "keras",
+                                     "k.npz"), 1, lambda f: ["cut.json"]),
+    "export-output-exists": (lambda f: ["export", _exact_stats(f.tmp / "a.npz", f.npy4d), "--to", "keras",
+                                              "-o", _exact_stats(f.tmp / "b.npz", f.npy4d)], 2,
+                                   lambda f: ["b.npz", "--force"]),
+    "import-several-layers": (lambda f: ["import", _state_dict(f), "-o", f.tmp / "bn.npz"], 2,
+                              lambda f: ["model.safetensors", "'features.1', 'head.bn'", "--prefix"]),
+    "import-prefix-not-found": (lambda f: ["import", _state_dict(f), "--prefix", "nope", "-o", f.tmp / "bn.npz"], 2,
+                                lambda f: ["nope", "'features.1', 'head.bn'"]),
+    "import-no-batchnorm": (lambda f: ["import", _state_dict(f, w=np.ones((2, 2))), "-o", f.tmp / "bn.npz"], 1,
+                            lambda f: ["model.safetensors", "no BatchNorm"]),
+    "import-normstats-stats": (lambda f: ["import", _exact_stats(f.tmp / "a.safetensors", f.npy4d), "-o",
+                                          f.tmp / "bn.npz"], 1, lambda f: ["a.safetensors", "already"]),
+    "import-pickle": (lambda f: ["import", _bytes(f, "model.pt", b"\x80\x02}q\x00."), "-o", f.tmp / "bn.npz"], 2,
+                      lambda f: ["model.pt", "pickles", "safetensors.torch.save_file"]),
+    "import-damaged": (lambda f: ["import", _cut(_state_dict(f), "cut.safetensors"), "-o", f.tmp / "bn.npz"], 1,
+                       lambda f: ["cut.safetensors"]),
+    "import-missing": (lambda f: ["import", f.tmp / "none.safetensors", "-o", f.tmp / "bn.npz"], 2,
+                       lambda f: ["none.safetensors"]),
+    "import-negative-running-var": (lambda f: ["import", _state_dict(f, running_mean=np.zeros(2),
+                                                                     running_var=np.array([1.0, -2.0])),
+                                               "-o", f.tmp / "bn.npz"], 1, lambda f: ["running_var", "channel 1"]),
+    "import-row-shape-mismatch": (lambda f: ["import", _state_dict(f), "--prefix", "features.1", "--row-shape",
+                                             "3,8", "-o", f.tmp / "bn.npz"], 2,
+                                  lambda f: ["--row-shape 3,8", "4 channels"]),
+    "import-row-shape-not-a-shape": (lambda f: ["import", _state_dict(f), "--prefix", "head.bn", "--row-shape",
+                                                "2,x", "-o", f.tmp / "bn.npz"], 2, lambda f: ["--row-shape", "2,x"]),
+    "import-output-is-input": (lambda f: ["import", _state_dict(f), "--prefix", "head.bn", "-o",
+                                          f.tmp / "model.safetensors", "--force"], 2, lambda f: ["model.safetensors"]),
+    "apply-state-dict-as-stats": (lambda f: ["apply", _state_dict(f), f.features_npy, "-o", f.tmp / "y.npy"], 1,
+                                  lambda f: ["model.safetensors", "normstats import"]),
 }
 
 
@@ -1014,3 +1139,13 @@ def test_inspect_reports_near_constant_channels(run, tmp_path):
         summary = json.loads(run("inspect", out, "--json").stdout)
         assert summary["near_constant"] == {"count": 1, "first": [2]}, mode
         assert summary["options"]["mode"] == mode and summary["nan_counts"]["mean"] == 0
+
+
+def test_inspect_reads_a_hand_edited_file_without_the_near_constant_count(run, tmp_path):
+    x = np.random.default_rng(3).standard_normal((50, 4))
+    x[:, 1] = 2.0
+    stats = normstats.BatchNormExact().update(x).result()
+    del stats.meta["near_constant_count"]
+    normstats.write_stats(stats, str(tmp_path / "edited.npz"))
+    summary = json.loads(run("inspect", tmp_path / "edited.npz", "--json").stdout)
+    assert summary["near_constant"] == {"count": 1, "first": [1]}

@@ -3,7 +3,9 @@
 Console blocks hold ``$ normstats ...`` lines followed by their output (stdout,
 or the ``Error: ...`` line on stderr for a failing example); python blocks are
 executed, and a ``print(...)  # text`` line must print that text. Timings in
-summary lines are masked.
+summary lines are masked. A python block that imports a toolkit normstats
+exports to (torch, keras, kaldiio) runs where that toolkit is installed and is
+skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 TIMING = re.compile(r"\d+\.\d\d s, [\d,]+ rows/s, \d+\.\d\d GB/s")
+TOOLKITS = ("torch", "keras", "kaldiio")  # optional: the README shows how to load exports into them
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", flags=re.S)
 
 
@@ -84,7 +87,20 @@ def _run_console(workdir: Path, command: str, expected: str) -> None:
         assert result.stderr == ""
 
 
+def _imported(source: str) -> set[str]:
+    """Top-level modules that `source` imports."""
+    names = set()
+    for line in source.splitlines():
+        if line.startswith("import "):
+            names.update(part.split()[0].split(".")[0] for part in line[len("import "):].split(","))
+        elif line.startswith("from "):
+            names.add(line.split()[1].split(".")[0])
+    return names
+
+
 def _run_python(workdir: Path, source: str) -> None:
+    for toolkit in sorted(_imported(source) & set(TOOLKITS)):
+        pytest.importorskip(toolkit)
     expected = [line.split("# ", 1)[1] for line in source.splitlines() if line.startswith("print(")]
     out = io.StringIO()
     cwd = os.getcwd()

@@ -923,8 +923,9 @@ def _small_blocks(monkeypatch, rows=10):
     monkeypatch.setattr(normstats.pipeline, "block_rows_for", lambda row_bytes, batch_size, **_: rows)
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".safetensors", ".json"])
 @pytest.mark.parametrize("case", ["bn-ema", "bn-exact", "centers-ema", "centers-exact", "bn-exact-groups"])
-def test_checkpoint_resume_in_process_equals_uninterrupted(run, tmp_path, monkeypatch, labels97, case):
+def test_checkpoint_resume_in_process_equals_uninterrupted(run, tmp_path, monkeypatch, labels97, case, suffix):
     x = make_2d()
     save(tmp_path, "x.npy", x[:40])
     save(tmp_path, "y.npy", x[40:])
@@ -941,21 +942,21 @@ def test_checkpoint_resume_in_process_equals_uninterrupted(run, tmp_path, monkey
                           "--mode", "exact", "--batch-size", 5],
     }[case]
     _small_blocks(monkeypatch)
-    ok(run(*args, "-o", "full.npz", "--checkpoint", "ck0.npz", "--checkpoint-every", 0))
-    assert not (tmp_path / "ck0.npz").exists()  # removed on success
+    ok(run(*args, "-o", f"full{suffix}", "--checkpoint", f"ck0{suffix}", "--checkpoint-every", 0))
+    assert not (tmp_path / f"ck0{suffix}").exists()  # removed on success
 
     with monkeypatch.context() as m:
         _interrupt_after(m, 6)
-        interrupted = run(*args, "-o", "out.npz", "--checkpoint", "ck.npz", "--checkpoint-every", 0)
+        interrupted = run(*args, "-o", f"out{suffix}", "--checkpoint", f"ck{suffix}", "--checkpoint-every", 0)
     assert interrupted.exit_code == 130, (interrupted.output, interrupted.exception)
-    assert not (tmp_path / "out.npz").exists()
+    assert not (tmp_path / f"out{suffix}").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    checkpoint = ns.read_stats(str(tmp_path / "ck.npz"))
+    checkpoint = ns.read_stats(str(tmp_path / f"ck{suffix}"))
     done = checkpoint.meta["checkpoint"]["rows_done"]
     assert 0 < done < 97
 
-    ok(run(*args, "-o", "out.npz", "--resume", "ck.npz"))
-    resumed, full = ns.read_stats(str(tmp_path / "out.npz")), ns.read_stats(str(tmp_path / "full.npz"))
+    ok(run(*args, "-o", f"out{suffix}", "--resume", f"ck{suffix}"))
+    resumed, full = ns.read_stats(str(tmp_path / f"out{suffix}")), ns.read_stats(str(tmp_path / f"full{suffix}"))
     same_stats(resumed, full)
     for key in ("rows_seen", "batches_seen", "batches_skipped"):
         assert resumed.meta.get(key) == full.meta.get(key), key
