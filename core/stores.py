@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import struct
 import tempfile
 import time
@@ -74,8 +75,16 @@ def atomic_path(path: str) -> Iterator[str]:
     and `path` is left as it was.
     """
     folder, base = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    # Ctrl-C / SIGTERM are held while the temporary is created: one landing between its
+    # creation and the guard below would strand it. Held signals arrive inside the guard.
+    held = _hold_signals()
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    except BaseException:
+        _release_signals(held)
+        raise
     try:  # from here on, any exit (Ctrl-C included) removes the temporary
+        _release_signals(held)
         os.close(handle)
         os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         yield temporary
@@ -86,6 +95,17 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _hold_signals() -> Optional[set]:
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_signals(previous: Optional[set]) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _read_umask() -> int:
