@@ -46,8 +46,16 @@ def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], *, allow_e
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
     share = rows_per_task or -(-stream.rows // parts)
     block_rows = _task_blocks(stream, recipe["options"].get("batch_size"), block_rows, share)
-    return [FitTask(recipe, inputs, a, b, block_rows)
-            for a, b in split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)]
+    ranges = split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)
+    return [FitTask(recipe if a == 0 else _later(recipe), inputs, a, b, block_rows) for a, b in ranges]
+
+
+def _later(recipe: dict) -> dict:
+    """The recipe of a range after the first. Its ema state starts from zero anyway
+    (``zero_start``), so initial centers, possibly K x D, need not travel with it."""
+    if recipe["mode"] == "ema" and "init" in recipe["options"]:
+        return dict(recipe, options=dict(recipe["options"], init="zeros"))
+    return recipe
 
 
 def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:

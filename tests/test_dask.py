@@ -233,3 +233,15 @@ def test_an_unreachable_scheduler_is_a_usage_error(run, npy4d, monkeypatch):
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: cannot connect to the Dask scheduler at tcp://127.0.0.1:9: ")
     assert len(result.stderr.strip().splitlines()) == 1 and not os.path.exists("s.npz")
+
+
+def test_fit_centers_from_initial_centers_equals_the_local_engine(run, data, monkeypatch, cluster):
+    folder, x, labels, _ = data
+    np.save(folder / "init.npy", np.random.default_rng(3).normal(size=(8, 60)))
+    args = ["fit-centers", *SHARD_ARGS, "--labels", "y.npy", "--num-classes", "8", "--batch-size", "32",
+            "--init", "init.npy"]
+    (local, _), (dask, meta) = _both(run, folder, monkeypatch, cluster, args)
+    assert meta["tasks"] > 1
+    np.testing.assert_allclose(dask["centers"], local["centers"], rtol=1e-10)
+    # class 7 never appears: it keeps its initial center
+    np.testing.assert_array_equal(dask["centers"][7].ravel(), np.load(folder / "init.npy")[7])
