@@ -15,13 +15,14 @@ that never touches files; readers (:mod:`normstats.sources`) and writers
 """
 
 from ._version import __version__
+from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, NonFiniteError, NormstatsError, StatsFileError, UsageError
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
-from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit, run_fit_parallel
+from .pipeline import apply_stats, assign_rows, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit, run_fit_parallel
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
 from .stores import read_array, read_stats, write_stats
@@ -43,8 +44,10 @@ __all__ = [
     "Moments",
     "merge_moments",
     "moments",
+    "NearestCenters",
     "Normalizer",
     "apply_stats",
+    "assign_rows",
     "fit_batchnorm",
     "fit_centers",
     "merge_stats",
