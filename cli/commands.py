@@ -9,13 +9,15 @@ from typing import Any, Callable, Optional
 import click
 
 import normstats as ns
+from normstats.assign import METRICS
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
-from normstats.stores import ARRAY_FORMATS, STATS_FORMATS, Checkpointer, check_output
+from normstats.stats import CENTERS
+from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
 from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
-from .report import progress_bar, show_summary, summarize_apply, summarize_fit
+from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -384,3 +386,40 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         show_summary(summary)
+
+
+@cli.command("assign")
+@click.argument("centers_path", metavar="CENTERS")
+@click.argument("input_spec", metavar="INPUT")
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="HDF5 file to write (.h5): datasets 'labels' and 'distances'.")
+@click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
+              help="euclidean: |x - c|; cosine: 1 - cos(x, c) (1 for a zero vector).")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Nearest centers per row, nearest first (ties: lowest class).")
+@click.option("--max-distance", type=float, metavar="D",
+              help="Label -1 where the distance exceeds D (open-set rejection).")
+@COMMON
+def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
+           max_distance: Optional[float], dataset: Optional[str], force: bool, quiet: bool,
+           allow_external: bool) -> None:
+    """Label each row of INPUT with its nearest CENTERS (from fit-centers), and the
+    distance to it, streamed block by block.
+
+    Classes never seen when the centers were fitted (count 0, or a NaN center)
+    are never assigned. Distances are exact (float64); a float32 matrix
+    product only narrows down the candidates.
+
+    \b
+    Example:
+      normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
+    """
+    check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
+    centers = ns.read_stats(centers_path).require(CENTERS, centers_path)
+    nearest = ns.NearestCenters.from_stats(centers, metric=metric, top_k=top_k, max_distance=max_distance,
+                                           name=centers_path)
+    with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
+        with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:
+            result = ns.assign_rows(nearest, stream, output, meta={"centers": centers_path},
+                                    progress=advance)
+    summarize_assign(result, nearest, output)

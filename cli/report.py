@@ -68,6 +68,18 @@ def summarize_apply(result: dict, output: str) -> None:
     )
 
 
+def summarize_assign(result: dict, nearest, output: str) -> None:
+    """Print the one-line summary of an assign to stdout."""
+    parts = [f"assign {nearest.metric}: {result['rows']:,} rows", f"{result['classes']:,} classes"
+             + (f" ({result['excluded']:,} never seen, excluded)" if result["excluded"] else "")]
+    if nearest.top_k > 1:
+        parts.append(f"top {nearest.top_k}")
+    if nearest.max_distance is not None:
+        parts.append(f"{result['rejected']:,} rejected (distance > {nearest.max_distance:g})")
+    parts.append(throughput(result["rows"], result["bytes_read"], result["seconds"]))
+    click.echo(", ".join(parts) + f" -> {output}")
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"

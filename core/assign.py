@@ -148,8 +148,10 @@ class NearestCenters(KeepsScratch):
                 "fit the centers on labelled data first"
             )
         if int(top_k) != top_k or not 1 <= top_k <= self.classes.size:
+            unseen = f" ({self.excluded.size} of its {self.num_classes} were never seen)" if self.excluded.size else ""
             raise UsageError(
-                f"top-k must be between 1 and the {self.classes.size} usable classes of {name}, got {top_k}"
+                f"top-k must be between 1 and the {self.classes.size} usable classes of {name}{unseen}, "
+                f"got {top_k}"
             )
         self.top_k = int(top_k)
         if max_distance is not None and not max_distance >= 0:
