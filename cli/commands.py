@@ -372,20 +372,35 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
 @cli.command("inspect")
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--plot", "plot_path", metavar="OUT.png",
+              help="Draw the file instead: mean ± std per channel, or class counts and the "
+                   "distances between centers (needs matplotlib: pip install 'normstats[plot]').")
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
     """Summarize a stats or centers FILE: options and provenance, value ranges,
     NaN counts, near-constant channels, class counts (empty and rare classes),
-    center norms and the closest pairs of centers.
+    center norms and the closest pairs of centers; or draw it with --plot.
 
     \b
     Example:
       normstats inspect centers.npz
+      normstats inspect centers.npz --plot centers.png
     """
-    summary = describe(ns.read_stats(path))
+    if plot_path is None:
+        summary = describe(ns.read_stats(path))
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            show_summary(summary)
+        return
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        show_summary(summary)
+        raise click.UsageError("--json and --plot exclude each other")
+    from normstats.plots import PLOT_FORMATS, plot_stats
+
+    check_output(plot_path, force=force, inputs=(path,), formats=PLOT_FORMATS)
+    stats = ns.read_stats(path)
+    what = plot_stats(stats, plot_path)
+    click.echo(f"inspect {stats.kind}: {what} -> {plot_path}")
 
 
 @cli.command("assign")
