@@ -179,10 +179,11 @@ class NearestCenters(KeepsScratch):
             self._center_scale = float(squared.max())
             weight = -2.0  # A = |c|^2 - 2 x.c: the squared distance minus |x|^2
         self._exact = exact  # float64, unshifted (cosine: unit) centers for the exact distances
-        self._screened64 = weight * screened  # multiplying by -1 or -2 is exact
+        self._weight = weight
         with np.errstate(over="ignore"):  # centers beyond float32: every tile screens in float64
-            self._screened32 = self._screened64.astype(np.float32)
+            self._screened32 = (weight * screened).astype(np.float32)  # * -1 or -2 is exact
             self._bias32 = None if self._bias is None else self._bias.astype(np.float32)
+        self._screened64: Optional[np.ndarray] = None  # made when a tile first needs it (rarely)
         self._workspace = Workspace()
 
     @classmethod
@@ -261,6 +262,8 @@ class NearestCenters(KeepsScratch):
         else:  # huge values: float32 would overflow; screen this tile in float64
             screened = x.astype(np.float64) - self._shift
             scale = np.einsum("ij,ij->i", screened, screened) + self._center_scale
+            if self._screened64 is None:
+                self._screened64 = self._weight * (self._exact - self._shift)
             weights, bias, unit = self._screened64, self._bias, 2.0**-53
         margin = 2 * (2 * self.dim + 16) * unit * scale  # 2 delta: see the module docstring
 
