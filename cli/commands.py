@@ -12,7 +12,6 @@ import normstats as ns
 from normstats.assign import METRICS
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
-from normstats.stats import CENTERS
 from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
@@ -430,9 +429,8 @@ def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: 
       normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
     """
     check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
-    centers = ns.read_stats(centers_path).require(CENTERS, centers_path)
-    nearest = ns.NearestCenters.from_stats(centers, metric=metric, top_k=top_k, max_distance=max_distance,
-                                           name=centers_path)
+    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
+                                           max_distance=max_distance, name=centers_path)
     with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
         with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:
             result = ns.assign_rows(nearest, stream, output, meta={"centers": centers_path},

@@ -989,7 +989,7 @@ def _interrupting_progress(total_rows, *, quiet, label, initial=0):
 
 
 @pytest.mark.parametrize("where", ["fit-bn-midway", "fit-bn-sigterm", "fit-centers-midway", "write-npz",
-                                   "write-h5", "apply-midway"])
+                                   "write-h5", "apply-midway", "assign-midway"])
 def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
     monkeypatch.setattr(normstats.pipeline, "block_rows_for", lambda row_bytes, batch_size, **_: batch_size or 5)
     stats = _stats(files.tmp / "st.npz", files.npy4d)
@@ -1015,6 +1015,15 @@ def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
             real_write(self, block)  # two blocks really reach the temporary file
             counter()
         monkeypatch.setattr(normstats.stores.ArrayWriter, "write", write)
+    elif where == "assign-midway":
+        centers = _centers(files.tmp / "centers.npz", files)
+        real_rows = normstats.stores.DatasetsWriter.write
+        rows_counter = _interrupt_on_call(3)
+
+        def write_rows(self, **blocks):
+            real_rows(self, **blocks)  # two blocks of labels and distances reach the temporary
+            rows_counter()
+        monkeypatch.setattr(normstats.stores.DatasetsWriter, "write", write_rows)
     elif where == "fit-bn-sigterm":
         @contextlib.contextmanager
         def terminating_progress(total_rows, *, quiet, label, initial=0):
@@ -1022,11 +1031,12 @@ def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
         monkeypatch.setattr(normstats.cli.commands, "progress_bar", terminating_progress)
     else:
         monkeypatch.setattr(normstats.cli.commands, "progress_bar", _interrupting_progress)
-    out = {"write-h5": "out.h5", "apply-midway": "out.npy"}.get(where, "out.npz")
+    out = {"write-h5": "out.h5", "apply-midway": "out.npy", "assign-midway": "out.h5"}.get(where, "out.npz")
     args = {
         "fit-centers-midway": ["fit-centers", f"{files.h5}:x", "--labels", f"{files.h5}:labels",
                                "--num-classes", 4, "--batch-size", 5],
         "apply-midway": ["apply", stats, files.npy4d],
+        "assign-midway": ["assign", files.tmp / "centers.npz", files.features_npy],
     }.get(where, ["fit-bn", files.npy4d, "--batch-size", 5])
     before, handler = snapshot(files.tmp), signal.getsignal(signal.SIGTERM)
     result = run(*args, "-o", files.tmp / out)
