@@ -74,7 +74,9 @@ class NearestCenters(KeepsScratch):
     Parameters
     ----------
     centers : ndarray, shape (K,) + row_shape
-        Class centers; rows of any shape are compared flattened.
+        Class centers; rows of any shape are compared flattened. Float64
+        centers are used without a copy when every class is usable (K
+        centers can be large): do not change them while this object is used.
     counts : ndarray of int, shape (K,), optional
         Rows seen per class; classes with count 0 are never assigned.
         Classes with a non-finite center are never assigned either.
@@ -158,31 +160,38 @@ class NearestCenters(KeepsScratch):
             raise UsageError(f"max distance must be a number >= 0, got {max_distance}")
         self.max_distance = None if max_distance is None else float(max_distance)
 
-        flat = centers.reshape(self.num_classes, -1)[self.classes].astype(np.float64)
+        flat = centers.reshape(self.num_classes, -1)
+        if self.classes.size < self.num_classes:
+            flat = flat[self.classes]
+        flat = np.asarray(flat, dtype=np.float64)  # no copy of a float64 file's centers
         self.dim = flat.shape[1]
         if metric == "cosine":
             norms = np.sqrt(np.einsum("ij,ij->i", flat, flat))
             self._zero_centers = norms == 0
-            exact = flat / np.where(self._zero_centers, 1.0, norms)[:, None]
-            self._shift = None
-            screened = exact
-            self._bias = None
-            self._center_scale = 1.0
+            flat = flat / np.where(self._zero_centers, 1.0, norms)[:, None]
+            self._shift, self._bias, self._center_scale = None, None, 1.0
             weight = -1.0  # A = -x.c on unit vectors: the cosine distance minus 1
         else:
-            exact = flat
             # the shift only needs to be near the data; the centers' mean is, and costs nothing
             self._shift = flat.mean(axis=0).astype(np.float32)
-            screened = flat - self._shift
-            squared = np.einsum("ij,ij->i", screened, screened)
-            self._bias = squared  # float64; cast per screening dtype
-            self._center_scale = float(squared.max())
+            self._bias = np.empty(len(flat))  # |c - shift|^2
             weight = -2.0  # A = |c|^2 - 2 x.c: the squared distance minus |x|^2
-        self._exact = exact  # float64, unshifted (cosine: unit) centers for the exact distances
+        self._exact = flat  # float64, unshifted (cosine: unit) centers for the exact distances
         self._weight = weight
+        # float32 screening centers, made a few MB at a time: K x D float64 temporaries would
+        # triple the memory of K = 100 000 centers
+        self._screened32 = np.empty(flat.shape, np.float32)
+        piece = max(1, (4 << 20) // (8 * self.dim))
         with np.errstate(over="ignore"):  # centers beyond float32: every tile screens in float64
-            self._screened32 = (weight * screened).astype(np.float32)  # * -1 or -2 is exact
+            for start in range(0, len(flat), piece):
+                part = slice(start, start + piece)
+                screened = flat[part] if self._shift is None else flat[part] - self._shift
+                if self._bias is not None:
+                    self._bias[part] = np.einsum("ij,ij->i", screened, screened)
+                np.multiply(screened, weight, out=self._screened32[part], casting="same_kind")  # exact
             self._bias32 = None if self._bias is None else self._bias.astype(np.float32)
+        if self._bias is not None:
+            self._center_scale = float(self._bias.max())
         self._screened64: Optional[np.ndarray] = None  # made when a tile first needs it (rarely)
         self._workspace = Workspace()
 
