@@ -6,6 +6,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import normstats as ns
 import normstats.assign
@@ -279,3 +282,28 @@ def test_assign_rows_names_the_shard_and_row_of_a_nan(tmp_path):
             ns.assign_rows(ns.NearestCenters(np.eye(3), np.ones(3)), stream, str(tmp_path / "o.h5"),
                            block_rows=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]  # nothing written
+
+
+# --- any small data set --------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), metric=st.sampled_from(["euclidean", "cosine"]))
+def test_any_small_problem_matches_brute_force(data, metric):
+    """Small integer-valued features and centers: many exact ties, zero vectors and
+    duplicate centers. Euclidean distances are then exact in float64, so the labels
+    (ties to the lowest class) must be the reference's too."""
+    K = data.draw(st.integers(1, 12), label="K")
+    D = data.draw(st.integers(1, 5), label="D")
+    rows = data.draw(st.integers(1, 20), label="rows")
+    small = st.integers(-3, 3)
+    centers = data.draw(hnp.arrays(np.float64, (K, D), elements=small), label="centers")
+    x = data.draw(hnp.arrays(np.int16, (rows, D), elements=small), label="x")
+    counts = data.draw(hnp.arrays(np.int64, K, elements=st.integers(0, 2)), label="counts")
+    usable = int(np.sum(counts > 0))
+    assume(usable > 0)
+    k = data.draw(st.integers(1, usable), label="k")
+    result = ns.NearestCenters(centers, counts, metric=metric, top_k=k)(x)
+    # cosine: c/|c| of parallel centers may round apart, so a tie may break either way
+    assert_nearest(result, x, centers, counts, k, metric, labels_too=metric == "euclidean",
+                   rtol=1e-12, atol=1e-12)
