@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import click
 from tqdm import tqdm
 
+from normstats.assign import NearestCenters
 from normstats.stats import Stats
 
 
@@ -68,8 +69,9 @@ def summarize_apply(result: dict, output: str) -> None:
     )
 
 
-def summarize_assign(result: dict, nearest, output: str) -> None:
-    """Print the one-line summary of an assign to stdout."""
+def summarize_assign(result: dict, nearest: NearestCenters, output: str) -> None:
+    """Print the one-line summary of an assign to stdout: metric, rows, classes used
+    (and excluded), k, rows rejected by --max-distance, throughput."""
     parts = [f"assign {nearest.metric}: {result['rows']:,} rows", f"{result['classes']:,} classes"
              + (f" ({result['excluded']:,} never seen, excluded)" if result["excluded"] else "")]
     if nearest.top_k > 1:

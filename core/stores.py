@@ -264,7 +264,7 @@ class _RowsWriter:
         """Open `temporary` for writing; return the handle to close at the end."""
         raise NotImplementedError
 
-    def __enter__(self):
+    def __enter__(self) -> "_RowsWriter":
         self._context = atomic_path(self.path)
         temporary = self._context.__enter__()
         try:
