@@ -9,13 +9,14 @@ from typing import Any, Callable, Optional
 import click
 
 import normstats as ns
+from normstats.assign import METRICS
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
-from normstats.stores import ARRAY_FORMATS, STATS_FORMATS, Checkpointer, check_output
+from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
 from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
-from .report import progress_bar, show_summary, summarize_apply, summarize_fit
+from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -423,17 +424,68 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
 @cli.command("inspect")
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--plot", "plot_path", metavar="OUT.png",
+              help="Draw the file instead: mean ± std per channel, or class counts and the "
+                   "distances between centers (needs matplotlib: pip install 'normstats[plot]').")
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
     """Summarize a stats or centers FILE: options and provenance, value ranges,
     NaN counts, near-constant channels, class counts (empty and rare classes),
-    center norms and the closest pairs of centers.
+    center norms and the closest pairs of centers; or draw it with --plot.
 
     \b
     Example:
       normstats inspect centers.npz
+      normstats inspect centers.npz --plot centers.png
     """
-    summary = describe(ns.read_stats(path))
+    if plot_path is None:
+        summary = describe(ns.read_stats(path))
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            show_summary(summary)
+        return
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        show_summary(summary)
+        raise click.UsageError("--json and --plot exclude each other")
+    from normstats.plots import PLOT_FORMATS, plot_stats
+
+    check_output(plot_path, force=force, inputs=(path,), formats=PLOT_FORMATS)
+    stats = ns.read_stats(path)
+    what = plot_stats(stats, plot_path)
+    click.echo(f"inspect {stats.kind}: {what} -> {plot_path}")
+
+
+@cli.command("assign")
+@click.argument("centers_path", metavar="CENTERS")
+@click.argument("input_spec", metavar="INPUT")
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="HDF5 file to write (.h5): datasets 'labels' and 'distances'.")
+@click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
+              help="euclidean: |x - c|; cosine: 1 - cos(x, c) (1 for a zero vector).")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Nearest centers per row, nearest first (ties: lowest class).")
+@click.option("--max-distance", type=float, metavar="D",
+              help="Label -1 where the distance exceeds D (open-set rejection).")
+@COMMON
+def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
+           max_distance: Optional[float], dataset: Optional[str], force: bool, quiet: bool,
+           allow_external: bool) -> None:
+    """Label each row of INPUT with its nearest CENTERS (from fit-centers), and the
+    distance to it, streamed block by block.
+
+    Classes never seen when the centers were fitted (count 0, or a NaN center)
+    are never assigned. Distances are exact (float64); a float32 matrix
+    product only narrows down the candidates.
+
+    \b
+    Example:
+      normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
+    """
+    check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
+    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
+                                           max_distance=max_distance, name=centers_path)
+    with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
+        with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:
+            result = ns.assign_rows(nearest, stream, output, meta={"centers": centers_path},
+                                    progress=advance)
+    summarize_assign(result, nearest, output)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import click
 from tqdm import tqdm
 
+from normstats.assign import NearestCenters
 from normstats.stats import Stats
 
 
@@ -71,6 +72,19 @@ def summarize_apply(result: dict, output: str) -> None:
         f"apply: {result['rows']:,} rows, {tasks}"
         f"{throughput(result['rows'], result['bytes_read'], result['seconds'])} -> {output}"
     )
+
+
+def summarize_assign(result: dict, nearest: NearestCenters, output: str) -> None:
+    """Print the one-line summary of an assign to stdout: metric, rows, classes used
+    (and excluded), k, rows rejected by --max-distance, throughput."""
+    parts = [f"assign {nearest.metric}: {result['rows']:,} rows", f"{result['classes']:,} classes"
+             + (f" ({result['excluded']:,} never seen, excluded)" if result["excluded"] else "")]
+    if nearest.top_k > 1:
+        parts.append(f"top {nearest.top_k}")
+    if nearest.max_distance is not None:
+        parts.append(f"{result['rejected']:,} rejected (distance > {nearest.max_distance:g})")
+    parts.append(throughput(result["rows"], result["bytes_read"], result["seconds"]))
+    click.echo(", ".join(parts) + f" -> {output}")
 
 
 def _fmt(value) -> str:

@@ -15,6 +15,7 @@ that never touches files; readers (:mod:`normstats.sources`) and writers
 """
 
 from ._version import __version__
+from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .engines import apply_dask, dask_client, run_fit_dask, run_fit_parallel
@@ -23,7 +24,7 @@ from .interop import Export, export_stats, import_torch, stats_from_torch, to_es
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
-from .pipeline import apply_stats, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
+from .pipeline import apply_stats, assign_rows, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
 from .stores import read_array, read_stats, write_stats
@@ -54,8 +55,10 @@ __all__ = [
     "Moments",
     "merge_moments",
     "moments",
+    "NearestCenters",
     "Normalizer",
     "apply_stats",
+    "assign_rows",
     "fit_batchnorm",
     "fit_centers",
     "merge_stats",

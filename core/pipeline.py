@@ -13,13 +13,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ._version import __version__
+from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer, output_dtype
 from .sources import Stream, block_rows_for
 from .stats import BATCHNORM, Stats
-from .stores import ArrayWriter
+from .stores import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
 Checkpoint = Optional[Callable[[object, int], None]]
@@ -248,3 +250,73 @@ def apply_stats(
             if progress:
                 progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}
+
+
+def assign_rows(
+    nearest: NearestCenters,
+    stream: Stream,
+    output: str,
+    *,
+    meta: Optional[dict] = None,
+    block_rows: Optional[int] = None,
+    progress: Progress = None,
+) -> dict:
+    """Write the nearest centers of every row of `stream` to the HDF5 file `output`, atomically.
+
+    The file holds ``labels`` (int64) and ``distances`` (float64), of shape
+    (rows,) for ``top_k == 1``, else (rows, top_k), nearest first, and as
+    attributes the options, the inputs and the classes used.
+
+    Parameters
+    ----------
+    nearest : NearestCenters
+        The centers and options.
+    stream : Stream
+        Feature rows of the centers' row shape.
+    output : str
+        ``.h5`` path.
+    meta : dict, optional
+        More attributes to store (e.g. ``centers``: the centers file).
+    block_rows : int, optional
+        Rows per read block (default about 8 MB).
+    progress : callable, optional
+        Called with the number of rows after each block.
+
+    Returns
+    -------
+    dict
+        rows, bytes read, seconds, rejected rows (label -1 first), classes
+        used and excluded.
+
+    Raises
+    ------
+    RowError
+        Naming the shard and row of a row holding NaN or Inf.
+    """
+    nearest.check(stream.row_shape, stream.dtype, ", ".join(stream.names))
+    block_rows = block_rows or block_rows_for(stream.row_bytes, None)
+    shape = (stream.rows,) + nearest.output_shape
+    attrs = dict(
+        meta or {},
+        metric=nearest.metric, top_k=nearest.top_k, max_distance=nearest.max_distance,
+        num_classes=nearest.num_classes, classes_used=int(nearest.classes.size),
+        classes_excluded=int(nearest.excluded.size), rows=stream.rows, sources=stream.names,
+        input_dtype=str(stream.dtype), normstats_version=__version__,
+    )
+    arrays = {"labels": (shape, np.int64), "distances": (shape, np.float64)}
+    started = time.perf_counter()
+    done = rejected = 0
+    with DatasetsWriter(output, arrays, attrs) as writer:
+        for block in stream.blocks(block_rows):
+            try:
+                labels, distances = nearest(block)
+            except RowError as error:
+                raise error.located(*stream.locate(done + error.row)) from None
+            writer.write(labels=labels, distances=distances)
+            rejected += int(np.count_nonzero(labels.reshape(len(labels), -1)[:, 0] < 0))
+            done += block.shape[0]
+            if progress:
+                progress(block.shape[0])
+    return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started,
+            "rejected": rejected, "classes": int(nearest.classes.size),
+            "excluded": int(nearest.excluded.size)}

@@ -29,6 +29,9 @@ from .stats import BATCHNORM, CENTERS, Stats, check_stats
 
 STATS_FORMATS = (".npz", ".h5", ".hdf5", ".safetensors", ".json")
 ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
+# assign writes labels and distances together: HDF5 only, since a zip (.npz) can have one
+# member open for writing at a time, and two .npy files could not be renamed into place at once
+ASSIGN_FORMATS = (".h5", ".hdf5")
 H5_CHUNK_BYTES = 1 << 20
 
 
@@ -46,8 +49,9 @@ def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats:
         without `force`, a directory, or the path of one of the `inputs`.
     """
     path, dataset = split_output(path)
-    if dataset is not None and formats is not ARRAY_FORMATS:  # only apply's HDF5 output names one
-        raise UsageError(f"output {path}:{dataset}: this output takes no dataset name; write {path}")
+    if dataset is not None and formats is not ARRAY_FORMATS:  # only a single array has one name
+        what = "a stats file" if formats is STATS_FORMATS else "this output"
+        raise UsageError(f"output {path}:{dataset}: {what} takes no dataset name; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
@@ -167,12 +171,17 @@ def _write_stats_h5(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: s
     with h5py.File(path, "w") as f:
         for name, value in arrays.items():
             f.create_dataset(name, data=np.asarray(value))
-        for key, value in meta.items():
-            # Scalars stay readable attributes; lists and None are stored as JSON.
-            if isinstance(value, (str, bool, int, float)):
-                f.attrs[key] = value
-            else:
-                f.attrs[key] = "json:" + json.dumps(value)
+        write_attrs(f, meta)
+
+
+def write_attrs(target: Any, meta: dict[str, Any]) -> None:
+    """Store `meta` as HDF5 attributes of `target` (a file, group or dataset)."""
+    for key, value in meta.items():
+        # Scalars stay readable attributes; lists and None are stored as JSON.
+        if isinstance(value, (str, bool, int, float)):
+            target.attrs[key] = value
+        else:
+            target.attrs[key] = "json:" + json.dumps(value)
 
 
 def _write_stats_json(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> None:
@@ -506,7 +515,55 @@ def _array_name(path: str, names: Sequence[str], name: Optional[str]) -> str:
 # --- array outputs (apply) ----------------------------------------------------
 
 
-class ArrayWriter:
+class _RowsWriter:
+    """Rows written block by block into a temporary beside `path`, renamed
+    into place on a clean exit of the ``with`` block (removed on an exception).
+
+    Subclasses open their format in :meth:`_open` and write in ``write``,
+    adding the rows written to ``_rows_written``.
+    """
+
+    def __init__(self, path: str, rows: int) -> None:
+        self.path, self.rows = path, int(rows)
+        self._context: Optional[contextlib.AbstractContextManager] = None
+        self._rows_written = 0
+
+    def _open(self, temporary: str) -> Any:
+        """Open `temporary` for writing; return the handle to close at the end."""
+        raise NotImplementedError
+
+    def __enter__(self) -> "_RowsWriter":
+        self._context = atomic_path(self.path)
+        temporary = self._context.__enter__()
+        try:
+            self._file = self._open(temporary)
+        except BaseException as error:
+            self._context.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()
+        if exc_type is None and self._rows_written != self.rows:
+            exc = RuntimeError(f"wrote {self._rows_written} of {self.rows} rows")
+            self._context.__exit__(RuntimeError, exc, None)
+            raise exc
+        self._context.__exit__(exc_type, exc, tb)
+
+
+def _rows_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """An HDF5 dataset of `shape`, chunked by about H5_CHUNK_BYTES of whole rows."""
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    chunk_rows = max(1, min(shape[0], H5_CHUNK_BYTES // row_bytes))
+    return file.create_dataset(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + tuple(shape[1:]))
+
+
+def _write_rows(dataset: Any, start: int, block: np.ndarray) -> None:
+    dataset.write_direct(np.ascontiguousarray(block, dtype=dataset.dtype),
+                         dest_sel=np.s_[start : start + block.shape[0]])
+
+
+class ArrayWriter(_RowsWriter):
     """Writes an array of known shape block by block to `.npy` or an HDF5 dataset.
 
     Use as a context manager: on a clean exit the file is renamed into place,
@@ -524,55 +581,74 @@ class ArrayWriter:
     """
 
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, dataset: str = "data") -> None:
-        self.path, name = split_output(path)
+        path, name = split_output(path)
+        super().__init__(path, shape[0])
         self.dataset = name or dataset
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self._context: Optional[contextlib.AbstractContextManager] = None
-        self._rows_written = 0
 
-    def __enter__(self) -> "ArrayWriter":
-        self._context = atomic_path(self.path)
-        temporary = self._context.__enter__()
-        try:
-            if _extension(self.path) == ".npy":
-                self._file = open(temporary, "wb")
-                header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                          "fortran_order": False, "shape": self.shape}
-                np.lib.format.write_array_header_1_0(self._file, header)
-                self._dataset = None
-            else:
-                import h5py
+    def _open(self, temporary: str) -> Any:
+        if _extension(self.path) == ".npy":
+            self._dataset = None
+            f = open(temporary, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                      "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            return f
+        import h5py
 
-                self._file = h5py.File(temporary, "w")
-                row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
-                chunk_rows = max(1, min(self.shape[0], H5_CHUNK_BYTES // row_bytes))
-                self._dataset = self._file.create_dataset(
-                    self.dataset, shape=self.shape, dtype=self.dtype,
-                    chunks=(chunk_rows,) + self.shape[1:],
-                )
-        except BaseException as error:
-            self._context.__exit__(type(error), error, error.__traceback__)
-            raise
-        return self
+        f = h5py.File(temporary, "w")
+        self._dataset = _rows_dataset(f, self.dataset, self.shape, self.dtype)
+        return f
 
     def write(self, block: np.ndarray) -> None:
         """Append the next rows."""
         if self._dataset is None:
             self._file.write(np.ascontiguousarray(block, dtype=self.dtype).data)
         else:
-            stop = self._rows_written + block.shape[0]
-            self._dataset.write_direct(
-                np.ascontiguousarray(block, dtype=self.dtype), dest_sel=np.s_[self._rows_written : stop]
-            )
+            _write_rows(self._dataset, self._rows_written, block)
         self._rows_written += block.shape[0]
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
-        if exc_type is None and self._rows_written != self.shape[0]:
-            exc = RuntimeError(f"wrote {self._rows_written} of {self.shape[0]} rows")
-            self._context.__exit__(RuntimeError, exc, None)
-            raise exc
-        self._context.__exit__(exc_type, exc, tb)
+
+class DatasetsWriter(_RowsWriter):
+    """Writes several HDF5 datasets with the same rows, block by block, atomically.
+
+    Parameters
+    ----------
+    path : str
+        The HDF5 file to write.
+    arrays : dict of str to (shape, dtype)
+        The datasets; every shape starts with the same number of rows.
+    attrs : dict, optional
+        File attributes (metadata), stored as by :func:`write_attrs`.
+    """
+
+    def __init__(self, path: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 attrs: Optional[dict[str, Any]] = None) -> None:
+        rows = {shape[0] for shape, _ in arrays.values()}
+        if len(rows) != 1:
+            raise ValueError(f"datasets with different numbers of rows: {sorted(rows)}")
+        super().__init__(path, rows.pop())
+        self.arrays, self.attrs = dict(arrays), dict(attrs or {})
+
+    def _open(self, temporary: str) -> Any:
+        import h5py
+
+        f = h5py.File(temporary, "w")
+        self._datasets = {name: _rows_dataset(f, name, tuple(shape), dtype)
+                          for name, (shape, dtype) in self.arrays.items()}
+        write_attrs(f, self.attrs)
+        return f
+
+    def write(self, **blocks: np.ndarray) -> None:
+        """Append the next rows of every dataset (one keyword each)."""
+        if set(blocks) != set(self._datasets):
+            raise ValueError(f"write needs {sorted(self._datasets)}, got {sorted(blocks)}")
+        rows = {block.shape[0] for block in blocks.values()}
+        if len(rows) != 1:
+            raise ValueError("blocks with different numbers of rows")
+        for name, block in blocks.items():
+            _write_rows(self._datasets[name], self._rows_written, block)
+        self._rows_written += rows.pop()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,9 @@ ref_centers_ema, ref_centers_ema_first, ref_centers_exact
     ``init='first'``, and exact class means.
 ref_apply
     Inference-mode normalization.
+ref_distances, ref_nearest
+    Distances of rows to every usable center, and the k nearest (ties: lowest
+    class).
 """
 
 from __future__ import annotations
@@ -180,6 +183,48 @@ def ref_apply(x, mean, inv_std, axes="auto", gamma=1.0, beta=0.0):
     if beta is not None:
         y = y + _expand(beta, axes)
     return y
+
+
+def ref_distances(x, centers, counts, metric="euclidean"):
+    """Distances of every row of `x` to every usable center, all pairs at once.
+
+    Usable: count > 0 and a finite center. ``euclidean``: sqrt of the summed
+    squared differences; ``cosine``: ``1 - x.c / (|x| |c|)``, 1 where either
+    vector is zero.
+
+    Returns
+    -------
+    classes : ndarray of int
+        The usable classes.
+    distances : ndarray, shape (rows, len(classes))
+    """
+    x = np.asarray(x).astype(np.float64).reshape(len(x), -1)
+    centers = np.asarray(centers, dtype=np.float64).reshape(len(centers), -1)
+    classes = np.flatnonzero((np.asarray(counts) > 0) & np.isfinite(centers).all(axis=1))
+    c = centers[classes]
+    if metric == "euclidean":
+        return classes, np.sqrt(((x[:, None, :] - c[None, :, :]) ** 2).sum(axis=2))
+    x_norm = np.sqrt((x * x).sum(axis=1))
+    c_norm = np.sqrt((c * c).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (x @ c.T) / x_norm[:, None] / c_norm[None, :]
+    distance = 1.0 - cos
+    distance[x_norm == 0, :] = 1.0
+    distance[:, c_norm == 0] = 1.0
+    return classes, distance
+
+
+def ref_nearest(x, centers, counts, k=1, metric="euclidean"):
+    """The `k` nearest usable centers of each row, nearest first, ties to the
+    lowest class: labels and distances of shape (rows, k)."""
+    classes, distance = ref_distances(x, centers, counts, metric)
+    labels = np.empty((len(distance), k), dtype=np.int64)
+    nearest = np.empty((len(distance), k))
+    for row, values in enumerate(distance):
+        order = sorted(range(len(classes)), key=lambda j: (values[j], classes[j]))[:k]
+        labels[row] = classes[order]
+        nearest[row] = values[order]
+    return labels, nearest
 
 
 # Input shapes and axes the tests sweep: ranks 1-5, auto and custom (also negative) axes.

@@ -25,7 +25,9 @@ import normstats.cli.commands
 import normstats.pipeline
 import normstats.stores
 from normstats.cli import cli
-from tests.reference import ref_bn_ema, ref_bn_exact, ref_centers_ema, ref_centers_ema_first, ref_centers_exact
+from tests.reference import (
+    ref_bn_ema, ref_bn_exact, ref_centers_ema, ref_centers_ema_first, ref_centers_exact, ref_nearest,
+)
 
 RTOL = 1e-5
 BN_META_KEYS = {
@@ -543,10 +545,61 @@ def test_apply_integer_input_becomes_float32(run, files):
     np.testing.assert_allclose(y, normalize_reference(x, arrays, (0,)), rtol=RTOL, atol=1e-5)
 
 
+# --- assign ------------------------------------------------------------------------------------
+
+
+def _assigned(path) -> tuple[np.ndarray, np.ndarray, dict]:
+    with h5py.File(path, "r") as f:
+        return f["labels"][()], f["distances"][()], {key: _attr(value) for key, value in f.attrs.items()}
+
+
+@pytest.mark.parametrize("mode", ["ema", "exact"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_assign_labels_rows_with_the_nearest_centers(run, files, features, mode, metric):
+    centers_file, out = files.tmp / "centers.npz", files.tmp / "assigned.h5"
+    ok(run("fit-centers", files.features_npy, "--labels", files.labels_npy, "--num-classes", 5,
+           "--mode", mode, "-o", centers_file), centers_file)  # class 4 never occurs
+    line = ok(run("assign", centers_file, f"{files.h5}:x", "-o", out, "--metric", metric), out)
+    assert line.startswith(f"assign {metric}: 53 rows, 4 classes (1 never seen, excluded), ")
+    got_labels, got_distances, meta = _assigned(out)
+    arrays, _ = load_stats(centers_file)
+    expected_labels, expected_distances = ref_nearest(features, arrays["centers"], arrays["counts"], 1, metric)
+    np.testing.assert_array_equal(got_labels, expected_labels[:, 0])
+    np.testing.assert_allclose(got_distances, expected_distances[:, 0], rtol=1e-12, atol=1e-12)
+    assert 4 not in got_labels
+    assert (meta["metric"], meta["top_k"], meta["max_distance"]) == (metric, 1, None)
+    assert (meta["centers"], meta["sources"], meta["rows"]) == (str(centers_file), [f"{files.h5}:x"], 53)
+    assert (meta["classes_used"], meta["classes_excluded"]) == (4, 1)
+
+
+def test_assign_top_k_and_max_distance(run, files, features):
+    centers_file, out = _centers(files.tmp / "centers.h5", files), files.tmp / "top.hdf5"
+    line = ok(run("assign", centers_file, files.features_npy, "-o", out, "--top-k", 3,
+                  "--max-distance", 2.5), out)
+    got_labels, got_distances, meta = _assigned(out)
+    arrays, _ = load_stats(centers_file)
+    expected_labels, expected_distances = ref_nearest(features, arrays["centers"], arrays["counts"], 3)
+    assert got_labels.shape == got_distances.shape == (53, 3)
+    np.testing.assert_allclose(got_distances, expected_distances, rtol=1e-12)
+    np.testing.assert_array_equal(got_labels, np.where(expected_distances > 2.5, -1, expected_labels))
+    rejected = int(np.sum(expected_distances[:, 0] > 2.5))
+    assert 0 < rejected < 53 and f"top 3, {rejected} rejected (distance > 2.5)" in line
+    assert meta["max_distance"] == 2.5
+
+
+def test_assign_force_overwrites(run, files):
+    centers_file, out = _centers(files.tmp / "centers.npz", files), files.tmp / "a.h5"
+    out.write_bytes(b"old")
+    assert run("assign", centers_file, files.features_npy, "-o", out).exit_code == 2
+    assert out.read_bytes() == b"old"
+    ok(run("assign", centers_file, files.features_npy, "-o", out, "--force"), out)
+    assert _assigned(out)[0].shape == (53,)
+
+
 # --- output conventions ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["fit-bn", "fit-centers", "apply"])
+@pytest.mark.parametrize("command", ["fit-bn", "fit-centers", "apply", "assign"])
 def test_one_summary_line_and_quiet_stderr(run, files, command):
     stats = _stats(files.tmp / "stats.npz", files.features_npy)
     out, args = {
@@ -554,6 +607,7 @@ def test_one_summary_line_and_quiet_stderr(run, files, command):
         "fit-centers": (files.tmp / "out.h5", [files.features_npy, "--labels", files.labels_npy,
                                                "--num-classes", 4]),
         "apply": (files.tmp / "out.npy", [stats, files.features_npy]),
+        "assign": (files.tmp / "out.h5", [_centers(files.tmp / "centers.npz", files), files.features_npy]),
     }[command]
     line = ok(run(command, *args, "-o", out), out)
     assert line.startswith(f"{command} " if command != "apply" else "apply:")
@@ -632,9 +686,9 @@ def _exact_stats(path: Path, source: Path) -> Path:
     return path
 
 
-def _centers(path: Path, f) -> Path:
+def _centers(path: Path, f, num_classes: int = 4) -> Path:
     with normstats.open_stream([f"{f.h5}:x"]) as x, normstats.open_stream([f"{f.h5}:labels"]) as y:
-        normstats.write_stats(normstats.fit_centers(normstats.CentersExact(4), x, y), str(path))
+        normstats.write_stats(normstats.fit_centers(normstats.CentersExact(num_classes), x, y), str(path))
     return path
 
 
@@ -746,6 +800,34 @@ def _bytes(f, name: str, data: bytes) -> Path:
 
 def _export(stats, target, out):
     return lambda f: ["export", stats(f), "--to", target, "-o", f.tmp / out]
+
+
+def _centers_path(f) -> Path:
+    return _centers(f.tmp / "centers.npz", f)
+
+
+def _unseen_centers(f) -> Path:
+    """Centers whose every class is unseen: all rows carry the ignored label."""
+    with normstats.open_stream([str(f.features_npy)]) as x, normstats.open_stream([str(f.labels_npy)]) as y:
+        state = normstats.CentersExact(4, ignore_label=int(np.load(f.labels_npy)[0]))
+        stats = normstats.fit_centers(state, x, y)
+    stats.arrays["counts"][:] = 0
+    stats.arrays["centers"][:] = np.nan
+    normstats.write_stats(stats, str(f.tmp / "unseen.npz"))
+    return f.tmp / "unseen.npz"
+
+
+def _assign(centers, *rest, out="out.h5", existing=False):
+    """``assign CENTERS INPUT -o OUT``: INPUT is the features unless `rest` starts with a
+    builder; `existing` writes an old OUT first."""
+    def build(f):
+        if existing:
+            (f.tmp / out).write_bytes(b"old")
+        args = [i(f) if callable(i) else i for i in rest]
+        if not (rest and callable(rest[0])):
+            args.insert(0, f.features_npy)
+        return ["assign", centers(f), *args, "-o", f.tmp / out]
+    return build
 
 
 # Each case: (build args from the files, exit code, builder of the strings the Error: line must contain).
@@ -928,6 +1010,35 @@ ERROR_CASES = {
                                           f.tmp / "model.safetensors", "--force"], 2, lambda f: ["model.safetensors"]),
     "apply-state-dict-as-stats": (lambda f: ["apply", _state_dict(f), f.features_npy, "-o", f.tmp / "y.npy"], 1,
                                   lambda f: ["model.safetensors", "normstats import"]),
+
+
+    "assign-centers-is-bn-stats": (_assign(lambda f: _exact_stats(f.tmp / "st.npz", f.features_npy)), 1,
+                                   lambda f: ["st.npz", "batchnorm", "fit-centers"]),
+    "assign-centers-is-an-array": (_assign(lambda f: f.features_npy), 1, lambda f: ["features.npy"]),
+    "assign-feature-dim-mismatch": (_assign(_centers_path, lambda f: f.npy4d), 1,
+                                    lambda f: ["images.npy", "(3, 4, 5)", "(6,)"]),
+    "assign-top-k-0": (_assign(_centers_path, "--top-k", 0), 2, lambda f: ["--top-k"]),
+    "assign-top-k-above-classes": (_assign(_centers_path, "--top-k", 5), 2,
+                                   lambda f: ["top-k", "4 usable classes", "centers.npz", "5"]),
+    "assign-top-k-counts-only-seen-classes": (
+        _assign(lambda f: _centers(f.tmp / "centers.npz", f, num_classes=6), "--top-k", 5), 2,
+        lambda f: ["4 usable classes"]),
+    "assign-no-usable-class": (_assign(_unseen_centers), 1, lambda f: ["unseen.npz", "no usable class"]),
+    "assign-unknown-metric": (_assign(_centers_path, "--metric", "manhattan"), 2, lambda f: ["--metric"]),
+    "assign-max-distance-negative": (_assign(_centers_path, "--max-distance", -1), 2,
+                                     lambda f: ["max distance", "-1"]),
+    "assign-missing-centers": (_assign(lambda f: f.tmp / "nocenters.npz"), 2, lambda f: ["nocenters.npz"]),
+    "assign-missing-input": (_assign(_centers_path, lambda f: f.tmp / "missing.npy"), 2,
+                             lambda f: ["missing.npy"]),
+    "assign-output-exists": (_assign(_centers_path, out="there.h5", existing=True), 2,
+                             lambda f: ["there.h5", "--force"]),
+    "assign-output-npz": (_assign(_centers_path, out="labels.npz"), 2, lambda f: ["labels.npz", ".h5"]),
+    "assign-output-with-dataset": (_assign(_centers_path, out="a.h5:labels"), 2, lambda f: ["a.h5:labels"]),
+    "assign-output-is-input": (lambda f: ["assign", _centers_path(f), f"{f.h5}:x", "-o", f.h5, "--force"], 2,
+                               lambda f: [str(f.h5), "input"]),
+    "assign-nan-row": (_assign(_centers_path, lambda f: _npy(f, "nan.npy", np.r_[np.ones((3, 6)),
+                                                                                  [[1, 2, np.inf, 4, 5, 6]]])),
+                       1, lambda f: ["nan.npy row 3", "column 2", "inf"]),
 }
 
 
@@ -1005,7 +1116,7 @@ def _interrupting_progress(total_rows, *, quiet, label, initial=0):
 
 
 @pytest.mark.parametrize("where", ["fit-bn-midway", "fit-bn-sigterm", "fit-centers-midway", "write-npz",
-                                   "write-h5", "apply-midway"])
+                                   "write-h5", "apply-midway", "assign-midway"])
 def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
     monkeypatch.setattr(normstats.pipeline, "block_rows_for", lambda row_bytes, batch_size, **_: batch_size or 5)
     stats = _stats(files.tmp / "st.npz", files.npy4d)
@@ -1031,6 +1142,15 @@ def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
             real_write(self, block)  # two blocks really reach the temporary file
             counter()
         monkeypatch.setattr(normstats.stores.ArrayWriter, "write", write)
+    elif where == "assign-midway":
+        centers = _centers(files.tmp / "centers.npz", files)
+        real_rows = normstats.stores.DatasetsWriter.write
+        rows_counter = _interrupt_on_call(3)
+
+        def write_rows(self, **blocks):
+            real_rows(self, **blocks)  # two blocks of labels and distances reach the temporary
+            rows_counter()
+        monkeypatch.setattr(normstats.stores.DatasetsWriter, "write", write_rows)
     elif where == "fit-bn-sigterm":
         @contextlib.contextmanager
         def terminating_progress(total_rows, *, quiet, label, initial=0):
@@ -1038,11 +1158,12 @@ def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
         monkeypatch.setattr(normstats.cli.commands, "progress_bar", terminating_progress)
     else:
         monkeypatch.setattr(normstats.cli.commands, "progress_bar", _interrupting_progress)
-    out = {"write-h5": "out.h5", "apply-midway": "out.npy"}.get(where, "out.npz")
+    out = {"write-h5": "out.h5", "apply-midway": "out.npy", "assign-midway": "out.h5"}.get(where, "out.npz")
     args = {
         "fit-centers-midway": ["fit-centers", f"{files.h5}:x", "--labels", f"{files.h5}:labels",
                                "--num-classes", 4, "--batch-size", 5],
         "apply-midway": ["apply", stats, files.npy4d],
+        "assign-midway": ["assign", files.tmp / "centers.npz", files.features_npy],
     }.get(where, ["fit-bn", files.npy4d, "--batch-size", 5])
     before, handler = snapshot(files.tmp), signal.getsignal(signal.SIGTERM)
     result = run(*args, "-o", files.tmp / out)
