@@ -413,12 +413,18 @@ def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[
             arrays = {name: f.get_tensor(name) for name in (available if names is None else names)}
     except (SafetensorError, TypeError, ValueError, OSError) as error:
         if "bfloat16" in str(error):
-            raise StatsFileError(
-                f"{path} holds bfloat16 tensors, which numpy has no type for: save them as float32 "
-                "(e.g. {k: v.float() for k, v in state_dict.items()})"
-            ) from None
+            raise _bfloat16(path) from None
         raise StatsFileError(f"{path} is not a readable .safetensors file: {_reason(error)}") from None
+    if any(array.dtype.name == "bfloat16" for array in arrays.values()):  # loadable once ml_dtypes is
+        raise _bfloat16(path)
     return arrays, metadata
+
+
+def _bfloat16(path: str) -> StatsFileError:
+    return StatsFileError(
+        f"{path} holds bfloat16 tensors, which numpy has no type for: save them as float32 "
+        "(e.g. {k: v.float() for k, v in state_dict.items()})"
+    )
 
 
 def safetensors_index(path: str) -> tuple[list[str], dict[str, str]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +14,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from normstats.cli import cli
+
+# Keras reads its backend once, at its first import (by test_interop or a README block): use
+# torch where it is installed, the backend the export checks are run with.
+if importlib.util.find_spec("torch") is not None:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
 @pytest.fixture
