@@ -68,7 +68,7 @@ FIT = _options(
 
 ENGINE = _options(
     click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
-                 help="local: this process (or --jobs processes); dask: tasks over row ranges "
+                 help="local: on this machine (see --jobs); dask: tasks over row ranges "
                       "on a Dask cluster (pip install 'normstats[dask]')."),
     click.option("--scheduler", metavar="ADDRESS",
                  help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
