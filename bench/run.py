@@ -401,6 +401,16 @@ def case_apply(data: Data, fmt: str) -> None:
         ns.apply_stats(normalizer, stream, str(data.output(fmt, "apply")))
 
 
+def case_assign(data: Data, fmt: str, *, k: int) -> Iterator[None]:
+    """normstats assign: nearest of K random centers (made before the clock) to HDF5."""
+    import normstats as ns
+
+    nearest = ns.NearestCenters(np.random.default_rng(k).normal(size=(k, data.dim)))
+    with ns.open_stream([data.spec(fmt)]) as stream:
+        yield
+        ns.assign_rows(nearest, stream, str(data.folder / f"out-assign-K{k}.h5"))
+
+
 CaseFunction = Callable[[Data, str], None]
 # name -> (function, formats, modules imported before the baseline)
 CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
@@ -424,6 +434,8 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
        for k in CLASS_COUNTS for mode in ("ema", "exact")},
     "apply": (case_apply, ("npy", "h5"), ()),
     "apply-dask2": (functools.partial(case_apply_dask, workers=2), ("npy", "h5"), ("distributed",)),
+    # Not K = 100 000: about 9 minutes per GB here (2·D·K = 51 MFLOP a row).
+    **{f"assign-K{k}": (functools.partial(case_assign, k=k), ("npy",), ()) for k in (10, 1000)},
 }
 
 
