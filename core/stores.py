@@ -564,6 +564,13 @@ def _rows_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtype)
     return file.create_dataset(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + tuple(shape[1:]))
 
 
+def _write_npy_header(f: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The `.npy` header of a C-order array; its data follows at ``f.tell()``."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+
+
 def _write_rows(dataset: Any, start: int, block: np.ndarray) -> None:
     dataset.write_direct(np.ascontiguousarray(block, dtype=dataset.dtype),
                          dest_sel=np.s_[start : start + block.shape[0]])
@@ -596,9 +603,7 @@ class ArrayWriter(_RowsWriter):
         if _extension(self.path) == ".npy":
             self._dataset = None
             f = open(temporary, "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                      "fortran_order": False, "shape": self.shape}
-            np.lib.format.write_array_header_1_0(f, header)
+            _write_npy_header(f, self.shape, self.dtype)
             return f
         import h5py
 
@@ -708,9 +713,7 @@ def preallocated_output(path: str, shape: tuple[int, ...], dtype: np.dtype,
     with atomic_path(path) as temporary:
         if _extension(path) == ".npy":
             with open(temporary, "wb") as f:
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                          "shape": shape}
-                np.lib.format.write_array_header_1_0(f, header)
+                _write_npy_header(f, shape, dtype)
                 offset = f.tell()
                 f.truncate(offset + shape[0] * row_bytes)
         else:
