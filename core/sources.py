@@ -321,26 +321,23 @@ def open_window(
     a shard that has since changed is an error. `dtype` is the whole stream's
     block dtype, so every window reads what one stream would.
     """
-    sources: list[ArraySource] = []
-    try:
-        first = 0
-        for path, dataset, rows in shards:
-            begin, end = max(start - first, 0), min(stop - first, rows)
-            first += rows
-            if begin >= end:
-                continue
-            source = open_source(path, dataset, allow_external=allow_external)
-            sources.append(source)
-            if source.rows != rows:
-                raise DataError(f"{source.name} now has {source.rows} rows, not {rows}; "
-                                "it changed while the fit ran")
-            if (begin, end) != (0, rows):
-                sources[-1] = RowSlice(source, begin, end)
-        return Stream(sources, dtype=dtype)
-    except BaseException:
-        for source in sources:
+    return _stream_of(_window_sources(shards, start, stop, allow_external), dtype)
+
+
+def _window_sources(shards: Sequence[tuple[str, Optional[str], int]], start: int, stop: int,
+                    allow_external: bool) -> Iterator[ArraySource]:
+    first = 0
+    for path, dataset, rows in shards:
+        begin, end = max(start - first, 0), min(stop - first, rows)
+        first += rows
+        if begin >= end:
+            continue
+        source = open_source(path, dataset, allow_external=allow_external)
+        if source.rows != rows:
             source.close()
-        raise
+            raise DataError(f"{source.name} now has {source.rows} rows, not {rows}; "
+                            "it changed while the fit ran")
+        yield source if (begin, end) == (0, rows) else RowSlice(source, begin, end)
 
 
 def block_rows_for(
@@ -515,11 +512,17 @@ def open_stream(
     specs: Sequence[str], dataset: Optional[str] = None, *, allow_external: bool = False
 ) -> Stream:
     """Open every shard in `specs` (closing those opened if one fails)."""
+    return _stream_of(open_source(spec, dataset, allow_external=allow_external) for spec in specs)
+
+
+def _stream_of(opening: Iterator[ArraySource], dtype: Optional[np.dtype] = None) -> Stream:
+    """A Stream of the sources `opening` yields; if opening one or the Stream
+    fails, those already opened are closed."""
     sources: list[ArraySource] = []
     try:
-        for spec in specs:
-            sources.append(open_source(spec, dataset, allow_external=allow_external))
-        return Stream(sources)
+        for source in opening:
+            sources.append(source)
+        return Stream(sources, dtype=dtype)
     except BaseException:
         for source in sources:
             source.close()
