@@ -33,20 +33,26 @@ DASK_HINT = "pip install 'normstats[dask]'"
 CONNECT_TIMEOUT = "10s"  # a refused connection is retried until then
 
 
-def _task_blocks(stream: Stream, batch_size: Optional[int], block_rows: Optional[int], share: int) -> int:
-    """Rows per read block: the usual size, but no more than a task's share of rows."""
-    block_rows = min(block_rows or block_rows_for(stream.row_bytes, None), share)
-    return block_rows_for(stream.row_bytes, batch_size, rows=block_rows)
-
-
-def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], *, allow_external: bool,
-               absolute: bool = False, block_rows: Optional[int], parts: Optional[int] = None,
-               rows_per_task: Optional[int] = None) -> list[FitTask]:
+def _plan(stream: Stream, side: dict[str, Stream], *, allow_external: bool, absolute: bool,
+          batch_size: Optional[int], block_rows: Optional[int], parts: Optional[int] = None,
+          rows_per_task: Optional[int] = None) -> tuple[Inputs, int, list[tuple[int, int]]]:
+    """What tasks over `stream` need: its inputs, the rows per read block (the
+    usual size, but no more than a task's share, rounded to whole batches) and
+    the row ranges, `parts` of them or about `rows_per_task` rows each."""
     check_side(stream, side)
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
     share = rows_per_task or -(-stream.rows // parts)
-    block_rows = _task_blocks(stream, recipe["options"].get("batch_size"), block_rows, share)
-    ranges = split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)
+    block_rows = min(block_rows or block_rows_for(stream.row_bytes, None), share)
+    block_rows = block_rows_for(stream.row_bytes, batch_size, rows=block_rows)
+    return inputs, block_rows, split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)
+
+
+def _dask_task_rows(stream: Stream, task_rows: Optional[int]) -> int:
+    return task_rows or max(1, TASK_BYTES // stream.row_bytes)
+
+
+def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], **plan: Any) -> list[FitTask]:
+    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe["options"].get("batch_size"), **plan)
     return [FitTask(recipe if a == 0 else _later(recipe), inputs, a, b, block_rows) for a, b in ranges]
 
 
@@ -101,7 +107,8 @@ def run_fit_parallel(
         Rows per read block (default about 8 MB), rounded to whole batches.
     """
     side = side or {}
-    tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, block_rows=block_rows, parts=jobs)
+    tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=False,
+                       block_rows=block_rows, parts=jobs)
     started = time.perf_counter()
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(len(tasks), mp_context=context) as pool:
@@ -202,7 +209,7 @@ def run_fit_dask(
     """
     side = side or {}
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=True,
-                       block_rows=block_rows, rows_per_task=task_rows or max(1, TASK_BYTES // stream.row_bytes))
+                       block_rows=block_rows, rows_per_task=_dask_task_rows(stream, task_rows))
     started = time.perf_counter()
     state, = _gather(client, tasks, progress, combine=join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
@@ -230,11 +237,9 @@ def apply_dask(
     """
     normalizer.check(stream.row_shape, stream.dtype, ", ".join(stream.names))
     side = {} if groups is None else {"groups": groups}
-    check_side(stream, side)
-    inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=True)
-    task_rows = task_rows or max(1, TASK_BYTES // stream.row_bytes)
-    block_rows = _task_blocks(stream, None, None, task_rows)
-    ranges = split_rows(stream.rows, block_rows, rows_per_task=task_rows)
+    inputs, block_rows, ranges = _plan(stream, side, allow_external=allow_external, absolute=True,
+                                       batch_size=None, block_rows=None,
+                                       rows_per_task=_dask_task_rows(stream, task_rows))
     started = time.perf_counter()
     with preallocated_output(output, stream.shape, output_dtype(stream.dtype),
                              stream.sources[0].dataset or "data") as region:
