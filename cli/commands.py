@@ -12,6 +12,7 @@ import normstats as ns
 from normstats.assign import METRICS
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
+from normstats.tasks import make_state
 from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
 
 from . import cli
@@ -85,6 +86,29 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
     if engine == "dask" and jobs > 1:
         raise click.UsageError("--jobs is for the local engine; with --engine dask the cluster's workers "
                                "share the rows")
+
+
+def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, side_specs: dict,
+         resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
+         checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
+         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool) -> None:
+    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it:
+    in this process with progress, checkpoints and resume, or cut into row ranges over
+    --jobs processes or Dask tasks."""
+    split = jobs > 1 or engine == "dask"
+    if split:
+        init = recipe["options"].get("init")
+        _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
+    with _fit_inputs(inputs, dataset, allow_external, **side_specs) as (stream, side):
+        if split:
+            stats, checkpoint = _fit_split(command, recipe, stream, side, jobs=jobs, engine=engine,
+                                           scheduler=scheduler, task_rows=task_rows,
+                                           allow_external=allow_external, quiet=quiet), None
+        else:
+            stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
+                                     resume=resume, resume_path=resume_path,
+                                     checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    _finish(command, stats, output, checkpoint)
 
 
 def _fit_split(command: str, recipe: dict, stream: ns.Stream, side: dict, *, jobs: int, engine: str,
@@ -253,21 +277,11 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
-    split = jobs > 1 or engine == "dask"
-    if split:
-        _check_parallel(start, checkpoint_path)
-    with _fit_inputs(inputs, dataset, allow_external, groups=groups, weights=weights) as (stream, side):
-        if split:
-            recipe = {"kind": "batchnorm", "mode": mode, "options": options}
-            stats, checkpoint = _fit_split("fit-bn", recipe, stream, side, jobs=jobs, engine=engine,
-                                           scheduler=scheduler, task_rows=task_rows,
-                                           allow_external=allow_external, quiet=quiet), None
-        else:
-            state = ns.batchnorm_state(mode, init=start, **options)
-            stats, checkpoint = _run("fit-bn", state, stream, side, quiet=quiet, resume=resume,
-                                     resume_path=resume_path, checkpoint_path=checkpoint_path,
-                                     checkpoint_every=checkpoint_every)
-    _finish("fit-bn", stats, output, checkpoint)
+    _fit("fit-bn", {"kind": "batchnorm", "mode": mode, "options": dict(options, init=start)}, inputs, output,
+         side_specs=dict(groups=groups, weights=weights), resume=resume, resume_path=resume_path,
+         checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
+         scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
+         quiet=quiet)
 
 
 @cli.command("fit-centers")
@@ -333,22 +347,11 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
-    split = jobs > 1 or engine == "dask"
-    if split:
-        _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
-    with _fit_inputs(inputs, dataset, allow_external, labels=labels, weights=weights) as (stream, side):
-        if split:
-            recipe = {"kind": "centers", "mode": mode,
-                      "options": dict(options, num_classes=num_classes, **({} if init is None else {"init": init}))}
-            stats, checkpoint = _fit_split("fit-centers", recipe, stream, side, jobs=jobs, engine=engine,
-                                           scheduler=scheduler, task_rows=task_rows,
-                                           allow_external=allow_external, quiet=quiet), None
-        else:
-            state = ns.centers_state(num_classes, mode, init=init, **options)
-            stats, checkpoint = _run("fit-centers", state, stream, side, quiet=quiet, resume=resume,
-                                     resume_path=resume_path, checkpoint_path=checkpoint_path,
-                                     checkpoint_every=checkpoint_every)
-    _finish("fit-centers", stats, output, checkpoint)
+    recipe = {"kind": "centers", "mode": mode, "options": dict(options, num_classes=num_classes, init=init)}
+    _fit("fit-centers", recipe, inputs, output, side_specs=dict(labels=labels, weights=weights),
+         resume=resume, resume_path=resume_path, checkpoint_path=checkpoint_path,
+         checkpoint_every=checkpoint_every, jobs=jobs, engine=engine, scheduler=scheduler,
+         task_rows=task_rows, dataset=dataset, allow_external=allow_external, quiet=quiet)
 
 
 @cli.command("apply")

@@ -24,7 +24,7 @@ from .errors import EngineError, UsageError
 from .normalize import Normalizer, output_dtype
 from .pipeline import Progress, check_side, with_provenance
 from .sources import Stream, block_rows_for
-from .stats import Stats
+from .stats import CENTERS, Stats
 from .stores import preallocated_output
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
@@ -57,9 +57,9 @@ def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], **plan: An
 
 
 def _later(recipe: dict) -> dict:
-    """The recipe of a range after the first. Its ema state starts from zero anyway
+    """The recipe of a range after the first. Its ema centers start from zero anyway
     (``zero_start``), so initial centers, possibly K x D, need not travel with it."""
-    if recipe["mode"] == "ema" and "init" in recipe["options"]:
+    if recipe["kind"] == CENTERS and recipe["mode"] == "ema":
         return dict(recipe, options=dict(recipe["options"], init="zeros"))
     return recipe
 
