@@ -24,6 +24,11 @@ def progress_bar(
         yield bar.update
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """``1 batch``, ``1,024 batches``."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def throughput(rows: int, nbytes: int, seconds: float) -> str:
     seconds = max(seconds, 1e-9)
     return f"{seconds:.2f} s, {rows / seconds:,.0f} rows/s, {nbytes / seconds / 1e9:.2f} GB/s"
@@ -41,7 +46,7 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         skipped = meta.get("batches_skipped")
         batches = meta["batches_seen"]
         parts.append(
-            f"{batches:,} batch{'es' if batches != 1 else ''}" + (f" ({skipped} skipped)" if skipped else "")
+            counted(batches, "batch", "batches") + (f" ({skipped} skipped)" if skipped else "")
         )
     if stats.kind == "centers":
         first = stats.arrays["centers"]
@@ -55,9 +60,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         if meta.get(key):
             parts.append(f"{meta[key]:,} {text}")
     if "tasks" in meta:
-        parts.append(f"{meta['tasks']} Dask task{'s' if meta['tasks'] != 1 else ''}")
+        parts.append(counted(meta["tasks"], "Dask task"))
     elif "jobs" in meta:
-        parts.append(f"{meta['jobs']} process{'es' if meta['jobs'] != 1 else ''}")
+        parts.append(counted(meta["jobs"], "process", "processes"))
     if "merged_from" in meta:
         parts.append(f"merged from {len(meta['merged_from'])} files")
     else:
@@ -67,7 +72,7 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
 
 def summarize_apply(result: dict, output: str) -> None:
     """Print the one-line summary of an apply to stdout."""
-    tasks = f"{result['tasks']} Dask task{'s' if result['tasks'] != 1 else ''}, " if "tasks" in result else ""
+    tasks = counted(result["tasks"], "Dask task") + ", " if "tasks" in result else ""
     click.echo(
         f"apply: {result['rows']:,} rows, {tasks}"
         f"{throughput(result['rows'], result['bytes_read'], result['seconds'])} -> {output}"
