@@ -14,7 +14,7 @@ import numpy as np
 from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
-from .kernels import chunk_moments
+from .kernels import Layout, accumulate
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
 from .validate import (
@@ -27,7 +27,6 @@ from .validate import (
     check_numeric_dtype,
     check_weights,
 )
-from .workspace import KeepsScratch, Workspace
 
 Initial = Union[float, np.ndarray, None]
 REPORTED_INDICES = 100  # near-constant statistics listed by index in the metadata
@@ -140,7 +139,7 @@ def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
         ) from None
 
 
-class BatchNormEMA(KeepsScratch, _BatchNormBase):
+class BatchNormEMA(_BatchNormBase):
     """BatchNorm running statistics: exponential moving averages per batch.
 
     For every batch ``x`` of `batch_size` rows (the last one may be shorter)::
@@ -218,7 +217,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
-        self._workspace = Workspace()
+        self.layout: Optional[Layout] = None
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -251,6 +250,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             self.inv_std = _initial(self._initial_inv_std, shape, "inv_std")
         self.count = np.zeros(shape)
         self.decay = np.ones(shape)  # (1 - alpha) ** (batches folded in), per statistic
+        self.layout = Layout.of(self.row_shape, self.axes)
 
     def update(self, x: np.ndarray) -> "BatchNormEMA":
         """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
@@ -258,14 +258,20 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self._check(x)
         if x.shape[0] == 0:
             return self
+        rows = x.shape[0]
+        batch = self.batch_size or rows
+        batches = -(-rows // batch)
+        layout = self.layout
         try:
-            n, batch_mean, batch_m2 = chunk_moments(
-                x, self.axes, self.batch_size or x.shape[0], nan_policy=self.nan_policy,
-                workspace=self._workspace,
-            )
+            # The batches of the block are the kernel's slots, each shifted by its first row.
+            sums = accumulate(x, layout, np.arange(rows, dtype=np.int64) // batch,
+                              np.arange(batches, dtype=np.int64), np.zeros((batches, layout.stats)),
+                              np.ones(batches, bool), omit=self.nan_policy == "omit")
         except NonFiniteError as error:
             raise error.shifted(self.rows_seen) from None
-        self._fold(n, batch_mean, batch_m2)
+        stacked = (batches,) + self.shape
+        self._fold(sums.counts(layout.per_stat).reshape(stacked), sums.means(layout.per_stat).reshape(stacked),
+                   sums.m2(layout.per_stat).reshape(stacked))
         self.rows_seen += x.shape[0]
         return self
 
@@ -371,10 +377,13 @@ class BatchNormExact(_BatchNormBase):
 
     Notes
     -----
-    A statistic whose variance is below what float64 rounding of its mean
-    can resolve (a constant channel) is reported in the metadata
-    (``near_constant``) and gets variance 0, so its inv_std is
-    ``1/sqrt(eps)``, never infinite or NaN.
+    A statistic whose variance is within the rounding error of the shifted
+    sums (a constant channel; see :meth:`GroupedMoments.near_constant`) is
+    reported in the metadata (``near_constant``) and gets variance 0, so its
+    inv_std is ``1/sqrt(eps)``, never infinite or NaN. The mean is stored
+    with its low part ``mean_low`` (``mean + mean_low`` is the mean to about
+    twice float64's digits), so merging or continuing files loses nothing
+    against a single run.
 
     Examples
     --------
@@ -438,10 +447,11 @@ class BatchNormExact(_BatchNormBase):
         count = np.asarray(stats.arrays["count"], dtype=np.float64)
         mean = stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"]
         m2 = np.nan_to_num(np.asarray(stats.arrays["var"], dtype=np.float64) * (count - int(meta["ddof"])))
+        low = stats.arrays.get("mean_low")  # absent in files of normstats <= 0.1
         if state.num_groups is None:
-            state.moments.restore(count, mean, m2)
+            state.moments.restore(count, mean, m2, low, row_shape=state.row_shape)
         else:
-            state.moments.restore(stats.arrays["group_rows"], count, mean, m2)
+            state.moments.restore(stats.arrays["group_rows"], count, mean, m2, low, row_shape=state.row_shape)
         return state
 
     def _start(self) -> None:
@@ -449,6 +459,7 @@ class BatchNormExact(_BatchNormBase):
             self.moments = Moments(self.axes, nan_policy=self.nan_policy)
         else:
             self.moments = GroupedMoments(self.num_groups, self.axes, nan_policy=self.nan_policy)
+        self.moments.start(self.row_shape)
 
     def update(
         self, x: np.ndarray, groups: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
@@ -522,14 +533,15 @@ class BatchNormExact(_BatchNormBase):
                 + ("; NaN / Inf values were left out" if self.nan_policy == "omit" else "")
             )
         var = moments.variance(self.ddof)
-        near_constant = _near_constant(var, moments.mean, count)
+        near_constant = moments.near_constant()
         var = np.where(near_constant, 0.0, var)
         flat = np.flatnonzero(near_constant)
         meta["near_constant_count"] = int(flat.size)
         meta["near_constant"] = [int(i) for i in flat[:REPORTED_INDICES]]
         meta["weighted"] = self.weighted
         arrays = {"count": count.copy(), "var": var}
-        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean.copy()
+        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
+        arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
         if self.use_inv_std:
             arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
         if self.num_groups is not None:
@@ -539,14 +551,6 @@ class BatchNormExact(_BatchNormBase):
         if self.nan_policy == "omit" and not self.weighted:
             meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - count.sum())
         return Stats(BATCHNORM, arrays, meta)
-
-
-def _near_constant(var: np.ndarray, mean: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Statistics whose variance is within float64 rounding of the mean:
-    the two-pass / Chan computation cannot tell them from constants."""
-    resolution = 4.0 * np.finfo(np.float64).eps * np.log2(np.maximum(count, 2.0)) * np.abs(mean)
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(var, nan=np.inf) <= resolution**2
 
 
 def batchnorm_state(

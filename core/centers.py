@@ -7,6 +7,7 @@ centers have shape ``(num_classes,) + row_shape``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import numpy as np
@@ -14,9 +15,8 @@ import numpy as np
 from ._version import __version__
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .accumulators import GroupedMoments
-from .moments import first_nonfinite, grouped_moments
+from .kernels import Layout, accumulate, slot_rows
 from .stats import CENTERS, Stats
-from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
     check_batch_size,
@@ -27,8 +27,13 @@ from .validate import (
 )
 
 Init = Union[str, np.ndarray]
+
+
+@functools.lru_cache(maxsize=8)
+def _flat_layout(features: int) -> Layout:
+    """Every feature of a (flattened) row is its own statistic."""
+    return Layout.of((features,), (0,))
 INITS = ("random", "zeros", "first")
-FEW_CLASSES = 64  # up to this many classes, EMA batch class means come from one BLAS product
 
 
 class _CentersBase:
@@ -84,8 +89,9 @@ class _CentersBase:
             )
         return x.reshape(x.shape[0], self.feature_dim), labels, keep
 
-    def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
-        self.counts += np.bincount(labels[keep], minlength=self.num_classes)
+    def _count(self, labels: np.ndarray, keep: np.ndarray, classes: np.ndarray, rows: np.ndarray) -> None:
+        """Count a block: `rows` rows of each of `classes` (only the classes present are touched)."""
+        np.add.at(self.counts, classes, rows)
         self.rows_seen += len(labels)
         self.rows_ignored += int(len(labels) - keep.sum())
         self.batches_seen += -(-len(labels) // (self.batch_size or len(labels)))
@@ -140,7 +146,7 @@ def _state_options(meta: dict, options: dict, *names: str) -> dict:
     return options
 
 
-class CentersEMA(KeepsScratch, _CentersBase):
+class CentersEMA(_CentersBase):
     """Per-class moving average of batch class means (the center-loss update).
 
     For every batch of `batch_size` rows and every class ``j`` present in it,
@@ -210,7 +216,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self.first_mean: Optional[np.ndarray] = None
         self.first_seen = np.zeros(self.num_classes, dtype=bool)
         self._follows = False
-        self._workspace = Workspace()
+        self._lookup: Optional[np.ndarray] = None  # scratch of the kernel's slot numbering
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "CentersEMA":
@@ -249,6 +255,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self.centers = init.reshape(shape).copy()
         self.initialized[:] = True
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_lookup"] = None
+        return state
+
     def update(self, x: np.ndarray, labels: np.ndarray) -> "CentersEMA":
         """Fold in the consecutive batches of `x` with their `labels`."""
         x = np.asarray(x)
@@ -256,52 +267,22 @@ class CentersEMA(KeepsScratch, _CentersBase):
         rows = flat.shape[0]
         if rows == 0:
             return self
-        batch = self.batch_size or rows
-        keys = (np.arange(rows, dtype=np.int64) // batch) * self.num_classes + labels
-        if self.num_classes <= FEW_CLASSES:
-            grouped = self._batch_class_means(flat, labels, keep, batch)
-        else:
-            everything = keep.all()  # then skip copying the block
-            grouped = grouped_moments(keys if everything else keys[keep], flat if everything else flat[keep],
-                                      with_m2=False)
-        if not np.isfinite(grouped[3]).all():
-            bad = first_nonfinite(flat[keep])
-            if self.nan_policy == "error":
-                row = int(np.flatnonzero(keep)[bad[0]])
-                raise NonFiniteError(self.rows_seen + row, np.unravel_index(bad[1], self.row_shape),
-                                     flat[keep][bad])
-            keep &= np.isfinite(flat).all(axis=1)
-            grouped = grouped_moments(keys[keep], flat[keep], with_m2=False)
-        self._fold(grouped[0], grouped[3])
-        self._count(labels, keep)
+        if self.nan_policy == "omit" and flat.dtype.kind == "f":
+            keep &= np.isfinite(flat).all(axis=1)  # a row holding NaN / Inf is skipped whole
+        if self._lookup is None:
+            self._lookup = np.full(self.num_classes, -1, dtype=np.int64)
+        # The kernel's slots are the (batch, class) pairs present, numbered batch by batch.
+        slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup,
+                                batch=self.batch_size or rows)
+        try:
+            sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys,
+                              np.zeros((len(keys), self.feature_dim)), np.ones(len(keys), bool), squares=False)
+        except NonFiniteError as error:
+            raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
+                                 error.value) from None
+        self._fold(keys, sums.means(1))
+        self._count(labels, keep, keys % self.num_classes, sums.rows)
         return self
-
-    def _batch_class_means(
-        self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int
-    ) -> tuple[np.ndarray, None, None, np.ndarray]:
-        """Per (batch, class) means for few classes, as one batched product of a
-        one-hot matrix with the rows (BLAS; ~3x the segment sums after a sort).
-
-        Returns the keys ``batch * K + class`` present (ascending) and their means,
-        in the layout of :func:`normstats.moments.grouped_moments`.
-        """
-        rows, features = flat.shape
-        batches = -(-rows // batch)
-        values = self._workspace.array("rows", (batches * batch, features), np.float64)
-        np.copyto(values[:rows], flat, casting="unsafe")
-        values[rows:] = 0.0  # pad the last batch; padding rows belong to no class
-        if not keep.all():
-            values[:rows][~keep] = 0.0  # a NaN in a skipped row must not reach the product
-        one_hot = self._workspace.array("one_hot", (batches, self.num_classes, batch), np.float64)
-        one_hot[...] = 0.0
-        index = np.flatnonzero(keep)
-        one_hot[index // batch, labels[index], index % batch] = 1.0
-        with np.errstate(invalid="ignore", over="ignore"):
-            sums = np.matmul(one_hot, values.reshape(batches, batch, features))
-        counts = one_hot.sum(axis=2)
-        present = np.nonzero(counts)  # row-major: by batch, then class
-        keys = present[0].astype(np.int64) * self.num_classes + present[1]
-        return keys, None, None, sums[present] / counts[present][:, None]
 
     def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
         """Apply the EMA of every (batch, class) mean in batch order, at once.
@@ -464,7 +445,7 @@ class CentersExact(_CentersBase):
         return state
 
     def _start(self) -> None:
-        self.moments._allocate((self.feature_dim,))
+        self.moments.start((self.feature_dim,))
 
     def update(
         self, x: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None
@@ -474,18 +455,16 @@ class CentersExact(_CentersBase):
         x = np.asarray(x)
         flat, labels, keep = self._check(x, labels)
         if weights is not None:
-            weights = check_weights(weights, flat.shape[0], self.rows_seen)[keep]
+            weights = check_weights(weights, flat.shape[0], self.rows_seen)
             self.weighted = True
         if flat.shape[0] == 0:
             return self
-        kept = flat if keep.all() else flat[keep]
         try:
-            self.moments.update(kept, labels[keep], weights)
+            self.moments.update(flat, np.where(keep, labels, -1), weights)
         except NonFiniteError as error:
-            row = int(np.flatnonzero(keep)[error.row])
-            raise NonFiniteError(self.rows_seen + row, np.unravel_index(error.index[0], self.row_shape),
+            raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
-        self._count(labels, keep)
+        self._count(labels, keep, *self.moments.last_update)
         return self
 
     def merge(self, other: "_CentersBase") -> "CentersExact":

@@ -1,117 +1,531 @@
-"""Per-chunk moments of a block, computed while each chunk is in cache.
+"""The compiled kernels: grouped shifted moments of a block, and their fold.
 
-A read block (about 8 MB) is split into chunks of whole rows (one logical
-batch for the moving averages, about a thousand rows for exact statistics).
-Each unit of work (a chunk, or several small chunks stacked) is copied to
-float64 and reduced in two passes while it sits in cache, instead of
-sweeping the whole block several times through memory.
+Every estimator of normstats reduces a block of rows with one kernel,
+:func:`accumulate`. Row ``i`` belongs to a *slot* ``p = slots[i]`` (a group,
+a class, a logical batch, a (batch, class) pair; ``-1`` skips the row) and
+has a weight ``w(i)``; element ``e`` of a row feeds the statistic ``k(e)``
+that the reduction axes give it. Per (slot, statistic) the kernel adds up,
+in float64::
 
-Measured on the 2-core development machine: splitting the chunks over two
-threads ran no faster (the many small NumPy calls serialize on the GIL), so
-the work is serial; the reader thread of :mod:`normstats.sources` overlaps
-the file reads instead.
+    n  += w                 (per row, or per element under nan_policy='omit')
+    S1 += w * (x - s)
+    S2 += w * (x - s)**2
+
+around a shift ``s`` per (slot, statistic) near the data: the caller's
+(the current mean of a group already seen), or the first value the slot
+meets in this block. Integer data are shifted in integer arithmetic before
+the conversion, so int64 values near 2**62 keep every digit of their spread.
+The block is read as it is (float16 through a lookup table of its 65 536
+values, so no dtype ever needs a converted copy of the block), and only the
+slots present are touched: the work is O(rows x elements), never
+O(groups x statistics).
+
+Error bound
+-----------
+With ``d = x - s`` exact (integers; floats within a factor 2 of the shift,
+Sterbenz) and ``m`` terms summed per (slot, statistic) in one call, the
+computed sums satisfy ``|dS2| <= gamma_m * S2`` and ``|dS1| <= gamma_m *
+sum|w d|``, ``gamma_m = m u / (1 - m u)``, ``u = 2**-53``; the block's
+``M2 = S2 - S1**2 / n`` then errs by at most ``gamma_{m+2} * (M2 + 2 n
+(mean - s)**2)``: relative to the squared deviations from the shift, never
+to the magnitude of the mean. A shift within a few standard deviations of
+the mean (the first row; after a group's first block, its mean) keeps this
+a small multiple of ``m u`` relative to M2. Calls are limited to
+:data:`CALL_ELEMENTS` elements, so ``m`` stays small; blocks and shards then
+combine by the Chan–Golub–LeVeque merge in :func:`fold_exact`.
+
+All kernels release the GIL (``nogil``) and are cached on disk
+(``cache=True``); one specialization per input dtype.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .moments import checked_moments
-from .errors import NonFiniteError
-from .workspace import Workspace
-
-CHUNK_BYTES = 2 << 20  # float64 units of ~2 MB: in cache, and few enough calls to amortize numpy's overhead
+from .errors import DataError, NonFiniteError
+from .moments import first_nonfinite
 
 
-def chunk_rows_for(row_elements: int) -> int:
-    """Rows per chunk for exact statistics: about CHUNK_BYTES of float64."""
-    return max(1, CHUNK_BYTES // (8 * max(row_elements, 1)))
+def _cache_dir() -> None:
+    """Send numba's cache to a user-wide folder when the package folder is read-only
+    (numba's own fallback only covers some layouts)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    if os.access(here if os.path.isdir(here) else os.path.dirname(here), os.W_OK):
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "normstats", "numba")
 
 
-def chunk_moments(
+_cache_dir()
+
+import numba  # noqa: E402  (after the cache folder is chosen)
+from numba import types  # noqa: E402
+from numba.extending import overload  # noqa: E402
+
+CALL_ELEMENTS = 1 << 24  # elements per kernel call (64 MB of float32): bounds the terms per sum
+FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+# --- element access, specialized per dtype at compile time ------------------------------
+
+
+def _value(x, i, e, table):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_value)
+def _value_impl(x, i, e, table):
+    if isinstance(table, types.NoneType):
+        return lambda x, i, e, table: x[i, e]
+    return lambda x, i, e, table: table[x[i, e]]  # float16 bits -> its value
+
+
+def _deviation(v, s):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_deviation)
+def _deviation_impl(v, s):
+    if isinstance(v, types.Integer):
+        # The magnitude in unsigned integer arithmetic (modulo 2**64, so exact for any two
+        # values of one integer type), then converted: no digit is lost before the rounding
+        # of the deviation itself.
+        def integer(v, s):
+            if v >= s:
+                return np.float64(np.uint64(v) - np.uint64(s))
+            return -np.float64(np.uint64(s) - np.uint64(v))
+        return integer
+    return lambda v, s: np.float64(v) - s
+
+
+def _finite(v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_finite)
+def _finite_impl(v):
+    if isinstance(v, types.Integer):
+        return lambda v: True
+    return lambda v: np.isfinite(v)
+
+
+# --- the kernel ------------------------------------------------------------------------
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, count0,
+                rows, weight, count, s1, s2):
+    """See :func:`accumulate`. The optional parts are None or arrays, so that
+    numba compiles only the variant used (its branches are pruned at compile
+    time): `count` (and `count0`) None = NaN / Inf propagate, else they are
+    left out and counted per element; `kmap` None = each element is its own
+    statistic; `weights` None = weight 1; `s2` None = no squares."""
+    nrows, width = x.shape
+    for i in range(nrows):
+        p = slots[i]
+        if p < 0:
+            continue
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        rows[p] += 1
+        weight[p] += w
+        first = fresh[p]
+        if count is None:
+            fresh[p] = False
+        if kmap is None:
+            if count is None:
+                if first:
+                    for e in range(width):
+                        shift[p, e0 + e] = _value(x, i, e, table)
+                for e in range(width):
+                    d = _deviation(_value(x, i, e, table), shift[p, e0 + e])
+                    s1[p, e0 + e] += w * d
+                    if s2 is not None:
+                        s2[p, e0 + e] += w * d * d
+            else:
+                for e in range(width):
+                    v = _value(x, i, e, table)
+                    k = e0 + e
+                    if _finite(v):
+                        if first and count0[p, k] + count[p, k] == 0.0:
+                            shift[p, k] = v
+                        d = _deviation(v, shift[p, k])
+                        count[p, k] += w
+                        s1[p, k] += w * d
+                        if s2 is not None:
+                            s2[p, k] += w * d * d
+            continue
+        e = 0
+        while e < width:  # runs of `run` consecutive elements share one statistic
+            r = (e0 + e) // run
+            stop = min(width, (r + 1) * run - e0)
+            k = kmap[r]
+            t1 = 0.0
+            t2 = 0.0
+            if count is None:
+                if first and kfirst[r] and (e0 + e) % run == 0:
+                    shift[p, k] = _value(x, i, e, table)  # the statistic's first element in the row
+                sk = shift[p, k]
+                for q in range(e, stop):
+                    d = _deviation(_value(x, i, q, table), sk)
+                    t1 += d
+                    t2 += d * d
+            else:
+                tn = 0.0
+                for q in range(e, stop):
+                    v = _value(x, i, q, table)
+                    if _finite(v):
+                        if first and count0[p, k] + count[p, k] + tn == 0.0:
+                            shift[p, k] = v
+                        d = _deviation(v, shift[p, k])
+                        tn += 1.0
+                        t1 += d
+                        t2 += d * d
+                count[p, k] += w * tn
+            s1[p, k] += w * t1
+            if s2 is not None:
+                s2[p, k] += w * t2
+            e = stop
+
+
+@numba.njit(nogil=True, cache=True)
+def _slot_rows(groups, batch, first_batch, num_groups, lookup, slots, keys):
+    """Number the (batch, group) pairs present in `groups` in order of first
+    appearance: ``slots[i]`` is row i's pair (-1 for a negative group), ``keys``
+    the pairs as ``batch * num_groups + group``. `lookup` (size num_groups, all
+    -1) is used as scratch and left all -1. Returns the number of pairs."""
+    present = 0
+    start = 0  # first pair of the current batch
+    current = -1
+    for i in range(groups.shape[0]):
+        b = first_batch + i // batch
+        if b != current:
+            for q in range(start, present):
+                lookup[keys[q] % num_groups] = -1
+            start = present
+            current = b
+        g = groups[i]
+        if g < 0:
+            slots[i] = -1
+            continue
+        p = lookup[g]
+        if p < 0:
+            p = present
+            lookup[g] = p
+            keys[p] = b * num_groups + g
+            present += 1
+        slots[i] = p
+    for q in range(start, present):
+        lookup[keys[q] % num_groups] = -1
+    return present
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
+                shift, offset, m2, state_weight, state_count):
+    """Chan–Golub–LeVeque merge of block sums into the state rows `keys`, then
+    each mean is re-centred: its shift becomes the rounded mean (an integer for
+    integer data), its offset the exact remainder (TwoSum), so the next block's
+    deviations are taken around the mean itself."""
+    elementwise = state_count.shape[0] > 0
+    for p in range(keys.shape[0]):
+        g = keys[p]
+        for k in range(s1.shape[1]):
+            n_b = count[p, k] if elementwise else weight[p] * per_stat
+            if not n_b > 0.0:
+                continue
+            n_a = state_count[g, k] if elementwise else state_weight[g] * per_stat
+            off_b = s1[p, k] / n_b
+            m2_b = max(s2[p, k] - s1[p, k] * off_b, 0.0)
+            off_b += residual[p, k]
+            if n_a > 0.0:
+                # The kernel's shift is the state's, unless integer arithmetic rounded it
+                # (a restored non-integer mean): then the difference is small and exact.
+                off_b += base[p, k] - shift[g, k]
+                n = n_a + n_b
+                delta = off_b - offset[g, k]
+                offset[g, k] += delta * (n_b / n)
+                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
+            else:
+                shift[g, k] = base[p, k]
+                offset[g, k] = off_b
+                m2[g, k] = m2_b
+            a = shift[g, k]
+            b = offset[g, k]
+            t = a + b
+            if integer:
+                t = np.rint(t)
+                low = (a - t) + b
+            else:
+                bb = t - a
+                low = (a - (t - bb)) + (b - bb)
+            if np.isfinite(t):
+                shift[g, k] = t
+                offset[g, k] = low
+            if elementwise:
+                state_count[g, k] += n_b
+        if not elementwise:
+            state_weight[g] += weight[p]
+
+
+# --- Python side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which statistic each element of a row feeds, for given reduction axes.
+
+    Attributes
+    ----------
+    row_shape : tuple of int
+    stats : int
+        Statistics per row (the product of the kept axes).
+    run : int
+        Consecutive elements sharing one statistic (the trailing reduced axes).
+    kmap : ndarray of int64
+        The statistic of each run; empty when every element is its own statistic.
+    kfirst : ndarray of bool
+        Whether a run is the first of its statistic in the row.
+    per_stat : int
+        Elements of one row per statistic.
+    """
+
+    row_shape: tuple
+    stats: int
+    run: int
+    kmap: np.ndarray
+    kfirst: np.ndarray
+    per_stat: int
+
+    @classmethod
+    def of(cls, row_shape: tuple, axes: tuple) -> "Layout":
+        """The layout of rows of `row_shape` reduced over `axes` (non-negative, with 0)."""
+        row_shape = tuple(int(n) for n in row_shape)
+        reduced = [a in axes for a in range(1, len(row_shape) + 1)]
+        kept = tuple(n for n, r in zip(row_shape, reduced) if not r)
+        stats = int(np.prod(kept, dtype=np.int64))
+        trailing = len(row_shape)
+        while trailing > 0 and reduced[trailing - 1]:
+            trailing -= 1
+        run = int(np.prod(row_shape[trailing:], dtype=np.int64))
+        lead = row_shape[:trailing]
+        elements = int(np.prod(row_shape, dtype=np.int64))
+        if not any(reduced):
+            kmap = np.empty(0, np.int64)
+        else:
+            index = np.arange(stats, dtype=np.int64).reshape(
+                [n if not r else 1 for n, r in zip(lead, reduced[:trailing])])
+            kmap = np.ascontiguousarray(np.broadcast_to(index, lead).reshape(-1))
+        kfirst = np.zeros(len(kmap), np.bool_)
+        kfirst[np.unique(kmap, return_index=True)[1]] = True
+        return cls(row_shape, stats, max(run, 1), kmap, kfirst, elements // max(stats, 1))
+
+
+@dataclass
+class Sums:
+    """What :func:`accumulate` adds up per slot of one block.
+
+    ``shift`` is in the kernel's arithmetic (int64 / uint64 for integer data);
+    :meth:`centers` gives it in float64 with the part float64 cannot hold.
+    """
+
+    keys: np.ndarray
+    rows: np.ndarray
+    weight: np.ndarray
+    count: np.ndarray  # (P, K) per element, or (0, 0) when counted per row
+    s1: np.ndarray
+    s2: np.ndarray
+    shift: np.ndarray
+    integer: bool
+
+    def centers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shift as float64 and what float64 rounding dropped from it (0 for floats)."""
+        base = self.shift.astype(np.float64)
+        if not self.integer:
+            return base, np.zeros_like(base)
+        back = np.clip(base, *_integer_range(self.shift.dtype)).astype(self.shift.dtype)
+        return base, (self.shift - back).astype(np.int64).astype(np.float64)
+
+    def counts(self, per_stat: int) -> np.ndarray:
+        """Elements (or weight) per slot and statistic."""
+        if self.count.shape[0] or not self.s1.shape[0]:
+            return self.count if self.count.shape[0] else np.zeros(self.s1.shape)
+        return np.broadcast_to((self.weight * per_stat)[:, None], self.s1.shape)
+
+    def means(self, per_stat: int) -> np.ndarray:
+        """Mean per slot and statistic (NaN where nothing was counted)."""
+        n = self.counts(per_stat)
+        base, residual = self.centers()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, base + (self.s1 / n + residual), np.nan)
+
+    def m2(self, per_stat: int) -> np.ndarray:
+        """Sum of squared deviations from the mean per slot and statistic."""
+        n = self.counts(per_stat)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, np.maximum(self.s2 - self.s1 * (self.s1 / n), 0.0), 0.0)
+
+
+def _integer_range(dtype: np.dtype) -> tuple[float, float]:
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max) - 4096.0  # the largest float below max converts safely
+
+
+def kernel_dtype(dtype: np.dtype) -> np.dtype:
+    """The shift's dtype in the kernel for data of `dtype`."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize == 8:
+        return np.dtype(np.uint64)
+    return np.dtype(np.int64) if dtype.kind in "iu" else np.dtype(np.float64)
+
+
+def _as_rows(x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """`x` as a C-contiguous (rows, elements) view the kernel reads, and the
+    float16 table if it needs one."""
+    rows = x.shape[0]
+    flat = np.ascontiguousarray(x).reshape(rows, -1) if x.ndim != 2 or not x.flags.c_contiguous else x
+    if flat.dtype == np.float16:
+        return flat.view(np.uint16), FLOAT16_VALUES
+    if flat.dtype.byteorder not in "=|":
+        flat = flat.astype(flat.dtype.newbyteorder("="))
+    return flat, None
+
+
+EMPTY_F = np.empty(0)
+EMPTY_2D = np.empty((0, 0))
+
+
+def accumulate(
     x: np.ndarray,
-    axes: tuple[int, ...],
-    chunk: int,
+    layout: Layout,
+    slots: np.ndarray,
+    keys: np.ndarray,
+    shift: np.ndarray,
+    fresh: np.ndarray,
     *,
-    shift: Optional[np.ndarray] = None,
-    nan_policy: str = "error",
-    workspace: Optional[Workspace] = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Moments of each run of `chunk` consecutive rows of `x`.
+    weights: Optional[np.ndarray] = None,
+    omit: bool = False,
+    squares: bool = True,
+    count0: Optional[np.ndarray] = None,
+    start: Optional["Sums"] = None,
+    first_element: int = 0,
+) -> Sums:
+    """Grouped shifted moments of the rows of `x` (see the module docstring).
 
     Parameters
     ----------
     x : ndarray, shape (rows, ...)
-        `rows` need not be a multiple of `chunk`; the last chunk is shorter.
-    axes : tuple of int
-        Non-negative axes reduced within each chunk (including 0).
-    chunk : int
-        Rows per chunk.
-    shift : ndarray, optional
-        Of the statistic's (kept) shape; subtracted first, so that the means
-        returned are relative to it.
-    nan_policy : {'error', 'omit'}
-        As for :func:`normstats.moments.checked_moments`.
-    workspace : Workspace, optional
-        Scratch memory the caller keeps across calls.
-
-    Returns
-    -------
-    count, mean, m2 : ndarray of float64, shape (chunks,) + kept
-        Elements, mean and M2 of each chunk.
+        Any numeric dtype, read in place (C-contiguous input is not copied).
+        With `first_element`, the rows hold elements ``first_element:`` of
+        longer rows (a row read in pieces).
+    layout : Layout
+        The statistic of each element.
+    slots : ndarray of int64, shape (rows,)
+        Each row's slot in ``[0, len(keys))``, or -1 to skip the row.
+    keys : ndarray of int64
+        What each slot stands for (the caller's; returned in the sums).
+    shift : ndarray of float64, shape (len(keys), layout.stats)
+        The shift of each slot not `fresh`.
+    fresh : ndarray of bool, shape (len(keys),)
+        Slots that take their shift from the data.
+    weights : ndarray of float64, optional
+        One weight per row.
+    omit : bool
+        Leave NaN / Inf values out; the counts are then per element.
+    squares : bool
+        Whether to accumulate S2 (class means need only S1).
+    count0 : ndarray, optional
+        Under `omit`, the counts the slots already hold (a statistic with
+        none takes its shift from its first finite value).
+    start : Sums, optional
+        Sums to continue (same slots): a batch that spans blocks.
 
     Raises
     ------
     NonFiniteError
-        Its row counted from the first row of `x`.
-
-    Notes
-    -----
-    Small chunks (single rows, say) are reduced several at a time, stacked
-    along a new axis, so that each unit of work is about CHUNK_BYTES.
+        Without `omit`, for the first NaN / Inf of `x` in C order (row
+        counted from the first row of `x`).
+    DataError
+        The squares of finite values overflow float64.
     """
-    rows = x.shape[0]
-    full, rest = divmod(rows, chunk)
-    kept = tuple(size for axis, size in enumerate(x.shape) if axis not in axes)
-    chunks = full + (1 if rest else 0)
-    count = np.empty((chunks,) + kept)
-    mean = np.empty_like(count)
-    m2 = np.empty_like(count)
-    per_chunk = (1,) + tuple(a + 1 for a in axes if a != 0)
-    stacked_shift = None if shift is None else np.expand_dims(shift, (0,) + per_chunk)
-    row_bytes = 8 * int(np.prod(x.shape[1:], dtype=np.int64))
-    group = max(1, CHUNK_BYTES // max(chunk * row_bytes, 1))
-    # Units of work: (first chunk, chunks in it, rows per chunk)
-    units = [(c, min(group, full - c), chunk) for c in range(0, full, group)]
-    if rest:
-        units.append((full, 1, rest))
-
-    workspace = workspace if workspace is not None else Workspace()
-    for first, number, size in units:
-        start = first * chunk
-        block = x[start : start + number * size].reshape((number, size) + x.shape[1:])
-        try:
-            n, mean[first : first + number], m2[first : first + number] = checked_moments(
-                block, per_chunk, workspace, shift=stacked_shift, nan_policy=nan_policy, row_axes=2
+    flat, table = _as_rows(x)
+    P, K = len(keys), layout.stats
+    kdtype = kernel_dtype(x.dtype)
+    integer = kdtype.kind != "f"
+    if start is not None:
+        sums = start
+    else:
+        if integer:
+            kshift = np.clip(np.nan_to_num(shift), *_integer_range(kdtype)).astype(kdtype)
+        else:
+            kshift = np.array(shift, dtype=np.float64)
+        per_element = omit
+        sums = Sums(keys, np.zeros(P, np.int64), np.zeros(P), np.zeros((P, K)) if per_element else EMPTY_2D,
+                    np.zeros((P, K)), np.zeros((P, K)) if squares else EMPTY_2D, kshift, integer)
+    if not omit:
+        count0 = None
+    elif count0 is None:
+        count0 = np.zeros((P, K))
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+    kmap = layout.kmap if layout.kmap.size else None
+    rows = flat.shape[0]
+    step = max(1, CALL_ELEMENTS // max(flat.shape[1], 1))
+    fresh = np.array(fresh, dtype=np.bool_)
+    for begin in range(0, rows, step):
+        end = min(rows, begin + step)
+        _accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
+                    slots[begin:end], None if weights is None else weights[begin:end],
+                    sums.shift, fresh, count0, sums.rows, sums.weight,
+                    sums.count if omit else None, sums.s1, sums.s2 if squares else None)
+    if not omit and not (np.isfinite(sums.s1).all() and (not squares or np.isfinite(sums.s2).all())):
+        where = first_nonfinite_row(x, slots)
+        if where is None:
+            raise DataError(
+                "the sum of squares overflows float64; the data are too large in magnitude to have a "
+                "variance, scale them down"
             )
-        except NonFiniteError as error:
-            raise error.shifted(start) from None
-        count[first : first + number] = n
-    return count, mean, m2
+        raise NonFiniteError(where[0], where[1:], x[where])
+    return sums
 
 
-def combine_chunks(
-    count: np.ndarray, mean: np.ndarray, m2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact moments of the union of chunks (axis 0), chunks with count 0 ignored::
+def first_nonfinite_row(x: np.ndarray, slots: np.ndarray) -> Optional[tuple[int, ...]]:
+    """Index of the first NaN / Inf of `x` (C order) in a row the kernel read (slot >= 0)."""
+    used = slots >= 0
+    if used.all():
+        return first_nonfinite(x)
+    rows = np.flatnonzero(used)
+    where = first_nonfinite(x[rows])
+    return None if where is None else (int(rows[where[0]]),) + where[1:]
 
-        N = sum n_c,  mean = sum n_c mean_c / N,  M2 = sum M2_c + sum n_c (mean_c - mean)**2
+
+def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray, m2: np.ndarray,
+               weight: np.ndarray, count: Optional[np.ndarray]) -> None:
+    """Merge block sums into the state rows ``sums.keys`` (in place).
+
+    `count` is the per-element count array of the state, or None when counts
+    are per row (``weight * per_stat``).
     """
-    total = count.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        weighted = np.where(count > 0, count * mean, 0.0)
-        combined = weighted.sum(axis=0) / total
-        spread = np.where(count > 0, count * (mean - combined) ** 2, 0.0)
-    return total, combined, np.where(count > 0, m2, 0.0).sum(axis=0) + spread.sum(axis=0)
+    base, residual = sums.centers()
+    s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
+    _fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
+                sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
+
+
+def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
+              first_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Slots of the rows of `groups` (int64, -1 = skip) and the keys present
+    (``batch * num_groups + group``, batch-major, in order of first appearance);
+    with `batch`, rows ``i`` are in batch ``first_batch + i // batch``."""
+    rows = len(groups)
+    slots = np.empty(rows, np.int64)
+    keys = np.empty(rows, np.int64)
+    present = _slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
+                         first_batch, num_groups, lookup, slots, keys)
+    return slots, keys[:present]
