@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .kernels import Layout, accumulate, fold_exact, slot_rows
+from .kernels import Layout, accumulate, fold_exact, update_groups
 from .moments import merge_moments, variance
 
 
@@ -62,13 +62,6 @@ class GroupedMoments:
         self.offset: Optional[np.ndarray] = None
         self.m2_flat: Optional[np.ndarray] = None
         self.count_flat: Optional[np.ndarray] = None  # per element, under omit only
-        self._lookup: Optional[np.ndarray] = None
-        self.last_update: tuple = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_lookup"] = None  # scratch, rebuilt on demand
-        return state
 
     @property
     def omit(self) -> bool:
@@ -173,11 +166,6 @@ class GroupedMoments:
         self.weight = count[:, 0] / self.layout.per_stat if full[1] else np.zeros(self.num_groups)
         return self
 
-    def _lookup_array(self) -> np.ndarray:
-        if self._lookup is None:
-            self._lookup = np.full(self.num_groups, -1, dtype=np.int64)
-        return self._lookup
-
     def update(self, x: np.ndarray, groups: Optional[np.ndarray] = None,
                weights: Optional[np.ndarray] = None) -> "GroupedMoments":
         """Add the rows of `x` to their `groups` (validated by the caller; -1 skips a row).
@@ -193,23 +181,23 @@ class GroupedMoments:
             self.start(x.shape[1:])
         if x.shape[0] == 0:
             return self
-        if groups is None:
-            slots, keys = np.zeros(x.shape[0], np.int64), np.zeros(1, np.int64)
-        else:
-            slots, keys = slot_rows(groups, self.num_groups, self._lookup_array())
-        shift = self.shift[keys]
+        if groups is not None:  # many groups: each row folds straight into its group
+            update_groups(x, self.layout, groups, self.shift, self.offset, self.m2_flat, self.rows, self.weight,
+                          self.count_flat, weights=weights)
+            return self
+        keys = np.zeros(1, np.int64)
+        slots = np.zeros(x.shape[0], np.int64)
         if self.omit:
-            fresh, count0 = np.ones(len(keys), bool), self.count_flat[keys]
+            fresh, count0, shift = np.ones(1, bool), self.count_flat[keys], self.shift[keys]
+        elif self.weight[0] == 0:
+            fresh, count0, shift = np.zeros(1, bool), None, self._pilot(x)
         else:
-            fresh, count0 = self.weight[keys] == 0, None
-            if groups is None and fresh[0]:
-                shift, fresh = self._pilot(x), np.zeros(1, bool)
+            fresh, count0, shift = np.zeros(1, bool), None, self.shift[keys]
         sums = accumulate(x, self.layout, slots, keys, shift, fresh, weights=weights,
                           omit=self.omit, count0=count0)
         fold_exact(sums, self.layout.per_stat, self.shift, self.offset, self.m2_flat, self.weight,
                    self.count_flat)
         self.rows[keys] += sums.rows
-        self.last_update = (keys, sums.rows)  # the groups this update touched, and their rows
         return self
 
     def _pilot(self, x: np.ndarray) -> np.ndarray:

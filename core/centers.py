@@ -89,9 +89,8 @@ class _CentersBase:
             )
         return x.reshape(x.shape[0], self.feature_dim), labels, keep
 
-    def _count(self, labels: np.ndarray, keep: np.ndarray, classes: np.ndarray, rows: np.ndarray) -> None:
-        """Count a block: `rows` rows of each of `classes` (only the classes present are touched)."""
-        np.add.at(self.counts, classes, rows)
+    def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
+        np.add.at(self.counts, labels[keep], 1)  # only the classes present are touched
         self.rows_seen += len(labels)
         self.rows_ignored += int(len(labels) - keep.sum())
         self.batches_seen += -(-len(labels) // (self.batch_size or len(labels)))
@@ -281,7 +280,7 @@ class CentersEMA(_CentersBase):
             raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
         self._fold(keys, sums.means(1))
-        self._count(labels, keep, keys % self.num_classes, sums.rows)
+        self._count(labels, keep)
         return self
 
     def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
@@ -464,7 +463,7 @@ class CentersExact(_CentersBase):
         except NonFiniteError as error:
             raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
-        self._count(labels, keep, *self.moments.last_update)
+        self._count(labels, keep)
         return self
 
     def merge(self, other: "_CentersBase") -> "CentersExact":

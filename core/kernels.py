@@ -115,6 +115,35 @@ def _finite_impl(v):
     return lambda v: np.isfinite(v)
 
 
+def _shift_as(s, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_shift_as)
+def _shift_as_impl(s, v):
+    """A float64 shift in the arithmetic of values like `v` (integer-valued for integers)."""
+    if isinstance(v, types.Integer):
+        if v.signed:
+            return lambda s, v: np.int64(s)
+        return lambda s, v: np.uint64(s)
+    return lambda s, v: s
+
+
+def _shift_gap(s, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_shift_gap)
+def _shift_gap_impl(s, v):
+    """How far the float64 shift `s` lies above its integer form for values like
+    `v` (a restored mean need not be an integer): 0 for floats."""
+    if isinstance(v, types.Integer):
+        if v.signed:
+            return lambda s, v: np.float64(np.int64(s)) - s
+        return lambda s, v: np.float64(np.uint64(s)) - s
+    return lambda s, v: 0.0
+
+
 # --- the kernel ------------------------------------------------------------------------
 
 
@@ -193,6 +222,93 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
             if s2 is not None:
                 s2[p, k] += w * t2
             e = stop
+
+
+@numba.njit(nogil=True, cache=True)
+def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows, weight, count,
+                   t1, t2, tn):
+    """Fold each row straight into its group's moments (no per-block scratch of
+    groups x statistics, so many groups cost what few do).
+
+    A row's shifted sums around its group's shift, per statistic, form a block
+    of one row (count ``w n_e``, mean ``t1 / n_e``, M2 ``w (t2 - t1**2 / n_e)``),
+    merged by Chan–Golub–LeVeque into ``offset`` and ``m2``; for one element
+    per statistic this is West's weighted update of the mean and M2. A
+    group's first row with weight sets its shift. `count` None: counts are
+    ``weight * per_stat``; an array: per element (NaN / Inf are left out).
+    `t1`, `t2`, `tn` are scratch of one row's statistics.
+    """
+    nrows, width = x.shape
+    stats = shift.shape[1]
+    per_stat = width // stats
+    check = 0.0  # sum of the squared deviations met: not finite iff a NaN / Inf or an overflow
+    for i in range(nrows):
+        g = groups[i]
+        if g < 0:
+            continue
+        rows[g] += 1
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        if not w > 0.0:
+            continue
+        if kmap is None and count is None:
+            if weight[g] == 0.0:
+                for e in range(width):
+                    shift[g, e] = _value(x, i, e, table)
+                    offset[g, e] = 0.0
+                    m2[g, e] = 0.0
+            n = weight[g] + w
+            r = w / n
+            for e in range(width):
+                v = _value(x, i, e, table)
+                d = _deviation(v, _shift_as(shift[g, e], v)) + _shift_gap(shift[g, e], v)
+                delta = d - offset[g, e]
+                offset[g, e] += delta * r
+                m2[g, e] += w * delta * (d - offset[g, e])
+                check += d * d
+            weight[g] = n
+            continue
+        fresh = weight[g] == 0.0
+        for k in range(stats):
+            t1[k] = 0.0
+            t2[k] = 0.0
+            tn[k] = 0.0
+        for e in range(width):
+            k = e if kmap is None else kmap[e // run]
+            v = _value(x, i, e, table)
+            if count is None:
+                if fresh and tn[k] == 0.0:
+                    shift[g, k] = v
+            else:
+                if not _finite(v):
+                    continue
+                if count[g, k] == 0.0 and tn[k] == 0.0:
+                    shift[g, k] = v
+            d = _deviation(v, _shift_as(shift[g, k], v)) + _shift_gap(shift[g, k], v)
+            tn[k] += 1.0
+            t1[k] += d
+            t2[k] += d * d
+            check += d * d
+        for k in range(stats):
+            if tn[k] == 0.0:
+                continue
+            n_a = weight[g] * per_stat if count is None else count[g, k]
+            n_b = w * tn[k]
+            mean_b = t1[k] / tn[k]
+            m2_b = w * max(t2[k] - t1[k] * mean_b, 0.0)
+            if n_a > 0.0:
+                n = n_a + n_b
+                delta = mean_b - offset[g, k]
+                offset[g, k] += delta * (n_b / n)
+                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
+            else:
+                offset[g, k] = mean_b
+                m2[g, k] = m2_b
+            if count is not None:
+                count[g, k] += n_b
+        weight[g] += w
+    return check
 
 
 @numba.njit(nogil=True, cache=True)
@@ -516,6 +632,37 @@ def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray,
     s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
     _fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
                 sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
+
+
+def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.ndarray, offset: np.ndarray,
+                  m2: np.ndarray, rows: np.ndarray, weight: np.ndarray, count: Optional[np.ndarray], *,
+                  weights: Optional[np.ndarray] = None) -> None:
+    """Fold the rows of `x` into the moments of their `groups` (-1 skips a row), in place.
+
+    The state arrays are ``(groups, statistics)`` (`rows`, `weight` per group);
+    `count` per element, or None when counts are ``weight * per_stat`` (no
+    values left out). Only the rows' groups are touched.
+
+    Raises
+    ------
+    NonFiniteError, DataError
+        As :func:`accumulate` (checked on the groups the rows touched).
+    """
+    flat, table = _as_rows(x)
+    groups = np.ascontiguousarray(groups, dtype=np.int64)
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+    kmap = layout.kmap if layout.kmap.size else None
+    scratch = np.empty((3, layout.stats))
+    check = _update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows, weight,
+                           count, scratch[0], scratch[1], scratch[2])
+    if not np.isfinite(check):
+        where = None if count is not None else first_nonfinite_row(x, groups)
+        if where is None:
+            raise DataError(
+                "the sum of squares overflows float64; the data are too large in magnitude to have a "
+                "variance, scale them down"
+            )
+        raise NonFiniteError(where[0], where[1:], x[where])
 
 
 def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
