@@ -496,6 +496,31 @@ class BatchNormExact(_BatchNormBase):
         self.batches_seen += -(-x.shape[0] // (self.batch_size or x.shape[0]))
         return self
 
+    def _too_small(self, count: np.ndarray, meta: dict) -> np.ndarray:
+        """Statistics with ``count <= ddof`` (no variance): reported in `meta` like
+        unseen groups (their var and inv_std are NaN), or an error when nothing
+        is left to fit."""
+        omitted = "; NaN / Inf values were left out (--nan-policy omit)" if self.nan_policy == "omit" else ""
+        if self.weighted and not np.any(count > 0):
+            raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
+        too_small = count <= self.ddof
+        if self.num_groups is None:
+            if too_small.all():
+                raise DataError(
+                    f"exact statistics need more than ddof={self.ddof} elements per statistic, got "
+                    f"{int(np.max(count)) if count.size else 0}{omitted}"
+                )
+            meta["too_small_count"], meta["too_small"] = _listed(too_small)
+            return too_small
+        small = too_small.reshape(self.num_groups, -1).any(axis=1) & (self.moments.rows > 0)
+        if too_small.all():
+            raise DataError(
+                f"no group has more than ddof={self.ddof} elements per statistic{omitted}; "
+                "nothing to fit"
+            )
+        meta["groups_too_small"], meta["groups_too_small_list"] = _listed(small)
+        return too_small
+
     def merge(self, other: "_BatchNormBase") -> "BatchNormExact":
         """Add what `other` (an exact fit of the same shape and options) has seen."""
         if not isinstance(other, BatchNormExact):
@@ -525,25 +550,18 @@ class BatchNormExact(_BatchNormBase):
         count = moments.count
         if count is None:
             raise DataError("no rows were given: the statistics are undefined")
-        relevant = count if self.num_groups is None else count[moments.rows > 0]
-        if np.any(relevant <= self.ddof):
-            raise DataError(
-                f"exact statistics need more than ddof={self.ddof} elements per statistic, "
-                f"got {int(np.min(relevant))}"
-                + ("; NaN / Inf values were left out" if self.nan_policy == "omit" else "")
-            )
+        too_small = self._too_small(count, meta)
         var = moments.variance(self.ddof)
-        near_constant = moments.near_constant()
+        near_constant = moments.near_constant() & ~too_small
         var = np.where(near_constant, 0.0, var)
-        flat = np.flatnonzero(near_constant)
-        meta["near_constant_count"] = int(flat.size)
-        meta["near_constant"] = [int(i) for i in flat[:REPORTED_INDICES]]
+        meta["near_constant_count"], meta["near_constant"] = _listed(near_constant)
         meta["weighted"] = self.weighted
         arrays = {"count": count.copy(), "var": var}
         arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
         arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
         if self.use_inv_std:
-            arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
+            with np.errstate(invalid="ignore"):
+                arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
         if self.num_groups is not None:
             meta["groups"] = self.num_groups
             meta["groups_unseen"] = int(np.sum(moments.rows == 0))
@@ -551,6 +569,12 @@ class BatchNormExact(_BatchNormBase):
         if self.nan_policy == "omit" and not self.weighted:
             meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - count.sum())
         return Stats(BATCHNORM, arrays, meta)
+
+
+def _listed(mask: np.ndarray) -> tuple[int, list[int]]:
+    """How many entries `mask` flags, and the first REPORTED_INDICES of them."""
+    flat = np.flatnonzero(mask)
+    return int(flat.size), [int(i) for i in flat[:REPORTED_INDICES]]
 
 
 def batchnorm_state(

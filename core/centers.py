@@ -495,6 +495,8 @@ class CentersExact(_CentersBase):
         """Class means and variances (NaN where unseen), counts and metadata."""
         self._require_updates()
         moments = self.moments
+        if self.weighted and not np.any(moments.weight > 0):
+            raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
         seen = moments.count > 0
         centers = np.where(seen, moments.mean, np.nan)
         var = np.where(seen, moments.variance(0), np.nan)

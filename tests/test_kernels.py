@@ -192,3 +192,54 @@ def test_kernel_counts_every_row_once(rows, seed):
     assert sums.rows.sum() == np.count_nonzero(labels >= 0)
     assert dict(zip(keys.tolist(), sums.rows.tolist())) == {
         int(k): int(np.sum(labels == k)) for k in np.unique(labels[labels >= 0])}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".json", ".safetensors"])
+def test_stats_files_keep_a_single_runs_precision_at_1e15(tmp_path, suffix):
+    x = 1e15 + np.random.default_rng(3).normal(0.0, 5.0, (30_000, 3))
+    one = ns.BatchNormExact().update(x).result()
+    halves = [ns.BatchNormExact().update(part).result() for part in (x[:11_000], x[11_000:])]
+    paths = [str(tmp_path / f"{name}{suffix}") for name in "ab"]
+    for stats, path in zip(halves, paths):
+        ns.write_stats(stats, path)
+    merged = ns.merge_stats([ns.read_stats(p) for p in paths])
+    continued = ns.BatchNormExact.from_stats(ns.read_stats(paths[0])).update(x[11_000:]).result()
+    for stats in (merged, continued):
+        close(stats.arrays["var"], one.arrays["var"], rtol=1e-14)
+        close(stats.arrays["mean"] + stats.arrays["mean_low"], one.arrays["mean"] + one.arrays["mean_low"],
+              rtol=1e-16)
+
+
+def test_old_files_without_mean_low_still_continue():
+    x = np.random.default_rng(2).normal(3.0, 1.0, (500, 2))
+    first = ns.BatchNormExact().update(x[:200]).result()
+    del first.arrays["mean_low"]
+    continued = ns.BatchNormExact.from_stats(first).update(x[200:]).result()
+    _, var, _ = ref_bn_exact(x)
+    close(continued.arrays["var"], var, rtol=1e-12)
+
+
+def test_groups_too_small_for_ddof_are_reported_not_fatal():
+    x = np.random.default_rng(1).normal(size=(30, 2))
+    groups = np.zeros(30, np.int64)
+    groups[7] = 1  # one row: no variance with ddof=1
+    stats = ns.BatchNormExact(num_groups=3, ddof=1).update(x, groups=groups).result()
+    assert stats.meta["groups_too_small"] == 1 and stats.meta["groups_too_small_list"] == [1]
+    assert stats.meta["groups_unseen"] == 1
+    assert np.isnan(stats.arrays["var"][1]).all() and np.isfinite(stats.arrays["var"][0]).all()
+    _, var, _ = ref_bn_exact(x[groups == 0])
+    close(stats.arrays["var"][0], var)
+
+
+def test_all_zero_weights_and_all_nan_features_end_in_one_clear_error():
+    x = np.random.default_rng(1).normal(size=(20, 2))
+    with pytest.raises(ns.DataError, match="every weight is 0"):
+        ns.BatchNormExact().update(x, weights=np.zeros(20)).result()
+    with pytest.raises(ns.DataError, match="every weight is 0"):
+        ns.CentersExact(2).update(x, np.zeros(20, int), np.zeros(20)).result()
+    with pytest.raises(ns.DataError, match="left out"):
+        ns.BatchNormExact(nan_policy="omit").update(np.full((20, 2), np.nan)).result()
+    partly = x.copy()
+    partly[:, 1] = np.nan
+    stats = ns.BatchNormExact(nan_policy="omit").update(partly).result()
+    assert stats.meta["too_small_count"] == 1 and stats.meta["too_small"] == [1]
