@@ -24,6 +24,7 @@ from .interop import Export, export_stats, import_torch, stats_from_torch, to_es
 from .accumulators import GroupedMoments, Moments
 from .moments import merge_moments, moments
 from .normalize import Normalizer
+from .recipe import Recipe
 from .pipeline import apply_stats, assign_rows, fit_batchnorm, fit_centers, merge_stats, resume_row, run_fit
 from .sources import Stream, open_source, open_stream
 from .stats import Stats
@@ -64,6 +65,7 @@ __all__ = [
     "merge_stats",
     "resume_row",
     "run_fit",
+    "Recipe",
     "run_fit_parallel",
     "run_fit_dask",
     "apply_dask",

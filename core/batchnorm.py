@@ -11,9 +11,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
+from .fitstate import FitState, file_options
 from .kernels import Layout, accumulate
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
@@ -32,10 +32,10 @@ Initial = Union[float, np.ndarray, None]
 REPORTED_INDICES = 100  # near-constant statistics listed by index in the metadata
 
 
-class _BatchNormBase:
+class _BatchNormBase(FitState):
     """Options, input checks and bookkeeping shared by both modes."""
 
-    mode = ""
+    kind = BATCHNORM
 
     def __init__(
         self,
@@ -50,18 +50,13 @@ class _BatchNormBase:
     ) -> None:
         if not (use_mean or use_inv_std):
             raise UsageError("mean and inv_std are both disabled: there is nothing to fit")
+        super().__init__(check_batch_size(batch_size), check_nan_policy(nan_policy))
         self.axes_spec = axes if isinstance(axes, str) else tuple(int(a) for a in axes)
         self.eps = check_eps(eps)
         self.ddof = check_ddof(ddof)
-        self.batch_size = check_batch_size(batch_size)
         self.use_mean = use_mean
         self.use_inv_std = use_inv_std
-        self.nan_policy = check_nan_policy(nan_policy)
         self.axes: Optional[tuple[int, ...]] = None
-        self.row_shape: Optional[tuple[int, ...]] = None
-        self.input_dtype: Optional[str] = None
-        self.rows_seen = 0
-        self.batches_seen = 0
         self.batches_skipped = 0
 
     @property
@@ -91,43 +86,18 @@ class _BatchNormBase:
         """Allocate the state once the statistic's shape is known."""
 
     def _meta(self) -> dict:
-        return {
-            "normstats_version": __version__,
-            "kind": BATCHNORM,
-            "mode": self.mode,
-            "axes": list(self.axes),
-            "eps": self.eps,
-            "ddof": self.ddof,
-            "batch_size": self.batch_size,
-            "rows_seen": self.rows_seen,
-            "batches_seen": self.batches_seen,
-            "batches_skipped": self.batches_skipped,
-            "row_shape": list(self.row_shape),
-            "input_dtype": self.input_dtype,
-            "use_mean": self.use_mean,
-            "use_inv_std": self.use_inv_std,
-            "nan_policy": self.nan_policy,
-        }
+        return dict(super()._meta(), axes=list(self.axes), eps=self.eps, ddof=self.ddof,
+                    batches_skipped=self.batches_skipped, use_mean=self.use_mean,
+                    use_inv_std=self.use_inv_std)
 
     def _require_updates(self) -> None:
         if self.axes is None:
             raise DataError("no rows were given: the statistics are undefined")
 
     def _restore_meta(self, stats: Stats) -> None:
-        meta = stats.meta
-        self.axes = tuple(meta["axes"])
-        self.row_shape = tuple(meta["row_shape"])
-        self.input_dtype = meta["input_dtype"]
-        self.rows_seen = int(meta["rows_seen"])
-        self.batches_seen = int(meta["batches_seen"])
-        self.batches_skipped = int(meta["batches_skipped"])
-
-
-def _file_options(meta: dict, options: dict, *names: str) -> None:
-    """Options a continued fit takes from its stats file unless given anew."""
-    for name in names:
-        if name in meta:
-            options.setdefault(name, meta[name])
+        self._restore_counters(stats.meta)
+        self.axes = tuple(stats.meta["axes"])
+        self.batches_skipped = int(stats.meta["batches_skipped"])
 
 
 def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -227,9 +197,9 @@ class BatchNormEMA(_BatchNormBase):
         stats.require(BATCHNORM)
         if "groups" in stats.meta:
             raise StatsFileError("per-group statistics cannot start a moving average")
-        _file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
+        file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
         if stats.mode == "ema":
-            _file_options(stats.meta, options, "alpha")
+            file_options(stats.meta, options, "alpha")
         options.setdefault("mean", stats.arrays.get("mean"))
         options.setdefault("inv_std", stats.arrays.get("inv_std"))
         for name in ("mean", "inv_std"):
@@ -268,7 +238,7 @@ class BatchNormEMA(_BatchNormBase):
                               np.arange(batches, dtype=np.int64), np.zeros((batches, layout.stats)),
                               np.ones(batches, bool), omit=self.nan_policy == "omit")
         except NonFiniteError as error:
-            raise error.shifted(self.rows_seen) from None
+            raise error.shifted(self.position) from None
         stacked = (batches,) + self.shape
         self._fold(sums.counts(layout.per_stat).reshape(stacked), sums.means(layout.per_stat).reshape(stacked),
                    sums.m2(layout.per_stat).reshape(stacked))
@@ -324,10 +294,11 @@ class BatchNormEMA(_BatchNormBase):
             self.inv_std = later.decay * self.inv_std + later.inv_std
         self.decay = self.decay * later.decay
         self.count = self.count + later.count
-        self.rows_seen += later.rows_seen
-        self.batches_seen += later.batches_seen
+        self._add_counters(later)
         self.batches_skipped += later.batches_skipped
         return self
+
+    combine = follow
 
     def zero_start(self) -> "BatchNormEMA":
         """Start from mean 0 and inv_std 0 (for a range of rows to :meth:`follow` others)."""
@@ -433,7 +404,7 @@ class BatchNormExact(_BatchNormBase):
                 "can be continued or merged exactly"
             )
         meta = stats.meta
-        _file_options(meta, options, "eps", "ddof", "use_mean", "use_inv_std", "nan_policy", "batch_size")
+        file_options(meta, options, "eps", "ddof", "use_mean", "use_inv_std", "nan_policy", "batch_size")
         options.setdefault("num_groups", meta.get("groups"))
         if options["num_groups"] != meta.get("groups"):
             raise StatsFileError(
@@ -478,7 +449,7 @@ class BatchNormExact(_BatchNormBase):
         x = np.asarray(x)
         self._check(x)
         if weights is not None:
-            weights = check_weights(weights, x.shape[0], self.rows_seen)
+            weights = check_weights(weights, x.shape[0], self.position)
             self.weighted = True
         if x.shape[0] == 0:
             return self
@@ -488,12 +459,12 @@ class BatchNormExact(_BatchNormBase):
                     raise UsageError("groups were given but the state has no num_groups")
                 self.moments.update(x, weights)
             else:
-                groups = check_groups(groups, x.shape[0], self.num_groups, self.rows_seen, "group")
+                groups = check_groups(groups, x.shape[0], self.num_groups, self.position, "group")
                 self.moments.update(x, groups, weights)
         except NonFiniteError as error:
-            raise error.shifted(self.rows_seen) from None
+            raise error.shifted(self.position) from None
+        self.batches_seen += self.batches_in(x.shape[0])
         self.rows_seen += x.shape[0]
-        self.batches_seen += -(-x.shape[0] // (self.batch_size or x.shape[0]))
         return self
 
     def _too_small(self, count: np.ndarray, meta: dict) -> np.ndarray:
@@ -537,10 +508,11 @@ class BatchNormExact(_BatchNormBase):
                     f"{getattr(self, name)} and {getattr(other, name)}"
                 )
         self.moments.merge(other.moments)
-        self.rows_seen += other.rows_seen
-        self.batches_seen += other.batches_seen
+        self._add_counters(other)
         self.weighted = self.weighted or other.weighted
         return self
+
+    combine = merge
 
     def result(self) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata."""

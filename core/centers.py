@@ -12,8 +12,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ._version import __version__
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
+from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
 from .kernels import Layout, accumulate, slot_rows
 from .stats import CENTERS, Stats
@@ -36,10 +36,10 @@ def _flat_layout(features: int) -> Layout:
 INITS = ("random", "zeros", "first")
 
 
-class _CentersBase:
+class _CentersBase(FitState):
     """Options, feature/label checks and bookkeeping shared by both modes."""
 
-    mode = ""
+    kind = CENTERS
 
     def __init__(
         self,
@@ -51,16 +51,11 @@ class _CentersBase:
     ) -> None:
         if int(num_classes) != num_classes or num_classes < 1:
             raise UsageError(f"the number of classes must be a positive integer, got {num_classes}")
+        super().__init__(check_batch_size(batch_size), check_nan_policy(nan_policy))
         self.num_classes = int(num_classes)
-        self.batch_size = check_batch_size(batch_size)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
-        self.nan_policy = check_nan_policy(nan_policy)
-        self.row_shape: Optional[tuple[int, ...]] = None
-        self.input_dtype: Optional[str] = None
         self.counts = np.zeros(self.num_classes, dtype=np.int64)
-        self.rows_seen = 0
         self.rows_ignored = 0
-        self.batches_seen = 0
 
     @property
     def feature_dim(self) -> int:
@@ -75,7 +70,7 @@ class _CentersBase:
         check_numeric_dtype(x.dtype, "features")
         if x.ndim < 1:
             raise DataError("features are a scalar; they need at least one (row) axis")
-        labels = check_groups(labels, x.shape[0], self.num_classes, self.rows_seen, "label",
+        labels = check_groups(labels, x.shape[0], self.num_classes, self.position, "label",
                               ignore=self.ignore_label)
         keep = labels != self.ignore_label if self.ignore_label is not None else np.ones(len(labels), bool)
         if self.row_shape is None:
@@ -91,29 +86,18 @@ class _CentersBase:
 
     def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
         np.add.at(self.counts, labels[keep], 1)  # only the classes present are touched
+        # ema: each update's own batches; exact: on the stream's grid, whatever the blocks
+        self.batches_seen += (-(-len(labels) // (self.batch_size or len(labels))) if self.mode == "ema"
+                              else self.batches_in(len(labels)))
         self.rows_seen += len(labels)
         self.rows_ignored += int(len(labels) - keep.sum())
-        self.batches_seen += -(-len(labels) // (self.batch_size or len(labels)))
 
     def _start(self) -> None:
         """Allocate the state once the feature shape is known."""
 
     def _meta(self) -> dict:
-        return {
-            "normstats_version": __version__,
-            "kind": CENTERS,
-            "mode": self.mode,
-            "num_classes": self.num_classes,
-            "batch_size": self.batch_size,
-            "rows_seen": self.rows_seen,
-            "rows_ignored": self.rows_ignored,
-            "ignore_label": self.ignore_label,
-            "batches_seen": self.batches_seen,
-            "row_shape": list(self.row_shape),
-            "input_dtype": self.input_dtype,
-            "nan_policy": self.nan_policy,
-            "classes_unseen": int(np.sum(self.counts == 0)),
-        }
+        return dict(super()._meta(), num_classes=self.num_classes, rows_ignored=self.rows_ignored,
+                    ignore_label=self.ignore_label, classes_unseen=int(np.sum(self.counts == 0)))
 
     def _require_updates(self) -> None:
         if self.row_shape is None:
@@ -126,23 +110,15 @@ class _CentersBase:
             raise StatsFileError(
                 f"the centers file has {meta['num_classes']} classes, not {self.num_classes}"
             )
-        self.row_shape = tuple(meta["row_shape"])
-        self.input_dtype = meta["input_dtype"]
-        self.rows_seen = int(meta["rows_seen"])
+        self._restore_counters(meta)
         self.rows_ignored = int(meta.get("rows_ignored", 0))
-        self.batches_seen = int(meta["batches_seen"])
         self.counts = np.array(stats.arrays["counts"], dtype=np.int64)
 
     def _shaped(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape((self.num_classes,) + self.row_shape)
 
 
-def _state_options(meta: dict, options: dict, *names: str) -> dict:
-    """Options a continued fit takes from its file unless given anew."""
-    for name in ("ignore_label", "nan_policy", "batch_size") + names:
-        if name in meta:
-            options.setdefault(name, meta[name])
-    return options
+CONTINUED = ("ignore_label", "nan_policy", "batch_size")  # options a continued fit takes from its file
 
 
 class CentersEMA(_CentersBase):
@@ -223,7 +199,7 @@ class CentersEMA(_CentersBase):
         stats.require(CENTERS)
         centers = np.asarray(stats.arrays["centers"], dtype=np.float64)
         options.pop("init", None)
-        options = _state_options(stats.meta, options, "alpha", "seed")
+        options = file_options(stats.meta, options, *CONTINUED, "alpha", "seed")
         state = cls(int(stats.meta["num_classes"]), init=centers, **options)
         state._restore(stats)
         state._start()
@@ -277,7 +253,7 @@ class CentersEMA(_CentersBase):
             sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys,
                               np.zeros((len(keys), self.feature_dim)), np.ones(len(keys), bool), squares=False)
         except NonFiniteError as error:
-            raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
+            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
         self._fold(keys, sums.means(1))
         self._count(labels, keep)
@@ -353,10 +329,11 @@ class CentersEMA(_CentersBase):
             self.first_seen |= seen
         self.decay *= later.decay
         self.counts += later.counts
-        self.rows_seen += later.rows_seen
+        self._add_counters(later)
         self.rows_ignored += later.rows_ignored
-        self.batches_seen += later.batches_seen
         return self
+
+    combine = follow
 
     def zero_start(self) -> "CentersEMA":
         """Start from zero centers (for a range of rows to :meth:`follow` others)."""
@@ -429,7 +406,7 @@ class CentersExact(_CentersBase):
                 f"the centers file was fitted with --mode {stats.mode}; only exact centers "
                 "can be continued or merged exactly"
             )
-        state = cls(int(stats.meta["num_classes"]), **_state_options(stats.meta, options))
+        state = cls(int(stats.meta["num_classes"]), **file_options(stats.meta, options, *CONTINUED))
         state._restore(stats)
         state._start()
         state.weighted = bool(stats.meta.get("weighted", False))
@@ -454,14 +431,14 @@ class CentersExact(_CentersBase):
         x = np.asarray(x)
         flat, labels, keep = self._check(x, labels)
         if weights is not None:
-            weights = check_weights(weights, flat.shape[0], self.rows_seen)
+            weights = check_weights(weights, flat.shape[0], self.position)
             self.weighted = True
         if flat.shape[0] == 0:
             return self
         try:
             self.moments.update(flat, np.where(keep, labels, -1), weights)
         except NonFiniteError as error:
-            raise NonFiniteError(self.rows_seen + error.row, np.unravel_index(error.index[0], self.row_shape),
+            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
         self._count(labels, keep)
         return self
@@ -485,11 +462,12 @@ class CentersExact(_CentersBase):
             )
         self.moments.merge(other.moments)
         self.counts += other.counts
-        self.rows_seen += other.rows_seen
+        self._add_counters(other)
         self.rows_ignored += other.rows_ignored
-        self.batches_seen += other.batches_seen
         self.weighted = self.weighted or other.weighted
         return self
+
+    combine = merge
 
     def result(self) -> Stats:
         """Class means and variances (NaN where unseen), counts and metadata."""

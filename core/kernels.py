@@ -170,14 +170,22 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
             fresh[p] = False
         if kmap is None:
             if count is None:
+                # Row views (not s1[p, e0 + e]): indices the compiler knows are in range let
+                # it vectorize the loop, 5-7x faster.
+                h = shift[p, e0:e0 + width]
+                r1 = s1[p, e0:e0 + width]
                 if first:
                     for e in range(width):
-                        shift[p, e0 + e] = _value(x, i, e, table)
-                for e in range(width):
-                    d = _deviation(_value(x, i, e, table), shift[p, e0 + e])
-                    s1[p, e0 + e] += w * d
-                    if s2 is not None:
-                        s2[p, e0 + e] += w * d * d
+                        h[e] = _value(x, i, e, table)
+                if s2 is not None:
+                    r2 = s2[p, e0:e0 + width]
+                    for e in range(width):
+                        d = _deviation(_value(x, i, e, table), h[e])
+                        r1[e] += w * d
+                        r2[e] += w * d * d
+                else:
+                    for e in range(width):
+                        r1[e] += w * _deviation(_value(x, i, e, table), h[e])
             else:
                 for e in range(width):
                     v = _value(x, i, e, table)
@@ -242,6 +250,8 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     stats = shift.shape[1]
     per_stat = width // stats
     check = 0.0  # sum of the squared deviations met: not finite iff a NaN / Inf or an overflow
+    if kmap is None and count is None:
+        t2[:] = 0.0
     for i in range(nrows):
         g = groups[i]
         if g < 0:
@@ -253,20 +263,23 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
         if not w > 0.0:
             continue
         if kmap is None and count is None:
+            h = shift[g]  # row views: see _accumulate
+            o = offset[g]
+            q = m2[g]
             if weight[g] == 0.0:
                 for e in range(width):
-                    shift[g, e] = _value(x, i, e, table)
-                    offset[g, e] = 0.0
-                    m2[g, e] = 0.0
+                    h[e] = _value(x, i, e, table)
+                    o[e] = 0.0
+                    q[e] = 0.0
             n = weight[g] + w
             r = w / n
             for e in range(width):
                 v = _value(x, i, e, table)
-                d = _deviation(v, _shift_as(shift[g, e], v)) + _shift_gap(shift[g, e], v)
-                delta = d - offset[g, e]
-                offset[g, e] += delta * r
-                m2[g, e] += w * delta * (d - offset[g, e])
-                check += d * d
+                d = _deviation(v, _shift_as(h[e], v)) + _shift_gap(h[e], v)
+                delta = d - o[e]
+                o[e] += delta * r
+                q[e] += w * delta * (d - o[e])
+                t2[e] += d * d  # per element, not one running sum: the loop stays vectorized
             weight[g] = n
             continue
         fresh = weight[g] == 0.0
@@ -308,6 +321,8 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
             if count is not None:
                 count[g, k] += n_b
         weight[g] += w
+    if kmap is None and count is None:
+        check += t2.sum()
     return check
 
 

@@ -17,6 +17,7 @@ from ._version import __version__
 from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
+from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer, output_dtype
 from .sources import Stream, block_rows_for
@@ -25,7 +26,6 @@ from .stores import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
 Checkpoint = Optional[Callable[[object, int], None]]
-State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
 
 
 def aligned_blocks(
@@ -61,6 +61,7 @@ def run_fit(
     block_rows: Optional[int] = None,
     progress: Progress = None,
     checkpoint: Checkpoint = None,
+    max_memory: Optional[int] = None,
 ) -> Stats:
     """Stream the rows of `stream` (from `start_row` on) through `state`.
 
@@ -77,12 +78,17 @@ def run_fit(
     start_row : int
         First row to read (to resume from a checkpoint).
     block_rows : int, optional
-        Rows read per block (default about 8 MB); rounded to whole batches,
-        since the logical batches must not depend on it.
+        Rows read per block (default about 8 MB); for a moving average
+        rounded to whole batches, since the logical batches must not depend
+        on it (exact fits take any block).
     progress : callable, optional
         Called with the number of rows after each block.
     checkpoint : callable, optional
         Called with the state and the rows done after each block.
+    max_memory : int, optional
+        Bytes the state may take (default: the memory available); a larger
+        state (many classes or groups of wide rows) is refused before any
+        allocation.
 
     Returns
     -------
@@ -93,9 +99,14 @@ def run_fit(
     ------
     NonFiniteError
         Naming the shard and row of the first NaN / Inf (policy 'error').
+    UsageError
+        The state would not fit in memory.
     """
     side = side or {}
-    block_rows = block_rows_for(stream.row_bytes, state.batch_size, rows=block_rows)
+    recipe = Recipe.for_state(state)
+    if state.row_shape is None:
+        recipe.check_memory(stream.row_shape, max_memory=max_memory)
+    block_rows = block_rows_for(stream.row_bytes, recipe.row_unit, rows=block_rows)
     started = time.perf_counter()
     feed(state, stream, side, block_rows, start_row, None, progress, checkpoint)
     return with_provenance(state.result(), stream, side, time.perf_counter() - started,
@@ -122,15 +133,18 @@ def feed(
     progress: Progress = None,
     checkpoint: Checkpoint = None,
 ) -> None:
-    """Update `state` with rows ``start_row:stop_row``, block by block."""
-    first_state_row = state.rows_seen - start_row  # the state's row number of stream row 0
+    """Update `state` with rows ``start_row:stop_row`` of `stream`, block by block.
+
+    The state numbers rows from its ``first_row`` (the stream row of its
+    first row in a split fit); an error is located in `stream` by that.
+    """
     done = start_row
     for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
         try:
             state.update(block, **extras)
         except RowError as error:
             holder = side[error.side] if error.side else stream
-            raise error.located(*holder.locate(error.row - first_state_row)) from None
+            raise error.located(*holder.locate(error.row - state.first_row)) from None
         done += block.shape[0]
         if progress:
             progress(block.shape[0])
