@@ -7,6 +7,7 @@ They never touch files.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
-from .kernels import Layout, accumulate
+from .kernels import Layout, Sums, accumulate
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
 from .validate import (
@@ -188,6 +189,7 @@ class BatchNormEMA(_BatchNormBase):
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
         self.layout: Optional[Layout] = None
+        self._open: Optional[Sums] = None  # the sums of a batch still being read
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -222,27 +224,70 @@ class BatchNormEMA(_BatchNormBase):
         self.decay = np.ones(shape)  # (1 - alpha) ** (batches folded in), per statistic
         self.layout = Layout.of(self.row_shape, self.axes)
 
-    def update(self, x: np.ndarray) -> "BatchNormEMA":
-        """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
+    def update(self, x: np.ndarray, *, more: bool = False) -> "BatchNormEMA":
+        """Fold in the consecutive batches of `x` (shape ``(rows, ...)``).
+
+        With `more`, a short last batch stays open and the next update
+        continues it (a batch larger than a read block is accumulated across
+        blocks, never held); :meth:`close` folds an open batch in.
+        """
         x = np.asarray(x)
         self._check(x)
-        if x.shape[0] == 0:
-            return self
         rows = x.shape[0]
+        if rows == 0:
+            return self
         batch = self.batch_size or rows
-        batches = -(-rows // batch)
+        done = 0
+        if self._open is not None:  # finish the batch the last update left open
+            done = min(batch - int(self._open.rows[0]), rows)
+            self._add(x[:done], 1, batch, start=self._open)
+            if int(self._open.rows[0]) == batch:
+                self._fold_sums(self._open)
+                self._open = None
+        if done < rows:
+            rest = rows - done
+            batches = -(-rest // batch)
+            sums = self._add(x[done:], batches, batch, first=done)
+            if more and rest % batch:  # the last batch is short: keep it open
+                self._fold_sums(sums.slots(slice(0, batches - 1)))
+                self._open = sums.slots(slice(batches - 1, batches))
+            else:
+                self._fold_sums(sums)
+        self.rows_seen += rows
+        return self
+
+    def _add(self, x: np.ndarray, batches: int, batch: int, *, first: int = 0, start: Optional[Sums] = None) -> Sums:
+        """The kernel's sums of the consecutive batches of `x` (each batch a slot,
+        shifted by its first row), or of rows continuing the open batch `start`."""
         layout = self.layout
         try:
-            # The batches of the block are the kernel's slots, each shifted by its first row.
-            sums = accumulate(x, layout, np.arange(rows, dtype=np.int64) // batch,
+            if start is not None:
+                return accumulate(x, layout, np.zeros(len(x), np.int64), start.keys, start.shift,
+                                  np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
+            return accumulate(x, layout, np.arange(len(x), dtype=np.int64) // batch,
                               np.arange(batches, dtype=np.int64), np.zeros((batches, layout.stats)),
                               np.ones(batches, bool), omit=self.nan_policy == "omit")
         except NonFiniteError as error:
-            raise error.shifted(self.position) from None
-        stacked = (batches,) + self.shape
-        self._fold(sums.counts(layout.per_stat).reshape(stacked), sums.means(layout.per_stat).reshape(stacked),
-                   sums.m2(layout.per_stat).reshape(stacked))
-        self.rows_seen += x.shape[0]
+            raise error.shifted(self.position + first) from None
+
+    def _fold_sums(self, sums: Sums) -> None:
+        stacked = (len(sums.keys),) + self.shape
+        if not stacked[0]:
+            return
+        per_stat = self.layout.per_stat
+        self._fold(sums.counts(per_stat).reshape(stacked), sums.means(per_stat).reshape(stacked),
+                   sums.m2(per_stat).reshape(stacked))
+
+    @property
+    def open_rows(self) -> int:
+        """Rows of a batch left open by ``update(..., more=True)``."""
+        return 0 if self._open is None else int(self._open.rows[0])
+
+    def close(self) -> "BatchNormEMA":
+        """Fold in a batch left open by ``update(..., more=True)`` (a short last batch)."""
+        if self._open is not None:
+            self._fold_sums(self._open)
+            self._open = None
         return self
 
     def _fold(self, n: np.ndarray, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
@@ -285,6 +330,8 @@ class BatchNormEMA(_BatchNormBase):
         """
         if later.axes is None:
             return self
+        if self._open is not None or later._open is not None:
+            raise UsageError("close() both states before appending: a batch is still open")
         for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std"):
             if getattr(self, name) != getattr(later, name):
                 raise DataError(f"cannot append an ema fit with different {name}")
@@ -307,8 +354,11 @@ class BatchNormEMA(_BatchNormBase):
         return self
 
     def result(self) -> Stats:
-        """The running mean / inv_std (float64) and metadata."""
+        """The running mean / inv_std (float64) and metadata (an open batch folded
+        in, as the last, short one)."""
         self._require_updates()
+        if self._open is not None:
+            return copy.deepcopy(self).close().result()
         arrays = {}
         if self.use_mean:
             arrays["mean"] = self.mean.copy()

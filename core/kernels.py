@@ -34,13 +34,13 @@ a small multiple of ``m u`` relative to M2. Calls are limited to
 :data:`CALL_ELEMENTS` elements, so ``m`` stays small; blocks and shards then
 combine by the Chan–Golub–LeVeque merge in :func:`fold_exact`.
 
-All kernels release the GIL (``nogil``) and are cached on disk
-(``cache=True``); one specialization per input dtype.
+All kernels (in :mod:`normstats.compiled`, imported on first use) release
+the GIL (``nogil``) and are cached on disk (``cache=True``); one
+specialization per input dtype and variant.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,364 +49,15 @@ import numpy as np
 from .errors import DataError, NonFiniteError
 from .moments import first_nonfinite
 
-
-def _cache_dir() -> None:
-    """Send numba's cache to a user-wide folder when the package folder is read-only
-    (numba's own fallback only covers some layouts)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
-    if os.access(here if os.path.isdir(here) else os.path.dirname(here), os.W_OK):
-        return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "normstats", "numba")
-
-
-_cache_dir()
-
-import numba  # noqa: E402  (after the cache folder is chosen)
-from numba import types  # noqa: E402
-from numba.extending import overload  # noqa: E402
-
 CALL_ELEMENTS = 1 << 24  # elements per kernel call (64 MB of float32): bounds the terms per sum
 FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-# --- element access, specialized per dtype at compile time ------------------------------
+def _compiled():
+    """The compiled loops (imported on first use: numba's start-up is paid by fits only)."""
+    from . import compiled
 
-
-def _value(x, i, e, table):  # pragma: no cover - replaced by the overload below
-    raise NotImplementedError
-
-
-@overload(_value)
-def _value_impl(x, i, e, table):
-    if isinstance(table, types.NoneType):
-        return lambda x, i, e, table: x[i, e]
-    return lambda x, i, e, table: table[x[i, e]]  # float16 bits -> its value
-
-
-def _deviation(v, s):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_deviation)
-def _deviation_impl(v, s):
-    if isinstance(v, types.Integer):
-        # The magnitude in unsigned integer arithmetic (modulo 2**64, so exact for any two
-        # values of one integer type), then converted: no digit is lost before the rounding
-        # of the deviation itself.
-        def integer(v, s):
-            if v >= s:
-                return np.float64(np.uint64(v) - np.uint64(s))
-            return -np.float64(np.uint64(s) - np.uint64(v))
-        return integer
-    return lambda v, s: np.float64(v) - s
-
-
-def _finite(v):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_finite)
-def _finite_impl(v):
-    if isinstance(v, types.Integer):
-        return lambda v: True
-    return lambda v: np.isfinite(v)
-
-
-def _shift_as(s, v):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_shift_as)
-def _shift_as_impl(s, v):
-    """A float64 shift in the arithmetic of values like `v` (integer-valued for integers)."""
-    if isinstance(v, types.Integer):
-        if v.signed:
-            return lambda s, v: np.int64(s)
-        return lambda s, v: np.uint64(s)
-    return lambda s, v: s
-
-
-def _shift_gap(s, v):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_shift_gap)
-def _shift_gap_impl(s, v):
-    """How far the float64 shift `s` lies above its integer form for values like
-    `v` (a restored mean need not be an integer): 0 for floats."""
-    if isinstance(v, types.Integer):
-        if v.signed:
-            return lambda s, v: np.float64(np.int64(s)) - s
-        return lambda s, v: np.float64(np.uint64(s)) - s
-    return lambda s, v: 0.0
-
-
-# --- the kernel ------------------------------------------------------------------------
-
-
-@numba.njit(nogil=True, cache=True)
-def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, count0,
-                rows, weight, count, s1, s2):
-    """See :func:`accumulate`. The optional parts are None or arrays, so that
-    numba compiles only the variant used (its branches are pruned at compile
-    time): `count` (and `count0`) None = NaN / Inf propagate, else they are
-    left out and counted per element; `kmap` None = each element is its own
-    statistic; `weights` None = weight 1; `s2` None = no squares."""
-    nrows, width = x.shape
-    for i in range(nrows):
-        p = slots[i]
-        if p < 0:
-            continue
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
-        rows[p] += 1
-        weight[p] += w
-        first = fresh[p]
-        if count is None:
-            fresh[p] = False
-        if kmap is None:
-            if count is None:
-                # Row views (not s1[p, e0 + e]): indices the compiler knows are in range let
-                # it vectorize the loop, 5-7x faster.
-                h = shift[p, e0:e0 + width]
-                r1 = s1[p, e0:e0 + width]
-                if first:
-                    for e in range(width):
-                        h[e] = _value(x, i, e, table)
-                if s2 is not None:
-                    r2 = s2[p, e0:e0 + width]
-                    for e in range(width):
-                        d = _deviation(_value(x, i, e, table), h[e])
-                        r1[e] += w * d
-                        r2[e] += w * d * d
-                else:
-                    for e in range(width):
-                        r1[e] += w * _deviation(_value(x, i, e, table), h[e])
-            else:
-                for e in range(width):
-                    v = _value(x, i, e, table)
-                    k = e0 + e
-                    if _finite(v):
-                        if first and count0[p, k] + count[p, k] == 0.0:
-                            shift[p, k] = v
-                        d = _deviation(v, shift[p, k])
-                        count[p, k] += w
-                        s1[p, k] += w * d
-                        if s2 is not None:
-                            s2[p, k] += w * d * d
-            continue
-        e = 0
-        while e < width:  # runs of `run` consecutive elements share one statistic
-            r = (e0 + e) // run
-            stop = min(width, (r + 1) * run - e0)
-            k = kmap[r]
-            t1 = 0.0
-            t2 = 0.0
-            if count is None:
-                if first and kfirst[r] and (e0 + e) % run == 0:
-                    shift[p, k] = _value(x, i, e, table)  # the statistic's first element in the row
-                sk = shift[p, k]
-                for q in range(e, stop):
-                    d = _deviation(_value(x, i, q, table), sk)
-                    t1 += d
-                    t2 += d * d
-            else:
-                tn = 0.0
-                for q in range(e, stop):
-                    v = _value(x, i, q, table)
-                    if _finite(v):
-                        if first and count0[p, k] + count[p, k] + tn == 0.0:
-                            shift[p, k] = v
-                        d = _deviation(v, shift[p, k])
-                        tn += 1.0
-                        t1 += d
-                        t2 += d * d
-                count[p, k] += w * tn
-            s1[p, k] += w * t1
-            if s2 is not None:
-                s2[p, k] += w * t2
-            e = stop
-
-
-@numba.njit(nogil=True, cache=True)
-def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows, weight, count,
-                   t1, t2, tn):
-    """Fold each row straight into its group's moments (no per-block scratch of
-    groups x statistics, so many groups cost what few do).
-
-    A row's shifted sums around its group's shift, per statistic, form a block
-    of one row (count ``w n_e``, mean ``t1 / n_e``, M2 ``w (t2 - t1**2 / n_e)``),
-    merged by Chan–Golub–LeVeque into ``offset`` and ``m2``; for one element
-    per statistic this is West's weighted update of the mean and M2. A
-    group's first row with weight sets its shift. `count` None: counts are
-    ``weight * per_stat``; an array: per element (NaN / Inf are left out).
-    `t1`, `t2`, `tn` are scratch of one row's statistics.
-    """
-    nrows, width = x.shape
-    stats = shift.shape[1]
-    per_stat = width // stats
-    check = 0.0  # sum of the squared deviations met: not finite iff a NaN / Inf or an overflow
-    if kmap is None and count is None:
-        t2[:] = 0.0
-    for i in range(nrows):
-        g = groups[i]
-        if g < 0:
-            continue
-        rows[g] += 1
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
-        if not w > 0.0:
-            continue
-        if kmap is None and count is None:
-            h = shift[g]  # row views: see _accumulate
-            o = offset[g]
-            q = m2[g]
-            if weight[g] == 0.0:
-                for e in range(width):
-                    h[e] = _value(x, i, e, table)
-                    o[e] = 0.0
-                    q[e] = 0.0
-            n = weight[g] + w
-            r = w / n
-            for e in range(width):
-                v = _value(x, i, e, table)
-                d = _deviation(v, _shift_as(h[e], v)) + _shift_gap(h[e], v)
-                delta = d - o[e]
-                o[e] += delta * r
-                q[e] += w * delta * (d - o[e])
-                t2[e] += d * d  # per element, not one running sum: the loop stays vectorized
-            weight[g] = n
-            continue
-        fresh = weight[g] == 0.0
-        for k in range(stats):
-            t1[k] = 0.0
-            t2[k] = 0.0
-            tn[k] = 0.0
-        for e in range(width):
-            k = e if kmap is None else kmap[e // run]
-            v = _value(x, i, e, table)
-            if count is None:
-                if fresh and tn[k] == 0.0:
-                    shift[g, k] = v
-            else:
-                if not _finite(v):
-                    continue
-                if count[g, k] == 0.0 and tn[k] == 0.0:
-                    shift[g, k] = v
-            d = _deviation(v, _shift_as(shift[g, k], v)) + _shift_gap(shift[g, k], v)
-            tn[k] += 1.0
-            t1[k] += d
-            t2[k] += d * d
-            check += d * d
-        for k in range(stats):
-            if tn[k] == 0.0:
-                continue
-            n_a = weight[g] * per_stat if count is None else count[g, k]
-            n_b = w * tn[k]
-            mean_b = t1[k] / tn[k]
-            m2_b = w * max(t2[k] - t1[k] * mean_b, 0.0)
-            if n_a > 0.0:
-                n = n_a + n_b
-                delta = mean_b - offset[g, k]
-                offset[g, k] += delta * (n_b / n)
-                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
-            else:
-                offset[g, k] = mean_b
-                m2[g, k] = m2_b
-            if count is not None:
-                count[g, k] += n_b
-        weight[g] += w
-    if kmap is None and count is None:
-        check += t2.sum()
-    return check
-
-
-@numba.njit(nogil=True, cache=True)
-def _slot_rows(groups, batch, first_batch, num_groups, lookup, slots, keys):
-    """Number the (batch, group) pairs present in `groups` in order of first
-    appearance: ``slots[i]`` is row i's pair (-1 for a negative group), ``keys``
-    the pairs as ``batch * num_groups + group``. `lookup` (size num_groups, all
-    -1) is used as scratch and left all -1. Returns the number of pairs."""
-    present = 0
-    start = 0  # first pair of the current batch
-    current = -1
-    for i in range(groups.shape[0]):
-        b = first_batch + i // batch
-        if b != current:
-            for q in range(start, present):
-                lookup[keys[q] % num_groups] = -1
-            start = present
-            current = b
-        g = groups[i]
-        if g < 0:
-            slots[i] = -1
-            continue
-        p = lookup[g]
-        if p < 0:
-            p = present
-            lookup[g] = p
-            keys[p] = b * num_groups + g
-            present += 1
-        slots[i] = p
-    for q in range(start, present):
-        lookup[keys[q] % num_groups] = -1
-    return present
-
-
-@numba.njit(nogil=True, cache=True)
-def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
-                shift, offset, m2, state_weight, state_count):
-    """Chan–Golub–LeVeque merge of block sums into the state rows `keys`, then
-    each mean is re-centred: its shift becomes the rounded mean (an integer for
-    integer data), its offset the exact remainder (TwoSum), so the next block's
-    deviations are taken around the mean itself."""
-    elementwise = state_count.shape[0] > 0
-    for p in range(keys.shape[0]):
-        g = keys[p]
-        for k in range(s1.shape[1]):
-            n_b = count[p, k] if elementwise else weight[p] * per_stat
-            if not n_b > 0.0:
-                continue
-            n_a = state_count[g, k] if elementwise else state_weight[g] * per_stat
-            off_b = s1[p, k] / n_b
-            m2_b = max(s2[p, k] - s1[p, k] * off_b, 0.0)
-            off_b += residual[p, k]
-            if n_a > 0.0:
-                # The kernel's shift is the state's, unless integer arithmetic rounded it
-                # (a restored non-integer mean): then the difference is small and exact.
-                off_b += base[p, k] - shift[g, k]
-                n = n_a + n_b
-                delta = off_b - offset[g, k]
-                offset[g, k] += delta * (n_b / n)
-                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
-            else:
-                shift[g, k] = base[p, k]
-                offset[g, k] = off_b
-                m2[g, k] = m2_b
-            a = shift[g, k]
-            b = offset[g, k]
-            t = a + b
-            if integer:
-                t = np.rint(t)
-                low = (a - t) + b
-            else:
-                bb = t - a
-                low = (a - (t - bb)) + (b - bb)
-            if np.isfinite(t):
-                shift[g, k] = t
-                offset[g, k] = low
-            if elementwise:
-                state_count[g, k] += n_b
-        if not elementwise:
-            state_weight[g] += weight[p]
-
-
-# --- Python side -----------------------------------------------------------------------
+    return compiled
 
 
 @dataclass(frozen=True)
@@ -475,6 +126,13 @@ class Sums:
     s2: np.ndarray
     shift: np.ndarray
     integer: bool
+
+    def slots(self, part: slice) -> "Sums":
+        """The sums of the slots `part` only."""
+        def cut(a: np.ndarray) -> np.ndarray:
+            return a[part].copy() if a.shape[0] else a
+        return Sums(self.keys[part].copy(), self.rows[part].copy(), self.weight[part].copy(), cut(self.count),
+                    self.s1[part].copy(), cut(self.s2), self.shift[part].copy(), self.integer)
 
     def centers(self) -> tuple[np.ndarray, np.ndarray]:
         """The shift as float64 and what float64 rounding dropped from it (0 for floats)."""
@@ -611,10 +269,10 @@ def accumulate(
     fresh = np.array(fresh, dtype=np.bool_)
     for begin in range(0, rows, step):
         end = min(rows, begin + step)
-        _accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
-                    slots[begin:end], None if weights is None else weights[begin:end],
-                    sums.shift, fresh, count0, sums.rows, sums.weight,
-                    sums.count if omit else None, sums.s1, sums.s2 if squares else None)
+        _compiled()._accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
+                                slots[begin:end], None if weights is None else weights[begin:end],
+                                sums.shift, fresh, count0, sums.rows, sums.weight,
+                                sums.count if omit else None, sums.s1, sums.s2 if squares else None)
     if not omit and not (np.isfinite(sums.s1).all() and (not squares or np.isfinite(sums.s2).all())):
         where = first_nonfinite_row(x, slots)
         if where is None:
@@ -645,8 +303,8 @@ def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray,
     """
     base, residual = sums.centers()
     s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
-    _fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
-                sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
+    _compiled()._fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
+                            sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
 
 
 def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.ndarray, offset: np.ndarray,
@@ -668,8 +326,8 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
     weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     kmap = layout.kmap if layout.kmap.size else None
     scratch = np.empty((3, layout.stats))
-    check = _update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows, weight,
-                           count, scratch[0], scratch[1], scratch[2])
+    check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
+                                       weight, count, scratch[0], scratch[1], scratch[2])
     if not np.isfinite(check):
         where = None if count is not None else first_nonfinite_row(x, groups)
         if where is None:
@@ -688,6 +346,6 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
     rows = len(groups)
     slots = np.empty(rows, np.int64)
     keys = np.empty(rows, np.int64)
-    present = _slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
-                         first_batch, num_groups, lookup, slots, keys)
+    present = _compiled()._slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
+                                     first_batch, num_groups, lookup, slots, keys)
     return slots, keys[:present]

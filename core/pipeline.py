@@ -20,7 +20,7 @@ from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer, output_dtype
-from .sources import Stream, block_rows_for
+from .sources import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats
 from .stores import ArrayWriter, DatasetsWriter
 
@@ -106,11 +106,25 @@ def run_fit(
     recipe = Recipe.for_state(state)
     if state.row_shape is None:
         recipe.check_memory(stream.row_shape, max_memory=max_memory)
-    block_rows = block_rows_for(stream.row_bytes, recipe.row_unit, rows=block_rows)
+    block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
-    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint)
+    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
     return with_provenance(state.result(), stream, side, time.perf_counter() - started,
                       (stream.rows - start_row) * stream.row_bytes)
+
+
+def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) -> tuple[int, bool]:
+    """Rows per read block, and whether logical batches span blocks.
+
+    A moving average needs its blocks in whole batches; when one batch is
+    larger than a block, a BatchNorm EMA accumulates it across blocks
+    instead (memory stays bounded by the block), so the block keeps its size.
+    """
+    unit = recipe.row_unit
+    rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
+    if unit and unit > rows and recipe.kind == BATCHNORM:
+        return rows, True
+    return block_rows_for(row_bytes, unit, rows=rows), False
 
 
 def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, nbytes: int) -> Stats:
@@ -132,24 +146,31 @@ def feed(
     stop_row: Optional[int],
     progress: Progress = None,
     checkpoint: Checkpoint = None,
+    *,
+    open_batches: bool = False,
 ) -> None:
     """Update `state` with rows ``start_row:stop_row`` of `stream`, block by block.
 
     The state numbers rows from its ``first_row`` (the stream row of its
     first row in a split fit); an error is located in `stream` by that.
+    With `open_batches` (see :func:`read_plan`) a batch spans blocks and a
+    checkpoint is taken only between batches.
     """
     done = start_row
+    more = {"more": True} if open_batches else {}
     for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
         try:
-            state.update(block, **extras)
+            state.update(block, **extras, **more)
         except RowError as error:
             holder = side[error.side] if error.side else stream
             raise error.located(*holder.locate(error.row - state.first_row)) from None
         done += block.shape[0]
         if progress:
             progress(block.shape[0])
-        if checkpoint:
+        if checkpoint and not getattr(state, "open_rows", 0):
             checkpoint(state, done)
+    if open_batches:
+        state.close()
 
 
 def fit_batchnorm(state: Union[BatchNormEMA, BatchNormExact], stream: Stream, **options) -> Stats:

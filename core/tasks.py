@@ -115,6 +115,7 @@ class FitTask:
     start: int
     stop: int
     block_rows: int
+    open_batches: bool = False  # batches span read blocks (see pipeline.read_plan)
 
     def __call__(self) -> State:
         state = self.recipe.build()
@@ -122,7 +123,7 @@ class FitTask:
             state.zero_start()
         state.first_row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            feed(state, stream, side, self.block_rows, 0, None)
+            feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)
         return state
 
 

@@ -243,3 +243,40 @@ def test_all_zero_weights_and_all_nan_features_end_in_one_clear_error():
     partly[:, 1] = np.nan
     stats = ns.BatchNormExact(nan_policy="omit").update(partly).result()
     assert stats.meta["too_small_count"] == 1 and stats.meta["too_small"] == [1]
+
+
+def test_an_ema_batch_spanning_updates_equals_one_batch():
+    x = make_data((50, 3), "float64", seed=21)
+    whole = ns.BatchNormEMA(alpha=0.3, batch_size=20).update(x).result()
+    pieces = ns.BatchNormEMA(alpha=0.3, batch_size=20)
+    for start in range(0, 50, 7):
+        pieces.update(x[start:start + 7], more=True)
+    assert pieces.open_rows == 10
+    assert pieces.result().meta["batches_seen"] == 3 and pieces.open_rows == 10  # result leaves it open
+    stats = pieces.close().result()
+    for key in ("mean", "inv_std"):
+        close(stats.arrays[key], whole.arrays[key])
+    assert stats.meta["batches_seen"] == whole.meta["batches_seen"] == 3
+
+
+def test_a_fit_with_batches_larger_than_a_block_reads_blocks_not_batches(tmp_path, monkeypatch):
+    import normstats.pipeline as pipeline
+
+    x = make_data((300, 40), "float32", seed=22)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 16 * 40 * 4)  # 16-row blocks, 64-row batches
+    seen = []
+    original = ns.BatchNormEMA.update
+
+    def spy(self, block, **kwargs):
+        seen.append(len(block))
+        return original(self, block, **kwargs)
+
+    monkeypatch.setattr(ns.BatchNormEMA, "update", spy)
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit(ns.BatchNormEMA(alpha=0.2, batch_size=64), stream)
+    assert max(seen) == 16
+    mean, inv_std, batches, _ = ref_bn_ema(x, 64, alpha=0.2)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    assert stats.meta["batches_seen"] == batches

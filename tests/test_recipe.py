@@ -77,3 +77,15 @@ def test_exact_batches_are_counted_on_the_stream_grid_whatever_the_blocks():
     for start in range(0, 100, 13):  # blocks that are no multiple of the batch
         state.update(x[start:start + 13])
     assert state.result().meta["batches_seen"] == 13  # ceil(100 / 8)
+
+
+def test_split_ema_fit_with_batches_spanning_blocks_equals_the_serial_fit(tmp_path):
+    x = np.random.default_rng(9).normal(2.0, 1.5, (330, 4))
+    np.save(tmp_path / "x.npy", x)
+    recipe = ns.Recipe("batchnorm", "ema", {"batch_size": 64, "alpha": 0.1})
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        serial = ns.run_fit(recipe.build(), stream, block_rows=16)
+        parallel = ns.run_fit_parallel(recipe, stream, jobs=2, block_rows=16)
+    for key in ("mean", "inv_std"):
+        np.testing.assert_allclose(parallel.arrays[key], serial.arrays[key], rtol=1e-12)
+    assert parallel.meta["batches_seen"] == serial.meta["batches_seen"] == 6
