@@ -18,6 +18,7 @@ from .fitstate import FitState, file_options
 from .kernels import Layout, Sums, accumulate
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
+from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
     check_batch_size,
@@ -110,7 +111,7 @@ def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
         ) from None
 
 
-class BatchNormEMA(_BatchNormBase):
+class BatchNormEMA(KeepsScratch, _BatchNormBase):
     """BatchNorm running statistics: exponential moving averages per batch.
 
     For every batch ``x`` of `batch_size` rows (the last one may be shorter)::
@@ -189,7 +190,8 @@ class BatchNormEMA(_BatchNormBase):
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
         self.layout: Optional[Layout] = None
-        self._open: Optional[Sums] = None  # the sums of a batch still being read
+        self._open: Optional[Sums] = None  # the sums of a batch still being read (never scratch)
+        self._workspace = Workspace()
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "BatchNormEMA":
@@ -265,8 +267,8 @@ class BatchNormEMA(_BatchNormBase):
                 return accumulate(x, layout, np.zeros(len(x), np.int64), start.keys, start.shift,
                                   np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
             return accumulate(x, layout, np.arange(len(x), dtype=np.int64) // batch,
-                              np.arange(batches, dtype=np.int64), np.zeros((batches, layout.stats)),
-                              np.ones(batches, bool), omit=self.nan_policy == "omit")
+                              np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
+                              omit=self.nan_policy == "omit", scratch=self._workspace)
         except NonFiniteError as error:
             raise error.shifted(self.position + first) from None
 

@@ -15,8 +15,9 @@ import numpy as np
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
-from .kernels import Layout, accumulate, slot_rows
+from .kernels import Layout, accumulate, fold_centers_ema, slot_rows
 from .stats import CENTERS, Stats
+from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
     check_batch_size,
@@ -121,7 +122,7 @@ class _CentersBase(FitState):
 CONTINUED = ("ignore_label", "nan_policy", "batch_size")  # options a continued fit takes from its file
 
 
-class CentersEMA(_CentersBase):
+class CentersEMA(KeepsScratch, _CentersBase):
     """Per-class moving average of batch class means (the center-loss update).
 
     For every batch of `batch_size` rows and every class ``j`` present in it,
@@ -192,6 +193,7 @@ class CentersEMA(_CentersBase):
         self.first_seen = np.zeros(self.num_classes, dtype=bool)
         self._follows = False
         self._lookup: Optional[np.ndarray] = None  # scratch of the kernel's slot numbering
+        self._workspace = Workspace()
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "CentersEMA":
@@ -231,7 +233,7 @@ class CentersEMA(_CentersBase):
         self.initialized[:] = True
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_lookup"] = None
         return state
 
@@ -250,49 +252,17 @@ class CentersEMA(_CentersBase):
         slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup,
                                 batch=self.batch_size or rows)
         try:
-            sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys,
-                              np.zeros((len(keys), self.feature_dim)), np.ones(len(keys), bool), squares=False)
+            sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
+                              squares=False, scratch=self._workspace)
         except NonFiniteError as error:
             raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
-        self._fold(keys, sums.means(1))
+        # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
+        # initialized, init='first', takes its first batch mean as it is).
+        fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
+                         self.first_mean, self.first_seen)
         self._count(labels, keep)
         return self
-
-    def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
-        """Apply the EMA of every (batch, class) mean in batch order, at once.
-
-        `keys` are ``batch * K + class``, ascending. After its ``m`` batches
-        here, class ``j`` holds ``(1-a)^m C[j] + sum_i a (1-a)^(m-1-i) C_batch_i[j]``;
-        a class that starts uninitialized (``init='first'``) takes its first
-        batch mean with weight 1 instead of ``a``.
-        """
-        if keys.size == 0:
-            return
-        alpha = self.alpha
-        classes = keys % self.num_classes
-        # keys are sorted by batch, then class; a stable sort by class keeps batch order.
-        order = np.argsort(classes, kind="stable")
-        classes, means = classes[order], means[order]
-        group_end = np.searchsorted(classes, classes, side="right") - 1
-        later = group_end - np.arange(len(classes))  # batches of the class after this one
-        weights = alpha * (1.0 - alpha) ** later
-        first = np.r_[True, classes[1:] != classes[:-1]]
-        starting = first & ~self.initialized[classes]
-        weights[starting] = (1.0 - alpha) ** later[starting]
-        present = classes[first]
-        seen_here = np.diff(np.r_[np.flatnonzero(first), len(classes)])
-        fresh = ~self.initialized[present]
-        decay = np.where(fresh, 0.0, (1.0 - alpha) ** seen_here)
-        old = np.where(fresh[:, None], 0.0, self.centers[present])
-        contribution = np.add.reduceat(weights[:, None] * means, np.flatnonzero(first), axis=0)
-        self.centers[present] = decay[:, None] * old + contribution
-        self.initialized[present] = True
-        self.decay[present] *= (1.0 - alpha) ** seen_here
-        if self.first_mean is not None:
-            new = ~self.first_seen[present]
-            self.first_mean[present[new]] = means[first][new]
-            self.first_seen[present] = True
 
     def merge(self, other: "_CentersBase") -> "CentersEMA":
         """Moving averages depend on batch order and cannot be merged."""

@@ -369,3 +369,36 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
 
 
 # --- Python side -----------------------------------------------------------------------
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, centers, initialized, decay,
+                      first_mean, first_seen):
+    """The moving average of every (batch, class) mean, in batch order (`keys` are
+    ``batch * K + class``, batch-major): ``C <- (1 - a) C + a mean``, a class
+    not yet initialized taking its first mean as it is; ``decay`` of each class
+    is multiplied by ``1 - a`` per batch, and (when `first_mean` has rows) the
+    first mean of each class seen here is kept."""
+    keep_first = first_mean.shape[0] > 0
+    for p in range(keys.shape[0]):
+        j = keys[p] % num_classes
+        n = weight[p]
+        if not n > 0.0:
+            continue
+        c = centers[j]
+        b = base[p]
+        r = residual[p]
+        t = s1[p]
+        if initialized[j]:
+            for e in range(c.shape[0]):
+                c[e] = (1.0 - alpha) * c[e] + alpha * (b[e] + (t[e] / n + r[e]))
+        else:
+            for e in range(c.shape[0]):
+                c[e] = b[e] + (t[e] / n + r[e])
+            initialized[j] = True
+        decay[j] *= 1.0 - alpha
+        if keep_first and not first_seen[j]:
+            f = first_mean[j]
+            for e in range(c.shape[0]):
+                f[e] = b[e] + (t[e] / n + r[e])
+            first_seen[j] = True

@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import DataError, NonFiniteError
 from .moments import first_nonfinite
+from .workspace import Workspace
 
 CALL_ELEMENTS = 1 << 24  # elements per kernel call (64 MB of float32): bounds the terms per sum
 FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -205,6 +206,7 @@ def accumulate(
     count0: Optional[np.ndarray] = None,
     start: Optional["Sums"] = None,
     first_element: int = 0,
+    scratch: Optional[Workspace] = None,
 ) -> Sums:
     """Grouped shifted moments of the rows of `x` (see the module docstring).
 
@@ -235,6 +237,10 @@ def accumulate(
         none takes its shift from its first finite value).
     start : Sums, optional
         Sums to continue (same slots): a batch that spans blocks.
+    scratch : Workspace, optional
+        Reused memory for the sums (valid until the next call with it): a
+        block's (slots, statistics) arrays then cost no fresh pages. With it,
+        `shift` may be None when every slot is `fresh`.
 
     Raises
     ------
@@ -251,13 +257,21 @@ def accumulate(
     if start is not None:
         sums = start
     else:
-        if integer:
+        def zeros(name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+            if scratch is None:
+                return np.zeros(shape, dtype)
+            array = scratch.array(name, shape, dtype)
+            array.fill(0)
+            return array
+
+        if shift is None:
+            kshift = zeros("shift", (P, K), kdtype)  # every slot is fresh: the kernel sets it
+        elif integer:
             kshift = np.clip(np.nan_to_num(shift), *_integer_range(kdtype)).astype(kdtype)
         else:
             kshift = np.array(shift, dtype=np.float64)
-        per_element = omit
-        sums = Sums(keys, np.zeros(P, np.int64), np.zeros(P), np.zeros((P, K)) if per_element else EMPTY_2D,
-                    np.zeros((P, K)), np.zeros((P, K)) if squares else EMPTY_2D, kshift, integer)
+        sums = Sums(keys, np.zeros(P, np.int64), np.zeros(P), zeros("count", (P, K)) if omit else EMPTY_2D,
+                    zeros("s1", (P, K)), zeros("s2", (P, K)) if squares else EMPTY_2D, kshift, integer)
     if not omit:
         count0 = None
     elif count0 is None:
@@ -336,6 +350,16 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
                 "variance, scale them down"
             )
         raise NonFiniteError(where[0], where[1:], x[where])
+
+
+def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.ndarray, initialized: np.ndarray,
+                     decay: np.ndarray, first_mean: Optional[np.ndarray], first_seen: np.ndarray) -> None:
+    """Fold the (batch, class) means of `sums` (keys ``batch * K + class``) into
+    moving-average centers, in batch order, touching only the classes present."""
+    base, residual = sums.centers()
+    _compiled()._fold_centers_ema(sums.keys, num_classes, base, residual, sums.s1, sums.weight, float(alpha),
+                                  centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean,
+                                  first_seen)
 
 
 def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
