@@ -157,7 +157,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
     >>> import numpy as np
     >>> bn = BatchNormEMA(alpha=0.5, batch_size=2)
     >>> bn.update(np.array([[0.0], [2.0], [4.0], [6.0]])).result().arrays["mean"]
-    array([3.])
+    array([2.75])
     """
 
     mode = "ema"

@@ -280,3 +280,16 @@ def test_a_fit_with_batches_larger_than_a_block_reads_blocks_not_batches(tmp_pat
     close(stats.arrays["mean"], mean)
     close(stats.arrays["inv_std"], inv_std)
     assert stats.meta["batches_seen"] == batches
+
+
+def test_numba_cache_goes_to_a_user_folder_when_the_package_is_read_only(monkeypatch, tmp_path):
+    from normstats import compiled
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(compiled.os, "access", lambda path, mode: False)
+    compiled._cache_dir()
+    assert compiled.os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "normstats" / "numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/elsewhere")  # a folder the user chose wins
+    compiled._cache_dir()
+    assert compiled.os.environ["NUMBA_CACHE_DIR"] == "/elsewhere"
