@@ -48,6 +48,18 @@ def _value_impl(x, i, e, table):
     return lambda x, i, e, table: table[x[i, e]]  # float16 bits -> its value
 
 
+def _item(row, e, table):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_item)
+def _item_impl(row, e, table):
+    """Element `e` of a row view (its index known to be in range: loops vectorize)."""
+    if isinstance(table, types.NoneType):
+        return lambda row, e, table: row[e]
+    return lambda row, e, table: table[row[e]]
+
+
 def _deviation(v, s):  # pragma: no cover
     raise NotImplementedError
 
@@ -206,7 +218,8 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     per statistic this is West's weighted update of the mean and M2. A
     group's first row with weight sets its shift. `count` None: counts are
     ``weight * per_stat``; an array: per element (NaN / Inf are left out).
-    `t1`, `t2`, `tn` are scratch of one row's statistics.
+    `t1`, `t2`, `tn` are scratch of one row's statistics. (A state too large
+    for the caches is folded by column halves in threads: :func:`_update_columns`.)
     """
     nrows, width = x.shape
     stats = shift.shape[1]
@@ -402,3 +415,59 @@ def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, cent
             for e in range(c.shape[0]):
                 f[e] = b[e] + (t[e] / n + r[e])
             first_seen[j] = True
+
+
+@numba.njit(nogil=True, cache=True)
+def _weights_before(groups, weights, rows, weight, before):
+    """Count each row into its group and note the group's weight before it
+    (``before[i]``; -1 for a skipped row or one of weight 0), so that the column
+    ranges of a block can then be folded independently (in threads)."""
+    for i in range(groups.shape[0]):
+        g = groups[i]
+        before[i] = -1.0
+        if g < 0:
+            continue
+        rows[g] += 1
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        if not w > 0.0:
+            continue
+        before[i] = weight[g]
+        weight[g] += w
+
+
+@numba.njit(nogil=True, cache=True)
+def _update_columns(x, table, lo, hi, groups, weights, before, shift, offset, m2, t2):
+    """West's weighted update of each row's group, columns ``lo:hi`` only (every
+    element its own statistic, no values left out); see :func:`_update_groups`.
+    Column ranges touch disjoint memory, so they may run in parallel threads.
+    Returns the sum of the squared deviations (not finite iff NaN / Inf / overflow)."""
+    t2[lo:hi] = 0.0
+    for i in range(x.shape[0]):
+        n_a = before[i]
+        if n_a < 0.0:
+            continue
+        g = groups[i]
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        xi = x[i, lo:hi]  # row views: see _accumulate
+        h = shift[g, lo:hi]
+        o = offset[g, lo:hi]
+        q = m2[g, lo:hi]
+        c = t2[lo:hi]
+        if n_a == 0.0:
+            for e in range(hi - lo):
+                h[e] = _item(xi, e, table)
+                o[e] = 0.0
+                q[e] = 0.0
+        r = w / (n_a + w)
+        for e in range(hi - lo):
+            v = _item(xi, e, table)
+            d = _deviation(v, _shift_as(h[e], v)) + _shift_gap(h[e], v)
+            delta = d - o[e]
+            o[e] += delta * r
+            q[e] += w * delta * (d - o[e])
+            c[e] += d * d  # per element, not one running sum: the loop stays vectorized
+    return t2[lo:hi].sum()

@@ -41,6 +41,8 @@ specialization per input dtype and variant.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -340,8 +342,11 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
     weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     kmap = layout.kmap if layout.kmap.size else None
     scratch = np.empty((3, layout.stats))
-    check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
-                                       weight, count, scratch[0], scratch[1], scratch[2])
+    if kmap is None and count is None and _columns_in_threads(flat, shift):
+        check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
+    else:
+        check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
+                                           weight, count, scratch[0], scratch[1], scratch[2])
     if not np.isfinite(check):
         where = None if count is not None else first_nonfinite_row(x, groups)
         if where is None:
@@ -350,6 +355,40 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
                 "variance, scale them down"
             )
         raise NonFiniteError(where[0], where[1:], x[where])
+
+
+PARALLEL_ELEMENTS = 1 << 18  # a block at least this large is folded in two column halves, in threads,
+PARALLEL_STATE_BYTES = 32 << 20  # when the state is too large for the caches (it waits on memory)
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _threads() -> Optional[concurrent.futures.ThreadPoolExecutor]:
+    """Two worker threads (the kernels release the GIL), or None on one core."""
+    global _pool
+    if _pool is None and (os.cpu_count() or 1) >= 2:
+        _pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="normstats-kernel")
+    return _pool
+
+
+def _columns_in_threads(flat: np.ndarray, shift: np.ndarray) -> bool:
+    """A large block over a state too large for the caches (many classes): worth two threads."""
+    return (flat.size >= PARALLEL_ELEMENTS and flat.shape[1] >= 64 and shift.nbytes >= PARALLEL_STATE_BYTES
+            and _threads() is not None)
+
+
+def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch) -> float:
+    """The group updates of a block, its columns split in two halves folded in two
+    threads: the state rows a block touches are scattered (many classes), so two
+    cores wait on memory in parallel; no state is duplicated."""
+    compiled = _compiled()
+    before = np.empty(len(groups))
+    compiled._weights_before(groups, weights, rows, weight, before)
+    width = flat.shape[1]
+    pool = _threads()
+    half = (width // 2) & ~7  # whole cache lines of float64 per half
+    parts = [pool.submit(compiled._update_columns, flat, table, lo, hi, groups, weights, before, shift, offset,
+                         m2, scratch) for lo, hi in ((0, half), (half, width))]
+    return sum(part.result() for part in parts)
 
 
 def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.ndarray, initialized: np.ndarray,

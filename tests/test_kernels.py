@@ -293,3 +293,20 @@ def test_numba_cache_goes_to_a_user_folder_when_the_package_is_read_only(monkeyp
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/elsewhere")  # a folder the user chose wins
     compiled._cache_dir()
     assert compiled.os.environ["NUMBA_CACHE_DIR"] == "/elsewhere"
+
+
+def test_column_halves_in_threads_give_the_single_thread_numbers(monkeypatch):
+    import normstats.kernels as kernels
+
+    rng = np.random.default_rng(30)
+    x = make_data((500, 130), "float32", seed=30)
+    labels = rng.integers(0, 7, 500)
+    single = ns.CentersExact(7).update(x, labels).result().arrays
+    monkeypatch.setattr(kernels, "PARALLEL_STATE_BYTES", 0)
+    monkeypatch.setattr(kernels, "PARALLEL_ELEMENTS", 0)
+    assert kernels._columns_in_threads(x, np.zeros((7, 130)))
+    threaded = ns.CentersExact(7).update(x[:200], labels[:200]).update(x[200:], labels[200:]).result().arrays
+    centers, counts, var = ref_centers_exact(x, labels, 7)
+    close(threaded["centers"], centers, rtol=1e-12)
+    close(threaded["var"], var, rtol=1e-9)
+    close(threaded["centers"], single["centers"], rtol=1e-13)
