@@ -412,3 +412,24 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
     present = _compiled()._slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
                                      first_batch, num_groups, lookup, slots, keys)
     return slots, keys[:present]
+
+
+def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
+    """Load (from numba's cache, else compile) the kernels the fits use for data of
+    `dtype`, on a tiny input: what a long-running process or a benchmark does
+    before its clock starts."""
+    x = np.zeros((4, 2), dtype)
+    layout = Layout.of((2,), (0,))
+    slots, keys = np.zeros(4, np.int64), np.zeros(1, np.int64)
+    sums = accumulate(x, layout, slots, keys, np.zeros((1, 2)), np.ones(1, bool))
+    state = [np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1)]
+    fold_exact(sums, 1, *state, None)
+    update_groups(x, layout, slots, *state[:3], np.zeros(1, np.int64), state[3], None)
+    lookup = np.full(1, -1, np.int64)
+    slot_rows(slots, 1, lookup, batch=2)
+    ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
+    fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
+    before = np.empty(4)
+    _compiled()._weights_before(slots, None, np.zeros(1, np.int64), np.zeros(1), before)
+    _compiled()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
+
