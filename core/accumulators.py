@@ -130,6 +130,20 @@ class GroupedMoments:
     def m2(self) -> Optional[np.ndarray]:
         return None if self.layout is None else self._shaped(self.m2_flat.copy())
 
+    def mean_and_variance(self, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and ``m2 / (count - ddof)`` per group and statistic, NaN where
+        ``count <= ddof`` (the mean: where the count is 0), built with one array
+        each (a K x D state allows no more)."""
+        if self.count_flat is not None:
+            return self.mean, self.variance(ddof)
+        n = (self.weight * self.layout.per_stat)[:, None]
+        mean = np.add(self.shift, self.offset)
+        mean[self.weight <= 0] = np.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.divide(self.m2_flat, n - ddof)
+        var[n[:, 0] <= ddof] = np.nan
+        return self._shaped(mean), self._shaped(var)
+
     def variance(self, ddof: int) -> np.ndarray:
         """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
         return self._shaped(variance(self.count_2d, self.m2_flat, ddof))

@@ -445,9 +445,7 @@ class CentersExact(_CentersBase):
         moments = self.moments
         if self.weighted and not np.any(moments.weight > 0):
             raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
-        seen = moments.count > 0
-        centers = np.where(seen, moments.mean, np.nan)
-        var = np.where(seen, moments.variance(0), np.nan)
+        centers, var = moments.mean_and_variance(0)  # NaN where unseen
         arrays = {
             "centers": self._shaped(centers),
             "counts": self.counts.copy(),
