@@ -207,22 +207,6 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
 
 
 @numba.njit(nogil=True, cache=True)
-def _counted_row(groups, weights, rows, i):
-    """Count row `i` into its group; its group and weight, or group -1 when it
-    is skipped (no group, or weight 0)."""
-    g = groups[i]
-    if g < 0:
-        return -1, 0.0
-    rows[g] += 1
-    w = 1.0
-    if weights is not None:
-        w = weights[i]
-    if not w > 0.0:
-        return -1, w
-    return g, w
-
-
-@numba.njit(nogil=True, cache=True)
 def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows, weight, count,
                    t1, t2, tn):
     """Fold each row straight into its group's moments (no per-block scratch of
@@ -244,8 +228,14 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     if kmap is None and count is None:
         t2[:] = 0.0
     for i in range(nrows):
-        g, w = _counted_row(groups, weights, rows, i)
+        g = groups[i]
         if g < 0:
+            continue
+        rows[g] += 1
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        if not w > 0.0:
             continue
         if kmap is None and count is None:
             h = shift[g]  # row views: see _accumulate
@@ -433,9 +423,15 @@ def _weights_before(groups, weights, rows, weight, before):
     (``before[i]``; -1 for a skipped row or one of weight 0), so that the column
     ranges of a block can then be folded independently (in threads)."""
     for i in range(groups.shape[0]):
-        g, w = _counted_row(groups, weights, rows, i)
+        g = groups[i]
         before[i] = -1.0
         if g < 0:
+            continue
+        rows[g] += 1
+        w = 1.0
+        if weights is not None:
+            w = weights[i]
+        if not w > 0.0:
             continue
         before[i] = weight[g]
         weight[g] += w
