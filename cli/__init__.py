@@ -24,6 +24,9 @@ def main() -> None:
         # reported like a full disk, instead of the signal killing the process mid-write.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
+        # From here Ctrl-C and SIGTERM unwind (removing temporaries) instead of the start-up's
+        # immediate exit (normstats/__init__.py).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
         code = _run()
     except KeyboardInterrupt:
