@@ -759,7 +759,7 @@ def _layout(temporary: str, extension: str, arrays: dict[str, tuple[tuple[int, .
         return {name: region(name, offset)}
     values = values or {}
     metadata = len(json.dumps(attrs or {}, default=str)) + 256 * (len(shapes) + len(values))
-    _check_file_size(temporary, sum(_nbytes(*v) for v in shapes.values()) + 2 * metadata + (64 << 10))
+    _check_file_size(temporary, sum(_nbytes(*v) for v in shapes.values()) + 2 * metadata + (16 << 10))
     offsets = _h5_skeleton(temporary, shapes, attrs or {}, values)
     return {name: region(name, offsets[name]) for name in shapes}
 
