@@ -297,12 +297,16 @@ def slow(data: Path) -> list[str]:
             "--mode", "exact", "--jobs", "2", "-q"]
 
 
+def _start_workers(slow: list[str], out: Path) -> tuple[subprocess.Popen, list[int]]:
+    process = subprocess.Popen([SCRIPT, *slow, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    return process, _children(process.pid, 2)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_killed_jobs_worker_is_one_line_naming_it(slow, tmp_path: Path) -> None:
     out = tmp_path / "c.npz"
-    process = subprocess.Popen([SCRIPT, *slow, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    workers = _children(process.pid, 2)
+    process, workers = _start_workers(slow, out)
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stderr
@@ -315,9 +319,7 @@ def test_a_killed_jobs_worker_is_one_line_naming_it(slow, tmp_path: Path) -> Non
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sigterm_with_jobs_stops_the_workers_within_two_seconds(slow, tmp_path: Path) -> None:
     out = tmp_path / "c.npz"
-    process = subprocess.Popen([SCRIPT, *slow, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    workers = _children(process.pid, 2)
+    process, workers = _start_workers(slow, out)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)

@@ -105,20 +105,7 @@ def test_an_output_equal_to_the_checkpoint_is_refused_before_either_exists(run, 
 
 def test_a_checkpoint_may_be_the_file_it_resumes(run, made, monkeypatch):
     """README: --checkpoint ck --resume ck goes on from the last checkpoint and keeps saving there."""
-    monkeypatch.setattr(normstats.pipeline, "block_rows_for", lambda row_bytes, batch_size, **_: 8)
-    calls = {"n": 0}
-
-    @contextlib.contextmanager
-    def interrupting(total_rows, *, quiet, label, initial=0):
-        def advance(rows):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        yield advance
-    with monkeypatch.context() as m:
-        m.setattr(normstats.cli.commands, "progress_bar", interrupting)
-        args = [*FIT_BN, "--batch-size", 8, "-o", "out.npz", "--checkpoint", "ck.npz", "--checkpoint-every", 0]
-        assert run(*args).exit_code == 130
+    _interrupted_checkpoint(run, monkeypatch, *FIT_BN)
     assert (made / "ck.npz").exists()
     existing = run(*FIT_BN, "--batch-size", 8, "-o", "out.npz", "--checkpoint", "ck.npz")
     assert existing.exit_code == 2 and "--force" in _error(existing)  # an existing file is never taken silently
