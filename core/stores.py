@@ -157,12 +157,19 @@ def atomic_path(path: str, *, replace: Optional[bool] = None) -> Iterator[str]:
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        if isinstance(error, OSError) and error.errno in NO_ROOM:
-            kept = f"the previous {path} is intact" if os.path.lexists(path) else "no output was left"
-            raise OutputError(f"cannot write {path}: {NO_ROOM[error.errno]} ({os.strerror(error.errno)}); "
-                              f"{kept}; free space or write elsewhere") from None
+        if isinstance(error, OSError) and (error.errno in NO_ROOM or error.filename == temporary):
+            raise _refused(path, error) from None
         raise
     _sync_folder(folder)
+
+
+def _refused(path: str, error: OSError) -> OutputError:
+    """The system refused to store `path`'s bytes (its temporary is gone already)."""
+    kept = f"the previous {path} is intact" if os.path.lexists(path) else "no output was left"
+    if error.errno in NO_ROOM:
+        return OutputError(f"cannot write {path}: {NO_ROOM[error.errno]} ({os.strerror(error.errno)}); "
+                           f"{kept}; free space or write elsewhere")
+    return OutputError(f"cannot write {path}: {error.strerror or error}; {kept}")
 
 
 def _create_temporary(folder: str, base: str) -> str:
