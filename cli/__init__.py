@@ -82,4 +82,6 @@ def __getattr__(name: str) -> Any:
         return _load()
     if name in ("commands", "interop", "app", "report", "params", "files"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in ("CommandError", "NormstatsGroup", "INTERRUPTED"):  # defined here before the group moved
+        return getattr(importlib.import_module(f"{__name__}.app"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
