@@ -157,12 +157,13 @@ def _finish(command: str, stats: ns.Stats, output: str, checkpoint: Optional[Che
     summarize_fit(command, stats, output)
 
 
-def _start_from(init: Optional[str], resume_path: Optional[str]) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
+def _start_from(init: Optional[str], resume_path: Optional[str],
+                allow_external: bool = False) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
     """The stats a fit starts from (--init or --resume) and the checkpoint, if resuming."""
     if init and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
-    return (resume or (ns.read_stats(init) if init else None)), resume
+    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
+    return (resume or (ns.read_stats(init, allow_external=allow_external) if init else None)), resume
 
 
 def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
@@ -258,7 +259,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         raise click.UsageError("--groups needs --num-groups G")
     check_output(output, force=force, formats=STATS_FORMATS,
                  inputs=inputs + tuple(p for p in (init, groups, weights, resume_path) if p))
-    start, resume = _start_from(init, resume_path)
+    start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
@@ -331,7 +332,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     continued = init if isinstance(init, ns.Stats) else None
     if continued is not None and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
+    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
     mode = _continued_mode(ctx, mode, continued or resume, resume)
     _check_exact_only(ctx, mode, "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
@@ -385,7 +386,7 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
     _check_engine(engine, scheduler, task_rows)
     check_output(output, force=force, formats=ARRAY_FORMATS,
                  inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
-    normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
+    normalizer = ns.Normalizer(ns.read_stats(stats_path, allow_external=allow_external), gamma=gamma, beta=beta)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
@@ -485,7 +486,7 @@ def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: 
       normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
     """
     check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
-    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
+    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path, allow_external=allow_external), metric=metric, top_k=top_k,
                                            max_distance=max_distance, name=centers_path)
     with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
         with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:

@@ -211,6 +211,10 @@ def test_stats_file_arrays_from_outside_are_refused(run, folders, how) -> None:
         assert result.exit_code != 0 and result.stderr.startswith("Error: ") and "mean" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (inside / "y.npy").exists()
+    allowed = run("apply", stats, inside / "x.npy", "-o", inside / "y.npy", "--allow-external")
+    assert allowed.exit_code == 0, allowed.stderr
+    inv_std = ns.read_stats(str(stats), allow_external=True).arrays["inv_std"]
+    np.testing.assert_allclose(np.load(inside / "y.npy"), (DATA - mean) * inv_std)
 
 
 def test_stats_file_with_an_inside_link_still_reads(folders) -> None:
