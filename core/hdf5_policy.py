@@ -206,7 +206,13 @@ def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -
                                 f"{os.fsdecode(entry[0])!r}, and {target} does not exist")
         return
     if dataset.is_virtual:
-        for source in dataset.virtual_sources():
+        sources = dataset.virtual_sources()
+        mapped = sum(source.vspace.get_select_npoints() for source in sources)
+        if dataset.shape is not None and mapped < elements(dataset.shape):
+            raise DataError(f"{walk.display}: its virtual dataset{via} maps {mapped} of its "
+                            f"{elements(dataset.shape)} elements to sources; the rest would read as the "
+                            "fill value, not data")
+        for source in sources:
             source_file = file if source.file_name == "." else _other_file(
                 walk, file, source.file_name, "virtual dataset source")
             if not walk.allow_external and _PRINTF.search(source.dset_name):

@@ -198,3 +198,14 @@ def test_safetensors_header_length_beyond_the_file_is_refused(tmp_path: Path) ->
     path.write_bytes((2**40).to_bytes(8, "little") + b'{"a": 1}')
     with pytest.raises(ns.StatsFileError, match="header declares"):
         ns.read_stats(str(path))
+
+
+def test_h5_virtual_dataset_larger_than_its_sources_is_refused(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "src.h5", "w") as f:
+        f["x"] = np.ones((4, 2))
+    layout = h5py.VirtualLayout(shape=(10**9, 2), dtype="f8")
+    layout[:4] = h5py.VirtualSource("src.h5", "x", shape=(4, 2))
+    with h5py.File(tmp_path / "vds.h5", "w") as f:
+        f.create_virtual_dataset("x", layout, fillvalue=0)
+    with pytest.raises(ns.DataError, match="maps 8 of its 2000000000 elements"):
+        ns.open_source(f"{tmp_path / 'vds.h5'}:x")
