@@ -131,7 +131,8 @@ class NpySource(ArraySource):
     def __init__(self, path: str) -> None:
         self.path = self.name = path
         self._fd: Optional[int] = None
-        self._strips: Optional[np.ndarray] = None
+        self._strips: Optional[np.ndarray] = None  # Fortran order: the block's columns
+        self._staging: Optional[np.ndarray] = None  # a block in the file's dtype, when the stream's differs
         with open(path, "rb") as f:
             self._read_header(f)
         self._validate()
@@ -178,7 +179,7 @@ class NpySource(ArraySource):
         if self._fortran and columns > 1:
             got = self._read_columns(fd, start, out)
         else:
-            target = out if out.dtype == self.dtype else np.empty(out.shape, self.dtype)
+            target = out if out.dtype == self.dtype else self._staged(out.shape)
             view = memoryview(target.reshape(-1).view(np.uint8))
             got = _pread_exact(fd, view, self._offset + start * self._row_bytes) == len(view)
             if got and target is not out:
@@ -186,6 +187,11 @@ class NpySource(ArraySource):
         self._check_unchanged(os.fstat(fd))
         if not got:
             raise DataError(f"{self.path} ended early, before row {start + rows}; it was cut while being read")
+
+    def _staged(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self._staging is None or self._staging.shape != shape:
+            self._staging = np.empty(shape, self.dtype)
+        return self._staging
 
     def _read_columns(self, fd: int, start: int, out: np.ndarray) -> bool:
         """Rows of a Fortran-order file: column c's rows are contiguous at c * rows."""
@@ -238,8 +244,7 @@ class H5Source(ArraySource):
                     f"{path} has no dataset {name!r}; it has: {', '.join(self._datasets(f)) or 'none'}"
                 ) from None
             if not located.is_dataset:
-                group = f[name] if located.file == path else None
-                inside = ', '.join(self._datasets(f, group)) if group is not None else ""
+                inside = ", ".join(self._datasets(f, f[located.name])) if located.file == path else ""
                 raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'}")
         self._located = located
         file, obj = hdf5_policy.open_dataset(located)
