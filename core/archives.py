@@ -42,6 +42,7 @@ class NpzMembers:
         self._members = {(info.filename[:-4] if info.filename.endswith(".npy") else info.filename): info
                          for info in archive.infolist() if not info.is_dir()}
         self.files = list(self._members)
+        self._taken = 0  # bytes of the members read so far: all of them must fit together
 
     def __contains__(self, name: str) -> bool:
         return name in self._members
@@ -59,7 +60,7 @@ class NpzMembers:
                                      f"{max(info.file_size - header, 0)}; the file is damaged")
             if info.compress_type != zipfile.ZIP_STORED:
                 check_expansion(declared, info.compress_size, where)
-            check_fits_memory(declared, where)
+            check_fits_memory(self._taken + declared, where)
             data = bytearray(declared)
             view, done = memoryview(data), 0
             while done < declared:  # never more than declared, whatever the stream inflates to
@@ -67,6 +68,7 @@ class NpzMembers:
                 if not got:
                     raise StatsFileError(f"{where} ends after {done} of its {declared} bytes; the file is damaged")
                 done += got
+        self._taken += declared
         array = np.frombuffer(data, dtype=dtype) if declared else np.empty(0, dtype)
         return array.reshape(shape, order="F" if fortran else "C")
 

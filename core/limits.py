@@ -23,7 +23,7 @@ EXPANSION_LIMIT = 100
 EXPANSION_FLOOR = 64 << 20
 # Part of the available memory that one file read whole (stats, gamma, centers) may take.
 MEMORY_SHARE = 0.5
-JSON_MAX_BYTES = 1 << 30  # parsed JSON takes ~30x its numbers' binary size; past this use .npz
+JSON_MAX_BYTES = 256 << 20  # parsed, JSON numbers take ~10x their text (Python objects): past this, .npz
 
 
 def elements(shape: Sequence[int]) -> int:

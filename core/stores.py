@@ -328,11 +328,13 @@ def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def _read_stats_h5(path: str, allow_external: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with hdf5_policy.open_file(path) as f:
         names = list(f)  # link names only: nothing is followed here
-        arrays = {}
+        arrays, taken = {}, 0
         for name in names:
             array = _h5_stats_array(path, name, allow_external)
             if array is not None:
                 arrays[name] = array
+                taken += array.nbytes
+                check_fits_memory(taken, f"stats file {path!r}")
         meta = {}
         for key, value in f.attrs.items():
             if isinstance(value, bytes):

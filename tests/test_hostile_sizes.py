@@ -209,3 +209,17 @@ def test_h5_virtual_dataset_larger_than_its_sources_is_refused(tmp_path: Path) -
         f.create_virtual_dataset("x", layout, fillvalue=0)
     with pytest.raises(ns.DataError, match="maps 8 of its 2000000000 elements"):
         ns.open_source(f"{tmp_path / 'vds.h5'}:x")
+
+
+def test_h5_stats_attribute_declaring_a_trillion_values_is_a_stats_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "stats.h5"
+    ns.write_stats(ns.BatchNormExact().update(np.ones((4, 2)) * [1, 2] + np.eye(4, 2)).result(), str(path))
+    with h5py.File(path, "a") as f:
+        f.attrs["extra"] = np.zeros(1000, np.uint8)
+    data = bytearray(path.read_bytes())
+    dims = data.index((1000).to_bytes(8, "little"), data.index(b"extra\0"))  # the attribute's dataspace:
+    for at in (dims, data.index((1000).to_bytes(8, "little"), dims + 8)):  # size and maximum size
+        data[at:at + 8] = (10**12).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ns.StatsFileError):  # HDF5 checks an attribute's data against its message
+        ns.read_stats(str(path))
