@@ -72,7 +72,8 @@ class _Walk:
     top: str  # the input file
     display: str  # how messages name what is read
     allow_external: bool
-    checked: set = dataclasses.field(default_factory=set)
+    checked: set = dataclasses.field(default_factory=set)  # (file, name) of datasets checked or being checked
+    active: set = dataclasses.field(default_factory=set)  # ... of the virtual datasets being checked
 
 
 def locate(path: str, name: str, *, allow_external: bool = False, display: Optional[str] = None) -> Located:
@@ -190,6 +191,8 @@ def _other_file(walk: _Walk, holder: str, filename: str, kind: str) -> str:
 def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -> None:
     """The virtual sources and external storage of `dataset`, and its declared size."""
     key = (os.path.realpath(file), name)
+    if key in walk.active:
+        raise DataError(f"{walk.display}: virtual datasets that are sources of each other (a loop); fix the file")
     if key in walk.checked:
         return
     walk.checked.add(key)
@@ -212,6 +215,7 @@ def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -
             raise DataError(f"{walk.display}: its virtual dataset{via} maps {mapped} of its "
                             f"{elements(dataset.shape)} elements to sources; the rest would read as the "
                             "fill value, not data")
+        walk.active.add(key)
         for source in sources:
             source_file = file if source.file_name == "." else _other_file(
                 walk, file, source.file_name, "virtual dataset source")
@@ -222,6 +226,7 @@ def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -
             if not found.is_dataset:
                 raise DataError(f"{walk.display}: its virtual dataset source {source.dset_name!r} in "
                                 f"{source_file} is not a dataset")
+        walk.active.discard(key)
         return
     check_storage(dataset, file, f"{walk.display}{via}")
 

@@ -238,3 +238,11 @@ def test_gamma_from_an_outside_link_is_refused(run, folders) -> None:
     result = run("apply", inside / "stats.npz", inside / "x.npy", "--gamma", f"{inside / 'g.h5'}:gamma",
                  "-o", inside / "y.npy")
     assert result.exit_code == 2 and "external link" in result.stderr and not (inside / "y.npy").exists()
+
+
+def test_virtual_datasets_that_are_sources_of_each_other_are_an_error(folders) -> None:
+    inside, _ = folders
+    _vds(inside / "a.h5", "b.h5")
+    _vds(inside / "b.h5", "a.h5")
+    with pytest.raises(ns.DataError, match="loop"):
+        ns.open_source(f"{inside / 'a.h5'}:x")
