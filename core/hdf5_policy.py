@@ -29,7 +29,7 @@ import re
 from typing import Any, Iterator, Optional
 
 from .errors import DataError, UsageError
-from .limits import elements
+from .limits import check_fits_memory, elements
 
 MAX_HOPS = 40  # links followed for one name; beyond it, a loop
 CHUNK_SCAN_LIMIT = 1_000_000  # chunks whose file offsets are checked one by one
@@ -259,6 +259,9 @@ def check_storage(dataset: Any, file: str, display: str) -> None:
                             f"them; it is truncated or was never fully written: {remedy}")
     elif layout == h5py.h5d.CHUNKED:
         chunk = plist.get_chunk()
+        # HDF5 decodes a whole chunk to read any of it: a chunk declared far beyond the data
+        # (an extensible dataset may have one) must fit in memory
+        check_fits_memory(elements(chunk) * dataset.dtype.itemsize, f"{display}: one of its chunks")
         expected = math.prod(-(-int(n) // int(c)) for n, c in zip(dataset.shape, chunk))
         written = dataset.id.get_num_chunks()
         if written < expected:

@@ -223,3 +223,12 @@ def test_h5_stats_attribute_declaring_a_trillion_values_is_a_stats_file_error(tm
     path.write_bytes(bytes(data))
     with pytest.raises(ns.StatsFileError):  # HDF5 checks an attribute's data against its message
         ns.read_stats(str(path))
+
+
+def test_h5_chunk_declared_beyond_memory_is_refused(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "wide.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.ones((10, 64)), maxshape=(None, 64), chunks=(2**20, 64), compression="gzip")
+    monkeypatch.setattr("normstats.limits.available_memory", lambda: 256 << 20)  # a 512 MB chunk
+    with pytest.raises(ns.DataError, match="one of its chunks"):
+        ns.open_source(f"{path}:x")
