@@ -169,7 +169,11 @@ class NpySource(ArraySource):
 
     def _handle(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as error:
+                raise DataError(f"{self.path} cannot be opened again ({error.strerror}); it was removed or "
+                                "replaced while the run went on") from None
         return self._fd
 
     def read_into(self, start: int, out: np.ndarray) -> None:

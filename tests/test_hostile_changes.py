@@ -150,3 +150,11 @@ def test_character_device_input_is_refused(tmp_path: Path) -> None:
     result = subprocess.run([SCRIPT, "fit-bn", "/dev/zero", "-o", str(tmp_path / "s.npz")],
                             capture_output=True, text=True, timeout=60)
     _one_error(result, "/dev/zero", "device")
+
+
+def test_shard_removed_before_its_turn_is_an_error_naming_it(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", _values())
+    np.save(tmp_path / "b.npy", _values())
+    with pytest.raises(ns.DataError, match="b.npy"):
+        _cut_after_first_block([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")],
+                               lambda: os.unlink(tmp_path / "b.npy"))
