@@ -102,7 +102,8 @@ class ArraySource:
     def _check_unchanged(self, info: os.stat_result, file: Optional[str] = None) -> None:
         now = _identity(info)
         if now != self._identity:
-            size = f" (its size went from {self._identity[2]} to {now[2]} bytes)" if now[2] != self._identity[2] else ""
+            before, after = self._identity[2], now[2]
+            size = f" (its size went from {before} to {after} bytes)" if after != before else ""
             raise DataError(f"{file or self.path} changed while it was read{size}; nothing was written: "
                             "run again once no other program writes to it")
 
