@@ -158,12 +158,13 @@ def _finish(command: str, stats: ns.Stats, output: str, checkpoint: Optional[Che
     summarize_fit(command, stats, output)
 
 
-def _start_from(init: Optional[str], resume_path: Optional[str]) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
+def _start_from(init: Optional[str], resume_path: Optional[str],
+                allow_external: bool = False) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
     """The stats a fit starts from (--init or --resume) and the checkpoint, if resuming."""
     if init and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
-    return (resume or (ns.read_stats(init) if init else None)), resume
+    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
+    return (resume or (ns.read_stats(init, allow_external=allow_external) if init else None)), resume
 
 
 def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
@@ -269,7 +270,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     if groups is not None and num_groups is None and not (init or resume_path):
         raise click.UsageError("--groups needs --num-groups G")
     guard(ctx, _fit_files(ctx, inputs, output, groups=groups, init=init), force=force)
-    start, resume = _start_from(init, resume_path)
+    start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
@@ -341,7 +342,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     continued = init if isinstance(init, ns.Stats) else None
     if continued is not None and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
+    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
     mode = _continued_mode(ctx, mode, continued or resume, resume)
     _check_exact_only(ctx, mode, "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
@@ -397,7 +398,7 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
     guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
           .reads("--groups file", groups).reads("--gamma file", given_file(ctx, "gamma"))
           .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
-    normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
+    normalizer = ns.Normalizer(ns.read_stats(stats_path, allow_external=allow_external), gamma=gamma, beta=beta)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
@@ -502,7 +503,8 @@ def assign(ctx: click.Context, centers_path: str, input_spec: str, output: str, 
     """
     guard(ctx, CommandFiles().reads("centers file", centers_path).reads("input", input_spec)
           .writes("output", output, ASSIGN_FORMATS), force=force)
-    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
+    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path, allow_external=allow_external),
+                                           metric=metric, top_k=top_k,
                                            max_distance=max_distance, name=centers_path)
     with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
         with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:

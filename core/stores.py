@@ -28,9 +28,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError, OutputError, StatsFileError, UsageError
+from . import hdf5_policy
+from .archives import NpzMembers, check_safetensors_header
+from .errors import DataError, NormstatsError, OutputError, StatsFileError, UsageError
+from .limits import JSON_MAX_BYTES, check_expansion, check_fits_memory, elements, require_regular_file
 from .sources import NPY_MAGIC, split_spec
 from .stats import BATCHNORM, CENTERS, Stats, check_stats
+from .stats_meta import check_arrays, check_meta
 
 STATS_FORMATS = (".npz", ".h5", ".hdf5", ".safetensors", ".json")
 ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
@@ -323,7 +327,10 @@ def write_stats(stats: Stats, path: str, *, replace: Optional[bool] = None) -> N
     meta = dict(stats.meta, kind=stats.kind)
     arrays = {name: np.asarray(value) for name, value in stats.arrays.items()}
     extension = _extension(path)
-    with atomic_path(path, replace=replace) as temporary:
+    # Ctrl-C is held while a format library serializes: one raised inside its cleanup (zipfile,
+    # HDF5) would be replaced by that library's own error. A stats file takes well under a
+    # second; the held signal then lands in atomic_path, which removes the temporary.
+    with atomic_path(path, replace=replace) as temporary, held_signals():
         if extension == ".npz":
             with open(temporary, "wb") as f:
                 np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
@@ -384,29 +391,43 @@ def _json_values(array: np.ndarray) -> Any:
     return encode(values)
 
 
-def read_stats(path: str) -> Stats:
+def read_stats(path: str, *, allow_external: bool = False) -> Stats:
     """Read a stats or centers file written by :func:`write_stats`.
 
     The format is recognized by content (HDF5, zip archive, safetensors header,
     JSON), else by extension. Nothing is ever unpickled: `.npz` files are
     loaded with ``allow_pickle=False``, and safetensors and JSON cannot hold
-    Python objects.
+    Python objects. Every declared size is checked before anything is
+    allocated, HDF5 arrays obey the outside-data policy
+    (:mod:`normstats.hdf5_policy`; `allow_external` lifts it), and every
+    metadata key normstats uses is checked for its type.
 
     Raises
     ------
     UsageError
-        The file does not exist.
+        The file does not exist, or is a pipe or device; an HDF5 array comes
+        from outside the file's folder.
     StatsFileError
-        It is not a normstats stats file or is damaged.
+        It is not a normstats stats file, is damaged, or holds a value of the
+        wrong type (the message names the key).
     """
     require_file(path, "stats file")
     try:
-        reader = {".h5": _read_stats_h5, ".npz": _read_stats_npz, ".json": _read_stats_json,
-                  ".safetensors": _read_stats_safetensors}[_stats_format(path)]
-        arrays, meta = reader(path)
-    except StatsFileError:
+        found = _stats_format(path)
+        if found == ".h5":
+            arrays, meta = _read_stats_h5(path, allow_external)
+        else:
+            reader = {".npz": _read_stats_npz, ".json": _read_stats_json,
+                      ".safetensors": _read_stats_safetensors}[found]
+            arrays, meta = reader(path)
+        meta = check_meta(meta, path)
+        arrays = check_arrays(arrays, path)
+    except (StatsFileError, UsageError):
         raise
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, OverflowError, zipfile.BadZipFile) as error:
+    except NormstatsError as error:  # a damaged HDF5 file, a declared size beyond the file
+        raise StatsFileError(str(error)) from None
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, OverflowError, TypeError,
+            zipfile.BadZipFile) as error:
         raise StatsFileError(
             f"{path} is not a readable normstats stats file ({FORMAT_NAMES}): "
             f"{_reason(error)}; re-create it with fit-bn or fit-centers"
@@ -418,11 +439,9 @@ def read_stats(path: str) -> Stats:
 
 
 def require_file(path: str, what: str) -> None:
-    """Raise UsageError unless `path` is an existing file (called `what` in the message)."""
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path!r} is a directory")
+    """Raise UsageError unless `path` is an existing regular file (called `what`
+    in the message): a pipe or device is refused before it is opened."""
+    require_regular_file(path, what)
 
 
 def _stats_format(path: str) -> str:
@@ -454,16 +473,16 @@ def _reason(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _npz(path: str) -> Iterator[Any]:
-    """An `.npz` archive opened without pickles; a damaged one is a StatsFileError
-    (np.load given a path leaks its handle then, so it gets ours)."""
+def _npz(path: str) -> Iterator[NpzMembers]:
+    """An `.npz` archive whose members are read within their declared sizes,
+    never unpickled; a damaged one is a StatsFileError."""
     with open(path, "rb") as f:
         try:
-            archive = np.load(f, allow_pickle=False)
+            archive = zipfile.ZipFile(f)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             raise StatsFileError(f"{path} is not a readable .npz archive: {_reason(error)}") from None
         with archive:
-            yield archive
+            yield NpzMembers(archive, path)
 
 
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -474,15 +493,22 @@ def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         if "meta" not in archive.files:
             raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
         arrays = {name: archive[name] for name in archive.files if name != "meta"}
-        meta = json.loads(str(archive["meta"]))
-    return arrays, meta
+        meta = archive["meta"]
+    if meta.dtype.kind != "U" or meta.ndim != 0:
+        raise StatsFileError(f"stats file {path!r}: key 'meta' is not a JSON string")
+    return arrays, json.loads(str(meta))
 
 
-def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        arrays = {name: np.asarray(f[name][()]) for name in f if isinstance(f[name], h5py.Dataset)}
+def _read_stats_h5(path: str, allow_external: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with hdf5_policy.open_file(path) as f:
+        names = list(f)  # link names only: nothing is followed here
+        arrays, taken = {}, 0
+        for name in names:
+            array = _h5_stats_array(path, name, allow_external)
+            if array is not None:
+                arrays[name] = array
+                taken += array.nbytes
+                check_fits_memory(taken, f"stats file {path!r}")
         meta = {}
         for key, value in f.attrs.items():
             if isinstance(value, bytes):
@@ -493,6 +519,25 @@ def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                 value = value.item()
             meta[key] = value
     return arrays, meta
+
+
+def _h5_stats_array(path: str, name: str, allow_external: bool) -> Optional[np.ndarray]:
+    """The array `name` of an HDF5 stats file (None for a group), its size checked first."""
+    where = f"stats file {path!r}: key {name!r}"
+    located = hdf5_policy.locate(path, name, allow_external=allow_external, display=where)
+    if not located.is_dataset:
+        return None
+    file, dataset = hdf5_policy.open_dataset(located)
+    with file:
+        if dataset.shape is None:
+            raise StatsFileError(f"{where} is an empty dataset (no shape)")
+        if dataset.dtype.kind not in "biuf":
+            raise StatsFileError(f"{where}: holds {dataset.dtype} values, not numbers")
+        declared = elements(dataset.shape) * dataset.dtype.itemsize
+        if dataset.id.get_create_plist().get_nfilters():
+            check_expansion(declared, dataset.id.get_storage_size(), where)
+        check_fits_memory(declared, where)
+        return np.asarray(dataset[()])
 
 
 def _read_stats_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -507,6 +552,10 @@ def _read_stats_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str,
 
 def _read_stats_json(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > JSON_MAX_BYTES:
+            raise StatsFileError(f"{path} is a {size}-byte JSON stats file, beyond the {JSON_MAX_BYTES} bytes "
+                                 "normstats parses; write large statistics as .npz or .h5")
         document = json.loads(f.read())
     if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
         raise StatsFileError(f'{path} is JSON but not a normstats stats file (no "format": "{JSON_FORMAT}")')
@@ -545,7 +594,10 @@ def _json_array(entry: Any, where: str) -> np.ndarray:
         scalar = all(isinstance(v, int) and not isinstance(v, bool) for v in level)
     if not scalar:
         raise StatsFileError(f"{where} holds values that are not {name} numbers")
-    return np.array(level, dtype=dtype).reshape(shape)
+    try:
+        return np.array(level, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError) as error:
+        raise StatsFileError(f"{where} holds values that do not fit {name} ({error})") from None
 
 
 # --- safetensors -----------------------------------------------------------------
@@ -577,6 +629,7 @@ def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[
     """
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors_header(path, None if names is None else list(names))
     try:
         with safe_open(path, framework="np") as f:
             metadata = dict(f.metadata() or {})
@@ -605,6 +658,7 @@ def safetensors_index(path: str) -> tuple[list[str], dict[str, str]]:
     """The tensor names and metadata of a `.safetensors` file, without reading tensors."""
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors_header(path, [])
     try:
         with safe_open(path, framework="np") as f:
             return list(f.keys()), dict(f.metadata() or {})
@@ -631,7 +685,7 @@ def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[s
     """
     if container not in EXPORT_CONTAINERS:
         raise UsageError(f"unknown export container {container!r}")
-    with atomic_path(path) as temporary:
+    with atomic_path(path) as temporary, held_signals():  # as in write_stats
         if container == "safetensors":
             write_safetensors(arrays, temporary, metadata)
         elif container == "npz":
@@ -659,23 +713,24 @@ def kaldi_binary_matrix(matrix: np.ndarray) -> bytes:
             + np.ascontiguousarray(matrix).tobytes())
 
 
-def read_array(spec: str) -> np.ndarray:
+def read_array(spec: str, *, allow_external: bool = False) -> np.ndarray:
     """Read a small array (gamma, beta, initial centers) from `.npy`, `.npz` or
     `.safetensors` (``file:NAME``, or the file's only array) or ``file.h5:NAME``;
-    never unpickles."""
+    never unpickles. Its declared size is checked against the file and the
+    memory at hand first; HDF5 data obeys the outside-data policy."""
     from .sources import open_source
 
     path, name = split_spec(spec)
     if _extension(path) in (".npz", ".safetensors"):
-        if not os.path.exists(path):
-            raise UsageError(f"file {path!r} does not exist")
+        require_file(path, "file")
         if _extension(path) == ".safetensors":
             key = _array_name(path, safetensors_index(path)[0], name)
             return read_safetensors(path, [key])[0][key]
         with _npz(path) as archive:
             return archive[_array_name(path, [n for n in archive.files if n != "meta"], name)]
-    source = open_source(spec)
+    source = open_source(spec, allow_external=allow_external)
     try:
+        check_fits_memory(elements(source.shape) * source.dtype.itemsize, source.name)
         out = np.empty(source.shape, dtype=source.dtype)
         source.read_into(0, out)
         return out
