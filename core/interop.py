@@ -29,7 +29,7 @@ from ._version import __version__
 from .axes import kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
-from .stats import BATCHNORM, Stats
+from .stats import BATCHNORM, Stats, check_values
 from .stores import SAFETENSORS_META_KEY, read_safetensors, require_file, safetensors_index, write_export
 from .validate import check_eps
 
@@ -341,11 +341,18 @@ def stats_from_torch(tensors: dict[str, np.ndarray], *, prefix: str = "", eps: f
             f"give the shape of one input row, channels first, e.g. {channels} or {channels},32,32"
         )
     spread = var.astype(np.float64) + eps
-    if not (spread > 0).all():  # NaN included: it would give no inverse standard deviation
-        channel = int(np.flatnonzero(~(spread > 0))[0])
+    usable = np.isfinite(spread) & (spread > 0)  # NaN included: it would give no inverse standard deviation
+    if not usable.all():
+        channel = int(np.flatnonzero(~usable)[0])
         raise StatsFileError(
             f"{source}: {torch_key(prefix, 'running_var')} of channel {channel} is {var[channel]:g}; "
-            f"with eps={eps:g} it has no inverse standard deviation"
+            f"with eps={eps:g} it has no finite inverse standard deviation"
+        )
+    if not np.isfinite(mean).all():
+        channel = int(np.flatnonzero(~np.isfinite(mean))[0])
+        raise StatsFileError(
+            f"{source}: {torch_key(prefix, 'running_mean')} of channel {channel} is {mean[channel]:g}; "
+            "a running mean must be finite"
         )
     batches = tensors.get(torch_key(prefix, "num_batches_tracked"))
     batches_seen = int(np.asarray(batches).reshape(-1)[0]) if batches is not None and np.size(batches) == 1 else 0
@@ -523,7 +530,7 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     extension = os.path.splitext(path)[1].lower()
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
-    export = CONVERSIONS[target](stats, **options)
+    export = CONVERSIONS[target](check_values(stats), **options)
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
     if export.container == "kaldi-matrix" and extension == ".ark":
