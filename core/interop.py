@@ -163,7 +163,7 @@ def running_variance(inv_std: np.ndarray, eps: float, name: str = "the statistic
         Some inv_std exceeds ``1/sqrt(eps)`` beyond rounding, or is negative.
     """
     inv_std = np.asarray(inv_std, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # inv_std**2 = inf gives 0: refused below
         spread = 1.0 / np.square(inv_std)  # var + eps, as inv_std holds it
     var = spread - eps
     rounding = 8 * np.finfo(np.float64).eps * spread
