@@ -22,6 +22,7 @@ from .validate import (
     check_batch_size,
     check_ddof,
     check_eps,
+    check_finite,
     check_nan_policy,
     check_groups,
     check_numeric_dtype,
@@ -132,6 +133,7 @@ def _file_options(meta: dict, options: dict, *names: str) -> None:
 
 
 def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
+    check_finite(value, f"initial {name}", positive=name == "inv_std")
     try:
         return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), shape))
     except ValueError:

@@ -530,7 +530,9 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     extension = os.path.splitext(path)[1].lower()
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
-    export = CONVERSIONS[target](check_values(stats), **options)
+    with np.errstate(over="ignore"):  # an overflow leaves inf, refused just below
+        export = CONVERSIONS[target](check_values(stats), **options)
+    _check_finite_export(export, _name(stats))
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
     if export.container == "kaldi-matrix" and extension == ".ark":
@@ -540,6 +542,19 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
         )
     write_export(export.container, export.arrays, export.metadata, path)
     return export
+
+
+def _check_finite_export(export: Export, name: str) -> None:
+    """Every number written must be finite: the target has no marker for 'undefined'."""
+    for key, array in export.arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            at = f" at index {', '.join(map(str, index))}" if index else ""
+            raise StatsFileError(
+                f"{name}: its {export.target} {key} would hold {array[index]}{at} (a statistic the fit left "
+                f"undefined, or one beyond the range of {array.dtype}); {export.target} needs finite values"
+            )
 
 
 def import_torch(path: str, *, prefix: Optional[str] = None, eps: Optional[float] = None,

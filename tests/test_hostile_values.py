@@ -556,3 +556,23 @@ def test_h5_output_keeps_its_dataset_name_with_dtype(run, tmp_path, x, stats_pat
     succeeded(run("apply", stats_path, "x.npy", "-o", "y.h5:normed", "--dtype", "float64"))
     with h5py.File(tmp_path / "y.h5") as f:
         assert f["normed"].dtype == np.float64 and f["normed"].shape == x.shape
+
+
+@pytest.mark.parametrize("target, out, key, value", [
+    ("torch", "out.safetensors", "mean", 1e39),  # beyond float32: running_mean would be inf
+    ("keras", "out.npz", "inv_std", 1e-160),  # variance = 1/inv_std**2 overflows float64
+])
+def test_export_never_writes_a_non_finite_number(run, tmp_path, x, target, out, key, value):
+    stats = exact_stats(x)
+    bad = stats.arrays[key].copy()
+    bad[3] = value
+    path = write(stats, tmp_path / "far.npz", **{key: bad})
+    refused(run("export", path, "--to", target, "-o", out), 1, "far.npz", "index 3", "finite")
+    assert outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize("options", [{"mean": np.nan}, {"inv_std": np.inf}, {"inv_std": -1.0},
+                                     {"mean": np.array([0.0, np.inf, 0.0, 0.0])}])
+def test_library_initial_values_must_be_finite(options):
+    with pytest.raises(ns.UsageError, match="initial (mean|inv_std) holds"):
+        ns.BatchNormEMA(**options).update(features())
