@@ -214,7 +214,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @option("--alpha", type=ALPHA, default=0.01, show_default=True,
               help="EMA weight of the newest batch, in (0, 1].")
 @option("--eps", type=EPS, default=1e-5, show_default=True,
-              help="Added to the variance before 1/sqrt.")
+              help="Added to the variance before 1/sqrt; finite, at least 1.2e-38.")
 @option("--ddof", type=click.IntRange(0), default=1, show_default=True,
               help="Delta degrees of freedom of the variance.")
 @MODE

@@ -40,7 +40,7 @@ class OnceOption(click.Option):
     def handle_parse_result(self, ctx: click.Context, opts: Any, args: list[str]) -> Any:
         given = opts.get(self.name) if self._single() else None
         if isinstance(given, list):  # the occurrences the parser appended
-            if len(given) > 1:
+            if len(given) > 1 and not ctx.resilient_parsing:  # (shell completion parses leniently)
                 times = "twice" if len(given) == 2 else f"{len(given)} times"
                 raise click.UsageError(f"{self.opts[-1]} was given {times}; give it once", ctx)
             opts = {**opts, self.name: given[0]}

@@ -133,7 +133,6 @@ def _file_options(meta: dict, options: dict, *names: str) -> None:
 
 
 def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
-    check_finite(value, f"initial {name}", positive=name == "inv_std")
     try:
         return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), shape))
     except ValueError:
@@ -215,8 +214,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             nan_policy=nan_policy,
         )
         self.alpha = check_alpha(alpha)
-        self._initial_mean = mean
-        self._initial_inv_std = inv_std
+        self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
+        self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
