@@ -62,9 +62,7 @@ class Normalizer:
     def __init__(self, stats: Stats, *, gamma: Affine = 1.0, beta: Affine = 0.0,
                  dtype: Optional[str] = None) -> None:
         check_values(stats.require(BATCHNORM))
-        if dtype is not None and str(np.dtype(dtype)) not in OUTPUT_DTYPES:
-            raise UsageError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
-        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.dtype = None if dtype is None else _output_dtype(dtype)
         self.axes = tuple(stats.meta["axes"])
         self.row_shape = tuple(stats.meta["row_shape"])
         self.ndim = len(self.row_shape) + 1
@@ -216,6 +214,16 @@ class Normalizer:
                     "statistics were fitted; it has no statistics to apply"
                 )
         return {k: v if v is None or k == "beta" else v[groups] for k, v in terms.items()}
+
+def _output_dtype(dtype: object) -> np.dtype:
+    try:
+        chosen = np.dtype(dtype)
+    except TypeError:
+        chosen = None
+    if str(chosen) not in OUTPUT_DTYPES:
+        raise UsageError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
+    return chosen
+
 
 def _affine(value: Affine, shape: tuple[int, ...], name: str, *, neutral: float) -> Optional[np.ndarray]:
     """`value` as float64 of the statistics' shape; None when absent or neutral."""
