@@ -13,11 +13,13 @@ from normstats.assign import METRICS
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
+from normstats.files import CommandFiles, identities
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.stats import check_values
-from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
+from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
 
-from . import cli
+from .app import cli
+from .files import KeepsSpec, given_file, guard
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, ValueOrFile,
                      option, positive_int)
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
@@ -141,12 +143,11 @@ def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float) -> tuple[ns.Stats, Optional[Checkpointer]]:
     """Drive one fit with progress and checkpoints."""
-    start_row = resume_row(resume, stream, resume_path) if resume is not None else 0
+    start_row = resume_row(resume, stream, resume_path, side) if resume is not None else 0
     checkpoint = None
     if checkpoint_path:
-        check_output(checkpoint_path, force=True, inputs=stream.names, formats=STATS_FORMATS)
         checkpoint = Checkpointer(checkpoint_path, checkpoint_every, sources=stream.names,
-                                  rows_total=stream.rows)
+                                  rows_total=stream.rows, inputs=identities({"features": stream, **side}))
     with progress_bar(stream.rows, quiet=quiet, label=command, initial=start_row) as advance:
         stats = ns.run_fit(state, stream, side=side, start_row=start_row, progress=advance,
                            checkpoint=checkpoint)
@@ -196,6 +197,17 @@ def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -
 def _side_specs(**specs: Any) -> dict[str, tuple[str, ...]]:
     """The given per-row inputs, each as a tuple of shards."""
     return {name: (value,) if isinstance(value, str) else tuple(value) for name, value in specs.items() if value}
+
+
+def _fit_files(ctx: click.Context, inputs: tuple[str, ...], output: str, *, init: Optional[str],
+               labels: tuple[str, ...] = (), groups: Optional[str] = None) -> CommandFiles:
+    """Every file a fit reads and writes."""
+    resume = "--resume checkpoint"
+    return (CommandFiles().reads("input", *inputs).reads("--labels file", *labels)
+            .reads("--weights file", ctx.params.get("weights")).reads("--groups file", groups)
+            .reads("--init file", init).reads(resume, ctx.params.get("resume_path"))
+            .writes("output", output, STATS_FORMATS)
+            .writes("--checkpoint file", ctx.params.get("checkpoint_path"), STATS_FORMATS, may_be=resume))
 
 
 def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
@@ -259,8 +271,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         raise click.UsageError("--num-groups needs --groups FILE")
     if groups is not None and num_groups is None and not (init or resume_path):
         raise click.UsageError("--groups needs --num-groups G")
-    check_output(output, force=force, formats=STATS_FORMATS,
-                 inputs=inputs + tuple(p for p in (init, groups, weights, resume_path) if p))
+    guard(ctx, _fit_files(ctx, inputs, output, groups=groups, init=init), force=force)
     start, resume = _start_from(init, resume_path)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
@@ -299,7 +310,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @option("--alpha", type=ALPHA, default=0.9, show_default=True,
               help="EMA weight of the batch class mean, in (0, 1].")
 @MODE
-@option("--init", "init", type=CenterInit(), default="random", show_default=True,
+@option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
                    "batch mean, a file of shape (K, dim); or a centers file to continue from.")
 @option("--seed", type=SEED, default=0, show_default=True, help="Seed of --init random.")
@@ -332,8 +343,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     if len(labels) not in (1, len(inputs)):
         raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
                                "give one LABELS per INPUT, or one for all of them")
-    check_output(output, force=force, formats=STATS_FORMATS,
-                 inputs=inputs + labels + tuple(p for p in (weights, resume_path) if p))
+    guard(ctx, _fit_files(ctx, inputs, output, labels=labels, init=given_file(ctx, "init")), force=force)
     continued = init if isinstance(init, ns.Stats) else None
     if continued is not None and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
@@ -365,9 +375,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @click.argument("input_spec", metavar="INPUT")
 @option("-o", "--output", required=True, metavar="OUTPUT",
               help="Normalized array to write: .npy, or .h5 / out.h5:NAME (chunked).")
-@option("--gamma", type=ValueOrFile(), default=1.0, show_default=True,
+@option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
               help="Scale: a number, a file of the statistics' shape, or 'none'.")
-@option("--beta", type=ValueOrFile(), default=0.0, show_default=True,
+@option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
               help="Shift: a number, a file of the statistics' shape, or 'none'.")
 @option("--groups", metavar="FILE[:NAME]",
               help="Each row's group, for per-group statistics (fit-bn --groups).")
@@ -375,7 +385,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
         help="Output dtype  [default: float input's own; float32 for integers up to 16 bits, else float64]")
 @ENGINE
 @COMMON
-def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
+@click.pass_context
+def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
           groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
@@ -391,8 +402,9 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
     _check_engine(engine, scheduler, task_rows)
-    check_output(output, force=force, formats=ARRAY_FORMATS,
-                 inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
+    guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
+          .reads("--groups file", groups).reads("--gamma file", given_file(ctx, "gamma"))
+          .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
     normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta, dtype=dtype)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
         if engine == "dask":
@@ -413,7 +425,8 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
 @option("-o", "--output", required=True, metavar="OUT",
               help="Merged stats or centers file to write (.npz, .h5, .safetensors or .json).")
 @option("--force", is_flag=True, help="Overwrite an existing output file.")
-def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
+@click.pass_context
+def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) -> None:
     """Merge exact statistics fitted on shards into those of all the shards.
 
     The IN files must come from fit-bn or fit-centers with --mode exact and
@@ -426,7 +439,7 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
       normstats fit-bn part2.npy -o b.npz --mode exact
       normstats merge a.npz b.npz -o all.npz
     """
-    check_output(output, force=force, inputs=parts, formats=STATS_FORMATS)
+    guard(ctx, CommandFiles().reads("input", *parts).writes("output", output, STATS_FORMATS), force=force)
     stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
     ns.write_stats(stats, output)
     summarize_fit("merge", stats, output)
@@ -439,7 +452,8 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
               help="Draw the file instead: mean ± std per channel, or class counts and the "
                    "distances between centers (needs matplotlib: pip install 'normstats[plot]').")
 @option("--force", is_flag=True, help="Overwrite an existing --plot file.")
-def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
+@click.pass_context
+def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
     """Summarize a stats or centers FILE: options and provenance, value ranges,
     NaN counts, near-constant channels, class counts (empty and rare classes),
     center norms and the closest pairs of centers; or draw it with --plot.
@@ -460,7 +474,8 @@ def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> 
         raise click.UsageError("--json and --plot exclude each other")
     from normstats.plots import PLOT_FORMATS, plot_stats
 
-    check_output(plot_path, force=force, inputs=(path,), formats=PLOT_FORMATS)
+    guard(ctx, CommandFiles().reads("stats file", path).writes("--plot file", plot_path, PLOT_FORMATS),
+          force=force)
     stats = ns.read_stats(path)
     what = plot_stats(stats, plot_path)
     click.echo(f"inspect {stats.kind}: {what} -> {plot_path}")
@@ -478,7 +493,8 @@ def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> 
 @option("--max-distance", type=DISTANCE, metavar="D",
               help="Label -1 where the distance exceeds D (open-set rejection).")
 @COMMON
-def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
+@click.pass_context
+def assign(ctx: click.Context, centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
            max_distance: Optional[float], dataset: Optional[str], force: bool, quiet: bool,
            allow_external: bool) -> None:
     """Label each row of INPUT with its nearest CENTERS (from fit-centers), and the
@@ -492,7 +508,8 @@ def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: 
     Example:
       normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
     """
-    check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
+    guard(ctx, CommandFiles().reads("centers file", centers_path).reads("input", input_spec)
+          .writes("output", output, ASSIGN_FORMATS), force=force)
     nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
                                            max_distance=max_distance, name=centers_path)
     with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):

@@ -18,6 +18,7 @@ from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, RowError, UsageError
+from .files import identities, identity_mismatch
 from .normalize import Normalizer
 from .sources import Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
@@ -169,8 +170,14 @@ def fit_centers(
     return run_fit(state, features, side=side, **options)
 
 
-def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint") -> int:
+def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint",
+               side: Optional[dict[str, Stream]] = None) -> int:
     """The row of `stream` at which a fit saved in `checkpoint` goes on.
+
+    A checkpoint that recorded its inputs' identities (absolute path,
+    dataset, size, modification time; see :func:`normstats.files.identities`)
+    resumes only over those very files, with `side` (labels, weights,
+    groups) as when it was made.
 
     Raises
     ------
@@ -186,6 +193,11 @@ def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint") -> i
             f"{name} was made over {', '.join(info['sources'])} ({info['rows_total']} rows), not over "
             f"{', '.join(stream.names)} ({stream.rows} rows); resume with the same inputs"
         )
+    if info.get("inputs"):
+        mismatch = identity_mismatch(info["inputs"], identities({"features": stream, **(side or {})}))
+        if mismatch:
+            raise UsageError(f"{name} was made over other files: {mismatch}; resume with the same inputs, "
+                             "or start over without --resume")
     return int(info["rows_done"])
 
 
