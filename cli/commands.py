@@ -14,11 +14,14 @@ from normstats.inspection import describe
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
+from normstats.normalize import OUTPUT_DTYPES
+from normstats.stats import check_values
 from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
-from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
+from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, ValueOrFile,
+                     option, positive_int)
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
@@ -36,47 +39,47 @@ def _given(ctx: click.Context, name: str) -> bool:
 
 
 COMMON = _options(
-    click.option("--dataset", metavar="NAME",
+    option("--dataset", metavar="NAME",
                  help="HDF5 dataset to read (or write INPUT as file.h5:NAME)."),
-    click.option("--force", is_flag=True, help="Overwrite an existing output file."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-    click.option("--allow-external", is_flag=True,
+    option("--force", is_flag=True, help="Overwrite an existing output file."),
+    option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    option("--allow-external", is_flag=True,
                  help="Read HDF5 data that external links or virtual datasets take from "
                       "outside the input's folder (refused by default)."),
 )
-MODE = click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
+MODE = option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
-BATCH_SIZE = click.option("--batch-size", type=int, default=256, show_default=True,
+BATCH_SIZE = option("--batch-size", type=int, default=256, show_default=True,
                           callback=positive_int,
                           help="Rows per logical batch (one EMA step); independent of disk reads.")
 FIT = _options(
-    click.option("--nan-policy", type=click.Choice(["error", "omit"]), default="error",
+    option("--nan-policy", type=click.Choice(["error", "omit"]), default="error",
                  show_default=True,
                  help="NaN/Inf values: stop with the file, row and column of the first, or "
                       "leave them out of each statistic (counts are stored)."),
-    click.option("--weights", metavar="FILE[:NAME]",
+    option("--weights", metavar="FILE[:NAME]",
                  help="One non-negative weight per row (--mode exact), e.g. 0 for silence."),
-    click.option("--checkpoint", "checkpoint_path", metavar="FILE",
+    option("--checkpoint", "checkpoint_path", metavar="FILE",
                  help="Save the running state to FILE (.npz/.h5/.safetensors/.json) every --checkpoint-every "
                       "seconds; it is removed when the fit completes."),
-    click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
+    option("--checkpoint-every", type=SECONDS, default=60.0, show_default=True,
                  metavar="SECONDS", help="Seconds between checkpoints."),
-    click.option("--resume", "resume_path", metavar="FILE",
+    option("--resume", "resume_path", metavar="FILE",
                  help="Continue an interrupted fit from its --checkpoint FILE (same inputs and "
                       "options); the result equals an uninterrupted run."),
-    click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+    option("--jobs", type=JOBS, default=1, show_default=True,
                  help="Processes sharing the rows; their states are merged (exact) or "
                       "chained (fit-bn ema)."),
 )
 
 ENGINE = _options(
-    click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+    option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
                  help="local: on this machine (see --jobs); dask: tasks over row ranges "
                       "on a Dask cluster (pip install 'normstats[dask]')."),
-    click.option("--scheduler", metavar="ADDRESS",
+    option("--scheduler", metavar="ADDRESS",
                  help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
                       "--engine dask starts a local cluster with one worker per core."),
-    click.option("--task-rows", type=int, callback=positive_int, metavar="N",
+    option("--task-rows", type=int, callback=positive_int, metavar="N",
                  help="Rows per Dask task (default: about 256 MB of input), rounded down to "
                       "whole batches."),
 )
@@ -163,8 +166,8 @@ def _start_from(init: Optional[str], resume_path: Optional[str],
     """The stats a fit starts from (--init or --resume) and the checkpoint, if resuming."""
     if init and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
-    return (resume or (ns.read_stats(init, allow_external=allow_external) if init else None)), resume
+    resume = check_values(ns.read_stats(resume_path, allow_external=allow_external)) if resume_path else None
+    return (resume or (check_values(ns.read_stats(init, allow_external=allow_external)) if init else None)), resume
 
 
 def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
@@ -216,29 +219,29 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 
 @cli.command("fit-bn")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="STATS",
+@option("-o", "--output", required=True, metavar="STATS",
               help="Stats file to write (.npz, .h5, .safetensors or .json).")
 @BATCH_SIZE
-@click.option("--axes", type=AxesType(), default="auto", show_default=True,
+@option("--axes", type=AxesType(), default="auto", show_default=True,
               help="Axes to reduce: 'auto' (all but the second) or e.g. 0,2,3.")
-@click.option("--alpha", type=float, default=0.01, show_default=True,
+@option("--alpha", type=ALPHA, default=0.01, show_default=True,
               help="EMA weight of the newest batch, in (0, 1].")
-@click.option("--eps", type=float, default=1e-5, show_default=True,
-              help="Added to the variance before 1/sqrt.")
-@click.option("--ddof", type=click.IntRange(0), default=1, show_default=True,
+@option("--eps", type=EPS, default=1e-5, show_default=True,
+              help="Added to the variance before 1/sqrt; finite, at least 1.2e-38.")
+@option("--ddof", type=click.IntRange(0), default=1, show_default=True,
               help="Delta degrees of freedom of the variance.")
 @MODE
-@click.option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
+@option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
               help="Initial running mean, or 'none' to not estimate the mean.")
-@click.option("--inv-std", "inv_std", type=FloatOrNone(), default=1.0, show_default=True,
+@option("--inv-std", "inv_std", type=FloatOrNone(positive=True), default=1.0, show_default=True,
               help="Initial running inv_std, or 'none' to not estimate it.")
-@click.option("--init", "init", metavar="STATS",
+@option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
-@click.option("--groups", metavar="FILE[:NAME]",
+@option("--groups", metavar="FILE[:NAME]",
               help="One group index per row (--mode exact): per-group statistics, e.g. per "
                    "speaker CMVN, of shape (G, ...).")
-@click.option("--num-groups", type=int, callback=positive_int, metavar="G",
+@option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
 @FIT
 @ENGINE
@@ -298,21 +301,21 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 
 @cli.command("fit-centers")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="CENTERS",
+@option("-o", "--output", required=True, metavar="CENTERS",
               help="Centers file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--labels", "labels", required=True, multiple=True, metavar="LABELS",
+@option("--labels", "labels", required=True, multiple=True, metavar="LABELS",
               help="Integer labels: .npy or file.h5:NAME (repeat once per INPUT shard).")
-@click.option("--num-classes", type=int, required=True, callback=positive_int,
+@option("--num-classes", type=int, required=True, callback=positive_int,
               help="Number of classes K; labels lie in [0, K).")
 @BATCH_SIZE
-@click.option("--alpha", type=float, default=0.9, show_default=True,
+@option("--alpha", type=ALPHA, default=0.9, show_default=True,
               help="EMA weight of the batch class mean, in (0, 1].")
 @MODE
-@click.option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
+@option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
                    "batch mean, a file of shape (K, dim); or a centers file to continue from.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --init random.")
-@click.option("--ignore-label", type=int, metavar="L",
+@option("--seed", type=SEED, default=0, show_default=True, help="Seed of --init random.")
+@option("--ignore-label", type=int, metavar="L",
               help="Skip rows with this label (e.g. -1 for unlabelled rows).")
 @FIT
 @ENGINE
@@ -338,11 +341,14 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    if len(labels) not in (1, len(inputs)):
+        raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
+                               "give one LABELS per INPUT, or one for all of them")
     guard(ctx, _fit_files(ctx, inputs, output, labels=labels, init=given_file(ctx, "init")), force=force)
     continued = init if isinstance(init, ns.Stats) else None
     if continued is not None and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path, allow_external=allow_external) if resume_path else None
+    resume = check_values(ns.read_stats(resume_path, allow_external=allow_external)) if resume_path else None
     mode = _continued_mode(ctx, mode, continued or resume, resume)
     _check_exact_only(ctx, mode, "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
@@ -368,19 +374,21 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @cli.command("apply")
 @click.argument("stats_path", metavar="STATS")
 @click.argument("input_spec", metavar="INPUT")
-@click.option("-o", "--output", required=True, metavar="OUTPUT",
+@option("-o", "--output", required=True, metavar="OUTPUT",
               help="Normalized array to write: .npy, or .h5 / out.h5:NAME (chunked).")
-@click.option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
+@option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
               help="Scale: a number, a file of the statistics' shape, or 'none'.")
-@click.option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
+@option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
               help="Shift: a number, a file of the statistics' shape, or 'none'.")
-@click.option("--groups", metavar="FILE[:NAME]",
+@option("--groups", metavar="FILE[:NAME]",
               help="Each row's group, for per-group statistics (fit-bn --groups).")
+@option("--dtype", type=click.Choice(OUTPUT_DTYPES),
+        help="Output dtype  [default: float input's own; float32 for integers up to 16 bits, else float64]")
 @ENGINE
 @COMMON
 @click.pass_context
 def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
+          groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
@@ -398,7 +406,8 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
     guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
           .reads("--groups file", groups).reads("--gamma file", given_file(ctx, "gamma"))
           .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
-    normalizer = ns.Normalizer(ns.read_stats(stats_path, allow_external=allow_external), gamma=gamma, beta=beta)
+    normalizer = ns.Normalizer(ns.read_stats(stats_path, allow_external=allow_external), gamma=gamma, beta=beta,
+                               dtype=dtype)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
@@ -415,9 +424,9 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
 
 @cli.command("merge")
 @click.argument("parts", metavar="IN...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="OUT",
+@option("-o", "--output", required=True, metavar="OUT",
               help="Merged stats or centers file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.pass_context
 def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) -> None:
     """Merge exact statistics fitted on shards into those of all the shards.
@@ -440,11 +449,11 @@ def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) 
 
 @cli.command("inspect")
 @click.argument("path", metavar="FILE")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--plot", "plot_path", metavar="OUT.png",
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@option("--plot", "plot_path", metavar="OUT.png",
               help="Draw the file instead: mean ± std per channel, or class counts and the "
                    "distances between centers (needs matplotlib: pip install 'normstats[plot]').")
-@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+@option("--force", is_flag=True, help="Overwrite an existing --plot file.")
 @click.pass_context
 def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
     """Summarize a stats or centers FILE: options and provenance, value ranges,
@@ -477,13 +486,13 @@ def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[st
 @cli.command("assign")
 @click.argument("centers_path", metavar="CENTERS")
 @click.argument("input_spec", metavar="INPUT")
-@click.option("-o", "--output", required=True, metavar="OUT",
+@option("-o", "--output", required=True, metavar="OUT",
               help="HDF5 file to write (.h5): datasets 'labels' and 'distances'.")
-@click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
+@option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
               help="euclidean: |x - c|; cosine: 1 - cos(x, c) (1 for a zero vector).")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+@option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Nearest centers per row, nearest first (ties: lowest class).")
-@click.option("--max-distance", type=float, metavar="D",
+@option("--max-distance", type=DISTANCE, metavar="D",
               help="Label -1 where the distance exceeds D (open-set rejection).")
 @COMMON
 @click.pass_context

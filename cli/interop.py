@@ -13,27 +13,27 @@ from normstats.stores import STATS_FORMATS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
-from .params import ShapeType, ValueOrFile
+from .params import EPS, ShapeType, ValueOrFile, option
 
 TORCH_ONLY = ("prefix", "eps", "gamma", "beta")
 
 
 @cli.command("export")
 @click.argument("stats_path", metavar="STATS")
-@click.option("--to", "target", type=click.Choice(TARGETS), required=True,
+@option("--to", "target", type=click.Choice(TARGETS), required=True,
               help="torch: BatchNorm state dict (.safetensors); keras: Normalization mean/variance "
                    "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat, per group .ark); espnet: GlobalMVN "
                    "stats (.npz).")
-@click.option("-o", "--output", required=True, metavar="FILE", help="File to write.")
-@click.option("--prefix", metavar="NAME",
+@option("-o", "--output", required=True, metavar="FILE", help="File to write.")
+@option("--prefix", metavar="NAME",
               help="torch: store the tensors as NAME.running_mean, ... (the layer's name in your model).")
-@click.option("--eps", type=float,
+@option("--eps", type=EPS,
               help="torch: eps of the BatchNorm layer that will load the file  [default: the statistics' eps]")
-@click.option("--gamma", type=KeepsSpec(ValueOrFile()),
+@option("--gamma", type=KeepsSpec(ValueOrFile()),
               help="torch: the layer's weight, a number or a file of shape (C,)  [default: 1]")
-@click.option("--beta", type=KeepsSpec(ValueOrFile()),
+@option("--beta", type=KeepsSpec(ValueOrFile()),
               help="torch: the layer's bias, a number or a file of shape (C,)  [default: 0]")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.pass_context
 def export(ctx: click.Context, stats_path: str, target: str, output: str, force: bool, **options: Any) -> None:
     """Write fitted STATS in the layout of another toolkit.
@@ -67,18 +67,18 @@ def export(ctx: click.Context, stats_path: str, target: str, output: str, force:
 
 @cli.command("import")
 @click.argument("state_path", metavar="STATE_DICT")
-@click.option("-o", "--output", required=True, metavar="STATS",
+@option("-o", "--output", required=True, metavar="STATS",
               help="Stats file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--prefix", metavar="NAME",
+@option("--prefix", metavar="NAME",
               help="The BatchNorm layer to take, by its name in the state dict (e.g. layer1.0.bn1); "
                    "needed when the file holds several.")
-@click.option("--eps", type=float,
+@option("--eps", type=EPS,
               help="The layer's eps, which a state dict does not hold  [default: as recorded by "
                    "normstats export, else 1e-5 (PyTorch's default)]")
-@click.option("--row-shape", type=ShapeType(),
+@option("--row-shape", type=ShapeType(),
               help="Shape of one input row, channels first, e.g. 64,32,32 for images  "
                    "[default: as recorded by normstats export, else C]")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.pass_context
 def import_state_dict(ctx: click.Context, state_path: str, output: str, prefix: Optional[str], eps: Optional[float],
                       row_shape: Optional[tuple[int, ...]], force: bool) -> None:

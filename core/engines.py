@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from .errors import EngineError, UsageError
-from .normalize import Normalizer, output_dtype
+from .normalize import Normalizer
 from .pipeline import Progress, check_side, with_provenance
 from .sources import Stream, block_rows_for
 from .stats import CENTERS, Stats
@@ -348,7 +348,7 @@ def apply_dask(
                                        batch_size=None, block_rows=None,
                                        rows_per_task=_dask_task_rows(stream, task_rows))
     started = time.perf_counter()
-    with preallocated_output(output, stream.shape, output_dtype(stream.dtype),
+    with preallocated_output(output, stream.shape, normalizer.result_dtype(stream.dtype),
                              stream.sources[0].dataset or "data") as region:
         tasks = [ApplyTask(normalizer, inputs, a, b, block_rows, region) for a, b in ranges]
         written = sum(_gather(client, tasks, progress))

@@ -29,7 +29,7 @@ from ._version import __version__
 from .axes import kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
-from .stats import BATCHNORM, Stats
+from .stats import BATCHNORM, Stats, check_values
 from .stores import SAFETENSORS_META_KEY, read_safetensors, require_file, safetensors_index, write_export
 from .validate import check_eps
 
@@ -163,7 +163,7 @@ def running_variance(inv_std: np.ndarray, eps: float, name: str = "the statistic
         Some inv_std exceeds ``1/sqrt(eps)`` beyond rounding, or is negative.
     """
     inv_std = np.asarray(inv_std, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # inv_std**2 = inf gives 0: refused below
         spread = 1.0 / np.square(inv_std)  # var + eps, as inv_std holds it
     var = spread - eps
     rounding = 8 * np.finfo(np.float64).eps * spread
@@ -341,11 +341,18 @@ def stats_from_torch(tensors: dict[str, np.ndarray], *, prefix: str = "", eps: f
             f"give the shape of one input row, channels first, e.g. {channels} or {channels},32,32"
         )
     spread = var.astype(np.float64) + eps
-    if not (spread > 0).all():  # NaN included: it would give no inverse standard deviation
-        channel = int(np.flatnonzero(~(spread > 0))[0])
+    usable = np.isfinite(spread) & (spread > 0)  # NaN included: it would give no inverse standard deviation
+    if not usable.all():
+        channel = int(np.flatnonzero(~usable)[0])
         raise StatsFileError(
             f"{source}: {torch_key(prefix, 'running_var')} of channel {channel} is {var[channel]:g}; "
-            f"with eps={eps:g} it has no inverse standard deviation"
+            f"with eps={eps:g} it has no finite inverse standard deviation"
+        )
+    if not np.isfinite(mean).all():
+        channel = int(np.flatnonzero(~np.isfinite(mean))[0])
+        raise StatsFileError(
+            f"{source}: {torch_key(prefix, 'running_mean')} of channel {channel} is {mean[channel]:g}; "
+            "a running mean must be finite"
         )
     batches = tensors.get(torch_key(prefix, "num_batches_tracked"))
     batches_seen = int(np.asarray(batches).reshape(-1)[0]) if batches is not None and np.size(batches) == 1 else 0
@@ -523,7 +530,9 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     extension = os.path.splitext(path)[1].lower()
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
-    export = CONVERSIONS[target](stats, **options)
+    with np.errstate(over="ignore"):  # an overflow leaves inf, refused just below
+        export = CONVERSIONS[target](check_values(stats), **options)
+    _check_finite_export(export, _name(stats))
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
     if export.container == "kaldi-matrix" and extension == ".ark":
@@ -533,6 +542,19 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
         )
     write_export(export.container, export.arrays, export.metadata, path)
     return export
+
+
+def _check_finite_export(export: Export, name: str) -> None:
+    """Every number written must be finite: the target has no marker for 'undefined'."""
+    for key, array in export.arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            at = f" at index {', '.join(map(str, index))}" if index else ""
+            raise StatsFileError(
+                f"{name}: its {export.target} {key} would hold {array[index]}{at} (a statistic the fit left "
+                f"undefined, or one beyond the range of {array.dtype}); {export.target} needs finite values"
+            )
 
 
 def import_torch(path: str, *, prefix: Optional[str] = None, eps: Optional[float] = None,

@@ -19,9 +19,9 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import DataError, RowError, UsageError
 from .files import identities, identity_mismatch
-from .normalize import Normalizer, output_dtype
+from .normalize import Normalizer
 from .sources import Stream, block_rows_for
-from .stats import BATCHNORM, Stats
+from .stats import BATCHNORM, Stats, check_values
 from .stores import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
@@ -37,6 +37,25 @@ def aligned_blocks(
     blocks = [s.blocks(block_rows, start_row, stop_row) for s in [stream, *side.values()]]
     for block, *extras in zip(*blocks):
         yield block, dict(zip(side, extras))
+
+
+def normalized_blocks(normalizer: Normalizer, stream: Stream, side: dict[str, Stream],
+                      block_rows: int) -> Iterator[np.ndarray]:
+    """The rows of `stream` normalized block by block (each a reused buffer);
+    an error about a row names its file and row."""
+    done = 0
+    for block, extras in aligned_blocks(stream, side, block_rows, 0):
+        try:
+            normalized = normalizer(block, **extras)
+        except RowError as error:
+            raise _located(error, stream, side, done + error.row) from None
+        yield normalized
+        done += block.shape[0]
+
+
+def _located(error: RowError, stream: Stream, side: dict[str, Stream], row: int) -> RowError:
+    """`error` placed at `row` of the stream it is about (the features or a side input)."""
+    return error.located(*(side[error.side] if error.side else stream).locate(row))
 
 
 def check_side(stream: Stream, side: dict[str, Stream]) -> None:
@@ -130,8 +149,7 @@ def feed(
         try:
             state.update(block, **extras)
         except RowError as error:
-            holder = side[error.side] if error.side else stream
-            raise error.located(*holder.locate(error.row - first_state_row)) from None
+            raise _located(error, stream, side, error.row - first_state_row) from None
         done += block.shape[0]
         if progress:
             progress(block.shape[0])
@@ -211,6 +229,7 @@ def merge_stats(parts: Sequence[Stats], names: Optional[Sequence[str]] = None) -
     if not parts:
         raise UsageError("nothing to merge")
     for stats, name in zip(parts, names):
+        check_values(stats)
         if stats.mode != "exact":
             raise UsageError(
                 f"{name} holds {stats.mode} statistics, which cannot be merged: a moving average "
@@ -256,9 +275,9 @@ def apply_stats(
     block_rows = block_rows or block_rows_for(stream.row_bytes, None)
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
-    with ArrayWriter(output, stream.shape, output_dtype(stream.dtype), dataset=dataset) as writer:
-        for block, extras in aligned_blocks(stream, side, block_rows, 0):
-            writer.write(normalizer(block, **extras))
+    with ArrayWriter(output, stream.shape, normalizer.result_dtype(stream.dtype), dataset=dataset) as writer:
+        for block in normalized_blocks(normalizer, stream, side, block_rows):
+            writer.write(block)
             if progress:
                 progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}
