@@ -69,13 +69,13 @@ FIT = _options(
                       "options); the result equals an uninterrupted run."),
     option("--jobs", type=JOBS, default=1, show_default=True,
                  help="Processes sharing the rows; their states are merged (exact) or "
-                      "chained (fit-bn ema)."),
+                      "chained in row order (ema), so the result equals one process's."),
 )
 
 ENGINE = _options(
     option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
-                 help="local: on this machine (see --jobs); dask: tasks over row ranges "
-                      "on a Dask cluster (pip install 'normstats[dask]')."),
+                 help="local: on this machine; dask: tasks over row ranges on a Dask "
+                      "cluster (pip install 'normstats[dask]')."),
     option("--scheduler", metavar="ADDRESS",
                  help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
                       "--engine dask starts a local cluster with one worker per core."),
@@ -377,9 +377,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @option("-o", "--output", required=True, metavar="OUTPUT",
               help="Normalized array to write: .npy, or .h5 / out.h5:NAME (chunked).")
 @option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
-              help="Scale: a number, a file of the statistics' shape, or 'none'.")
+              help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
 @option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
-              help="Shift: a number, a file of the statistics' shape, or 'none'.")
+              help="Shift: a number, a file of the statistics' shape, or 'none' (no shift term, as 0).")
 @option("--groups", metavar="FILE[:NAME]",
               help="Each row's group, for per-group statistics (fit-bn --groups).")
 @option("--dtype", type=click.Choice(OUTPUT_DTYPES),

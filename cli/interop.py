@@ -30,9 +30,9 @@ TORCH_ONLY = ("prefix", "eps", "gamma", "beta")
 @option("--eps", type=EPS,
               help="torch: eps of the BatchNorm layer that will load the file  [default: the statistics' eps]")
 @option("--gamma", type=KeepsSpec(ValueOrFile()),
-              help="torch: the layer's weight, a number or a file of shape (C,)  [default: 1]")
+              help="torch: the layer's weight, a number or a file of shape (C,); 'none' is 1  [default: 1]")
 @option("--beta", type=KeepsSpec(ValueOrFile()),
-              help="torch: the layer's bias, a number or a file of shape (C,)  [default: 0]")
+              help="torch: the layer's bias, a number or a file of shape (C,); 'none' is 0  [default: 0]")
 @option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.pass_context
 def export(ctx: click.Context, stats_path: str, target: str, output: str, force: bool, **options: Any) -> None:
