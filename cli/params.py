@@ -11,6 +11,7 @@ import click
 from normstats.axes import parse_axes
 from normstats.errors import NormstatsError, StatsFileError, UsageError
 from normstats.stats import CENTERS, check_values
+from normstats.sources import split_spec
 from normstats.stores import read_array, read_stats
 from normstats.validate import SEED_MAX, check_alpha, check_eps, check_finite, check_max_distance
 
@@ -156,12 +157,14 @@ class CenterInit(click.ParamType):
         if not isinstance(value, str) or value in ("random", "zeros", "first"):
             return value
         try:
-            stats = read_stats(value).require(CENTERS, value)
+            # `file:NAME` names one array (no stats file is named so); else a centers file
+            # to continue from, or a file of one array
+            stats = None if split_spec(value)[1] else read_stats(value).require(CENTERS, value)
         except StatsFileError:
-            pass  # not a normstats file: an array of centers
+            stats = None  # not a normstats file: an array of centers
         except NormstatsError as error:
             self.fail(str(error), param, ctx)
-        else:
+        if stats is not None:
             try:
                 return check_values(stats)
             except NormstatsError as error:

@@ -41,6 +41,8 @@ ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
 # assign writes labels and distances together: HDF5 only, since a zip (.npz) can have one
 # member open for writing at a time, and two .npy files could not be renamed into place at once
 ASSIGN_FORMATS = (".h5", ".hdf5")
+# Every extension an output may have: a name after one of them (`out.h5:NAME`) is a dataset.
+KNOWN_OUTPUTS = tuple(dict.fromkeys(STATS_FORMATS + ARRAY_FORMATS + (".png", ".cmvn", ".mat", ".ark")))
 
 
 def _extension(path: str) -> str:
@@ -60,9 +62,10 @@ def check_output(path: str, *, force: bool, formats: Sequence[str]) -> None:
         its temporary, an existing file (or link) without `force`, or a directory.
     """
     path, dataset = split_output(path)
-    if dataset is not None and formats is not ARRAY_FORMATS:  # only a single array has one name
-        what = "a stats file" if formats is STATS_FORMATS else "this output"
-        raise UsageError(f"output {path}:{dataset}: {what} takes no dataset name; write {path}")
+    if dataset is not None and (formats is not ARRAY_FORMATS or _extension(path) == ".npy"):
+        what = {".npy": "a .npy file holds one unnamed array"}.get(_extension(path)) or \
+            ("a stats file takes no dataset name" if formats is STATS_FORMATS else "this output takes no dataset name")
+        raise UsageError(f"output {path}:{dataset}: {what}; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
@@ -984,12 +987,20 @@ def preallocated_output(path: str, shape: tuple[int, ...], dtype: np.dtype,
 
 
 def split_output(spec: str) -> tuple[str, Optional[str]]:
-    """Split an output ``file.h5:NAME`` into path and dataset name."""
-    root, ext = os.path.splitext(spec)
-    if ":" in ext:
-        ext, _, name = ext.partition(":")
-        return root + ext, name
-    return spec, None
+    """Split an output ``file.h5:NAME`` (NAME may hold ``/``: ``file.h5:train/x``) into
+    path and dataset name; a spec whose own extension is known is a plain path.
+
+    >>> split_output("out.h5:train/x"), split_output("out.npy")
+    (('out.h5', 'train/x'), ('out.npy', None))
+    """
+    if _extension(spec) in KNOWN_OUTPUTS:
+        return spec, None
+    cuts = [spec.lower().rfind(ext + ":") for ext in KNOWN_OUTPUTS]
+    cut = max(cuts)
+    if cut < 0:
+        return spec, None
+    end = cut + len(KNOWN_OUTPUTS[cuts.index(cut)])
+    return spec[:end], spec[end + 1:].lstrip("/") or None
 
 
 # --- checkpoints ----------------------------------------------------------------
