@@ -46,11 +46,11 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         skipped = meta.get("batches_skipped")
         batches = meta["batches_seen"]
         parts.append(
-            counted(batches, "batch", "batches") + (f" ({skipped} skipped)" if skipped else "")
+            counted(batches, "batch", "batches") + (f" ({skipped:,} skipped)" if skipped else "")
         )
     if stats.kind == "centers":
         first = stats.arrays["centers"]
-        parts.append(f"{meta['num_classes']} classes ({meta['classes_unseen']} unseen)")
+        parts.append(f"{meta['num_classes']:,} classes ({meta['classes_unseen']:,} unseen)")
     else:
         first = stats.arrays.get("mean", stats.arrays.get("inv_std"))
     names = [n for n in ("mean", "inv_std", "centers", "counts", "var") if n in stats.arrays]
