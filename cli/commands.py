@@ -10,6 +10,7 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
+from normstats.export_files import describe_export
 from normstats.inspection import describe
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
@@ -466,7 +467,7 @@ def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[st
       normstats inspect centers.npz --plot centers.png
     """
     if plot_path is None:
-        summary = describe(ns.read_stats(path))
+        summary = _summary(path)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -481,6 +482,17 @@ def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[st
     stats = ns.read_stats(path)
     what = plot_stats(stats, plot_path)
     click.echo(f"inspect {stats.kind}: {what} -> {plot_path}")
+
+
+def _summary(path: str) -> dict:
+    """A stats file's summary, or that of another toolkit's file that export writes."""
+    try:
+        return describe(ns.read_stats(path))
+    except ns.StatsFileError:
+        found = describe_export(path)
+        if found is None:
+            raise
+        return {"source": path, "kind": found.pop("kind"), "options": {}, **found}
 
 
 @cli.command("assign")

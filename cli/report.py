@@ -106,7 +106,8 @@ def _fmt(value) -> str:
 
 def show_summary(summary: dict) -> None:
     """Print :func:`normstats.inspection.describe`'s summary as aligned lines."""
-    click.echo(f"{summary['source']}: {summary['kind']} statistics")
+    kind = summary["kind"]
+    click.echo(f"{summary['source']}: {kind}" + (" statistics" if kind in ("batchnorm", "centers") else ""))
     for key, value in summary["options"].items():
         click.echo(f"  {key:<18} {_fmt(value)}")
     for key, value in summary.items():
@@ -117,4 +118,6 @@ def show_summary(summary: dict) -> None:
                               ((p["classes"], p["distance"]) for p in value)) or "-"
         if key == "nan_counts":
             value = ", ".join(f"{name} {n}" for name, n in value.items())
+        elif key in ("layers", "arrays", "matrices"):  # another toolkit's file (inspect of an export)
+            value = ", ".join(f"{name}: {text}" for name, text in value.items())
         click.echo(f"  {key:<18} {_fmt(value)}")

@@ -488,6 +488,13 @@ def _npz(path: str) -> Iterator[NpzMembers]:
             yield NpzMembers(archive, path)
 
 
+def npz_names(path: str) -> list[str]:
+    """The arrays an `.npz` archive holds (member names without ``.npy``)."""
+    require_file(path, "file")
+    with _npz(path) as archive:
+        return list(archive.files)
+
+
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
