@@ -55,12 +55,16 @@ class CommandFiles:
     def __init__(self) -> None:
         self.inputs: list[FileUse] = []
         self._outputs: list[_Output] = []
+        self._distinct: set[str] = set()
 
-    def reads(self, role: str, *specs: Optional[str]) -> "CommandFiles":
-        """Declare input `specs` (None and empty ones are skipped)."""
+    def reads(self, role: str, *specs: Optional[str], distinct: bool = False) -> "CommandFiles":
+        """Declare input `specs` (None and empty ones are skipped); with `distinct`,
+        no two of them may be one file (each is counted once, like the parts of a merge)."""
         for spec in specs:
             if spec:
                 self.inputs.append(FileUse(role, str(spec), split_spec(str(spec))[0]))
+        if distinct:
+            self._distinct.add(role)
         return self
 
     def writes(self, role: str, spec: Optional[str], formats: Sequence[str], *,
@@ -76,7 +80,8 @@ class CommandFiles:
         return [output.use for output in self._outputs]
 
     def conflicts(self) -> list[str]:
-        """Why outputs collide with inputs or with each other (empty if they do not)."""
+        """Why outputs collide with inputs or with each other, or distinct inputs are one
+        file (empty if none of these)."""
         problems = []
         for i, output in enumerate(self._outputs):
             for other in self.inputs + [o.use for o in self._outputs[:i]]:
@@ -85,6 +90,12 @@ class CommandFiles:
                 how = "" if os.path.abspath(output.use.path) == os.path.abspath(other.path) else " (through a link)"
                 problems.append(f"{output.use.role} {output.use.path!r} is the same file as the {other.role} "
                                 f"{other.spec!r}{how}; write to another path")
+        # An input given twice comes after the collisions that would destroy a file
+        for i, use in enumerate(self.inputs):
+            for other in self.inputs[:i]:
+                if use.role == other.role and use.role in self._distinct and same_file(use.path, other.path):
+                    problems.append(f"{use.role} {use.spec!r} is the same file as {other.spec!r}; its data would "
+                                    "count twice: give each file once")
         return problems
 
     def check(self, *, force: bool) -> None:

@@ -272,3 +272,18 @@ def test_resume_over_the_same_files_goes_on(run, made, monkeypatch):
     assert result.exit_code == 0, result.output
     x, w = np.load(made / "x.npy"), np.load(made / "w.npy")
     np.testing.assert_allclose(np.load(made / "out.npz")["mean"], (w[:, None] * x).sum(0) / w.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["same-path", "symlink", "hardlink"])
+def test_merging_one_file_twice_is_refused(run, made, how):
+    """Its rows would count twice (mean unchanged, counts and variance wrong)."""
+    other = {"same-path": "e.npz", "symlink": "alias.npz", "hardlink": "twin.npz"}[how]
+    if how == "symlink":
+        os.symlink("e.npz", made / other)
+    elif how == "hardlink":
+        os.link(made / "e.npz", made / other)
+    result = run("merge", "e.npz", other, "-o", "m.npz")
+    assert result.exit_code == 2
+    message = _error(result)
+    assert "same file" in message and "count twice" in message
+    assert not (made / "m.npz").exists()
