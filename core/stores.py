@@ -77,6 +77,9 @@ def check_output(path: str, *, force: bool, formats: Sequence[str]) -> None:
         raise UsageError(f"output folder {folder!r} is not writable")
     if os.path.isdir(path):
         raise UsageError(f"output {path!r} is a directory")
+    kind = _special_kind(path)
+    if kind:  # --force replaces a file, never a FIFO, socket or device that has the name
+        raise UsageError(f"output {path!r} is {kind}, not a file; write to another path")
     _check_name_length(folder, base)
     if os.path.lexists(path) and not force:
         raise UsageError(f"output {path!r} exists; pass --force to overwrite it")
@@ -168,6 +171,19 @@ def atomic_path(path: str, *, replace: Optional[bool] = None) -> Iterator[str]:
             raise _refused(path, error) from None
         raise
     _sync_folder(folder)
+
+
+def _special_kind(path: str) -> Optional[str]:
+    """What `path` is if it exists as neither a regular file nor a link (None otherwise)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return None
 
 
 def _refused(path: str, error: OSError) -> OutputError:

@@ -287,3 +287,13 @@ def test_merging_one_file_twice_is_refused(run, made, how):
     message = _error(result)
     assert "same file" in message and "count twice" in message
     assert not (made / "m.npz").exists()
+
+
+@pytest.mark.parametrize("command", [FIT_BN + ["-o", "OUT.npz"], ["apply", "s.npz", "x.npy", "-o", "OUT.npy"]])
+def test_force_never_replaces_a_fifo(run, made, command):
+    target = [a for a in command if str(a).startswith("OUT")][0]
+    os.mkfifo(made / target)
+    result = run(*command, "--force")
+    assert result.exit_code == 2
+    assert "is a FIFO, not a file" in _error(result)
+    assert (made / target).is_fifo()
