@@ -320,14 +320,23 @@ def open_dataset(located: Located, *, cache: Optional[tuple[int, int]] = None) -
     with contextlib.ExitStack() as stack:
         stack.enter_context(_h5_errors(located))
         f = stack.enter_context(h5py.File(located.file, "r"))
+        dataset = open_in(f, located, cache=cache)
+        stack.pop_all()
+        return f, dataset
+
+
+def open_in(file: Any, located: Located, *, cache: Optional[tuple[int, int]] = None) -> Any:
+    """The dataset `located` points to, in `file` (``located.file``, already open):
+    for a collection of many datasets in one file, opened once."""
+    import h5py
+
+    with _h5_errors(located):
         access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
         access.set_efile_prefix(b"${ORIGIN}")
         access.set_virtual_prefix(b"${ORIGIN}")
         if cache is not None:
             access.set_chunk_cache(cache[0], cache[1], 1.0)  # fully read chunks leave first
-        dataset = h5py.Dataset(h5py.h5d.open(f.id, located.name.encode(), dapl=access))
-        stack.pop_all()
-        return f, dataset
+        return h5py.Dataset(h5py.h5d.open(file.id, located.name.encode(), dapl=access))
 
 
 @contextlib.contextmanager
