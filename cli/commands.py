@@ -11,6 +11,7 @@ import click
 import normstats as ns
 from normstats.assign import METRICS
 from normstats.inspection import describe
+from normstats.keygroups import KeyGroups, group_stream, parse_groups
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
@@ -96,10 +97,11 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
 def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, side_specs: dict,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
-         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool) -> None:
-    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it:
-    in this process with progress, checkpoints and resume, or cut into row ranges over
-    --jobs processes or Dask tasks."""
+         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool,
+         meta: Optional[dict] = None) -> None:
+    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it,
+    with `meta` added: in this process with progress, checkpoints and resume, or cut into
+    row ranges over --jobs processes or Dask tasks."""
     split = jobs > 1 or engine == "dask"
     if split:
         init = recipe["options"].get("init")
@@ -113,6 +115,7 @@ def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, si
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    stats.meta.update(meta or {})
     _finish(command, stats, output, checkpoint)
 
 
@@ -131,12 +134,33 @@ def _fit_split(command: str, recipe: dict, stream: ns.Stream, side: dict, *, job
 @contextlib.contextmanager
 def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
                 **side_specs: Any):
-    """Open the feature shards and each given per-row side input (labels, weights, groups)."""
+    """Open the feature shards and each given per-row side input (labels, weights, groups;
+    groups by the features' sequence keys)."""
+    keyed = {name: value for name, value in side_specs.items() if isinstance(value, KeyGroups)}
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(ns.open_stream(inputs, dataset, allow_external=allow_external))
         side = {name: stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
-                for name, specs in _side_specs(**side_specs).items()}
+                for name, specs in _side_specs(**{n: v for n, v in side_specs.items() if n not in keyed}).items()}
+        side.update({name: stack.enter_context(group_stream(value, stream)) for name, value in keyed.items()})
         yield stream, side
+
+
+def _key_groups(groups: Optional[str], inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
+                known: Optional[list], num_groups: Optional[int] = None, parallel: bool = False) -> Optional[KeyGroups]:
+    """``--groups utterance`` / ``utt2spk=FILE`` / ``spk2utt=FILE``, with the group names fixed
+    (by `known`, a stats file's, or from the inputs' keys); None for a file of group indices."""
+    keyed = parse_groups(groups)
+    if keyed is None:
+        return None
+    if parallel:
+        raise ns.UsageError(f"--groups {groups} runs on the local engine with --jobs 1 for now")
+    with ns.open_stream(inputs, dataset, allow_external=allow_external) as stream:
+        names = group_stream(KeyGroups(keyed.kind, keyed.file, tuple(known) if known else None),
+                             stream).sources[0].names
+    if num_groups is not None and num_groups != len(names):
+        raise ns.UsageError(f"--groups {groups} makes {len(names)} groups, not --num-groups {num_groups}; "
+                               "leave --num-groups out")
+    return KeyGroups(keyed.kind, keyed.file, tuple(names))
 
 
 def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool,
@@ -238,9 +262,11 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
-@option("--groups", metavar="FILE[:NAME]",
+@option("--groups", metavar="FILE[:NAME]|utterance|utt2spk=FILE|spk2utt=FILE",
               help="One group index per row (--mode exact): per-group statistics, e.g. per "
-                   "speaker CMVN, of shape (G, ...).")
+                   "speaker CMVN, of shape (G, ...); or groups from the keys of a sequence "
+                   "collection (scp:, ark:, file.h5:/group): each utterance, or its speaker "
+                   "by a Kaldi utt2spk / spk2utt file (then no --num-groups).")
 @option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
 @FIT
@@ -268,14 +294,21 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
-    if groups is not None and num_groups is None and not (init or resume_path):
-        raise click.UsageError("--groups needs --num-groups G")
-    guard(ctx, _fit_files(ctx, inputs, output, groups=groups, init=init), force=force)
+    if groups is not None and num_groups is None and not (init or resume_path or keyed):
+        raise click.UsageError("--groups needs --num-groups G (or --groups utterance / utt2spk=FILE / "
+                               "spk2utt=FILE with a sequence collection)")
+    guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init), force=force)
     start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
+    if keyed is not None:
+        known = (start.meta.get("group_names") if start else None)
+        keyed = _key_groups(groups, inputs, dataset, allow_external, known, num_groups,
+                            parallel=jobs > 1 or engine == "dask")
+        num_groups = len(keyed.names)
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
                                "nan_policy": nan_policy, "axes": axes}
     if mode == "ema":
@@ -293,10 +326,10 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
     _fit("fit-bn", {"kind": "batchnorm", "mode": mode, "options": dict(options, init=start)}, inputs, output,
-         side_specs=dict(groups=groups, weights=weights), resume=resume, resume_path=resume_path,
+         side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
          checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
          scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
-         quiet=quiet)
+         quiet=quiet, meta={"group_names": list(keyed.names)} if keyed else None)
 
 
 @cli.command("fit-centers")

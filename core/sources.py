@@ -247,7 +247,8 @@ class H5Source(ArraySource):
                 ) from None
             if not located.is_dataset:
                 inside = ", ".join(self._datasets(f, f[located.name])) if located.file == path else ""
-                raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'}")
+                raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'} "
+                                 f"(to read all of them as one collection, give {path}:/{located.name.lstrip('/')})")
         self._located = located
         file, obj = hdf5_policy.open_dataset(located)
         try:

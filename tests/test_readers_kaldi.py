@@ -123,11 +123,17 @@ def test_hdf5_group_and_glob_read_in_sorted_key_order(tmp_path: Path) -> None:
     path = tmp_path / "feats.h5"
     _espnet_h5(path, utts)
     train = sorted(k for k in utts if int(k[3:]) % 2 == 0)
-    for spec, keys in ((f"{path}:/train", train), (f"{path}:train", train), (f"{path}:/train/*", [f"train/{k}" for k in train]),
+    for spec, keys in ((f"{path}:/train", train), (f"{path}:/train/*", [f"train/{k}" for k in train]),
                        (f"{path}:/", sorted([f"dev/{k}" for k in utts if k not in train] + [f"train/{k}" for k in train]))):
         data, stream = _read_all(spec, block_rows=3)
         assert stream.sources[0].keys == keys
         np.testing.assert_array_equal(data, np.concatenate([utts[k.rpartition("/")[2]] for k in keys]))
+
+
+def test_hdf5_group_without_slash_says_how_to_read_it(tmp_path: Path) -> None:
+    _espnet_h5(tmp_path / "f.h5", _utterances(2))
+    with pytest.raises(ns.UsageError, match=r"is a group, not a dataset.*give .*f.h5:/train\)"):
+        ns.open_source(f"{tmp_path / 'f.h5'}:train")
 
 
 def test_hdf5_collection_members_obey_the_outside_data_policy(tmp_path: Path) -> None:

@@ -145,9 +145,13 @@ class H5Collection(SequenceSource):
 
 
 def is_collection(path: str, name: str, allow_external: bool) -> bool:
-    """Whether ``path:name`` names a collection (a glob, or a group) rather than one dataset."""
+    """Whether ``path:name`` names a collection (a glob, or a group given by its
+    absolute name, ``/group``) rather than one dataset. A group named without the
+    leading slash stays an error that shows both readings."""
     if is_glob(name):
         return True
+    if not name.startswith("/"):
+        return False
     try:
         located = hdf5_policy.locate(path, name, allow_external=allow_external)
     except hdf5_policy.MissingName:
