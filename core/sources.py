@@ -83,6 +83,10 @@ class ArraySource:
         """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
         raise NotImplementedError
 
+    def locate_row(self, row: int) -> tuple[str, int]:
+        """Row `row` of this source for messages: (what holds it, its row there)."""
+        return self.name, self.first_row + row
+
     def close(self) -> None:
         """Release the file handle (a later read opens it again)."""
 
@@ -382,6 +386,9 @@ class RowSlice(ArraySource):
     def read_into(self, start: int, out: np.ndarray) -> None:
         self.source.read_into(self.first_row + start, out)
 
+    def locate_row(self, row: int) -> tuple[str, int]:
+        return self.source.locate_row(self.first_row + row)
+
     def close(self) -> None:
         self.source.close()
 
@@ -473,7 +480,7 @@ class Stream:
         """The shard holding `row` of the stream, and the row's index within it."""
         for source in self.sources:
             if row < source.rows:
-                return source.name, source.first_row + row
+                return source.locate_row(row)
             row -= source.rows
         raise IndexError(row)
 

@@ -155,3 +155,43 @@ def test_hdf5_collection_shape_mismatch_names_the_key(tmp_path: Path) -> None:
         f["g/b"] = np.zeros((2, 3), np.float32)
     with pytest.raises(ns.DataError, match="'b'"):
         ns.open_source(f"{tmp_path / 'c.h5'}:/g")
+
+
+def test_memory_is_bounded_by_the_block_and_one_utterance(tmp_path: Path) -> None:
+    """16 MB of utterances read 256 rows at a time: the peak of allocations stays near
+    one utterance plus one block, far below the archive."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    utts = {f"u{i:03d}": rng.normal(size=(500, 40)).astype(np.float32) for i in range(200)}
+    kaldiio.save_ark(str(tmp_path / "big.ark"), utts, scp=str(tmp_path / "big.scp"))
+    del utts
+    for spec in (f"scp:{tmp_path / 'big.scp'}", f"ark:{tmp_path / 'big.ark'}"):
+        tracemalloc.start()
+        try:
+            with ns.open_stream([spec]) as stream:
+                rows = sum(block.shape[0] for block in stream.blocks(256, prefetch=False))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert rows == 200 * 500
+        assert peak < 2_000_000, peak  # the archive is 16 MB; one utterance 80 KB
+
+
+def test_a_bad_value_names_the_utterance_and_frame(tmp_path: Path, run) -> None:
+    utts = {"a": np.ones((5, 3), np.float32), "b": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    utts["b"][2, 1] = np.nan
+    kaldiio.save_ark(str(tmp_path / "nan.ark"), utts, scp=str(tmp_path / "nan.scp"))
+    result = run("fit-bn", "scp:nan.scp", "--mode", "exact", "-o", "s.npz")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: utterance 'b' of scp:nan.scp row 2: column 1 holds nan")
+
+
+def test_parallel_jobs_over_a_collection_equal_one_process(tmp_path: Path, run) -> None:
+    utts = _utterances(9, dims=3)
+    kaldiio.save_ark(str(tmp_path / "f.ark"), utts, scp=str(tmp_path / "f.scp"))
+    for jobs in ("1", "2"):
+        assert run("fit-bn", "scp:f.scp", "--mode", "exact", "--jobs", jobs, "-o", f"s{jobs}.npz", "-q").exit_code == 0
+    x = np.concatenate(list(utts.values())).astype(np.float64)
+    for jobs in ("1", "2"):
+        np.testing.assert_allclose(ns.read_stats(tmp_path / f"s{jobs}.npz").arrays["mean"], x.mean(0), rtol=1e-12)

@@ -77,6 +77,12 @@ class SequenceSource(ArraySource):
         """Fill `out` with frames ``begin:end`` of sequence `index`."""
         raise NotImplementedError
 
+    def locate_row(self, row: int) -> tuple[str, int]:
+        """The sequence holding `row`, and the frame within it."""
+        index = int(np.searchsorted(self.ends, row, side="right"))
+        first = int(self.ends[index - 1]) if index else 0
+        return self.where(index), row - first
+
     def where(self, index: int) -> str:
         """Sequence `index` for messages: its key and the file holding it."""
         return f"utterance {self.keys[index]!r} of {self.name}"

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
+from ..limits import available_memory
 from ..sources import _h5_stat, _identity
 from .base import SequenceSource
 
@@ -90,6 +91,7 @@ class H5Collection(SequenceSource):
         file = getattr(self, "_group_file", self.path)
         self._located, self._caches, self._files = [], [], {}
         keys, lengths, row_shape, dtypes = [], [], None, []
+        memory = available_memory()
         for key, member in members:
             display = f"{self.name} (dataset {key!r})"
             located = hdf5_policy.locate(file, member, allow_external=allow_external, display=display)
@@ -103,7 +105,7 @@ class H5Collection(SequenceSource):
                 if row_shape is not None and tuple(shape[1:]) != row_shape:
                     raise DataError(f"{display} has frames of shape {tuple(shape[1:])} but {keys[0]!r} has "
                                     f"{row_shape}; every sequence of a collection must agree")
-                self._caches.append(hdf5_policy.chunk_cache(dataset, 1 << 30))
+                self._caches.append(hdf5_policy.chunk_cache(dataset, memory))
             finally:
                 f.close()
             row_shape = tuple(shape[1:])
