@@ -41,6 +41,7 @@ class KeyGroups:
     kind: str
     file: Optional[str] = None
     names: Optional[tuple[str, ...]] = None  # the group names and their order, when already fixed
+    short: tuple[str, ...] = ()  # the groups with too few rows for a variance (for messages)
 
     @property
     def spec(self) -> str:
@@ -162,9 +163,20 @@ class GroupIndexSource(ArraySource):
         self.shape, self.dtype = (int(self._ends[-1]),), np.dtype(np.int64)
         self._identity = _identity(os.stat(self.path))
 
+    def frames(self) -> np.ndarray:
+        """The rows of each group."""
+        lengths = np.diff(np.r_[0, self._ends])
+        return np.bincount(self._groups, weights=lengths, minlength=len(self.names)).astype(np.int64)
+
     def read_into(self, start: int, out: np.ndarray) -> None:
         rows = np.arange(start, start + out.shape[0])
         out[...] = self._groups[np.searchsorted(self._ends, rows, side="right")]
+
+
+def short_groups(groups: KeyGroups, stream: Stream, ddof: int) -> list[str]:
+    """The names of the groups with at most `ddof` rows (no variance can be had from them)."""
+    source = GroupIndexSource(groups, stream, groups.names)
+    return [source.names[g] for g in np.flatnonzero(source.frames() <= ddof)]
 
 
 def group_stream(groups: KeyGroups, stream: Stream) -> Stream:

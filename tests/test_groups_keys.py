@@ -116,3 +116,30 @@ def test_too_small_groups_are_reported_by_key() -> None:
     assert too_small_groups({"groups_too_small": 3, "groups_too_small_list": [0], "ddof": 0}) == \
         "3 groups with <= ddof=0 frames (var NaN): 0 and 2 more"
     assert too_small_groups({"groups_unseen": 1}) == ""
+
+
+def test_a_sequence_shorter_than_ddof_plus_one_is_named(run, tmp_path: Path) -> None:
+    """Whether the fit stops or reports such groups, the report names the key."""
+    utts = {"long": np.arange(15, dtype=np.float32).reshape(5, 3), "short": np.ones((1, 3), np.float32)}
+    kaldiio.save_ark(str(tmp_path / "f.ark"), utts, scp=str(tmp_path / "f.scp"))
+    result = run("fit-bn", "scp:f.scp", "--groups", "utterance", "--mode", "exact", "-o", "s.npz", "-q")
+    said = (result.stdout + result.stderr).strip().splitlines()
+    assert len(said) == 1 and "'short'" in said[0] and "ddof=1" in said[0] and "'long'" not in said[0]
+    assert run("fit-bn", "scp:f.scp", "--groups", "utterance", "--mode", "exact", "-o", "s0.npz",
+               "--ddof", "0", "-q").exit_code == 0
+
+
+def test_apply_per_speaker_by_key_equals_numpy(run, corpus, tmp_path: Path) -> None:
+    _fit(run, "scp:feats.scp", "--groups", "utt2spk=utt2spk")
+    result = run("apply", "s.npz", "scp:feats.scp", "--groups", "utt2spk=utt2spk", "-o", "out.npy", "-q")
+    assert result.exit_code == 0, result.stderr
+    stats = ns.read_stats(tmp_path / "s.npz")
+    names = stats.meta["group_names"]
+    expected = np.concatenate([
+        (x.astype(np.float64) - stats.arrays["mean"][names.index(SPEAKERS[u])]) * stats.arrays["inv_std"][names.index(SPEAKERS[u])]
+        for u, x in corpus.items()])
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
+    (tmp_path / "s.npz").unlink()
+    _fit(run, "scp:feats.scp")
+    result = run("apply", "s.npz", "scp:feats.scp", "--groups", "utterance", "-o", "out2.npy")
+    assert result.exit_code == 2 and "holds no group names" in result.stderr
