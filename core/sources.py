@@ -369,6 +369,10 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
         if name is not None and is_collection(path, name, allow_external):
             return H5Collection(path, name, allow_external=allow_external)
         return H5Source(path, name, allow_external=allow_external)
+    from .readers.kaldi import KaldiSource, looks_like_ark
+
+    if name is None and looks_like_ark(path):  # a Kaldi archive under another extension
+        return KaldiSource(path, "ark")
     raise DataError(f"{path} is neither a .npy nor an HDF5 file; name other formats by their extension "
                     "(.npz, .safetensors, .parquet, .arrow, .zarr) or kind (scp:, ark:)")
 

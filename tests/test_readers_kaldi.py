@@ -195,3 +195,14 @@ def test_parallel_jobs_over_a_collection_equal_one_process(tmp_path: Path, run) 
     x = np.concatenate(list(utts.values())).astype(np.float64)
     for jobs in ("1", "2"):
         np.testing.assert_allclose(ns.read_stats(tmp_path / f"s{jobs}.npz").arrays["mean"], x.mean(0), rtol=1e-12)
+
+
+def test_an_archive_under_another_extension_is_read_by_content(tmp_path: Path) -> None:
+    utts = _utterances(3)
+    kaldiio.save_ark(str(tmp_path / "feats.bin"), utts)
+    data, stream = _read_all(str(tmp_path / "feats.bin"))
+    np.testing.assert_array_equal(data, np.concatenate(list(utts.values())))
+    assert stream.sources[0].keys == list(utts)
+    (tmp_path / "notes.bin").write_bytes(b"hello \0Bworld")
+    with pytest.raises(ns.DataError, match="neither a .npy nor an HDF5 file"):
+        ns.open_source(str(tmp_path / "notes.bin"))

@@ -30,6 +30,15 @@ KEY_LIMIT = 4096  # bytes of one key; longer is not a Kaldi archive
 _OFFSET = re.compile(r"^(.*):(\d+)$", flags=re.S)
 
 
+def looks_like_ark(path: str) -> bool:
+    """Whether `path` starts as a binary Kaldi archive does: ``KEY \\0B`` then a matrix token."""
+    with open(path, "rb") as f:
+        head = f.read(KEY_LIMIT + 8)
+    key, space, rest = head.partition(b" ")
+    return bool(space) and 0 < len(key) <= KEY_LIMIT and not any(c < 33 for c in key) and \
+        any(rest.startswith(b"\0B" + token.encode() + b" ") for token in MATRICES)
+
+
 class KaldiSource(SequenceSource):
     """The matrices of a Kaldi scp or ark, frames as rows (see the module's docstring).
 
