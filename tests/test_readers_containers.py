@@ -153,3 +153,27 @@ def test_missing_extra_is_one_line(tmp_path: Path, run, monkeypatch: pytest.Monk
     package = {"kaldi": "kaldiio", "zarr": "zarr", "arrow": "pyarrow"}[extra]
     assert result.stderr.strip() == f"Error: reading {spec} needs {package}; pip install 'normstats[{extra}]'"
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 8, 13, 40, 100])
+def test_zarr_reads_are_chunk_aligned(tmp_path: Path, x: np.ndarray, block_rows: int) -> None:
+    """Every slice asked of zarr starts and ends on a chunk row (or the end): each chunk is
+    decoded once in a sequential read, whatever the block."""
+    zarr = pytest.importorskip("zarr")
+    zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=x.shape, chunks=(8, 3), dtype=x.dtype)[:] = x
+    source = ns.open_source(str(tmp_path / "a.zarr"))
+    asked = []
+    real = source._array
+
+    class Recording:
+        def __getitem__(self, rows):
+            asked.append((rows.start, rows.stop))
+            return real[rows]
+
+    source._array = Recording()
+    with ns.Stream([source]) as stream:
+        data = np.concatenate([b.copy() for b in stream.blocks(block_rows, prefetch=False)])
+    np.testing.assert_array_equal(data, x)
+    assert all(a % 8 == 0 and (b % 8 == 0 or b == len(x)) for a, b in asked), asked
+    covered = sorted(asked)
+    assert sum(b - a for a, b in covered) == len(x)  # no chunk row read twice

@@ -1,7 +1,8 @@
 """Zarr arrays (v2 and v3) as inputs: ``store.zarr`` (one array) or ``store.zarr:PATH``.
 
-Blocks are read as slices of the array (zarr decodes each chunk a block
-touches); a chunk never written would read as the fill value, so every
+Blocks are read in whole chunk rows (zarr decodes every chunk a slice
+touches, so a block ending inside a chunk row keeps that row for the next
+block instead of decoding it twice); a chunk never written would read as the fill value, so every
 chunk must exist. The array's metadata file is the identity checked after
 each read: a store rewritten under a run is an error.
 """
@@ -47,6 +48,7 @@ class ZarrSource(ArraySource):
             self.name = f"{path}:{self.dataset}"
             node = node[arrays[0]]
         self._array: Any = node
+        self._band: Optional[tuple[int, np.ndarray]] = None  # (first row, rows) of the chunk row kept
         self.shape, self.dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
         self.chunks = tuple(int(n) for n in node.chunks)
         self._meta = self._metadata_file()
@@ -72,9 +74,37 @@ class ZarrSource(ArraySource):
         return self.path
 
     def read_into(self, start: int, out: np.ndarray) -> None:
-        try:
-            out[...] = self._array[start:start + out.shape[0]]
-        except Exception as error:  # a damaged chunk: zarr and its codecs raise many kinds
-            raise DataError(f"{self.name}: rows {start}..{start + out.shape[0] - 1} cannot be read "
-                            f"({type(error).__name__}: {error}); the store is damaged") from None
+        """Rows ``start:start+len(out)``, read in whole chunk rows: the whole chunk rows inside
+        the block straight into `out`, a chunk row the block ends inside into a band kept for
+        the next block (so each chunk is decoded once in a sequential read)."""
+        stop, band = start + out.shape[0], self.chunks[0]
+        position = start
+        while position < stop:
+            first = position - position % band
+            end = min(first + band, self.rows)
+            if position == first and (end <= stop or end == self.rows and stop == self.rows):
+                whole = min(stop - stop % band if stop < self.rows else stop, self.rows)
+                self._read(first, whole, out[position - start:whole - start])
+                position = whole
+                continue
+            if self._band is None or self._band[0] != first:
+                self._band = None
+                self._band = (first, self._read(first, end))
+            take = min(end, stop) - position
+            out[position - start:position - start + take] = self._band[1][position - first:position - first + take]
+            position += take
         self._check_unchanged(os.stat(self._meta), self._meta)
+
+    def _read(self, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        try:
+            rows = self._array[start:stop]
+        except Exception as error:  # a damaged chunk: zarr and its codecs raise many kinds
+            raise DataError(f"{self.name}: rows {start}..{stop - 1} cannot be read "
+                            f"({type(error).__name__}: {error}); the store is damaged") from None
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+    def close(self) -> None:
+        self._band = None
