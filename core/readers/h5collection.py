@@ -9,6 +9,7 @@ the file is opened once per read, each sequence's dataset in it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from typing import Any, Optional
@@ -88,32 +89,35 @@ class H5Collection(SequenceSource):
         return names
 
     def _index(self, members: list[tuple[str, str]], allow_external: bool) -> None:
+        """Locate every member under the policy, each file opened once, and record its shape."""
         file = getattr(self, "_group_file", self.path)
+        found = hdf5_policy.locate_many(file, [member for _, member in members], allow_external=allow_external,
+                                        display=self.name)
         self._located, self._caches, self._files = [], [], {}
-        keys, lengths, row_shape, dtypes = [], [], None, []
+        keys, lengths, dtypes, row_shape = [], [], [], None
         memory = available_memory()
-        for key, member in members:
-            display = f"{self.name} (dataset {key!r})"
-            located = hdf5_policy.locate(file, member, allow_external=allow_external, display=display)
-            if not located.is_dataset:
-                raise DataError(f"{display} is a link to a group; a collection's members must be datasets")
-            f, dataset = hdf5_policy.open_dataset(located)
-            try:
-                shape, dtype = dataset.shape, dataset.dtype
+        with contextlib.ExitStack() as stack:
+            handles: dict = {}
+            for (key, _), located in zip(members, found):
+                display = f"{self.name} (dataset {key!r})"
+                if not located.is_dataset:
+                    raise DataError(f"{display} is a link to a group; a collection's members must be datasets")
+                if located.file not in handles:
+                    handles[located.file] = stack.enter_context(hdf5_policy.open_file(located.file))
+                    self._files[located.file] = _identity(os.stat(located.file))
+                dataset = hdf5_policy.open_in(handles[located.file], located)
+                shape = tuple(dataset.shape or ())
                 if not shape:
                     raise DataError(f"{display} is a scalar; each sequence needs a frame axis")
-                if row_shape is not None and tuple(shape[1:]) != row_shape:
-                    raise DataError(f"{display} has frames of shape {tuple(shape[1:])} but {keys[0]!r} has "
+                if row_shape is not None and shape[1:] != row_shape:
+                    raise DataError(f"{display} has frames of shape {shape[1:]} but {keys[0]!r} has "
                                     f"{row_shape}; every sequence of a collection must agree")
+                row_shape = shape[1:]
                 self._caches.append(hdf5_policy.chunk_cache(dataset, memory))
-            finally:
-                f.close()
-            row_shape = tuple(shape[1:])
-            keys.append(key)
-            lengths.append(shape[0])
-            dtypes.append(dtype)
-            self._located.append(located)
-            self._files.setdefault(located.file, _identity(os.stat(located.file)))
+                self._located.append(located)
+                keys.append(key)
+                lengths.append(shape[0])
+                dtypes.append(dataset.dtype)
         self._identity = self._files[self._located[0].file]
         self._set_sequences(keys, lengths, row_shape, np.result_type(*dtypes))
 
