@@ -308,8 +308,9 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
            dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
-    """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
-    shards read in order).
+    """Fit BatchNorm mean and inv_std over INPUT (.npy, file.h5[:NAME], a collection
+    such as scp:feats.scp or file.h5:/group, store.zarr, file.npz:NAME,
+    file.safetensors:NAME, file.parquet:COLUMN; several are shards read in order).
 
     \b
     ema (default), per batch of --batch-size rows:

@@ -98,14 +98,9 @@ def parse_spec(spec: str, dataset: Optional[str] = None) -> InputSpec:
 
 
 def _with_name(parsed: InputSpec, dataset: Optional[str]) -> InputSpec:
-    if dataset is None or parsed.kind in KALDI:
+    if dataset is None:
         return parsed
+    if parsed.kind in KALDI:
+        raise UsageError(f"{parsed.spec} is a Kaldi {parsed.kind}, which has no datasets; leave out --dataset")
     return dataclasses.replace(parsed, name=dataset)
 
-
-def spec_path(spec: str) -> str:
-    """The file (or folder) a spec reads; a URL as given."""
-    try:
-        return parse_spec(spec).path
-    except UsageError:
-        return spec

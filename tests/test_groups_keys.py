@@ -143,3 +143,17 @@ def test_apply_per_speaker_by_key_equals_numpy(run, corpus, tmp_path: Path) -> N
     _fit(run, "scp:feats.scp")
     result = run("apply", "s.npz", "scp:feats.scp", "--groups", "utterance", "-o", "out2.npy")
     assert result.exit_code == 2 and "holds no group names" in result.stderr
+
+
+def test_keys_span_shards_and_must_be_unique(run, corpus, tmp_path: Path) -> None:
+    names = list(corpus)
+    kaldiio.save_ark(str(tmp_path / "a.ark"), {k: corpus[k] for k in names[:2]}, scp=str(tmp_path / "a.scp"))
+    kaldiio.save_ark(str(tmp_path / "b.ark"), {k: corpus[k] for k in names[2:]}, scp=str(tmp_path / "b.scp"))
+    stats = _fit(run, "scp:a.scp", "scp:b.scp", "--groups", "utterance")
+    assert stats.meta["group_names"] == names
+    for g, key in enumerate(names):
+        np.testing.assert_allclose(stats.arrays["mean"][g], corpus[key].astype(np.float64).mean(0), rtol=1e-10)
+    result = run("fit-bn", "scp:a.scp", "scp:a.scp", "--groups", "utterance", "--mode", "exact", "-o", "t.npz")
+    assert result.exit_code == 1 and "'utt0' appears in two input shards" in result.stderr
+    result = run("fit-bn", "scp:a.scp", "--dataset", "x", "-o", "t.npz")
+    assert result.exit_code == 2 and "leave out --dataset" in result.stderr
