@@ -126,7 +126,10 @@ class KaldiSource(SequenceSource):
                 require_regular_file(ark, "archive")
                 self._fds[ark] = open(ark, "rb")
             except UsageError as error:
-                raise DataError(f"{where}: {error}") from None
+                relative = "" if os.path.isabs(ark) else (
+                    f" (an scp's relative paths are read from the working directory, {os.getcwd()}, "
+                    "as Kaldi reads them)")
+                raise DataError(f"{where}: {error}{relative}") from None
             self._files.setdefault(ark, _identity(os.fstat(self._fds[ark].fileno())))
         return self._fds[ark]
 
