@@ -10,8 +10,10 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
+from normstats.errors import RowError
 from normstats.export_files import describe_export
 from normstats.inspection import describe
+from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
@@ -97,10 +99,11 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
 def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, side_specs: dict,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
-         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool) -> None:
-    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it:
-    in this process with progress, checkpoints and resume, or cut into row ranges over
-    --jobs processes or Dask tasks."""
+         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool,
+         meta: Optional[dict] = None) -> None:
+    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it,
+    with `meta` added: in this process with progress, checkpoints and resume, or cut into
+    row ranges over --jobs processes or Dask tasks."""
     split = jobs > 1 or engine == "dask"
     if split:
         init = recipe["options"].get("init")
@@ -114,6 +117,7 @@ def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, si
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    stats.meta.update(meta or {})
     _finish(command, stats, output, checkpoint)
 
 
@@ -132,12 +136,60 @@ def _fit_split(command: str, recipe: dict, stream: ns.Stream, side: dict, *, job
 @contextlib.contextmanager
 def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
                 **side_specs: Any):
-    """Open the feature shards and each given per-row side input (labels, weights, groups)."""
+    """Open the feature shards and each given per-row side input (labels, weights, groups;
+    groups by the features' sequence keys)."""
+    keyed = {name: value for name, value in side_specs.items() if isinstance(value, KeyGroups)}
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(ns.open_stream(inputs, dataset, allow_external=allow_external))
         side = {name: stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
-                for name, specs in _side_specs(**side_specs).items()}
+                for name, specs in _side_specs(**{n: v for n, v in side_specs.items() if n not in keyed}).items()}
+        side.update({name: stack.enter_context(group_stream(value, stream)) for name, value in keyed.items()})
         yield stream, side
+
+
+def _key_groups(groups: Optional[str], inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
+                known: Optional[list], num_groups: Optional[int] = None, parallel: bool = False,
+                ddof: int = 0) -> Optional[KeyGroups]:
+    """``--groups utterance`` / ``utt2spk=FILE`` / ``spk2utt=FILE``, with the group names fixed
+    (by `known`, a stats file's, or from the inputs' keys); None for a file of group indices."""
+    keyed = parse_groups(groups)
+    if keyed is None:
+        return None
+    if parallel:
+        raise ns.UsageError(f"--groups {groups} runs on the local engine with --jobs 1 for now")
+    with ns.open_stream(inputs, dataset, allow_external=allow_external) as stream:
+        fixed = KeyGroups(keyed.kind, keyed.file, tuple(known) if known else None)
+        names = group_stream(fixed, stream).sources[0].names
+        short = short_groups(fixed, stream, ddof)
+    if num_groups is not None and num_groups != len(names):
+        raise ns.UsageError(f"--groups {groups} makes {len(names)} groups, not --num-groups {num_groups}; "
+                               "leave --num-groups out")
+    return KeyGroups(keyed.kind, keyed.file, tuple(names), tuple(short))
+
+
+def _stats_key_groups(keyed: KeyGroups, stats: ns.Stats, stats_path: str, engine: str) -> KeyGroups:
+    """apply --groups utterance / utt2spk=FILE: each row's group found by name among the stats file's."""
+    names = stats.meta.get("group_names")
+    if not names:
+        raise ns.UsageError(f"--groups {keyed.spec} picks statistics by key, and {stats_path} holds no group "
+                            "names; fit it with fit-bn --groups utterance / utt2spk=FILE / spk2utt=FILE")
+    if engine == "dask":
+        raise ns.UsageError(f"--groups {keyed.spec} runs on the local engine for now")
+    return KeyGroups(keyed.kind, keyed.file, tuple(names))
+
+
+@contextlib.contextmanager
+def _short_groups_named(keyed: Optional[KeyGroups], ddof: int):
+    """A fit that stops for too few elements per statistic names the groups by key."""
+    try:
+        yield
+    except ns.DataError as error:
+        if keyed is None or not keyed.short or isinstance(error, RowError) or "ddof" not in str(error):
+            raise
+        shown = ", ".join(repr(name) for name in keyed.short[:10])
+        more = f" and {len(keyed.short) - 10} more" if len(keyed.short) > 10 else ""
+        raise ns.DataError(f"{error}: {len(keyed.short)} of the --groups {keyed.kind} groups have <= ddof={ddof} "
+                           f"frames ({shown}{more}); leave them out of the input or fit with --ddof 0") from None
 
 
 def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool,
@@ -239,9 +291,11 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
-@option("--groups", metavar="FILE[:NAME]",
+@option("--groups", metavar="FILE[:NAME]|utterance|utt2spk=FILE|spk2utt=FILE",
               help="One group index per row (--mode exact): per-group statistics, e.g. per "
-                   "speaker CMVN, of shape (G, ...).")
+                   "speaker CMVN, of shape (G, ...); or groups from the keys of a sequence "
+                   "collection (scp:, ark:, file.h5:/group): each utterance, or its speaker "
+                   "by a Kaldi utt2spk / spk2utt file (then no --num-groups).")
 @option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
 @FIT
@@ -255,8 +309,9 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
            dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
-    """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
-    shards read in order).
+    """Fit BatchNorm mean and inv_std over INPUT (.npy, file.h5[:NAME], a collection
+    such as scp:feats.scp or file.h5:/group, store.zarr, file.npz:NAME,
+    file.safetensors:NAME, file.parquet:COLUMN; several are shards read in order).
 
     \b
     ema (default), per batch of --batch-size rows:
@@ -269,14 +324,21 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
-    if groups is not None and num_groups is None and not (init or resume_path):
-        raise click.UsageError("--groups needs --num-groups G")
-    guard(ctx, _fit_files(ctx, inputs, output, groups=groups, init=init), force=force)
+    if groups is not None and num_groups is None and not (init or resume_path or keyed):
+        raise click.UsageError("--groups needs --num-groups G (or --groups utterance / utt2spk=FILE / "
+                               "spk2utt=FILE with a sequence collection)")
+    guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init), force=force)
     start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
+    if keyed is not None:
+        known = (start.meta.get("group_names") if start else None)
+        keyed = _key_groups(groups, inputs, dataset, allow_external, known, num_groups,
+                            parallel=jobs > 1 or engine == "dask", ddof=ddof)
+        num_groups = len(keyed.names)
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
                                "nan_policy": nan_policy, "axes": axes}
     if mode == "ema":
@@ -293,11 +355,12 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
-    _fit("fit-bn", {"kind": "batchnorm", "mode": mode, "options": dict(options, init=start)}, inputs, output,
-         side_specs=dict(groups=groups, weights=weights), resume=resume, resume_path=resume_path,
-         checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
-         scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
-         quiet=quiet)
+    with _short_groups_named(keyed, ddof):
+        _fit("fit-bn", {"kind": "batchnorm", "mode": mode, "options": dict(options, init=start)}, inputs, output,
+             side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
+             checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
+             scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
+             quiet=quiet, meta={"group_names": list(keyed.names)} if keyed else None)
 
 
 @cli.command("fit-centers")
@@ -381,8 +444,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
               help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
 @option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
               help="Shift: a number, a file of the statistics' shape, or 'none' (no shift term, as 0).")
-@option("--groups", metavar="FILE[:NAME]",
-              help="Each row's group, for per-group statistics (fit-bn --groups).")
+@option("--groups", metavar="FILE[:NAME]|utterance|utt2spk=FILE|spk2utt=FILE",
+              help="Each row's group, for per-group statistics (fit-bn --groups); by key for "
+                   "statistics fitted with --groups utterance / utt2spk= / spk2utt=.")
 @option("--dtype", type=click.Choice(OUTPUT_DTYPES),
         help="Output dtype  [default: float input's own; float32 for integers up to 16 bits, else float64]")
 @ENGINE
@@ -404,12 +468,15 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
     _check_engine(engine, scheduler, task_rows)
+    keyed = parse_groups(groups)
     guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
-          .reads("--groups file", groups).reads("--gamma file", given_file(ctx, "gamma"))
+          .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma"))
           .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
-    normalizer = ns.Normalizer(ns.read_stats(stats_path, allow_external=allow_external), gamma=gamma, beta=beta,
-                               dtype=dtype)
-    with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
+    stats = ns.read_stats(stats_path, allow_external=allow_external)
+    if keyed is not None:
+        keyed = _stats_key_groups(keyed, stats, stats_path, engine)
+    normalizer = ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype)
+    with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
                     progress_bar(stream.rows, quiet=quiet, label="apply") as advance:

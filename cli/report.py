@@ -59,6 +59,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
                       ("values_omitted", "NaN/Inf omitted"), ("rows_ignored", "rows ignored")):
         if meta.get(key):
             parts.append(f"{meta[key]:,} {text}")
+    small = too_small_groups(meta)
+    if small:
+        parts.append(small)
     if "tasks" in meta:
         parts.append(counted(meta["tasks"], "Dask task"))
     elif "jobs" in meta:
@@ -68,6 +71,19 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
     else:
         parts.append(throughput(meta["rows_seen"], meta["bytes_read"], meta["seconds"]))
     click.echo(", ".join(parts) + f" -> {output}")
+
+
+def too_small_groups(meta: dict) -> str:
+    """The groups whose statistics have too few elements (count <= ddof), by key when
+    the groups are named (``--groups utterance`` / ``utt2spk=``), else by index."""
+    count, listed = meta.get("groups_too_small"), meta.get("groups_too_small_list") or []
+    if not count:
+        return ""
+    names = meta.get("group_names") or []
+    shown = [repr(names[g]) if g < len(names) else str(g) for g in listed]
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return (f"{count:,} {'group' if count == 1 else 'groups'} with <= ddof={meta.get('ddof')} frames "
+            f"(var NaN): {', '.join(shown)}{more}")
 
 
 def summarize_apply(result: dict, output: str) -> None:

@@ -69,7 +69,7 @@ def _torch(path: str) -> Optional[dict[str, Any]]:
         "eps": metadata.get("eps", "not recorded (PyTorch's default is 1e-5)"),
         "layers": shown,
         "load": "layer.load_state_dict(safetensors.torch.load_file(FILE)) for torch.nn.BatchNormNd(C, eps=eps); "
-                f"back to a stats file: normstats import FILE" + (f" --prefix {first}" if first else "") + " -o STATS",
+                "back to a stats file: normstats import FILE" + (f" --prefix {first}" if first else "") + " -o STATS",
     }
 
 

@@ -74,6 +74,7 @@ class _Walk:
     allow_external: bool
     checked: set = dataclasses.field(default_factory=set)  # (file, name) of datasets checked or being checked
     active: set = dataclasses.field(default_factory=set)  # ... of the virtual datasets being checked
+    handles: Optional[dict] = None  # file -> open h5py.File, kept across names by locate_many
 
 
 def locate(path: str, name: str, *, allow_external: bool = False, display: Optional[str] = None) -> Located:
@@ -98,6 +99,42 @@ def locate(path: str, name: str, *, allow_external: bool = False, display: Optio
     return _follow(walk, path, name, 0)
 
 
+def locate_many(path: str, names: list[str], *, allow_external: bool = False,
+                display: Optional[str] = None) -> list[Located]:
+    """:func:`locate` for each of `names` (the members of a collection), with the same
+    checks, each file on the way opened once for all of them.
+
+    Raises
+    ------
+    UsageError, DataError
+        As :func:`locate`; the message names the member.
+    """
+    shown = display or path
+    walk = _Walk(os.path.realpath(os.path.dirname(os.path.abspath(path))), path, shown, allow_external,
+                 handles={})
+    try:
+        found = []
+        for name in names:
+            walk.display = f"{shown} (dataset {name.lstrip('/')!r})"
+            found.append(_follow(walk, path, name, 0))
+        return found
+    finally:
+        for handle in walk.handles.values():
+            handle.close()
+
+
+@contextlib.contextmanager
+def _opened(file: str, walk: _Walk) -> Iterator[Any]:
+    """`file` opened for `walk`: kept open for the next name when the walk keeps handles."""
+    if walk.handles is None:
+        with open_file(file, walk) as f:
+            yield f
+        return
+    if file not in walk.handles:
+        walk.handles[file] = _open(file, walk)
+    yield walk.handles[file]
+
+
 def _parts(name: str) -> list[str]:
     return [part for part in name.split("/") if part not in ("", ".")]
 
@@ -109,7 +146,7 @@ def _follow(walk: _Walk, file: str, name: str, hops: int) -> Located:
         if hops > MAX_HOPS:
             raise DataError(f"{walk.display}: more than {MAX_HOPS} HDF5 links in a row (a loop); fix the file")
         parts = _parts(name)
-        with open_file(file, walk) as f:
+        with _opened(file, walk) as f:
             group, step = "/", None
             for index, part in enumerate(parts):
                 rest = "/".join(parts[index + 1:])
@@ -149,15 +186,18 @@ def _follow(walk: _Walk, file: str, name: str, hops: int) -> Located:
 @contextlib.contextmanager
 def open_file(path: str, walk: Optional[_Walk] = None) -> Iterator[Any]:
     """An HDF5 file opened read-only; not HDF5 (or damaged) is a DataError."""
+    with _open(path, walk) as f:
+        yield f
+
+
+def _open(path: str, walk: Optional[_Walk] = None) -> Any:
     import h5py
 
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as error:
         what = f"{walk.display}: " if walk is not None and path != walk.top else ""
         raise DataError(f"{what}{path} is not a readable HDF5 file ({error})") from None
-    with f:
-        yield f
 
 
 def _inside(folder: str, path: str) -> bool:
@@ -320,14 +360,23 @@ def open_dataset(located: Located, *, cache: Optional[tuple[int, int]] = None) -
     with contextlib.ExitStack() as stack:
         stack.enter_context(_h5_errors(located))
         f = stack.enter_context(h5py.File(located.file, "r"))
+        dataset = open_in(f, located, cache=cache)
+        stack.pop_all()
+        return f, dataset
+
+
+def open_in(file: Any, located: Located, *, cache: Optional[tuple[int, int]] = None) -> Any:
+    """The dataset `located` points to, in `file` (``located.file``, already open):
+    for a collection of many datasets in one file, opened once."""
+    import h5py
+
+    with _h5_errors(located):
         access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
         access.set_efile_prefix(b"${ORIGIN}")
         access.set_virtual_prefix(b"${ORIGIN}")
         if cache is not None:
             access.set_chunk_cache(cache[0], cache[1], 1.0)  # fully read chunks leave first
-        dataset = h5py.Dataset(h5py.h5d.open(f.id, located.name.encode(), dapl=access))
-        stack.pop_all()
-        return f, dataset
+        return h5py.Dataset(h5py.h5d.open(file.id, located.name.encode(), dapl=access))
 
 
 @contextlib.contextmanager

@@ -423,7 +423,9 @@ def to_kaldi(stats: Stats) -> Export:
     A 2 x (D+1) double matrix: row 0 holds the per-dimension sums and the
     count in its last column, row 1 the sums of squares and 0 (see
     :func:`_sums`). Per-group statistics become one matrix per group, keyed
-    ``group0``, ``group1``, ... (groups without rows are left out), for an
+    by the group names (``fit-bn --groups utterance`` / ``utt2spk=FILE``: the
+    utterance or speaker ids) or ``group0``, ``group1``, ... (groups without
+    rows are left out), for an
     archive that ``apply-cmvn --utt2spk`` reads per speaker.
 
     Note that apply-cmvn uses the population variance (no ddof) and no eps
@@ -459,11 +461,31 @@ def to_kaldi(stats: Stats) -> Export:
         return Export("kaldi", "kaldi-matrix", {"cmvn": matrix(0)},
                       summary=f"CMVN stats 2 x {dims + 1} ({dims} dims, count {count[0, 0]:,.15g})")
     rows = np.asarray(stats.arrays["group_rows"])
-    matrices = {f"group{g}": matrix(g) for g in range(len(rows)) if rows[g] > 0}
+    names = group_keys(stats)
+    matrices = {names[g]: matrix(g) for g in range(len(rows)) if rows[g] > 0}
     left_out = len(rows) - len(matrices)
+    keys = "keys from group_names" if stats.meta.get("group_names") else f"keys group0..group{len(rows) - 1}"
     return Export("kaldi", "kaldi-ark", matrices,
-                  summary=f"CMVN stats 2 x {dims + 1} for {len(matrices)} groups (keys group0..group{len(rows) - 1})"
+                  summary=f"CMVN stats 2 x {dims + 1} for {len(matrices)} groups ({keys})"
                           + (f", {left_out} without rows left out" if left_out else ""))
+
+
+def group_keys(stats: Stats) -> list[str]:
+    """The key of each group: its name (``--groups utterance`` / ``utt2spk=``) or ``group<g>``.
+
+    Raises
+    ------
+    StatsFileError
+        ``group_names`` does not hold one unique name per group.
+    """
+    count = int(stats.meta.get("groups") or 0)
+    names = stats.meta.get("group_names")
+    if names is None:
+        return [f"group{g}" for g in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise StatsFileError(f"{_name(stats)}: group_names holds {len(names)} names ({len(set(names))} distinct) "
+                             f"for {count} groups; re-create the file")
+    return list(names)
 
 
 def to_espnet(stats: Stats) -> Export:

@@ -18,6 +18,7 @@ import numpy as np
 from . import hdf5_policy
 from .errors import DataError, NormstatsError, UsageError
 from .limits import available_memory, elements, require_regular_file
+from .specs import KALDI, parse_spec
 from .validate import check_numeric_dtype
 
 BLOCK_BYTES = 8 << 20  # 4-8 MB blocks stay in cache; 64 MB ones run 30-40 % slower
@@ -26,25 +27,21 @@ NPY_MAGIC = b"\x93NUMPY"
 
 
 def split_spec(spec: str, dataset: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """Split ``file.h5:NAME`` into path and dataset name.
+    """Split ``file.h5:NAME`` into path and dataset name (see :func:`normstats.specs.parse_spec`).
 
     A path that exists as given is never split (so Windows drive letters and
     file names with colons work); `dataset` (from ``--dataset``) applies when
     the spec names no dataset.
     """
-    if os.path.exists(spec) or ":" not in spec:
-        return spec, dataset
-    path, _, name = spec.rpartition(":")
-    if dataset is not None and dataset != name:
-        raise UsageError(f"{spec!r} names dataset {name!r} but --dataset says {dataset!r}")
-    return path, name
+    parsed = parse_spec(spec, dataset)
+    return parsed.path, parsed.name
 
 
 def _check_input_path(path: str) -> None:
     if not os.path.exists(path):
         raise UsageError(f"input file {path!r} does not exist")
     if os.path.isdir(path):
-        raise UsageError(f"input {path!r} is a directory; give the .npy or HDF5 file inside it")
+        raise UsageError(f"input {path!r} is a directory (not a Zarr store); give the file inside it")
     require_regular_file(path, "input")
     if not os.access(path, os.R_OK):
         raise UsageError(f"input file {path!r} is not readable")
@@ -85,6 +82,10 @@ class ArraySource:
     def read_into(self, start: int, out: np.ndarray) -> None:
         """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
         raise NotImplementedError
+
+    def locate_row(self, row: int) -> tuple[str, int]:
+        """Row `row` of this source for messages: (what holds it, its row there)."""
+        return self.name, self.first_row + row
 
     def close(self) -> None:
         """Release the file handle (a later read opens it again)."""
@@ -250,7 +251,8 @@ class H5Source(ArraySource):
                 ) from None
             if not located.is_dataset:
                 inside = ", ".join(self._datasets(f, f[located.name])) if located.file == path else ""
-                raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'}")
+                raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'} "
+                                 f"(to read all of them as one collection, give {path}:/{located.name.lstrip('/')})")
         self._located = located
         file, obj = hdf5_policy.open_dataset(located)
         try:
@@ -310,24 +312,51 @@ def _h5_stat(file, path: str) -> os.stat_result:
 
 
 def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: bool = False) -> ArraySource:
-    """Open ``file.npy``, ``file.h5``, or ``file.h5:NAME`` for reading by rows.
+    """Open an input spec for reading by rows: ``file.npy``, ``file.h5[:NAME]``, an
+    HDF5 collection (``file.h5:/group``, ``file.h5:/train/*``), a Kaldi ``scp:`` /
+    ``ark:``, ``store.zarr[:PATH]``, ``file.npz[:NAME]``, ``file.safetensors[:NAME]``,
+    ``file.parquet:COLUMN`` or ``file.arrow:COLUMN`` (see :mod:`normstats.specs`).
 
-    The format is recognized by the file's content, not its extension. HDF5
-    data reached through external links, virtual datasets or external storage
-    outside the file's folder is refused unless `allow_external`.
+    `.npy` and HDF5 are told apart by the file's content. HDF5 data reached
+    through external links, virtual datasets or external storage outside the
+    file's folder is refused unless `allow_external`.
 
     Raises
     ------
     UsageError
-        The path does not exist, is a directory, a pipe or a device, or names
-        no dataset.
+        The path does not exist, is a directory, a pipe or a device, names
+        no dataset, is a URL, or needs an optional package not installed.
     DataError
-        The file is neither `.npy` nor HDF5, is truncated, or holds no numeric array.
+        The file is not of its kind, is truncated, or holds no numeric array.
     """
     import h5py
 
-    path, name = split_spec(spec, dataset)
+    parsed = parse_spec(spec, dataset)
+    path, name = parsed.path, parsed.name
+    if parsed.kind in KALDI:
+        from .readers.kaldi import KaldiSource
+
+        _check_input_path(path)
+        return KaldiSource(path, parsed.kind)
+    if parsed.kind == "zarr":
+        from .readers.zarr_array import ZarrSource
+
+        if not os.path.exists(path):
+            raise UsageError(f"input {path!r} does not exist")
+        return ZarrSource(path, name)
     _check_input_path(path)
+    if parsed.kind == "npz":
+        from .readers.npz import open_npz
+
+        return open_npz(path, name)
+    if parsed.kind == "safetensors":
+        from .readers.safetensors_tensor import open_safetensors
+
+        return open_safetensors(path, name)
+    if parsed.kind in ("parquet", "arrow"):
+        from .readers.arrow_column import ArrowColumn
+
+        return ArrowColumn(path, name, parsed.kind)
     with open(path, "rb") as f:
         magic = f.read(len(NPY_MAGIC))
     if magic == NPY_MAGIC:
@@ -335,8 +364,17 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
             raise UsageError(f"{path} is a .npy file; it has no dataset {name!r}")
         return NpySource(path)
     if h5py.is_hdf5(path):
+        from .readers.h5collection import H5Collection, is_collection
+
+        if name is not None and is_collection(path, name, allow_external):
+            return H5Collection(path, name, allow_external=allow_external)
         return H5Source(path, name, allow_external=allow_external)
-    raise DataError(f"{path} is neither a .npy nor an HDF5 file")
+    from .readers.kaldi import KaldiSource, looks_like_ark
+
+    if name is None and looks_like_ark(path):  # a Kaldi archive under another extension
+        return KaldiSource(path, "ark")
+    raise DataError(f"{path} is neither a .npy nor an HDF5 file; name other formats by their extension "
+                    "(.npz, .safetensors, .parquet, .arrow, .zarr) or kind (scp:, ark:)")
 
 
 class RowSlice(ArraySource):
@@ -351,6 +389,9 @@ class RowSlice(ArraySource):
 
     def read_into(self, start: int, out: np.ndarray) -> None:
         self.source.read_into(self.first_row + start, out)
+
+    def locate_row(self, row: int) -> tuple[str, int]:
+        return self.source.locate_row(self.first_row + row)
 
     def close(self) -> None:
         self.source.close()
@@ -443,7 +484,7 @@ class Stream:
         """The shard holding `row` of the stream, and the row's index within it."""
         for source in self.sources:
             if row < source.rows:
-                return source.name, source.first_row + row
+                return source.locate_row(row)
             row -= source.rows
         raise IndexError(row)
 

@@ -99,6 +99,7 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sources": (_str_list, "a list of strings"),
     "labels_sources": (_str_list, "a list of strings"),
     "groups_sources": (_str_list, "a list of strings"),
+    "group_names": (_str_list, "a list of strings (the groups' keys)"),
     "weights_sources": (_str_list, "a list of strings"),
     "merged_from": (_str_list, "a list of strings"),
     "imported_from": (lambda v: isinstance(v, str), "a string"),

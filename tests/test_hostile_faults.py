@@ -51,6 +51,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(folder / "long.npy", rng.normal(size=(600_000, 16)).astype(np.float32))
     exact = ns.BatchNormExact().update(wide).result()
     ns.write_stats(exact, str(folder / "e.npz"))
+    ns.write_stats(ns.BatchNormExact().update(wide[::-1]).result(), str(folder / "e2.npz"))  # merge takes distinct files
     ns.write_stats(ns.BatchNormExact().update(np.load(folder / "long.npy")).result(), str(folder / "long.npz"))
     ns.write_stats(ns.CentersExact(4).update(z, np.arange(20000) % 4).result(), str(folder / "c.npz"))
     ns.export_stats(exact, "torch", str(folder / "bn.safetensors"))
@@ -67,7 +68,7 @@ FULL_CASES = {
     "fit-centers.h5": ["fit-centers", "wide.npy", "--labels", "l.npy", "--num-classes", "4", "-q", "-o", "OUT.h5"],
     "checkpoint.h5": ["fit-bn", "wide.npy", "--mode", "exact", "-q", "--batch-size", "8", "-o", "fit.npz",
                       "--checkpoint", "OUT.h5", "--checkpoint-every", "0"],
-    "merge.json": ["merge", "e.npz", "e.npz", "-o", "OUT.json"],
+    "merge.json": ["merge", "e.npz", "e2.npz", "-o", "OUT.json"],
     "import.h5": ["import", "bn.safetensors", "-o", "OUT.h5"],
     "export-torch": ["export", "e.npz", "--to", "torch", "-o", "OUT.safetensors"],
     "export-keras": ["export", "e.npz", "--to", "keras", "-o", "OUT.npz"],
@@ -147,7 +148,7 @@ KILL_CASES = {
     "fit-centers": (["fit-centers", "wide.npy", "--labels", "l.npy", "--num-classes", "4", "-q"], ".h5"),
     "apply": (["apply", "long.npz", "long.npy", "-q"], ".npy"),
     "assign": (["assign", "c.npz", "z.npy", "-q"], ".h5"),
-    "merge": (["merge", "e.npz", "e.npz"], ".json"),
+    "merge": (["merge", "e.npz", "e2.npz"], ".json"),
     "export": (["export", "e.npz", "--to", "torch"], ".safetensors"),
     "import": (["import", "bn.safetensors"], ".npz"),
 }
