@@ -10,13 +10,21 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
+from normstats.errors import RowError
+from normstats.export_files import describe_export
 from normstats.inspection import describe
+from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
 from normstats.pipeline import resume_row
 from normstats.tasks import make_state
-from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer, check_output
+from normstats.files import CommandFiles, identities
+from normstats.normalize import OUTPUT_DTYPES
+from normstats.stats import check_values
+from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
 
-from . import cli
-from .params import AxesType, CenterInit, FloatOrNone, ValueOrFile, positive_int
+from .app import cli
+from .files import KeepsSpec, given_file, guard
+from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, ValueOrFile,
+                     option, positive_int)
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
@@ -34,47 +42,47 @@ def _given(ctx: click.Context, name: str) -> bool:
 
 
 COMMON = _options(
-    click.option("--dataset", metavar="NAME",
+    option("--dataset", metavar="NAME",
                  help="HDF5 dataset to read (or write INPUT as file.h5:NAME)."),
-    click.option("--force", is_flag=True, help="Overwrite an existing output file."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-    click.option("--allow-external", is_flag=True,
+    option("--force", is_flag=True, help="Overwrite an existing output file."),
+    option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    option("--allow-external", is_flag=True,
                  help="Read HDF5 data that external links or virtual datasets take from "
                       "outside the input's folder (refused by default)."),
 )
-MODE = click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
+MODE = option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
-BATCH_SIZE = click.option("--batch-size", type=int, default=256, show_default=True,
+BATCH_SIZE = option("--batch-size", type=int, default=256, show_default=True,
                           callback=positive_int,
                           help="Rows per logical batch (one EMA step); independent of disk reads.")
 FIT = _options(
-    click.option("--nan-policy", type=click.Choice(["error", "omit"]), default="error",
+    option("--nan-policy", type=click.Choice(["error", "omit"]), default="error",
                  show_default=True,
                  help="NaN/Inf values: stop with the file, row and column of the first, or "
                       "leave them out of each statistic (counts are stored)."),
-    click.option("--weights", metavar="FILE[:NAME]",
+    option("--weights", metavar="FILE[:NAME]",
                  help="One non-negative weight per row (--mode exact), e.g. 0 for silence."),
-    click.option("--checkpoint", "checkpoint_path", metavar="FILE",
+    option("--checkpoint", "checkpoint_path", metavar="FILE",
                  help="Save the running state to FILE (.npz/.h5/.safetensors/.json) every --checkpoint-every "
                       "seconds; it is removed when the fit completes."),
-    click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True,
+    option("--checkpoint-every", type=SECONDS, default=60.0, show_default=True,
                  metavar="SECONDS", help="Seconds between checkpoints."),
-    click.option("--resume", "resume_path", metavar="FILE",
+    option("--resume", "resume_path", metavar="FILE",
                  help="Continue an interrupted fit from its --checkpoint FILE (same inputs and "
                       "options); the result equals an uninterrupted run."),
-    click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+    option("--jobs", type=JOBS, default=1, show_default=True,
                  help="Processes sharing the rows; their states are merged (exact) or "
-                      "chained (fit-bn ema)."),
+                      "chained in row order (ema), so the result equals one process's."),
 )
 
 ENGINE = _options(
-    click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
-                 help="local: on this machine (see --jobs); dask: tasks over row ranges "
-                      "on a Dask cluster (pip install 'normstats[dask]')."),
-    click.option("--scheduler", metavar="ADDRESS",
+    option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+                 help="local: on this machine; dask: tasks over row ranges on a Dask "
+                      "cluster (pip install 'normstats[dask]')."),
+    option("--scheduler", metavar="ADDRESS",
                  help="Dask scheduler to run on, e.g. tcp://10.0.0.5:8786; without it "
                       "--engine dask starts a local cluster with one worker per core."),
-    click.option("--task-rows", type=int, callback=positive_int, metavar="N",
+    option("--task-rows", type=int, callback=positive_int, metavar="N",
                  help="Rows per Dask task (default: about 256 MB of input), rounded down to "
                       "whole batches."),
 )
@@ -91,10 +99,11 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
 def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, *, side_specs: dict,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
-         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool) -> None:
-    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it:
-    in this process with progress, checkpoints and resume, or cut into row ranges over
-    --jobs processes or Dask tasks."""
+         task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool,
+         meta: Optional[dict] = None) -> None:
+    """Run the fit `recipe` describes (its options hold the state's ``init``) and write it,
+    with `meta` added: in this process with progress, checkpoints and resume, or cut into
+    row ranges over --jobs processes or Dask tasks."""
     split = jobs > 1 or engine == "dask"
     if split:
         init = recipe.options.get("init")
@@ -109,6 +118,7 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    stats.meta.update(meta or {})
     _finish(command, stats, output, checkpoint)
 
 
@@ -127,24 +137,71 @@ def _fit_split(command: str, recipe: ns.Recipe, stream: ns.Stream, side: dict, *
 @contextlib.contextmanager
 def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
                 **side_specs: Any):
-    """Open the feature shards and each given per-row side input (labels, weights, groups)."""
+    """Open the feature shards and each given per-row side input (labels, weights, groups;
+    groups by the features' sequence keys)."""
+    keyed = {name: value for name, value in side_specs.items() if isinstance(value, KeyGroups)}
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(ns.open_stream(inputs, dataset, allow_external=allow_external))
         side = {name: stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
-                for name, specs in _side_specs(**side_specs).items()}
+                for name, specs in _side_specs(**{n: v for n, v in side_specs.items() if n not in keyed}).items()}
+        side.update({name: stack.enter_context(group_stream(value, stream)) for name, value in keyed.items()})
         yield stream, side
+
+
+def _key_groups(groups: Optional[str], inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool,
+                known: Optional[list], num_groups: Optional[int] = None, parallel: bool = False,
+                ddof: int = 0) -> Optional[KeyGroups]:
+    """``--groups utterance`` / ``utt2spk=FILE`` / ``spk2utt=FILE``, with the group names fixed
+    (by `known`, a stats file's, or from the inputs' keys); None for a file of group indices."""
+    keyed = parse_groups(groups)
+    if keyed is None:
+        return None
+    if parallel:
+        raise ns.UsageError(f"--groups {groups} runs on the local engine with --jobs 1 for now")
+    with ns.open_stream(inputs, dataset, allow_external=allow_external) as stream:
+        fixed = KeyGroups(keyed.kind, keyed.file, tuple(known) if known else None)
+        names = group_stream(fixed, stream).sources[0].names
+        short = short_groups(fixed, stream, ddof)
+    if num_groups is not None and num_groups != len(names):
+        raise ns.UsageError(f"--groups {groups} makes {len(names)} groups, not --num-groups {num_groups}; "
+                               "leave --num-groups out")
+    return KeyGroups(keyed.kind, keyed.file, tuple(names), tuple(short))
+
+
+def _stats_key_groups(keyed: KeyGroups, stats: ns.Stats, stats_path: str, engine: str) -> KeyGroups:
+    """apply --groups utterance / utt2spk=FILE: each row's group found by name among the stats file's."""
+    names = stats.meta.get("group_names")
+    if not names:
+        raise ns.UsageError(f"--groups {keyed.spec} picks statistics by key, and {stats_path} holds no group "
+                            "names; fit it with fit-bn --groups utterance / utt2spk=FILE / spk2utt=FILE")
+    if engine == "dask":
+        raise ns.UsageError(f"--groups {keyed.spec} runs on the local engine for now")
+    return KeyGroups(keyed.kind, keyed.file, tuple(names))
+
+
+@contextlib.contextmanager
+def _short_groups_named(keyed: Optional[KeyGroups], ddof: int):
+    """A fit that stops for too few elements per statistic names the groups by key."""
+    try:
+        yield
+    except ns.DataError as error:
+        if keyed is None or not keyed.short or isinstance(error, RowError) or "ddof" not in str(error):
+            raise
+        shown = ", ".join(repr(name) for name in keyed.short[:10])
+        more = f" and {len(keyed.short) - 10} more" if len(keyed.short) > 10 else ""
+        raise ns.DataError(f"{error}: {len(keyed.short)} of the --groups {keyed.kind} groups have <= ddof={ddof} "
+                           f"frames ({shown}{more}); leave them out of the input or fit with --ddof 0") from None
 
 
 def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float) -> tuple[ns.Stats, Optional[Checkpointer]]:
     """Drive one fit with progress and checkpoints."""
-    start_row = resume_row(resume, stream, resume_path) if resume is not None else 0
+    start_row = resume_row(resume, stream, resume_path, side) if resume is not None else 0
     checkpoint = None
     if checkpoint_path:
-        check_output(checkpoint_path, force=True, inputs=stream.names, formats=STATS_FORMATS)
         checkpoint = Checkpointer(checkpoint_path, checkpoint_every, sources=stream.names,
-                                  rows_total=stream.rows)
+                                  rows_total=stream.rows, inputs=identities({"features": stream, **side}))
     with progress_bar(stream.rows, quiet=quiet, label=command, initial=start_row) as advance:
         stats = ns.run_fit(state, stream, side=side, start_row=start_row, progress=advance,
                            checkpoint=checkpoint)
@@ -158,12 +215,13 @@ def _finish(command: str, stats: ns.Stats, output: str, checkpoint: Optional[Che
     summarize_fit(command, stats, output)
 
 
-def _start_from(init: Optional[str], resume_path: Optional[str]) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
+def _start_from(init: Optional[str], resume_path: Optional[str],
+                allow_external: bool = False) -> tuple[Optional[ns.Stats], Optional[ns.Stats]]:
     """The stats a fit starts from (--init or --resume) and the checkpoint, if resuming."""
     if init and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
-    return (resume or (ns.read_stats(init) if init else None)), resume
+    resume = check_values(ns.read_stats(resume_path, allow_external=allow_external)) if resume_path else None
+    return (resume or (check_values(ns.read_stats(init, allow_external=allow_external)) if init else None)), resume
 
 
 def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
@@ -196,6 +254,17 @@ def _side_specs(**specs: Any) -> dict[str, tuple[str, ...]]:
     return {name: (value,) if isinstance(value, str) else tuple(value) for name, value in specs.items() if value}
 
 
+def _fit_files(ctx: click.Context, inputs: tuple[str, ...], output: str, *, init: Optional[str],
+               labels: tuple[str, ...] = (), groups: Optional[str] = None) -> CommandFiles:
+    """Every file a fit reads and writes."""
+    resume = "--resume checkpoint"
+    return (CommandFiles().reads("input", *inputs).reads("--labels file", *labels)
+            .reads("--weights file", ctx.params.get("weights")).reads("--groups file", groups)
+            .reads("--init file", init).reads(resume, ctx.params.get("resume_path"))
+            .writes("output", output, STATS_FORMATS)
+            .writes("--checkpoint file", ctx.params.get("checkpoint_path"), STATS_FORMATS, may_be=resume))
+
+
 def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
     for name in names:
         if mode != "exact" and ctx.params.get(name) is not None:
@@ -204,29 +273,31 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 
 @cli.command("fit-bn")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="STATS",
+@option("-o", "--output", required=True, metavar="STATS",
               help="Stats file to write (.npz, .h5, .safetensors or .json).")
 @BATCH_SIZE
-@click.option("--axes", type=AxesType(), default="auto", show_default=True,
+@option("--axes", type=AxesType(), default="auto", show_default=True,
               help="Axes to reduce: 'auto' (all but the second) or e.g. 0,2,3.")
-@click.option("--alpha", type=float, default=0.01, show_default=True,
+@option("--alpha", type=ALPHA, default=0.01, show_default=True,
               help="EMA weight of the newest batch, in (0, 1].")
-@click.option("--eps", type=float, default=1e-5, show_default=True,
-              help="Added to the variance before 1/sqrt.")
-@click.option("--ddof", type=click.IntRange(0), default=1, show_default=True,
+@option("--eps", type=EPS, default=1e-5, show_default=True,
+              help="Added to the variance before 1/sqrt; finite, at least 1.2e-38.")
+@option("--ddof", type=click.IntRange(0), default=1, show_default=True,
               help="Delta degrees of freedom of the variance.")
 @MODE
-@click.option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
+@option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
               help="Initial running mean, or 'none' to not estimate the mean.")
-@click.option("--inv-std", "inv_std", type=FloatOrNone(), default=1.0, show_default=True,
+@option("--inv-std", "inv_std", type=FloatOrNone(positive=True), default=1.0, show_default=True,
               help="Initial running inv_std, or 'none' to not estimate it.")
-@click.option("--init", "init", metavar="STATS",
+@option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
-@click.option("--groups", metavar="FILE[:NAME]",
+@option("--groups", metavar="FILE[:NAME]|utterance|utt2spk=FILE|spk2utt=FILE",
               help="One group index per row (--mode exact): per-group statistics, e.g. per "
-                   "speaker CMVN, of shape (G, ...).")
-@click.option("--num-groups", type=int, callback=positive_int, metavar="G",
+                   "speaker CMVN, of shape (G, ...); or groups from the keys of a sequence "
+                   "collection (scp:, ark:, file.h5:/group): each utterance, or its speaker "
+                   "by a Kaldi utt2spk / spk2utt file (then no --num-groups).")
+@option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
 @FIT
 @ENGINE
@@ -239,8 +310,9 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
            dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
-    """Fit BatchNorm mean and inv_std over INPUT (.npy or HDF5; several files are
-    shards read in order).
+    """Fit BatchNorm mean and inv_std over INPUT (.npy, file.h5[:NAME], a collection
+    such as scp:feats.scp or file.h5:/group, store.zarr, file.npz:NAME,
+    file.safetensors:NAME, file.parquet:COLUMN; several are shards read in order).
 
     \b
     ema (default), per batch of --batch-size rows:
@@ -253,15 +325,21 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
-    if groups is not None and num_groups is None and not (init or resume_path):
-        raise click.UsageError("--groups needs --num-groups G")
-    check_output(output, force=force, formats=STATS_FORMATS,
-                 inputs=inputs + tuple(p for p in (init, groups, weights, resume_path) if p))
-    start, resume = _start_from(init, resume_path)
+    if groups is not None and num_groups is None and not (init or resume_path or keyed):
+        raise click.UsageError("--groups needs --num-groups G (or --groups utterance / utt2spk=FILE / "
+                               "spk2utt=FILE with a sequence collection)")
+    guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init), force=force)
+    start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
+    if keyed is not None:
+        known = (start.meta.get("group_names") if start else None)
+        keyed = _key_groups(groups, inputs, dataset, allow_external, known, num_groups,
+                            parallel=jobs > 1 or engine == "dask", ddof=ddof)
+        num_groups = len(keyed.names)
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
                                "nan_policy": nan_policy, "axes": axes}
     if mode == "ema":
@@ -278,30 +356,31 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
-    _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
-         side_specs=dict(groups=groups, weights=weights), resume=resume, resume_path=resume_path,
-         checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
-         scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
-         quiet=quiet)
+    with _short_groups_named(keyed, ddof):
+        _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
+             side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
+             checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
+             scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
+             quiet=quiet, meta={"group_names": list(keyed.names)} if keyed else None)
 
 
 @cli.command("fit-centers")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="CENTERS",
+@option("-o", "--output", required=True, metavar="CENTERS",
               help="Centers file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--labels", "labels", required=True, multiple=True, metavar="LABELS",
+@option("--labels", "labels", required=True, multiple=True, metavar="LABELS",
               help="Integer labels: .npy or file.h5:NAME (repeat once per INPUT shard).")
-@click.option("--num-classes", type=int, required=True, callback=positive_int,
+@option("--num-classes", type=int, required=True, callback=positive_int,
               help="Number of classes K; labels lie in [0, K).")
 @BATCH_SIZE
-@click.option("--alpha", type=float, default=0.9, show_default=True,
+@option("--alpha", type=ALPHA, default=0.9, show_default=True,
               help="EMA weight of the batch class mean, in (0, 1].")
 @MODE
-@click.option("--init", "init", type=CenterInit(), default="random", show_default=True,
+@option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
                    "batch mean, a file of shape (K, dim); or a centers file to continue from.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --init random.")
-@click.option("--ignore-label", type=int, metavar="L",
+@option("--seed", type=SEED, default=0, show_default=True, help="Seed of --init random.")
+@option("--ignore-label", type=int, metavar="L",
               help="Skip rows with this label (e.g. -1 for unlabelled rows).")
 @FIT
 @ENGINE
@@ -327,12 +406,14 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
-    check_output(output, force=force, formats=STATS_FORMATS,
-                 inputs=inputs + labels + tuple(p for p in (weights, resume_path) if p))
+    if len(labels) not in (1, len(inputs)):
+        raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
+                               "give one LABELS per INPUT, or one for all of them")
+    guard(ctx, _fit_files(ctx, inputs, output, labels=labels, init=given_file(ctx, "init")), force=force)
     continued = init if isinstance(init, ns.Stats) else None
     if continued is not None and resume_path:
         raise click.UsageError("--init and --resume exclude each other")
-    resume = ns.read_stats(resume_path) if resume_path else None
+    resume = check_values(ns.read_stats(resume_path, allow_external=allow_external)) if resume_path else None
     mode = _continued_mode(ctx, mode, continued or resume, resume)
     _check_exact_only(ctx, mode, "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
@@ -358,18 +439,22 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @cli.command("apply")
 @click.argument("stats_path", metavar="STATS")
 @click.argument("input_spec", metavar="INPUT")
-@click.option("-o", "--output", required=True, metavar="OUTPUT",
+@option("-o", "--output", required=True, metavar="OUTPUT",
               help="Normalized array to write: .npy, or .h5 / out.h5:NAME (chunked).")
-@click.option("--gamma", type=ValueOrFile(), default=1.0, show_default=True,
-              help="Scale: a number, a file of the statistics' shape, or 'none'.")
-@click.option("--beta", type=ValueOrFile(), default=0.0, show_default=True,
-              help="Shift: a number, a file of the statistics' shape, or 'none'.")
-@click.option("--groups", metavar="FILE[:NAME]",
-              help="Each row's group, for per-group statistics (fit-bn --groups).")
+@option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
+              help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
+@option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
+              help="Shift: a number, a file of the statistics' shape, or 'none' (no shift term, as 0).")
+@option("--groups", metavar="FILE[:NAME]|utterance|utt2spk=FILE|spk2utt=FILE",
+              help="Each row's group, for per-group statistics (fit-bn --groups); by key for "
+                   "statistics fitted with --groups utterance / utt2spk= / spk2utt=.")
+@option("--dtype", type=click.Choice(OUTPUT_DTYPES),
+        help="Output dtype  [default: float input's own; float32 for integers up to 16 bits, else float64]")
 @ENGINE
 @COMMON
-def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
+@click.pass_context
+def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
+          groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
@@ -384,10 +469,15 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
     _check_engine(engine, scheduler, task_rows)
-    check_output(output, force=force, formats=ARRAY_FORMATS,
-                 inputs=(stats_path, input_spec) + ((groups,) if groups else ()))
-    normalizer = ns.Normalizer(ns.read_stats(stats_path), gamma=gamma, beta=beta)
-    with _fit_inputs((input_spec,), dataset, allow_external, groups=groups) as (stream, side):
+    keyed = parse_groups(groups)
+    guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
+          .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma"))
+          .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
+    stats = ns.read_stats(stats_path, allow_external=allow_external)
+    if keyed is not None:
+        keyed = _stats_key_groups(keyed, stats, stats_path, engine)
+    normalizer = ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype)
+    with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
                     progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
@@ -403,10 +493,11 @@ def apply(stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
 
 @cli.command("merge")
 @click.argument("parts", metavar="IN...", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, metavar="OUT",
+@option("-o", "--output", required=True, metavar="OUT",
               help="Merged stats or centers file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.pass_context
+def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) -> None:
     """Merge exact statistics fitted on shards into those of all the shards.
 
     The IN files must come from fit-bn or fit-centers with --mode exact and
@@ -419,7 +510,8 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
       normstats fit-bn part2.npy -o b.npz --mode exact
       normstats merge a.npz b.npz -o all.npz
     """
-    check_output(output, force=force, inputs=parts, formats=STATS_FORMATS)
+    guard(ctx, CommandFiles().reads("input", *parts, distinct=True).writes("output", output, STATS_FORMATS),
+          force=force)
     stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
     ns.write_stats(stats, output)
     summarize_fit("merge", stats, output)
@@ -427,12 +519,13 @@ def merge(parts: tuple[str, ...], output: str, force: bool) -> None:
 
 @cli.command("inspect")
 @click.argument("path", metavar="FILE")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--plot", "plot_path", metavar="OUT.png",
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@option("--plot", "plot_path", metavar="OUT.png",
               help="Draw the file instead: mean ± std per channel, or class counts and the "
                    "distances between centers (needs matplotlib: pip install 'normstats[plot]').")
-@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
-def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
+@option("--force", is_flag=True, help="Overwrite an existing --plot file.")
+@click.pass_context
+def inspect(ctx: click.Context, path: str, as_json: bool, plot_path: Optional[str], force: bool) -> None:
     """Summarize a stats or centers FILE: options and provenance, value ranges,
     NaN counts, near-constant channels, class counts (empty and rare classes),
     center norms and the closest pairs of centers; or draw it with --plot.
@@ -443,7 +536,7 @@ def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> 
       normstats inspect centers.npz --plot centers.png
     """
     if plot_path is None:
-        summary = describe(ns.read_stats(path))
+        summary = _summary(path)
         if as_json:
             click.echo(json.dumps(summary, indent=2))
         else:
@@ -453,25 +546,38 @@ def inspect(path: str, as_json: bool, plot_path: Optional[str], force: bool) -> 
         raise click.UsageError("--json and --plot exclude each other")
     from normstats.plots import PLOT_FORMATS, plot_stats
 
-    check_output(plot_path, force=force, inputs=(path,), formats=PLOT_FORMATS)
+    guard(ctx, CommandFiles().reads("stats file", path).writes("--plot file", plot_path, PLOT_FORMATS),
+          force=force)
     stats = ns.read_stats(path)
     what = plot_stats(stats, plot_path)
     click.echo(f"inspect {stats.kind}: {what} -> {plot_path}")
 
 
+def _summary(path: str) -> dict:
+    """A stats file's summary, or that of another toolkit's file that export writes."""
+    try:
+        return describe(ns.read_stats(path))
+    except ns.StatsFileError:
+        found = describe_export(path)
+        if found is None:
+            raise
+        return {"source": path, "kind": found.pop("kind"), "options": {}, **found}
+
+
 @cli.command("assign")
 @click.argument("centers_path", metavar="CENTERS")
 @click.argument("input_spec", metavar="INPUT")
-@click.option("-o", "--output", required=True, metavar="OUT",
+@option("-o", "--output", required=True, metavar="OUT",
               help="HDF5 file to write (.h5): datasets 'labels' and 'distances'.")
-@click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
+@option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
               help="euclidean: |x - c|; cosine: 1 - cos(x, c) (1 for a zero vector).")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+@option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Nearest centers per row, nearest first (ties: lowest class).")
-@click.option("--max-distance", type=float, metavar="D",
+@option("--max-distance", type=DISTANCE, metavar="D",
               help="Label -1 where the distance exceeds D (open-set rejection).")
 @COMMON
-def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
+@click.pass_context
+def assign(ctx: click.Context, centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
            max_distance: Optional[float], dataset: Optional[str], force: bool, quiet: bool,
            allow_external: bool) -> None:
     """Label each row of INPUT with its nearest CENTERS (from fit-centers), and the
@@ -485,8 +591,10 @@ def assign(centers_path: str, input_spec: str, output: str, metric: str, top_k: 
     Example:
       normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
     """
-    check_output(output, force=force, formats=ASSIGN_FORMATS, inputs=(centers_path, input_spec))
-    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path), metric=metric, top_k=top_k,
+    guard(ctx, CommandFiles().reads("centers file", centers_path).reads("input", input_spec)
+          .writes("output", output, ASSIGN_FORMATS), force=force)
+    nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path, allow_external=allow_external),
+                                           metric=metric, top_k=top_k,
                                            max_distance=max_distance, name=centers_path)
     with _fit_inputs((input_spec,), dataset, allow_external) as (stream, _):
         with progress_bar(stream.rows, quiet=quiet, label="assign") as advance:

@@ -8,31 +8,34 @@ import click
 
 import normstats as ns
 from normstats.interop import TARGET_FORMATS, TARGETS
-from normstats.stores import STATS_FORMATS, check_output
+from normstats.files import CommandFiles
+from normstats.stores import STATS_FORMATS
 
-from . import cli
-from .params import ShapeType, ValueOrFile
+from .app import cli
+from .files import KeepsSpec, given_file, guard
+from .params import EPS, ShapeType, ValueOrFile, option
 
 TORCH_ONLY = ("prefix", "eps", "gamma", "beta")
 
 
 @cli.command("export")
 @click.argument("stats_path", metavar="STATS")
-@click.option("--to", "target", type=click.Choice(TARGETS), required=True,
+@option("--to", "target", type=click.Choice(TARGETS), required=True,
               help="torch: BatchNorm state dict (.safetensors); keras: Normalization mean/variance "
                    "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat, per group .ark); espnet: GlobalMVN "
                    "stats (.npz).")
-@click.option("-o", "--output", required=True, metavar="FILE", help="File to write.")
-@click.option("--prefix", metavar="NAME",
+@option("-o", "--output", required=True, metavar="FILE", help="File to write.")
+@option("--prefix", metavar="NAME",
               help="torch: store the tensors as NAME.running_mean, ... (the layer's name in your model).")
-@click.option("--eps", type=float,
+@option("--eps", type=EPS,
               help="torch: eps of the BatchNorm layer that will load the file  [default: the statistics' eps]")
-@click.option("--gamma", type=ValueOrFile(),
-              help="torch: the layer's weight, a number or a file of shape (C,)  [default: 1]")
-@click.option("--beta", type=ValueOrFile(),
-              help="torch: the layer's bias, a number or a file of shape (C,)  [default: 0]")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def export(stats_path: str, target: str, output: str, force: bool, **options: Any) -> None:
+@option("--gamma", type=KeepsSpec(ValueOrFile()),
+              help="torch: the layer's weight, a number or a file of shape (C,); 'none' is 1  [default: 1]")
+@option("--beta", type=KeepsSpec(ValueOrFile()),
+              help="torch: the layer's bias, a number or a file of shape (C,); 'none' is 0  [default: 0]")
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.pass_context
+def export(ctx: click.Context, stats_path: str, target: str, output: str, force: bool, **options: Any) -> None:
     """Write fitted STATS in the layout of another toolkit.
 
     \b
@@ -49,7 +52,9 @@ def export(stats_path: str, target: str, output: str, force: bool, **options: An
     Example:
       normstats export exact.npz --to torch -o bn.safetensors
     """
-    check_output(output, force=force, inputs=(stats_path,), formats=TARGET_FORMATS[target])
+    guard(ctx, CommandFiles().reads("stats file", stats_path).reads("--gamma file", given_file(ctx, "gamma"))
+          .reads("--beta file", given_file(ctx, "beta")).writes("output", output, TARGET_FORMATS[target]),
+          force=force)
     given = {name: value for name, value in options.items() if value is not None}
     if target != "torch" and given:
         raise click.UsageError(
@@ -62,19 +67,20 @@ def export(stats_path: str, target: str, output: str, force: bool, **options: An
 
 @cli.command("import")
 @click.argument("state_path", metavar="STATE_DICT")
-@click.option("-o", "--output", required=True, metavar="STATS",
+@option("-o", "--output", required=True, metavar="STATS",
               help="Stats file to write (.npz, .h5, .safetensors or .json).")
-@click.option("--prefix", metavar="NAME",
+@option("--prefix", metavar="NAME",
               help="The BatchNorm layer to take, by its name in the state dict (e.g. layer1.0.bn1); "
                    "needed when the file holds several.")
-@click.option("--eps", type=float,
+@option("--eps", type=EPS,
               help="The layer's eps, which a state dict does not hold  [default: as recorded by "
                    "normstats export, else 1e-5 (PyTorch's default)]")
-@click.option("--row-shape", type=ShapeType(),
+@option("--row-shape", type=ShapeType(),
               help="Shape of one input row, channels first, e.g. 64,32,32 for images  "
                    "[default: as recorded by normstats export, else C]")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def import_state_dict(state_path: str, output: str, prefix: Optional[str], eps: Optional[float],
+@option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.pass_context
+def import_state_dict(ctx: click.Context, state_path: str, output: str, prefix: Optional[str], eps: Optional[float],
                       row_shape: Optional[tuple[int, ...]], force: bool) -> None:
     """Turn a PyTorch BatchNorm layer's running statistics (a .safetensors
     state dict) into a stats file:
@@ -90,7 +96,7 @@ def import_state_dict(state_path: str, output: str, prefix: Optional[str], eps: 
     Example:
       normstats import model.safetensors --prefix layer1.0.bn1 -o bn1.npz
     """
-    check_output(output, force=force, inputs=(state_path,), formats=STATS_FORMATS)
+    guard(ctx, CommandFiles().reads("state dict", state_path).writes("output", output, STATS_FORMATS), force=force)
     stats = ns.import_torch(state_path, prefix=prefix, eps=eps, row_shape=row_shape)
     ns.write_stats(stats, output)
     meta = stats.meta

@@ -2,14 +2,88 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import math
+from typing import Any, Callable, Optional
 
 import click
 
 from normstats.axes import parse_axes
-from normstats.errors import NormstatsError, StatsFileError
-from normstats.stats import CENTERS
+from normstats.errors import NormstatsError, StatsFileError, UsageError
+from normstats.stats import CENTERS, check_values
+from normstats.sources import split_spec
 from normstats.stores import read_array, read_stats
+from normstats.validate import SEED_MAX, check_alpha, check_eps, check_finite, check_max_distance
+
+# More worker processes than this is a typo, not a machine (the planner would also build
+# a list of that many row ranges).
+JOBS_MAX = 1024
+
+
+class OnceOption(click.Option):
+    """An option that takes one value: given twice, it is a usage error.
+
+    click keeps the last of repeated values ("--alpha 0.1 --alpha 0.5" means
+    0.5; pallets/click#955 asks for a way to refuse it). Here the parser
+    collects every occurrence, and more than one is refused before any value
+    is converted. Flags, counters and ``multiple=True`` options are left as
+    click makes them.
+    """
+
+    def _single(self) -> bool:
+        return not (self.multiple or self.is_flag or self.count)
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        if not self._single():
+            return super().add_to_parser(parser, ctx)
+        parser.add_option(obj=self, opts=self.opts, dest=self.name, action="append", nargs=self.nargs)
+
+    def handle_parse_result(self, ctx: click.Context, opts: Any, args: list[str]) -> Any:
+        given = opts.get(self.name) if self._single() else None
+        if isinstance(given, list):  # the occurrences the parser appended
+            if len(given) > 1 and not ctx.resilient_parsing:  # (shell completion parses leniently)
+                times = "twice" if len(given) == 2 else f"{len(given)} times"
+                raise click.UsageError(f"{self.opts[-1]} was given {times}; give it once", ctx)
+            opts = {**opts, self.name: given[0]}
+        return super().handle_parse_result(ctx, opts, args)
+
+
+#: ``click.option`` for the commands: every option taking one value takes it once.
+option = functools.partial(click.option, cls=OnceOption)
+
+
+class Number(click.ParamType):
+    """A float checked by a library validator (which raises UsageError)."""
+
+    name = "float"
+
+    def __init__(self, check: Callable[[float], Any]) -> None:
+        self.check = check
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number, got {value!r}", param, ctx)
+        try:
+            self.check(number)
+        except UsageError as error:
+            self.fail(str(error), param, ctx)
+        return number
+
+
+def _seconds(seconds: float) -> float:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UsageError(f"seconds must be a finite number >= 0, got {seconds}")
+    return seconds
+
+
+ALPHA = Number(check_alpha)
+EPS = Number(check_eps)
+DISTANCE = Number(check_max_distance)
+SECONDS = Number(_seconds)
+SEED = click.IntRange(0, SEED_MAX)
+JOBS = click.IntRange(1, JOBS_MAX)
 
 
 class AxesType(click.ParamType):
@@ -31,15 +105,22 @@ class FloatOrNone(click.ParamType):
 
     name = "VALUE|none"
 
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        if value is None or isinstance(value, float):
+        if value is None:
             return value
         if str(value).lower() == "none":
             return None
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            self.fail(f"expected a number or 'none', got {value!r}", param, ctx)
+            number = math.nan
+        if not math.isfinite(number) or (self.positive and not number > 0):
+            self.fail(f"expected a finite number{' > 0' if self.positive else ''} or 'none', got {value!r}",
+                      param, ctx)
+        return number
 
 
 class ValueOrFile(click.ParamType):
@@ -53,11 +134,15 @@ class ValueOrFile(click.ParamType):
         if value.lower() == "none":
             return None
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            if not math.isfinite(number):
+                self.fail(f"expected a finite number or a file, got {value!r}", param, ctx)
+            return number
         try:
-            return read_array(value)
+            return check_finite(read_array(value), value)
         except NormstatsError as error:
             self.fail(str(error), param, ctx)
 
@@ -72,15 +157,26 @@ class CenterInit(click.ParamType):
         if not isinstance(value, str) or value in ("random", "zeros", "first"):
             return value
         try:
-            return read_stats(value).require(CENTERS, value)
+            # `file:NAME` names one array (no stats file is named so); else a centers file
+            # to continue from, or a file of one array
+            stats = None if split_spec(value)[1] else read_stats(value).require(CENTERS, value)
         except StatsFileError:
-            pass  # not a normstats file: an array of centers
+            stats = None  # not a normstats file: an array of centers
         except NormstatsError as error:
             self.fail(str(error), param, ctx)
+        if stats is not None:
+            try:
+                return check_values(stats)
+            except NormstatsError as error:
+                self.fail(str(error), param, ctx)
         try:
-            return read_array(value)
+            centers = read_array(value)
         except NormstatsError as error:
             self.fail(f"not random, zeros or first, and not a readable centers file: {error}", param, ctx)
+        try:
+            return check_finite(centers, value)
+        except NormstatsError as error:
+            self.fail(str(error), param, ctx)
 
 
 class ShapeType(click.ParamType):

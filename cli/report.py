@@ -46,11 +46,11 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
         skipped = meta.get("batches_skipped")
         batches = meta["batches_seen"]
         parts.append(
-            counted(batches, "batch", "batches") + (f" ({skipped} skipped)" if skipped else "")
+            counted(batches, "batch", "batches") + (f" ({skipped:,} skipped)" if skipped else "")
         )
     if stats.kind == "centers":
         first = stats.arrays["centers"]
-        parts.append(f"{meta['num_classes']} classes ({meta['classes_unseen']} unseen)")
+        parts.append(f"{meta['num_classes']:,} classes ({meta['classes_unseen']:,} unseen)")
     else:
         first = stats.arrays.get("mean", stats.arrays.get("inv_std"))
     names = [n for n in ("mean", "inv_std", "centers", "counts", "var") if n in stats.arrays]
@@ -59,6 +59,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
                       ("values_omitted", "NaN/Inf omitted"), ("rows_ignored", "rows ignored")):
         if meta.get(key):
             parts.append(f"{meta[key]:,} {text}")
+    small = too_small_groups(meta)
+    if small:
+        parts.append(small)
     if "tasks" in meta:
         parts.append(counted(meta["tasks"], "Dask task"))
     elif "jobs" in meta:
@@ -68,6 +71,19 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
     else:
         parts.append(throughput(meta["rows_seen"], meta["bytes_read"], meta["seconds"]))
     click.echo(", ".join(parts) + f" -> {output}")
+
+
+def too_small_groups(meta: dict) -> str:
+    """The groups whose statistics have too few elements (count <= ddof), by key when
+    the groups are named (``--groups utterance`` / ``utt2spk=``), else by index."""
+    count, listed = meta.get("groups_too_small"), meta.get("groups_too_small_list") or []
+    if not count:
+        return ""
+    names = meta.get("group_names") or []
+    shown = [repr(names[g]) if g < len(names) else str(g) for g in listed]
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return (f"{count:,} {'group' if count == 1 else 'groups'} with <= ddof={meta.get('ddof')} frames "
+            f"(var NaN): {', '.join(shown)}{more}")
 
 
 def summarize_apply(result: dict, output: str) -> None:
@@ -106,7 +122,8 @@ def _fmt(value) -> str:
 
 def show_summary(summary: dict) -> None:
     """Print :func:`normstats.inspection.describe`'s summary as aligned lines."""
-    click.echo(f"{summary['source']}: {summary['kind']} statistics")
+    kind = summary["kind"]
+    click.echo(f"{summary['source']}: {kind}" + (" statistics" if kind in ("batchnorm", "centers") else ""))
     for key, value in summary["options"].items():
         click.echo(f"  {key:<18} {_fmt(value)}")
     for key, value in summary.items():
@@ -117,4 +134,6 @@ def show_summary(summary: dict) -> None:
                               ((p["classes"], p["distance"]) for p in value)) or "-"
         if key == "nan_counts":
             value = ", ".join(f"{name} {n}" for name, n in value.items())
+        elif key in ("layers", "arrays", "matrices"):  # another toolkit's file (inspect of an export)
+            value = ", ".join(f"{name}: {text}" for name, text in value.items())
         click.echo(f"  {key:<18} {_fmt(value)}")

@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import DataError, RowError, UsageError
 from .stats import CENTERS, Stats
-from .validate import check_numeric_dtype
+from .validate import check_max_distance, check_numeric_dtype
 from .workspace import KeepsScratch, Workspace
 
 METRICS = ("euclidean", "cosine")
@@ -156,9 +156,7 @@ class NearestCenters(KeepsScratch):
                 f"got {top_k}"
             )
         self.top_k = int(top_k)
-        if max_distance is not None and not max_distance >= 0:
-            raise UsageError(f"max distance must be a number >= 0, got {max_distance}")
-        self.max_distance = None if max_distance is None else float(max_distance)
+        self.max_distance = check_max_distance(max_distance)
 
         flat = centers.reshape(self.num_classes, -1)
         if self.classes.size < self.num_classes:

@@ -24,6 +24,7 @@ from .validate import (
     check_batch_size,
     check_ddof,
     check_eps,
+    check_finite,
     check_nan_policy,
     check_groups,
     check_numeric_dtype,
@@ -184,8 +185,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             nan_policy=nan_policy,
         )
         self.alpha = check_alpha(alpha)
-        self._initial_mean = mean
-        self._initial_inv_std = inv_std
+        self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
+        self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic

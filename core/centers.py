@@ -24,6 +24,7 @@ from .validate import (
     check_groups,
     check_nan_policy,
     check_numeric_dtype,
+    check_seed,
     check_weights,
 )
 
@@ -183,7 +184,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         if isinstance(init, str) and init not in INITS:
             raise UsageError(f"init must be one of {', '.join(INITS)} or an array, got {init!r}")
         self.init = init
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.centers: Optional[np.ndarray] = None  # (K, feature_dim) float64
         self.initialized = np.zeros(self.num_classes, dtype=bool)
         self.decay = np.ones(self.num_classes)  # (1 - alpha) ** (batches folded in), per class

@@ -15,23 +15,25 @@ import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import EngineError, UsageError
-from .normalize import Normalizer, output_dtype
+from .normalize import Normalizer
 from .pipeline import Progress, check_side, with_provenance
 from .sources import Stream, block_rows_for
 from .recipe import Recipe
 from .stats import BATCHNORM, Stats
-from .stores import preallocated_output
+from .stores import held_signals, preallocated_output
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
 TASK_BYTES = 256 << 20  # input per Dask task: seconds of work, few enough tasks for the scheduler
 DASK_HINT = "pip install 'normstats[dask]'"
 CONNECT_TIMEOUT = "10s"  # a refused connection is retried until then
+QUIET = logging.CRITICAL + 1  # a log level above every message
 
 
 def _plan(stream: Stream, side: dict[str, Stream], *, allow_external: bool, absolute: bool,
@@ -118,12 +120,113 @@ def run_fit_parallel(
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=False,
                        block_rows=block_rows, parts=jobs, copies=jobs + 1, max_memory=max_memory)
     started = time.perf_counter()
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(len(tasks), mp_context=context) as pool:
-        state = _tree(list(pool.map(run, tasks)), join)
+    state = _tree(run_in_processes(tasks, describe=lambda task: _rows_of(task, stream)), join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
     stats.meta["jobs"] = len(tasks)
     return stats
+
+
+def _rows_of(task: FitTask, stream: Stream) -> str:
+    return f"rows {task.start:,}-{task.stop - 1:,} of {', '.join(stream.names)}"
+
+
+STOP_SECONDS = 1.0  # how long a terminated worker has before it is killed
+
+
+def run_in_processes(tasks: list, *, describe: Callable[[Any], str] = repr) -> list:
+    """Run each task in a process of its own (forked where possible); their results in order.
+
+    A task's error is raised here. A worker that dies without a result (killed,
+    out of memory) is an :class:`EngineError` naming it and `describe(task)`.
+    On any exit without results (Ctrl-C, SIGTERM, a failed task) the other
+    workers are terminated, then killed after STOP_SECONDS: none outlives the call.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    workers, results = [], {}
+    try:
+        # Signals are held while forking, so a worker never starts with the parent's handlers
+        # live: it ignores Ctrl-C (the parent stops it) and dies on SIGTERM.
+        with held_signals():
+            for index, task in enumerate(tasks):
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(task, sender, os.getpid()), daemon=True)
+                process.start()
+                sender.close()
+                workers.append((index, process, receiver))
+        waiting = {receiver: (index, process) for index, process, receiver in workers}
+        while waiting:
+            for receiver in multiprocessing.connection.wait(list(waiting)):
+                index, process = waiting.pop(receiver)
+                try:
+                    ok, value = receiver.recv()
+                except (EOFError, OSError):
+                    process.join(STOP_SECONDS)
+                    raise EngineError(_died(index, len(tasks), process, describe(tasks[index]))) from None
+                if not ok:
+                    raise value
+                results[index] = value
+        return [results[index] for index in range(len(tasks))]
+    finally:
+        # Workers that sent their result are exiting; the others are stopped.
+        _stop([process for _, process, _ in workers], patient=len(results) == len(tasks))
+        for _, _, receiver in workers:
+            receiver.close()
+
+
+def _worker(task: Any, sender: Any, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        message = (True, run(task))
+    except BaseException as error:  # sent back whole: a NormstatsError keeps its file and row
+        message = (False, error)
+    try:
+        sender.send(message)
+    except Exception as error:  # a result or error that does not pickle
+        sender.send((False, EngineError(f"a --jobs worker could not send its result back: {error}")))
+    sender.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies, even by SIGKILL (no strays)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request
+        os._exit(1)
+
+
+def _stop(processes: list, *, patient: bool) -> None:
+    processes = [p for p in processes if p.is_alive()]
+    for process in processes if not patient else ():
+        process.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _died(index: int, count: int, process: Any, what: str) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        if -code == signal.SIGKILL:
+            how += " (perhaps out of memory: see the system log)"
+    else:
+        how = f"exited with code {code} without a result"
+    return (f"--jobs worker {index + 1} of {count} (pid {process.pid}, {what}) {how}; "
+            "run again, with fewer --jobs if memory is short")
 
 
 # --- Dask ------------------------------------------------------------------------
@@ -144,20 +247,24 @@ def dask_client(scheduler: Optional[str] = None, *, workers: Optional[int] = Non
     """
     try:
         import distributed
+        from distributed.utils import silence_logging_cmgr
     except ImportError:
         raise UsageError(f"--engine dask needs dask.distributed; install it with {DASK_HINT}") from None
-    if scheduler:
-        try:
-            client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError, ValueError) as error:
-            raise UsageError(f"cannot connect to the Dask scheduler at {scheduler}: {error}") from None
-        with client:
+    # The cluster's logs (a failed task's traceback, a restarted worker) stay out of the
+    # terminal: what matters reaches the user as the one error of the run.
+    with silence_logging_cmgr(QUIET):
+        if scheduler:
+            try:
+                client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, ValueError) as error:
+                raise UsageError(f"cannot connect to the Dask scheduler at {scheduler}: {error}") from None
+            with client:
+                yield client
+            return
+        with distributed.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                      processes=True, host="127.0.0.1", dashboard_address=":0",
+                                      silence_logs=QUIET) as cluster, distributed.Client(cluster) as client:
             yield client
-        return
-    with distributed.LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                  processes=True, host="127.0.0.1", dashboard_address=":0",
-                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
-        yield client
 
 
 def _gather(client: Any, tasks: list, progress: Progress, combine: Optional[Callable] = None) -> list:
@@ -253,7 +360,7 @@ def apply_dask(
                                        batch_size=None, block_rows=None,
                                        rows_per_task=_dask_task_rows(stream, task_rows))
     started = time.perf_counter()
-    with preallocated_output(output, stream.shape, output_dtype(stream.dtype),
+    with preallocated_output(output, stream.shape, normalizer.result_dtype(stream.dtype),
                              stream.sources[0].dataset or "data") as region:
         tasks = [ApplyTask(normalizer, inputs, a, b, block_rows, region) for a, b in ranges]
         written = sum(_gather(client, tasks, progress))

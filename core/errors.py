@@ -32,6 +32,12 @@ class EngineError(NormstatsError):
     exit_code = 1
 
 
+class OutputError(NormstatsError):
+    """The system refused to write an output (disk full, file-size limit); nothing was placed."""
+
+    exit_code = 1
+
+
 class StatsFileError(DataError):
     """A stats or centers file is unreadable or does not fit the request."""
 

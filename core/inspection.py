@@ -59,10 +59,10 @@ def _batchnorm(stats: Stats) -> dict[str, Any]:
     if "inv_std" in arrays:
         inv_std = arrays["inv_std"]
         found["inv_std"] = _range(inv_std)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):  # eps 0 or inv_std 0: inf, shown as such
             found["sqrt(var+eps)"] = _range(1.0 / inv_std)
-        # inv_std near 1/sqrt(eps): a channel whose variance was (nearly) zero
-        found["near_constant"] = _indices(inv_std >= 0.99 / np.sqrt(meta["eps"]))
+            # inv_std near 1/sqrt(eps): a channel whose variance was (nearly) zero
+            found["near_constant"] = _indices(inv_std >= 0.99 / np.sqrt(float(meta["eps"])))
     if "near_constant" in meta:
         listed = list(meta["near_constant"])  # a hand-edited file may lack the count: the list is the floor
         found["near_constant"] = {"count": meta.get("near_constant_count", len(listed)), "first": listed[:LISTED]}

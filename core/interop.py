@@ -29,7 +29,7 @@ from ._version import __version__
 from .axes import kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
-from .stats import BATCHNORM, Stats
+from .stats import BATCHNORM, Stats, check_values
 from .stores import SAFETENSORS_META_KEY, read_safetensors, require_file, safetensors_index, write_export
 from .validate import check_eps
 
@@ -163,7 +163,7 @@ def running_variance(inv_std: np.ndarray, eps: float, name: str = "the statistic
         Some inv_std exceeds ``1/sqrt(eps)`` beyond rounding, or is negative.
     """
     inv_std = np.asarray(inv_std, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # inv_std**2 = inf gives 0: refused below
         spread = 1.0 / np.square(inv_std)  # var + eps, as inv_std holds it
     var = spread - eps
     rounding = 8 * np.finfo(np.float64).eps * spread
@@ -341,11 +341,18 @@ def stats_from_torch(tensors: dict[str, np.ndarray], *, prefix: str = "", eps: f
             f"give the shape of one input row, channels first, e.g. {channels} or {channels},32,32"
         )
     spread = var.astype(np.float64) + eps
-    if not (spread > 0).all():  # NaN included: it would give no inverse standard deviation
-        channel = int(np.flatnonzero(~(spread > 0))[0])
+    usable = np.isfinite(spread) & (spread > 0)  # NaN included: it would give no inverse standard deviation
+    if not usable.all():
+        channel = int(np.flatnonzero(~usable)[0])
         raise StatsFileError(
             f"{source}: {torch_key(prefix, 'running_var')} of channel {channel} is {var[channel]:g}; "
-            f"with eps={eps:g} it has no inverse standard deviation"
+            f"with eps={eps:g} it has no finite inverse standard deviation"
+        )
+    if not np.isfinite(mean).all():
+        channel = int(np.flatnonzero(~np.isfinite(mean))[0])
+        raise StatsFileError(
+            f"{source}: {torch_key(prefix, 'running_mean')} of channel {channel} is {mean[channel]:g}; "
+            "a running mean must be finite"
         )
     batches = tensors.get(torch_key(prefix, "num_batches_tracked"))
     batches_seen = int(np.asarray(batches).reshape(-1)[0]) if batches is not None and np.size(batches) == 1 else 0
@@ -416,7 +423,9 @@ def to_kaldi(stats: Stats) -> Export:
     A 2 x (D+1) double matrix: row 0 holds the per-dimension sums and the
     count in its last column, row 1 the sums of squares and 0 (see
     :func:`_sums`). Per-group statistics become one matrix per group, keyed
-    ``group0``, ``group1``, ... (groups without rows are left out), for an
+    by the group names (``fit-bn --groups utterance`` / ``utt2spk=FILE``: the
+    utterance or speaker ids) or ``group0``, ``group1``, ... (groups without
+    rows are left out), for an
     archive that ``apply-cmvn --utt2spk`` reads per speaker.
 
     Note that apply-cmvn uses the population variance (no ddof) and no eps
@@ -452,11 +461,31 @@ def to_kaldi(stats: Stats) -> Export:
         return Export("kaldi", "kaldi-matrix", {"cmvn": matrix(0)},
                       summary=f"CMVN stats 2 x {dims + 1} ({dims} dims, count {count[0, 0]:,.15g})")
     rows = np.asarray(stats.arrays["group_rows"])
-    matrices = {f"group{g}": matrix(g) for g in range(len(rows)) if rows[g] > 0}
+    names = group_keys(stats)
+    matrices = {names[g]: matrix(g) for g in range(len(rows)) if rows[g] > 0}
     left_out = len(rows) - len(matrices)
+    keys = "keys from group_names" if stats.meta.get("group_names") else f"keys group0..group{len(rows) - 1}"
     return Export("kaldi", "kaldi-ark", matrices,
-                  summary=f"CMVN stats 2 x {dims + 1} for {len(matrices)} groups (keys group0..group{len(rows) - 1})"
+                  summary=f"CMVN stats 2 x {dims + 1} for {len(matrices)} groups ({keys})"
                           + (f", {left_out} without rows left out" if left_out else ""))
+
+
+def group_keys(stats: Stats) -> list[str]:
+    """The key of each group: its name (``--groups utterance`` / ``utt2spk=``) or ``group<g>``.
+
+    Raises
+    ------
+    StatsFileError
+        ``group_names`` does not hold one unique name per group.
+    """
+    count = int(stats.meta.get("groups") or 0)
+    names = stats.meta.get("group_names")
+    if names is None:
+        return [f"group{g}" for g in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise StatsFileError(f"{_name(stats)}: group_names holds {len(names)} names ({len(set(names))} distinct) "
+                             f"for {count} groups; re-create the file")
+    return list(names)
 
 
 def to_espnet(stats: Stats) -> Export:
@@ -523,7 +552,9 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     extension = os.path.splitext(path)[1].lower()
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
-    export = CONVERSIONS[target](stats, **options)
+    with np.errstate(over="ignore"):  # an overflow leaves inf, refused just below
+        export = CONVERSIONS[target](check_values(stats), **options)
+    _check_finite_export(export, _name(stats))
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
     if export.container == "kaldi-matrix" and extension == ".ark":
@@ -533,6 +564,19 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
         )
     write_export(export.container, export.arrays, export.metadata, path)
     return export
+
+
+def _check_finite_export(export: Export, name: str) -> None:
+    """Every number written must be finite: the target has no marker for 'undefined'."""
+    for key, array in export.arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            at = f" at index {', '.join(map(str, index))}" if index else ""
+            raise StatsFileError(
+                f"{name}: its {export.target} {key} would hold {array[index]}{at} (a statistic the fit left "
+                f"undefined, or one beyond the range of {array.dtype}); {export.target} needs finite values"
+            )
 
 
 def import_torch(path: str, *, prefix: Optional[str] = None, eps: Optional[float] = None,

@@ -7,12 +7,13 @@ from typing import Optional, Union
 import numpy as np
 
 from .axes import broadcastable, kept_shape
-from .errors import DataError, UsageError
-from .stats import BATCHNORM, Stats
-from .validate import check_groups, check_numeric_dtype
+from .errors import DataError, RowError, UsageError
+from .stats import BATCHNORM, Stats, check_values
+from .validate import check_finite, check_groups, check_numeric_dtype
 from .workspace import Workspace
 
 Affine = Union[float, np.ndarray, None]
+OUTPUT_DTYPES = ("float16", "float32", "float64")
 
 
 def output_dtype(input_dtype: np.dtype) -> np.dtype:
@@ -28,15 +29,24 @@ class Normalizer:
     """``y = (x - mean) * (gamma * inv_std) + beta`` over rows of fitted shape.
 
     A statistic absent from `stats` (disabled at fit time) or a `gamma` /
-    `beta` of ``None`` drops its term. The arithmetic runs in float32 for
-    float16/float32 input and in float64 otherwise.
+    `beta` of ``None`` drops its term. The arithmetic runs in float32 for a
+    float16/float32 output and in float64 for a float64 one.
+
+    Finite input never becomes NaN or infinity silently: a block whose result
+    does not fit the output dtype (float16 holds at most 65504), or meets a
+    statistic that the fit left undefined (NaN where it saw no data), raises
+    RowError naming the row and the remedy. NaN and infinite input values
+    stay NaN and infinite in the output, as they would in the formula.
 
     Parameters
     ----------
     stats : Stats
-        BatchNorm statistics (either mode).
+        BatchNorm statistics (either mode); their values are checked with
+        :func:`normstats.stats.check_values`.
     gamma, beta : float, ndarray or None
-        Scale and shift; arrays must broadcast to the statistics' shape.
+        Scale and shift, finite; arrays must broadcast to the statistics' shape.
+    dtype : {'float16', 'float32', 'float64'}, optional
+        Output dtype; default :func:`output_dtype` of the input's.
 
     Examples
     --------
@@ -49,8 +59,10 @@ class Normalizer:
            [3.]])
     """
 
-    def __init__(self, stats: Stats, *, gamma: Affine = 1.0, beta: Affine = 0.0) -> None:
-        stats.require(BATCHNORM)
+    def __init__(self, stats: Stats, *, gamma: Affine = 1.0, beta: Affine = 0.0,
+                 dtype: Optional[str] = None) -> None:
+        check_values(stats.require(BATCHNORM))
+        self.dtype = None if dtype is None else _output_dtype(dtype)
         self.axes = tuple(stats.meta["axes"])
         self.row_shape = tuple(stats.meta["row_shape"])
         self.ndim = len(self.row_shape) + 1
@@ -61,7 +73,8 @@ class Normalizer:
         gamma = _affine(gamma, shape, "gamma", neutral=1.0)
         beta = _affine(beta, shape, "beta", neutral=0.0)
         if inv_std is not None and gamma is not None:
-            scale = gamma * inv_std
+            with np.errstate(over="ignore"):  # an overflow is reported where it meets a row
+                scale = gamma * inv_std
         else:
             scale = inv_std if inv_std is not None else gamma
         grouped = self.num_groups is not None
@@ -90,36 +103,100 @@ class Normalizer:
                 f"rows of shape {self.row_shape}"
             )
 
+    def result_dtype(self, input_dtype: np.dtype) -> np.dtype:
+        """The dtype of the rows this normalizer makes from rows of `input_dtype`."""
+        return self.dtype if self.dtype is not None else output_dtype(input_dtype)
+
     def __call__(self, x: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
-        """Normalize `x`; the result has the shape of `x` and :func:`output_dtype`.
+        """Normalize `x`; the result has the shape of `x` and :meth:`result_dtype`.
 
         With per-group statistics, `groups` gives each row's group. The
         returned array may be a reused buffer, valid until the next call.
+
+        Raises
+        ------
+        RowError
+            A finite input value gave NaN or infinity (counted from the
+            first row of `x`).
         """
         x = np.asarray(x)
         self.check(x.shape[1:], x.dtype)
-        target = output_dtype(x.dtype)
+        target = self.result_dtype(x.dtype)
         compute = np.promote_types(target, np.float32)  # float16 is computed in float32
+        y = self._normalize(x, groups, compute, "y")
+        if target == compute:
+            out = y
+        else:
+            out = self._workspace.array("out", x.shape, target)
+            with np.errstate(over="ignore"):
+                np.copyto(out, y, casting="unsafe")
+        # One cheap pass over the block (max and min run at memory speed and
+        # propagate NaN); only a block that fails it is searched value by value.
+        limit = np.finfo(target).max
+        if y.size and not (y.max() <= limit and y.min() >= -limit):
+            self._check_finite(x, groups, out)
+        return out
+
+    def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,
+                   name: str) -> np.ndarray:
+        """The formula in `compute` precision, into the scratch array `name`."""
         terms = self._cast.get(compute)
         if terms is None:
-            terms = {k: None if v is None else v.astype(compute) for k, v in self._terms.items()}
+            with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
+                terms = {k: None if v is None else v.astype(compute) for k, v in self._terms.items()}
             self._cast[compute] = terms
         if self.num_groups is not None:
             terms = self._per_row(terms, groups, x.shape[0])
-        y = self._workspace.array("y", x.shape, compute)
-        if terms["mean"] is not None:
-            np.subtract(x, terms["mean"], out=y, casting="unsafe")
+        y = self._workspace.array(name, x.shape, compute)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if terms["mean"] is not None:
+                np.subtract(x, terms["mean"], out=y, casting="unsafe")
+            else:
+                np.copyto(y, x, casting="unsafe")
+            if terms["scale"] is not None:
+                np.multiply(y, terms["scale"], out=y)
+            if terms["beta"] is not None:
+                np.add(y, terms["beta"], out=y)
+        return y
+
+    def _check_finite(self, x: np.ndarray, groups: Optional[np.ndarray], out: np.ndarray) -> None:
+        """Raise RowError at the first non-finite output of a finite input value."""
+        made = ~np.isfinite(out)
+        if x.dtype.kind == "f":
+            made &= np.isfinite(x)
+        if not made.any():
+            return  # NaN / Inf in, NaN / Inf out
+        row, *index = (int(i) for i in np.argwhere(made)[0])
+        one = None if groups is None else np.asarray(groups)[row:row + 1]
+        exact = self._normalize(x[row:row + 1], one, np.dtype(np.float64), "row")[(0, *index)]
+        column = f"column {', '.join(map(str, index))}" if index else "its value"
+        target = out.dtype
+        if np.isfinite(exact) and abs(exact) > np.finfo(target).max:
+            wider = "float32" if target == np.float16 else "float64"
+            problem = (f"{column} normalizes to {exact:.6g}, beyond the largest {target} "
+                       f"({np.finfo(target).max:.6g}); write a wider output with --dtype {wider}")
+        elif np.isfinite(exact):
+            problem = (f"{column} normalizes to {exact:.6g}, but the statistics overflow the "
+                       f"{np.promote_types(target, np.float32)} arithmetic of a {target} output; "
+                       "compute in float64 with --dtype float64")
+        elif self._undefined_at(index, one):
+            problem = (f"{column} meets a statistic that the fit left undefined (NaN: it saw no data "
+                       "there); fit statistics on data that has values there")
         else:
-            np.copyto(y, x, casting="unsafe")
-        if terms["scale"] is not None:
-            np.multiply(y, terms["scale"], out=y)
-        if terms["beta"] is not None:
-            np.add(y, terms["beta"], out=y)
-        if target == compute:
-            return y
-        out = self._workspace.array("out", x.shape, target)
-        np.copyto(out, y, casting="unsafe")
-        return out
+            problem = (f"{column} ({x[(row, *index)]}) normalizes beyond the float64 range; the "
+                       "statistics (mean, inv_std, gamma, beta) do not fit this data")
+        raise RowError(row, problem)
+
+    def _undefined_at(self, index: list, groups: Optional[np.ndarray]) -> bool:
+        """Whether a statistic term is NaN at element `index` of a row (of group `groups[0]`)."""
+        for name, term in self._terms.items():
+            if term is None:
+                continue
+            if self.num_groups is not None and name != "beta":
+                term = term[int(groups[0])][None]
+            if np.isnan(np.broadcast_to(term, (1, *self.row_shape))[(0, *index)]):
+                return True
+        return False
 
     def _per_row(self, terms: dict, groups: Optional[np.ndarray], rows: int) -> dict:
         """Select each row's group statistics."""
@@ -138,6 +215,16 @@ class Normalizer:
                 )
         return {k: v if v is None or k == "beta" else v[groups] for k, v in terms.items()}
 
+def _output_dtype(dtype: object) -> np.dtype:
+    try:
+        chosen = np.dtype(dtype)
+    except TypeError:
+        chosen = None
+    if str(chosen) not in OUTPUT_DTYPES:
+        raise UsageError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype}")
+    return chosen
+
+
 def _affine(value: Affine, shape: tuple[int, ...], name: str, *, neutral: float) -> Optional[np.ndarray]:
     """`value` as float64 of the statistics' shape; None when absent or neutral."""
     if value is None:
@@ -153,10 +240,12 @@ def affine_array(value: Union[float, np.ndarray], shape: tuple[int, ...], name: 
 
     Raises
     ------
+    UsageError
+        `value` holds NaN or infinity.
     DataError
         `value` does not broadcast to `shape`.
     """
-    array = np.asarray(value, dtype=np.float64)
+    array = check_finite(np.asarray(value, dtype=np.float64), name)
     try:
         return np.array(np.broadcast_to(array, shape))
     except ValueError:

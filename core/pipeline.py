@@ -19,9 +19,10 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
-from .normalize import Normalizer, output_dtype
+from .files import identities, identity_mismatch
+from .normalize import Normalizer
 from .sources import BLOCK_BYTES, Stream, block_rows_for
-from .stats import BATCHNORM, Stats
+from .stats import BATCHNORM, Stats, check_values
 from .stores import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
@@ -36,6 +37,25 @@ def aligned_blocks(
     blocks = [s.blocks(block_rows, start_row, stop_row) for s in [stream, *side.values()]]
     for block, *extras in zip(*blocks):
         yield block, dict(zip(side, extras))
+
+
+def normalized_blocks(normalizer: Normalizer, stream: Stream, side: dict[str, Stream],
+                      block_rows: int) -> Iterator[np.ndarray]:
+    """The rows of `stream` normalized block by block (each a reused buffer);
+    an error about a row names its file and row."""
+    done = 0
+    for block, extras in aligned_blocks(stream, side, block_rows, 0):
+        try:
+            normalized = normalizer(block, **extras)
+        except RowError as error:
+            raise _located(error, stream, side, done + error.row) from None
+        yield normalized
+        done += block.shape[0]
+
+
+def _located(error: RowError, stream: Stream, side: dict[str, Stream], row: int) -> RowError:
+    """`error` placed at `row` of the stream it is about (the features or a side input)."""
+    return error.located(*(side[error.side] if error.side else stream).locate(row))
 
 
 def check_side(stream: Stream, side: dict[str, Stream]) -> None:
@@ -162,8 +182,7 @@ def feed(
         try:
             state.update(block, **extras, **more)
         except RowError as error:
-            holder = side[error.side] if error.side else stream
-            raise error.located(*holder.locate(error.row - state.first_row)) from None
+            raise _located(error, stream, side, error.row - state.first_row) from None
         done += block.shape[0]
         if progress:
             progress(block.shape[0])
@@ -186,8 +205,14 @@ def fit_centers(
     return run_fit(state, features, side=side, **options)
 
 
-def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint") -> int:
+def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint",
+               side: Optional[dict[str, Stream]] = None) -> int:
     """The row of `stream` at which a fit saved in `checkpoint` goes on.
+
+    A checkpoint that recorded its inputs' identities (absolute path,
+    dataset, size, modification time; see :func:`normstats.files.identities`)
+    resumes only over those very files, with `side` (labels, weights,
+    groups) as when it was made.
 
     Raises
     ------
@@ -203,6 +228,11 @@ def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint") -> i
             f"{name} was made over {', '.join(info['sources'])} ({info['rows_total']} rows), not over "
             f"{', '.join(stream.names)} ({stream.rows} rows); resume with the same inputs"
         )
+    if info.get("inputs"):
+        mismatch = identity_mismatch(info["inputs"], identities({"features": stream, **(side or {})}))
+        if mismatch:
+            raise UsageError(f"{name} was made over other files: {mismatch}; resume with the same inputs, "
+                             "or start over without --resume")
     return int(info["rows_done"])
 
 
@@ -234,6 +264,7 @@ def merge_stats(parts: Sequence[Stats], names: Optional[Sequence[str]] = None) -
     if not parts:
         raise UsageError("nothing to merge")
     for stats, name in zip(parts, names):
+        check_values(stats)
         if stats.mode != "exact":
             raise UsageError(
                 f"{name} holds {stats.mode} statistics, which cannot be merged: a moving average "
@@ -279,9 +310,9 @@ def apply_stats(
     block_rows = block_rows or block_rows_for(stream.row_bytes, None)
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
-    with ArrayWriter(output, stream.shape, output_dtype(stream.dtype), dataset=dataset) as writer:
-        for block, extras in aligned_blocks(stream, side, block_rows, 0):
-            writer.write(normalizer(block, **extras))
+    with ArrayWriter(output, stream.shape, normalizer.result_dtype(stream.dtype), dataset=dataset) as writer:
+        for block in normalized_blocks(normalizer, stream, side, block_rows):
+            writer.write(block)
             if progress:
                 progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}

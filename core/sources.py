@@ -15,41 +15,53 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import hdf5_policy
 from .errors import DataError, NormstatsError, UsageError
+from .limits import available_memory, elements, require_regular_file
+from .specs import KALDI, parse_spec
 from .validate import check_numeric_dtype
 
 BLOCK_BYTES = 8 << 20  # 4-8 MB blocks stay in cache; 64 MB ones run 30-40 % slower
-H5_CHUNK_CACHE_BYTES = 16 << 20  # aligned 8 MB blocks read each chunk once; more only costs memory
 
 NPY_MAGIC = b"\x93NUMPY"
 
 
 def split_spec(spec: str, dataset: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """Split ``file.h5:NAME`` into path and dataset name.
+    """Split ``file.h5:NAME`` into path and dataset name (see :func:`normstats.specs.parse_spec`).
 
     A path that exists as given is never split (so Windows drive letters and
     file names with colons work); `dataset` (from ``--dataset``) applies when
     the spec names no dataset.
     """
-    if os.path.exists(spec) or ":" not in spec:
-        return spec, dataset
-    path, _, name = spec.rpartition(":")
-    if dataset is not None and dataset != name:
-        raise UsageError(f"{spec!r} names dataset {name!r} but --dataset says {dataset!r}")
-    return path, name
+    parsed = parse_spec(spec, dataset)
+    return parsed.path, parsed.name
 
 
 def _check_input_path(path: str) -> None:
     if not os.path.exists(path):
         raise UsageError(f"input file {path!r} does not exist")
     if os.path.isdir(path):
-        raise UsageError(f"input {path!r} is a directory; give the .npy or HDF5 file inside it")
+        raise UsageError(f"input {path!r} is a directory (not a Zarr store); give the file inside it")
+    require_regular_file(path, "input")
     if not os.access(path, os.R_OK):
         raise UsageError(f"input file {path!r} is not readable")
 
 
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What must stay the same while a file is read: which file, its size and last write."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
 class ArraySource:
-    """One array on disk, read by rows. Subclasses implement :meth:`read_into`."""
+    """One array on disk, read by rows. Subclasses implement :meth:`read_into`.
+
+    A source keeps only metadata between reads: its file is opened at the
+    first read and closed by :meth:`close` (a Stream closes each shard when
+    done with it), so a thousand shards never hold a thousand descriptors.
+    Every read checks that the file is still the one opened, with the same
+    size and modification time: a file changed under a run is an error, never
+    a mix of two versions (or zeros, which HDF5 returns past a truncated end).
+    """
 
     path: str
     name: str  # for messages: 'file.npy' or 'file.h5:NAME'
@@ -57,6 +69,7 @@ class ArraySource:
     shape: tuple[int, ...]
     dtype: np.dtype
     first_row: int = 0  # the file's row that is row 0 here (see RowSlice)
+    _identity: tuple[int, int, int, int]  # of the file holding the data, when first opened
 
     @property
     def rows(self) -> int:
@@ -70,8 +83,12 @@ class ArraySource:
         """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
         raise NotImplementedError
 
+    def locate_row(self, row: int) -> tuple[str, int]:
+        """Row `row` of this source for messages: (what holds it, its row there)."""
+        return self.name, self.first_row + row
+
     def close(self) -> None:
-        """Release the file handle."""
+        """Release the file handle (a later read opens it again)."""
 
     def _validate(self) -> None:
         check_numeric_dtype(self.dtype, self.name)
@@ -79,28 +96,50 @@ class ArraySource:
             raise DataError(f"{self.name} is a scalar; it needs at least one (row) axis")
         if self.shape[0] == 0:
             raise DataError(f"{self.name} has zero rows; there is nothing to read")
+        if elements(self.shape[1:]) == 0:
+            raise DataError(f"{self.name} has shape {self.shape}: its rows hold no elements, so there is "
+                            "nothing to compute; check how the array was saved")
+
+    def _check_unchanged(self, info: os.stat_result, file: Optional[str] = None) -> None:
+        now = _identity(info)
+        if now != self._identity:
+            before, after = self._identity[2], now[2]
+            size = f" (its size went from {before} to {after} bytes)" if after != before else ""
+            raise DataError(f"{file or self.path} changed while it was read{size}; nothing was written: "
+                            "run again once no other program writes to it")
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> int:
+    """Read ``len(view)`` bytes at `offset`; return the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 class NpySource(ArraySource):
-    """A `.npy` file read with ``readinto`` at the row's byte offset.
+    """A `.npy` file read with ``pread`` at the row's byte offset, never mapped.
 
     Plain reads into a reused buffer keep memory bounded by the block (a
     memory map would count every page touched as resident) and run at the
-    page-cache copy speed.
+    page-cache copy speed; a file that shrinks under a map kills the process
+    (SIGBUS), a short read is an error. A Fortran-order file is read as one
+    strip per column.
     """
 
     def __init__(self, path: str) -> None:
         self.path = self.name = path
-        self._file = open(path, "rb")
-        try:
-            self._read_header()
-            self._validate()
-        except BaseException:
-            self._file.close()
-            raise
+        self._fd: Optional[int] = None
+        self._strips: Optional[np.ndarray] = None  # Fortran order: the block's columns
+        self._staging: Optional[np.ndarray] = None  # a block in the file's dtype, when the stream's differs
+        with open(path, "rb") as f:
+            self._read_header(f)
+        self._validate()
 
-    def _read_header(self) -> None:
-        f = self._file
+    def _read_header(self, f) -> None:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -110,137 +149,133 @@ class NpySource(ArraySource):
         except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
             # numpy parses an old-style header with tokenize, whose error is none of the others
             raise DataError(f"{self.path} is not a readable .npy file ({error})") from None
-        self.shape, self.dtype, self._fortran = tuple(shape), np.dtype(dtype), fortran_order
+        if any(n < 0 for n in shape):
+            raise DataError(f"{self.path} declares the shape {tuple(shape)}, with a negative size")
+        self.shape, self.dtype, self._fortran = tuple(int(n) for n in shape), np.dtype(dtype), fortran_order
         if self.dtype.hasobject:
             raise DataError(
                 f"{self.path} holds Python objects; they are never loaded (it would need "
                 "unpickling); save numeric arrays instead"
             )
         self._offset = f.tell()
-        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        # Python integers: a declared (1, 2**32, 2**32) must not wrap to 0 as numpy's int64 prod would
+        self._row_bytes = elements(self.shape[1:]) * self.dtype.itemsize
         expected = self._offset + self._row_bytes * (self.shape[0] if self.shape else 1)
-        actual = os.fstat(f.fileno()).st_size
-        if actual < expected:
+        info = os.fstat(f.fileno())
+        self._identity = _identity(info)
+        if info.st_size < expected:
             raise DataError(
                 f"{self.path} is truncated: its header promises {expected} bytes, the file has "
-                f"{actual}; re-create or re-copy it"
+                f"{info.st_size}; re-create or re-copy it"
             )
 
+    def _handle(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as error:
+                raise DataError(f"{self.path} cannot be opened again ({error.strerror}); it was removed or "
+                                "replaced while the run went on") from None
+        return self._fd
+
     def read_into(self, start: int, out: np.ndarray) -> None:
+        fd = self._handle()
         rows = out.shape[0]
-        if self._fortran:
-            # Rare layout: rows are strided on disk, so go through a map.
-            data = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            out[...] = data[start : start + rows]
-            return
-        target = out if out.dtype == self.dtype else np.empty(out.shape, self.dtype)
-        view = memoryview(target.reshape(-1).view(np.uint8))
-        self._file.seek(self._offset + start * self._row_bytes)
-        got = self._file.readinto(view)
-        if got != len(view):
-            raise DataError(f"{self.path} ended early at row {start + got // self._row_bytes}")
-        if target is not out:
-            out[...] = target
+        columns = elements(self.row_shape)
+        if self._fortran and columns > 1:
+            got = self._read_columns(fd, start, out)
+        else:
+            target = out if out.dtype == self.dtype else self._staged(out.shape)
+            view = memoryview(target.reshape(-1).view(np.uint8))
+            got = _pread_exact(fd, view, self._offset + start * self._row_bytes) == len(view)
+            if got and target is not out:
+                out[...] = target
+        self._check_unchanged(os.fstat(fd))
+        if not got:
+            raise DataError(f"{self.path} ended early, before row {start + rows}; it was cut while being read")
+
+    def _staged(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self._staging is None or self._staging.shape != shape:
+            self._staging = np.empty(shape, self.dtype)
+        return self._staging
+
+    def _read_columns(self, fd: int, start: int, out: np.ndarray) -> bool:
+        """Rows of a Fortran-order file: column c's rows are contiguous at c * rows."""
+        rows, columns, item = out.shape[0], elements(self.row_shape), self.dtype.itemsize
+        if self._strips is None or self._strips.shape != (columns, rows):
+            self._strips = np.empty((columns, rows), self.dtype)
+        raw = self._strips.view(np.uint8).reshape(columns, rows * item)
+        for column in range(columns):
+            position = self._offset + (column * self.shape[0] + start) * item
+            if _pread_exact(fd, memoryview(raw[column]), position) != rows * item:
+                return False
+        # the strips are the transposed block: axes reversed, rows last
+        out[...] = self._strips.reshape(self.row_shape[::-1] + (rows,)).T
+        return True
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class H5Source(ArraySource):
-    """One dataset of an HDF5 file, read with ``read_direct``."""
+    """One dataset of an HDF5 file, read with ``read_direct``.
+
+    The dataset is reached through :mod:`normstats.hdf5_policy` (links
+    followed and checked there) and opened in the file that holds its data,
+    with a chunk cache that holds the compressed chunks a block spans.
+    """
 
     def __init__(self, path: str, dataset: Optional[str], *, allow_external: bool = False) -> None:
-        import h5py
-
         self.path = path
-        try:
-            self._file = h5py.File(path, "r", rdcc_nbytes=H5_CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
-        except OSError as error:
-            raise DataError(f"{path} is not a readable HDF5 file ({error})") from None
+        self._handles: Optional[tuple] = None
         try:
             self._open(dataset, allow_external)
-        except BaseException as error:
-            self._file.close()
-            if isinstance(error, (RuntimeError, KeyError, ValueError, OSError)) and not isinstance(
-                error, NormstatsError
-            ):
-                raise DataError(f"{path} is a damaged HDF5 file ({error})") from None
-            raise
+        except (RuntimeError, KeyError, ValueError, OSError) as error:
+            if isinstance(error, NormstatsError):
+                raise
+            raise DataError(f"{path} is a damaged HDF5 file ({error})") from None
 
     def _open(self, dataset: Optional[str], allow_external: bool) -> None:
         """Find and check the dataset; h5py errors here mean a damaged file."""
-        import h5py
-
         path = self.path
-        name = dataset if dataset is not None else self._only_dataset()
-        self.name, self.dataset = f"{path}:{name}", name
-        obj = self._file.get(name)
-        if obj is None:
-            raise UsageError(
-                f"{path} has no dataset {name!r}; it has: {', '.join(self._datasets()) or 'none'}"
-            )
-        if not isinstance(obj, h5py.Dataset):
-            raise UsageError(
-                f"{self.name} is a group, not a dataset; it holds: "
-                f"{', '.join(self._datasets(obj)) or 'no datasets'}"
-            )
-        if obj.shape is None:
-            raise DataError(f"{self.name} is an empty dataset (no shape)")
-        if not allow_external:
-            self._refuse_outside(name, obj)
-        if obj.external:
-            del obj  # HDF5 refuses a second handle with another external-file prefix
-            obj = self._with_origin_prefix(name)
-        self._dataset = obj
-        self.shape, self.dtype = tuple(obj.shape), obj.dtype
+        with hdf5_policy.open_file(path) as f:
+            name = dataset if dataset is not None else self._only_dataset(f)
+            self.name, self.dataset = f"{path}:{name}", name
+            try:
+                located = hdf5_policy.locate(path, name, allow_external=allow_external, display=self.name)
+            except hdf5_policy.MissingName:
+                raise UsageError(
+                    f"{path} has no dataset {name!r}; it has: {', '.join(self._datasets(f)) or 'none'}"
+                ) from None
+            if not located.is_dataset:
+                inside = ", ".join(self._datasets(f, f[located.name])) if located.file == path else ""
+                raise UsageError(f"{self.name} is a group, not a dataset; it holds: {inside or 'no datasets'} "
+                                 f"(to read all of them as one collection, give {path}:/{located.name.lstrip('/')})")
+        self._located = located
+        file, obj = hdf5_policy.open_dataset(located)
+        try:
+            if obj.shape is None:
+                raise DataError(f"{self.name} is an empty dataset (no shape)")
+            self.shape, self.dtype = tuple(obj.shape), obj.dtype
+            self._cache = hdf5_policy.chunk_cache(obj, available_memory())
+            self._identity = _identity(os.stat(located.file))
+        finally:
+            file.close()
         self._validate()
 
-    def _with_origin_prefix(self, name: str):
-        """Reopen a dataset with external storage so that its raw files resolve
-        against the HDF5 file's folder, as the trust check does, not the
-        current directory (HDF5's default)."""
-        import h5py
-
-        access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-        access.set_efile_prefix(b"${ORIGIN}")
-        return h5py.Dataset(h5py.h5d.open(self._file.id, name.encode(), dapl=access))
-
-    def _refuse_outside(self, name: str, dataset) -> None:
-        """Refuse data that an external link, a virtual dataset or external
-        storage pulls in from outside the input's folder."""
-        import h5py
-
-        folder = os.path.dirname(os.path.realpath(self.path))
-        targets = []
-        parts = name.strip("/").split("/")
-        for depth in range(1, len(parts) + 1):
-            link = self._file.get("/".join(parts[:depth]), getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                targets.append(("external link", link.filename))
-        if dataset.is_virtual:
-            targets += [("virtual dataset source", vs.file_name) for vs in dataset.virtual_sources()
-                        if vs.file_name != "."]
-        targets += [("external storage", entry[0]) for entry in dataset.external or ()]
-        for kind, target in targets:
-            target = target.decode() if isinstance(target, bytes) else target
-            resolved = os.path.realpath(os.path.join(folder, target))
-            if os.path.commonpath([folder, resolved]) != folder:
-                raise UsageError(
-                    f"{self.name} reads {target!r} through an HDF5 {kind}, outside the input's "
-                    "folder; pass --allow-external if you trust that file"
-                )
-
-    def _datasets(self, group=None) -> list[str]:
+    def _datasets(self, file, group=None) -> list[str]:
         import h5py
 
         names: list[str] = []
-        (group or self._file).visititems(
+        (group or file).visititems(
             lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
         )
         return names
 
-    def _only_dataset(self) -> str:
-        names = self._datasets()
+    def _only_dataset(self, file) -> str:
+        names = self._datasets(file)
         if len(names) != 1:
             raise UsageError(
                 f"{self.path} holds {len(names)} datasets ({', '.join(names) or 'none'}); "
@@ -249,36 +284,79 @@ class H5Source(ArraySource):
         return names[0]
 
     def read_into(self, start: int, out: np.ndarray) -> None:
+        if self._handles is None:
+            self._handles = hdf5_policy.open_dataset(self._located, cache=self._cache)
+        file, dataset = self._handles
         try:
-            self._dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
+            dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
         except (OSError, RuntimeError, ValueError) as error:
             raise DataError(
                 f"{self.name}: rows {start}..{start + out.shape[0] - 1} cannot be read ({error}); "
                 "the file is damaged or its external data is missing"
             ) from None
+        # checked after the read: HDF5 returns zeros for what a truncation cut off
+        self._check_unchanged(_h5_stat(file, self._located.file), self._located.file)
 
     def close(self) -> None:
-        self._file.close()
+        if self._handles is not None:
+            self._handles[0].close()
+            self._handles = None
+
+
+def _h5_stat(file, path: str) -> os.stat_result:
+    """The stat of an open HDF5 file, by its descriptor when the driver has one."""
+    try:
+        return os.fstat(file.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return os.stat(path)
 
 
 def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: bool = False) -> ArraySource:
-    """Open ``file.npy``, ``file.h5``, or ``file.h5:NAME`` for reading by rows.
+    """Open an input spec for reading by rows: ``file.npy``, ``file.h5[:NAME]``, an
+    HDF5 collection (``file.h5:/group``, ``file.h5:/train/*``), a Kaldi ``scp:`` /
+    ``ark:``, ``store.zarr[:PATH]``, ``file.npz[:NAME]``, ``file.safetensors[:NAME]``,
+    ``file.parquet:COLUMN`` or ``file.arrow:COLUMN`` (see :mod:`normstats.specs`).
 
-    The format is recognized by the file's content, not its extension. HDF5
-    data reached through external links, virtual datasets or external storage
-    outside the file's folder is refused unless `allow_external`.
+    `.npy` and HDF5 are told apart by the file's content. HDF5 data reached
+    through external links, virtual datasets or external storage outside the
+    file's folder is refused unless `allow_external`.
 
     Raises
     ------
     UsageError
-        The path does not exist, is a directory, or names no dataset.
+        The path does not exist, is a directory, a pipe or a device, names
+        no dataset, is a URL, or needs an optional package not installed.
     DataError
-        The file is neither `.npy` nor HDF5, is truncated, or holds no numeric array.
+        The file is not of its kind, is truncated, or holds no numeric array.
     """
     import h5py
 
-    path, name = split_spec(spec, dataset)
+    parsed = parse_spec(spec, dataset)
+    path, name = parsed.path, parsed.name
+    if parsed.kind in KALDI:
+        from .readers.kaldi import KaldiSource
+
+        _check_input_path(path)
+        return KaldiSource(path, parsed.kind)
+    if parsed.kind == "zarr":
+        from .readers.zarr_array import ZarrSource
+
+        if not os.path.exists(path):
+            raise UsageError(f"input {path!r} does not exist")
+        return ZarrSource(path, name)
     _check_input_path(path)
+    if parsed.kind == "npz":
+        from .readers.npz import open_npz
+
+        return open_npz(path, name)
+    if parsed.kind == "safetensors":
+        from .readers.safetensors_tensor import open_safetensors
+
+        return open_safetensors(path, name)
+    if parsed.kind in ("parquet", "arrow"):
+        from .readers.arrow_column import ArrowColumn
+
+        return ArrowColumn(path, name, parsed.kind)
     with open(path, "rb") as f:
         magic = f.read(len(NPY_MAGIC))
     if magic == NPY_MAGIC:
@@ -286,8 +364,17 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
             raise UsageError(f"{path} is a .npy file; it has no dataset {name!r}")
         return NpySource(path)
     if h5py.is_hdf5(path):
+        from .readers.h5collection import H5Collection, is_collection
+
+        if name is not None and is_collection(path, name, allow_external):
+            return H5Collection(path, name, allow_external=allow_external)
         return H5Source(path, name, allow_external=allow_external)
-    raise DataError(f"{path} is neither a .npy nor an HDF5 file")
+    from .readers.kaldi import KaldiSource, looks_like_ark
+
+    if name is None and looks_like_ark(path):  # a Kaldi archive under another extension
+        return KaldiSource(path, "ark")
+    raise DataError(f"{path} is neither a .npy nor an HDF5 file; name other formats by their extension "
+                    "(.npz, .safetensors, .parquet, .arrow, .zarr) or kind (scp:, ark:)")
 
 
 class RowSlice(ArraySource):
@@ -302,6 +389,9 @@ class RowSlice(ArraySource):
 
     def read_into(self, start: int, out: np.ndarray) -> None:
         self.source.read_into(self.first_row + start, out)
+
+    def locate_row(self, row: int) -> tuple[str, int]:
+        return self.source.locate_row(self.first_row + row)
 
     def close(self) -> None:
         self.source.close()
@@ -384,7 +474,7 @@ class Stream:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        return elements(self.row_shape) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -394,7 +484,7 @@ class Stream:
         """The shard holding `row` of the stream, and the row's index within it."""
         for source in self.sources:
             if row < source.rows:
-                return source.name, source.first_row + row
+                return source.locate_row(row)
             row -= source.rows
         raise IndexError(row)
 
@@ -435,6 +525,8 @@ class Stream:
                 filled += take
                 start += take
                 position += take
+                if start == end:
+                    source.close()  # one shard open at a time: its rows are all read
                 if filled == block_rows:
                     yield buffer
                     filled = 0

@@ -10,115 +10,307 @@ no file or the previous one, never a partial file.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import secrets
 import signal
+import stat
 import struct
-import tempfile
 import time
 import zipfile
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError, StatsFileError, UsageError
+from . import hdf5_policy
+from .archives import NpzMembers, check_safetensors_header
+from .errors import DataError, NormstatsError, OutputError, StatsFileError, UsageError
+from .limits import JSON_MAX_BYTES, check_expansion, check_fits_memory, elements, require_regular_file
 from .sources import NPY_MAGIC, split_spec
 from .stats import BATCHNORM, CENTERS, Stats, check_stats
+from .stats_meta import check_arrays, check_meta
 
 STATS_FORMATS = (".npz", ".h5", ".hdf5", ".safetensors", ".json")
 ARRAY_FORMATS = (".npy", ".h5", ".hdf5")
 # assign writes labels and distances together: HDF5 only, since a zip (.npz) can have one
 # member open for writing at a time, and two .npy files could not be renamed into place at once
 ASSIGN_FORMATS = (".h5", ".hdf5")
-H5_CHUNK_BYTES = 1 << 20
+# Every extension an output may have: a name after one of them (`out.h5:NAME`) is a dataset.
+KNOWN_OUTPUTS = tuple(dict.fromkeys(STATS_FORMATS + ARRAY_FORMATS + (".png", ".cmvn", ".mat", ".ark")))
 
 
 def _extension(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def check_output(path: str, *, force: bool, inputs: Sequence[str] = (), formats: Sequence[str]) -> None:
+def check_output(path: str, *, force: bool, formats: Sequence[str]) -> None:
     """Refuse an output path before any work is done.
+
+    (Whether it is also an input, or another output, is the business of
+    :class:`normstats.files.CommandFiles`, which calls this for each output.)
 
     Raises
     ------
     UsageError
-        Unknown extension, missing or unwritable folder, an existing file
-        without `force`, a directory, or the path of one of the `inputs`.
+        Unknown extension, missing or unwritable folder, a name too long for
+        its temporary, an existing file (or link) without `force`, or a directory.
     """
     path, dataset = split_output(path)
-    if dataset is not None and formats is not ARRAY_FORMATS:  # only a single array has one name
-        what = "a stats file" if formats is STATS_FORMATS else "this output"
-        raise UsageError(f"output {path}:{dataset}: {what} takes no dataset name; write {path}")
+    if dataset is not None and (formats is not ARRAY_FORMATS or _extension(path) == ".npy"):
+        what = {".npy": "a .npy file holds one unnamed array"}.get(_extension(path)) or \
+            ("a stats file takes no dataset name" if formats is STATS_FORMATS else "this output takes no dataset name")
+        raise UsageError(f"output {path}:{dataset}: {what}; write {path}")
     if _extension(path) not in formats:
         raise UsageError(
             f"output {path!r} must end in one of {', '.join(formats)} (the format follows the extension)"
         )
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"output folder {folder!r} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder!r} is not writable")
     if os.path.isdir(path):
         raise UsageError(f"output {path!r} is a directory")
-    for spec in inputs:
-        input_path = split_spec(spec)[0]
-        if os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(input_path, path):
-            raise UsageError(f"output {path!r} is also an input; choose another output path")
-    if os.path.exists(path) and not force:
+    kind = _special_kind(path)
+    if kind:  # --force replaces a file, never a FIFO, socket or device that has the name
+        raise UsageError(f"output {path!r} is {kind}, not a file; write to another path")
+    _check_name_length(folder, base)
+    if os.path.lexists(path) and not force:
         raise UsageError(f"output {path!r} exists; pass --force to overwrite it")
 
 
+def _check_name_length(folder: str, base: str) -> None:
+    """The output's temporary must be a legal name in `folder`, or the work would be lost at the end."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    longest = len(os.fsencode(_temporary_name(base, "x" * TAG_CHARS)))
+    if longest > name_max:
+        room = name_max - (longest - len(os.fsencode(base)))
+        raise UsageError(
+            f"output name {base!r} is too long: its temporary needs {longest} bytes, and names in "
+            f"{folder} have at most {name_max}; choose a name of at most {room} bytes"
+        )
+
+
+# --- atomic placement -------------------------------------------------------------
+
+# Temporaries are ".<output name>.<pid of the writer>.<random tag>.tmp" beside the output, so a
+# later run can tell those of dead writers (SIGKILL, power loss) and remove them.
+TAG_CHARS = 8
+TEMPORARY = re.compile(r"\A\.(?P<base>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{%d}\.tmp\Z" % TAG_CHARS, re.DOTALL)
+# The errors that mean "no room": disk full, quota, file-size limit (RLIMIT_FSIZE, the
+# filesystem's largest file).
+NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's largest file"}
+_RUN_STARTED = time.time()  # temporaries older than this, of dead writers, are stale
+_swept: set[str] = set()
+_REPLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("normstats_replace", default=True)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; rename it to `path` on success.
+def overwriting(allowed: bool) -> Iterator[None]:
+    """Within this block, outputs placed by :func:`atomic_path` (without an
+    explicit `replace`) replace a file at their path only if `allowed`.
+
+    Outside any such block they do (the library's default). The CLI sets it
+    from ``--force``: without it, an output that appeared while the run
+    worked is never replaced.
+    """
+    token = _REPLACE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _REPLACE.reset(token)
+
+
+def _temporary_name(base: str, tag: str) -> str:
+    return f".{base}.{os.getpid()}.{tag}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, replace: Optional[bool] = None) -> Iterator[str]:
+    """Yield a temporary path beside `path`; place it at `path` on success.
 
     On any exception (including KeyboardInterrupt) the temporary is removed
-    and `path` is left as it was.
+    and `path` is left as it was. A refusal of the system to store the bytes
+    (disk full, file-size limit) becomes one :class:`OutputError`.
+
+    Parameters
+    ----------
+    replace : bool, optional
+        Whether a file at `path` may be replaced. If not, the temporary is
+        linked into place (or renamed with ``RENAME_NOREPLACE``), so a file
+        that appeared meanwhile is kept and the run fails. Default: as
+        :func:`overwriting` says (outside it: replace).
     """
+    replace = _REPLACE.get() if replace is None else replace
     folder, base = os.path.split(os.path.abspath(path))
+    sweep_temporaries(folder)
     # Ctrl-C / SIGTERM are held while the temporary is created: one landing between its
     # creation and the guard below would strand it. Held signals arrive inside the guard.
-    held = _hold_signals()
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-    except BaseException:
-        _release_signals(held)
-        raise
+    with held_signals():
+        temporary = _create_temporary(folder, base)
     try:  # from here on, any exit (Ctrl-C included) removes the temporary
-        _release_signals(held)
-        os.close(handle)
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         yield temporary
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        with held_signals():  # placed and cleaned up as one step
+            _place(temporary, path, replace)
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and (error.errno in NO_ROOM or error.filename == temporary):
+            raise _refused(path, error) from None
         raise
+    _sync_folder(folder)
 
 
-def _hold_signals() -> Optional[set]:
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+def _special_kind(path: str) -> Optional[str]:
+    """What `path` is if it exists as neither a regular file nor a link (None otherwise)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return None
 
 
-def _release_signals(previous: Optional[set]) -> None:
-    if previous is not None:
+def _refused(path: str, error: OSError) -> OutputError:
+    """The system refused to store `path`'s bytes (its temporary is gone already)."""
+    kept = f"the previous {path} is intact" if os.path.lexists(path) else "no output was left"
+    if error.errno in NO_ROOM:
+        return OutputError(f"cannot write {path}: {NO_ROOM[error.errno]} ({os.strerror(error.errno)}); "
+                           f"{kept}; free space or write elsewhere")
+    return OutputError(f"cannot write {path}: {error.strerror or error}; {kept}")
+
+
+def _create_temporary(folder: str, base: str) -> str:
+    """Create an empty temporary (mode 0666 less the umask, like any new file)."""
+    while True:
+        temporary = os.path.join(folder, _temporary_name(base, secrets.token_hex(TAG_CHARS // 2)))
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return temporary
+        except FileExistsError:  # the same tag twice: draw another
+            continue
+
+
+def _place(temporary: str, path: str, replace: bool) -> None:
+    if replace:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)  # fails if `path` exists, whatever it is (a dangling link too)
+    except FileExistsError:
+        raise _appeared(path) from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        _rename_noreplace(temporary, path)  # a filesystem without hard links (FAT, some FUSE)
+        return
+    os.unlink(temporary)
+
+
+def _rename_noreplace(temporary: str, path: str) -> None:
+    """``renameat2(RENAME_NOREPLACE)`` (Linux >= 3.15); where neither it nor links exist,
+    a rename after a last look, which narrows the window to that instant."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(temporary), at_fdcwd, os.fsencode(path), rename_noreplace) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise _appeared(path)
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), path)
+    if os.path.lexists(path):
+        raise _appeared(path)
+    os.rename(temporary, path)
+
+
+def _appeared(path: str) -> UsageError:
+    return UsageError(f"output {path!r} was created by someone else while this run worked; it was kept "
+                      "and nothing was written; pass --force to overwrite it")
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the rename durable (best effort: not every system can fsync a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sweep_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries that dead writers left in `folder`; return their names.
+
+    Only names of this module's pattern count, only regular files written
+    before this process started, and only of a pid that no longer runs on
+    this machine. Each folder is swept once per process.
+    """
+    if folder in _swept:
+        return []
+    _swept.add(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMPORARY.match(entry.name)
+        if not match or _alive(int(match["pid"])):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < _RUN_STARTED:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's live process, or not a pid
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for the block; a signal that came meanwhile arrives at its end."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once: setting it back and forth mid-run could be interrupted
 
 
 # --- stats files -------------------------------------------------------------
@@ -141,7 +333,7 @@ JSON_DTYPES = frozenset(
 FORMAT_NAMES = ".npz, HDF5, .safetensors or .json"
 
 
-def write_stats(stats: Stats, path: str) -> None:
+def write_stats(stats: Stats, path: str, *, replace: Optional[bool] = None) -> None:
     """Write `stats` atomically, in the format of the extension of `path`.
 
     ``.npz`` (metadata as the JSON string array ``meta``), ``.safetensors``
@@ -149,11 +341,15 @@ def write_stats(stats: Stats, path: str) -> None:
     (arrays as nested lists with dtype and shape, non-finite values as the
     strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``), else HDF5
     (metadata as attributes). Every format holds the same arrays and metadata.
+    `replace`: whether a file at `path` may be replaced (see :func:`atomic_path`).
     """
     meta = dict(stats.meta, kind=stats.kind)
     arrays = {name: np.asarray(value) for name, value in stats.arrays.items()}
     extension = _extension(path)
-    with atomic_path(path) as temporary:
+    # Ctrl-C is held while a format library serializes: one raised inside its cleanup (zipfile,
+    # HDF5) would be replaced by that library's own error. A stats file takes well under a
+    # second; the held signal then lands in atomic_path, which removes the temporary.
+    with atomic_path(path, replace=replace) as temporary, held_signals():
         if extension == ".npz":
             with open(temporary, "wb") as f:
                 np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
@@ -166,12 +362,13 @@ def write_stats(stats: Stats, path: str) -> None:
 
 
 def _write_stats_h5(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        for name, value in arrays.items():
-            f.create_dataset(name, data=np.asarray(value))
-        write_attrs(f, meta)
+    # A 0-d statistic has no place of its own in the file (HDF5 keeps it in the dataset's
+    # header), so it is given to HDF5 with the metadata; the others are written after it.
+    scalars = {name: a for name, a in arrays.items() if a.ndim == 0}
+    regions = _layout(path, ".h5", {name: (a.shape, a.dtype) for name, a in arrays.items() if a.ndim},
+                      meta, values=scalars)
+    for name, region in regions.items():
+        region.write(0, arrays[name])
 
 
 def write_attrs(target: Any, meta: dict[str, Any]) -> None:
@@ -213,29 +410,43 @@ def _json_values(array: np.ndarray) -> Any:
     return encode(values)
 
 
-def read_stats(path: str) -> Stats:
+def read_stats(path: str, *, allow_external: bool = False) -> Stats:
     """Read a stats or centers file written by :func:`write_stats`.
 
     The format is recognized by content (HDF5, zip archive, safetensors header,
     JSON), else by extension. Nothing is ever unpickled: `.npz` files are
     loaded with ``allow_pickle=False``, and safetensors and JSON cannot hold
-    Python objects.
+    Python objects. Every declared size is checked before anything is
+    allocated, HDF5 arrays obey the outside-data policy
+    (:mod:`normstats.hdf5_policy`; `allow_external` lifts it), and every
+    metadata key normstats uses is checked for its type.
 
     Raises
     ------
     UsageError
-        The file does not exist.
+        The file does not exist, or is a pipe or device; an HDF5 array comes
+        from outside the file's folder.
     StatsFileError
-        It is not a normstats stats file or is damaged.
+        It is not a normstats stats file, is damaged, or holds a value of the
+        wrong type (the message names the key).
     """
     require_file(path, "stats file")
     try:
-        reader = {".h5": _read_stats_h5, ".npz": _read_stats_npz, ".json": _read_stats_json,
-                  ".safetensors": _read_stats_safetensors}[_stats_format(path)]
-        arrays, meta = reader(path)
-    except StatsFileError:
+        found = _stats_format(path)
+        if found == ".h5":
+            arrays, meta = _read_stats_h5(path, allow_external)
+        else:
+            reader = {".npz": _read_stats_npz, ".json": _read_stats_json,
+                      ".safetensors": _read_stats_safetensors}[found]
+            arrays, meta = reader(path)
+        meta = check_meta(meta, path)
+        arrays = check_arrays(arrays, path)
+    except (StatsFileError, UsageError):
         raise
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, OverflowError, zipfile.BadZipFile) as error:
+    except NormstatsError as error:  # a damaged HDF5 file, a declared size beyond the file
+        raise StatsFileError(str(error)) from None
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, OverflowError, TypeError,
+            zipfile.BadZipFile) as error:
         raise StatsFileError(
             f"{path} is not a readable normstats stats file ({FORMAT_NAMES}): "
             f"{_reason(error)}; re-create it with fit-bn or fit-centers"
@@ -247,11 +458,9 @@ def read_stats(path: str) -> Stats:
 
 
 def require_file(path: str, what: str) -> None:
-    """Raise UsageError unless `path` is an existing file (called `what` in the message)."""
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path!r} is a directory")
+    """Raise UsageError unless `path` is an existing regular file (called `what`
+    in the message): a pipe or device is refused before it is opened."""
+    require_regular_file(path, what)
 
 
 def _stats_format(path: str) -> str:
@@ -283,16 +492,23 @@ def _reason(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _npz(path: str) -> Iterator[Any]:
-    """An `.npz` archive opened without pickles; a damaged one is a StatsFileError
-    (np.load given a path leaks its handle then, so it gets ours)."""
+def _npz(path: str) -> Iterator[NpzMembers]:
+    """An `.npz` archive whose members are read within their declared sizes,
+    never unpickled; a damaged one is a StatsFileError."""
     with open(path, "rb") as f:
         try:
-            archive = np.load(f, allow_pickle=False)
+            archive = zipfile.ZipFile(f)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             raise StatsFileError(f"{path} is not a readable .npz archive: {_reason(error)}") from None
         with archive:
-            yield archive
+            yield NpzMembers(archive, path)
+
+
+def npz_names(path: str) -> list[str]:
+    """The arrays an `.npz` archive holds (member names without ``.npy``)."""
+    require_file(path, "file")
+    with _npz(path) as archive:
+        return list(archive.files)
 
 
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -303,15 +519,22 @@ def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         if "meta" not in archive.files:
             raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
         arrays = {name: archive[name] for name in archive.files if name != "meta"}
-        meta = json.loads(str(archive["meta"]))
-    return arrays, meta
+        meta = archive["meta"]
+    if meta.dtype.kind != "U" or meta.ndim != 0:
+        raise StatsFileError(f"stats file {path!r}: key 'meta' is not a JSON string")
+    return arrays, json.loads(str(meta))
 
 
-def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        arrays = {name: np.asarray(f[name][()]) for name in f if isinstance(f[name], h5py.Dataset)}
+def _read_stats_h5(path: str, allow_external: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with hdf5_policy.open_file(path) as f:
+        names = list(f)  # link names only: nothing is followed here
+        arrays, taken = {}, 0
+        for name in names:
+            array = _h5_stats_array(path, name, allow_external)
+            if array is not None:
+                arrays[name] = array
+                taken += array.nbytes
+                check_fits_memory(taken, f"stats file {path!r}")
         meta = {}
         for key, value in f.attrs.items():
             if isinstance(value, bytes):
@@ -322,6 +545,25 @@ def _read_stats_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                 value = value.item()
             meta[key] = value
     return arrays, meta
+
+
+def _h5_stats_array(path: str, name: str, allow_external: bool) -> Optional[np.ndarray]:
+    """The array `name` of an HDF5 stats file (None for a group), its size checked first."""
+    where = f"stats file {path!r}: key {name!r}"
+    located = hdf5_policy.locate(path, name, allow_external=allow_external, display=where)
+    if not located.is_dataset:
+        return None
+    file, dataset = hdf5_policy.open_dataset(located)
+    with file:
+        if dataset.shape is None:
+            raise StatsFileError(f"{where} is an empty dataset (no shape)")
+        if dataset.dtype.kind not in "biuf":
+            raise StatsFileError(f"{where}: holds {dataset.dtype} values, not numbers")
+        declared = elements(dataset.shape) * dataset.dtype.itemsize
+        if dataset.id.get_create_plist().get_nfilters():
+            check_expansion(declared, dataset.id.get_storage_size(), where)
+        check_fits_memory(declared, where)
+        return np.asarray(dataset[()])
 
 
 def _read_stats_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -336,6 +578,10 @@ def _read_stats_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str,
 
 def _read_stats_json(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > JSON_MAX_BYTES:
+            raise StatsFileError(f"{path} is a {size}-byte JSON stats file, beyond the {JSON_MAX_BYTES} bytes "
+                                 "normstats parses; write large statistics as .npz or .h5")
         document = json.loads(f.read())
     if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
         raise StatsFileError(f'{path} is JSON but not a normstats stats file (no "format": "{JSON_FORMAT}")')
@@ -374,7 +620,10 @@ def _json_array(entry: Any, where: str) -> np.ndarray:
         scalar = all(isinstance(v, int) and not isinstance(v, bool) for v in level)
     if not scalar:
         raise StatsFileError(f"{where} holds values that are not {name} numbers")
-    return np.array(level, dtype=dtype).reshape(shape)
+    try:
+        return np.array(level, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError) as error:
+        raise StatsFileError(f"{where} holds values that do not fit {name} ({error})") from None
 
 
 # --- safetensors -----------------------------------------------------------------
@@ -383,10 +632,13 @@ def _json_array(entry: Any, where: str) -> np.ndarray:
 def write_safetensors(arrays: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
     """Write `arrays` as tensors and `metadata` (strings) to `path` (not atomically:
     callers write into :func:`atomic_path`'s temporary)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    # order="C", not ascontiguousarray: that would turn a 0-d statistic into shape (1,)
-    save_file({name: np.asarray(a, order="C") for name, a in arrays.items()}, path, metadata=metadata)
+    # order="C", not ascontiguousarray: that would turn a 0-d statistic into shape (1,).
+    # Serialized here and written by Python, so a full disk is an OSError like any other.
+    data = save({name: np.asarray(a, order="C") for name, a in arrays.items()}, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -403,6 +655,7 @@ def read_safetensors(path: str, names: Optional[Sequence[str]] = None) -> tuple[
     """
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors_header(path, None if names is None else list(names))
     try:
         with safe_open(path, framework="np") as f:
             metadata = dict(f.metadata() or {})
@@ -431,6 +684,7 @@ def safetensors_index(path: str) -> tuple[list[str], dict[str, str]]:
     """The tensor names and metadata of a `.safetensors` file, without reading tensors."""
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors_header(path, [])
     try:
         with safe_open(path, framework="np") as f:
             return list(f.keys()), dict(f.metadata() or {})
@@ -457,7 +711,7 @@ def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[s
     """
     if container not in EXPORT_CONTAINERS:
         raise UsageError(f"unknown export container {container!r}")
-    with atomic_path(path) as temporary:
+    with atomic_path(path) as temporary, held_signals():  # as in write_stats
         if container == "safetensors":
             write_safetensors(arrays, temporary, metadata)
         elif container == "npz":
@@ -485,23 +739,24 @@ def kaldi_binary_matrix(matrix: np.ndarray) -> bytes:
             + np.ascontiguousarray(matrix).tobytes())
 
 
-def read_array(spec: str) -> np.ndarray:
+def read_array(spec: str, *, allow_external: bool = False) -> np.ndarray:
     """Read a small array (gamma, beta, initial centers) from `.npy`, `.npz` or
     `.safetensors` (``file:NAME``, or the file's only array) or ``file.h5:NAME``;
-    never unpickles."""
+    never unpickles. Its declared size is checked against the file and the
+    memory at hand first; HDF5 data obeys the outside-data policy."""
     from .sources import open_source
 
     path, name = split_spec(spec)
     if _extension(path) in (".npz", ".safetensors"):
-        if not os.path.exists(path):
-            raise UsageError(f"file {path!r} does not exist")
+        require_file(path, "file")
         if _extension(path) == ".safetensors":
             key = _array_name(path, safetensors_index(path)[0], name)
             return read_safetensors(path, [key])[0][key]
         with _npz(path) as archive:
             return archive[_array_name(path, [n for n in archive.files if n != "meta"], name)]
-    source = open_source(spec)
+    source = open_source(spec, allow_external=allow_external)
     try:
+        check_fits_memory(elements(source.shape) * source.dtype.itemsize, source.name)
         out = np.empty(source.shape, dtype=source.dtype)
         source.read_into(0, out)
         return out
@@ -518,148 +773,7 @@ def _array_name(path: str, names: Sequence[str], name: Optional[str]) -> str:
     return name or names[0]
 
 
-# --- array outputs (apply) ----------------------------------------------------
-
-
-class _RowsWriter:
-    """Rows written block by block into a temporary beside `path`, renamed
-    into place on a clean exit of the ``with`` block (removed on an exception).
-
-    Subclasses open their format in :meth:`_open` and write in ``write``,
-    adding the rows written to ``_rows_written``.
-    """
-
-    def __init__(self, path: str, rows: int) -> None:
-        self.path, self.rows = path, int(rows)
-        self._context: Optional[contextlib.AbstractContextManager] = None
-        self._rows_written = 0
-
-    def _open(self, temporary: str) -> Any:
-        """Open `temporary` for writing; return the handle to close at the end."""
-        raise NotImplementedError
-
-    def __enter__(self) -> "_RowsWriter":
-        self._context = atomic_path(self.path)
-        temporary = self._context.__enter__()
-        try:
-            self._file = self._open(temporary)
-        except BaseException as error:
-            self._context.__exit__(type(error), error, error.__traceback__)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
-        if exc_type is None and self._rows_written != self.rows:
-            exc = RuntimeError(f"wrote {self._rows_written} of {self.rows} rows")
-            self._context.__exit__(RuntimeError, exc, None)
-            raise exc
-        self._context.__exit__(exc_type, exc, tb)
-
-
-def _rows_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-    """An HDF5 dataset of `shape`, chunked by about H5_CHUNK_BYTES of whole rows."""
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
-    chunk_rows = max(1, min(shape[0], H5_CHUNK_BYTES // row_bytes))
-    return file.create_dataset(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + tuple(shape[1:]))
-
-
-def _write_npy_header(f: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """The `.npy` header of a C-order array; its data follows at ``f.tell()``."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": tuple(shape)}
-    np.lib.format.write_array_header_1_0(f, header)
-
-
-def _write_rows(dataset: Any, start: int, block: np.ndarray) -> None:
-    dataset.write_direct(np.ascontiguousarray(block, dtype=dataset.dtype),
-                         dest_sel=np.s_[start : start + block.shape[0]])
-
-
-class ArrayWriter(_RowsWriter):
-    """Writes an array of known shape block by block to `.npy` or an HDF5 dataset.
-
-    Use as a context manager: on a clean exit the file is renamed into place,
-    on an exception the temporary is removed.
-
-    Parameters
-    ----------
-    path : str
-        ``out.npy``, ``out.h5`` or ``out.h5:NAME``.
-    shape : tuple of int
-        Shape of the whole output.
-    dtype : numpy dtype
-    dataset : str
-        Dataset name in an HDF5 output when `path` names none.
-    """
-
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, dataset: str = "data") -> None:
-        path, name = split_output(path)
-        super().__init__(path, shape[0])
-        self.dataset = name or dataset
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-    def _open(self, temporary: str) -> Any:
-        if _extension(self.path) == ".npy":
-            self._dataset = None
-            f = open(temporary, "wb")
-            _write_npy_header(f, self.shape, self.dtype)
-            return f
-        import h5py
-
-        f = h5py.File(temporary, "w")
-        self._dataset = _rows_dataset(f, self.dataset, self.shape, self.dtype)
-        return f
-
-    def write(self, block: np.ndarray) -> None:
-        """Append the next rows."""
-        if self._dataset is None:
-            self._file.write(np.ascontiguousarray(block, dtype=self.dtype).data)
-        else:
-            _write_rows(self._dataset, self._rows_written, block)
-        self._rows_written += block.shape[0]
-
-
-class DatasetsWriter(_RowsWriter):
-    """Writes several HDF5 datasets with the same rows, block by block, atomically.
-
-    Parameters
-    ----------
-    path : str
-        The HDF5 file to write.
-    arrays : dict of str to (shape, dtype)
-        The datasets; every shape starts with the same number of rows.
-    attrs : dict, optional
-        File attributes (metadata), stored as by :func:`write_attrs`.
-    """
-
-    def __init__(self, path: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 attrs: Optional[dict[str, Any]] = None) -> None:
-        rows = {shape[0] for shape, _ in arrays.values()}
-        if len(rows) != 1:
-            raise ValueError(f"datasets with different numbers of rows: {sorted(rows)}")
-        super().__init__(path, rows.pop())
-        self.arrays, self.attrs = dict(arrays), dict(attrs or {})
-
-    def _open(self, temporary: str) -> Any:
-        import h5py
-
-        f = h5py.File(temporary, "w")
-        self._datasets = {name: _rows_dataset(f, name, tuple(shape), dtype)
-                          for name, (shape, dtype) in self.arrays.items()}
-        write_attrs(f, self.attrs)
-        return f
-
-    def write(self, **blocks: np.ndarray) -> None:
-        """Append the next rows of every dataset (one keyword each)."""
-        if set(blocks) != set(self._datasets):
-            raise ValueError(f"write needs {sorted(self._datasets)}, got {sorted(blocks)}")
-        rows = {block.shape[0] for block in blocks.values()}
-        if len(rows) != 1:
-            raise ValueError("blocks with different numbers of rows")
-        for name, block in blocks.items():
-            _write_rows(self._datasets[name], self._rows_written, block)
-        self._rows_written += rows.pop()
+# --- array outputs (apply, assign) ----------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -668,6 +782,9 @@ class RowRegion:
 
     Plain data, so it pickles to workers, which write disjoint rows in place
     (on the same machine, or on storage every worker mounts at this path).
+    Rows are written with plain ``pwrite``: a full disk is an ordinary
+    OSError, never an error inside the HDF5 library (whose file object may
+    crash the process if closed after a failed write).
     """
 
     path: str
@@ -696,44 +813,217 @@ class RowRegion:
             os.close(fd)
 
 
+def _nbytes(shape: Sequence[int], dtype: np.dtype) -> int:
+    return math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+
+
+def _layout(temporary: str, extension: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+            attrs: Optional[dict[str, Any]] = None,
+            values: Optional[dict[str, np.ndarray]] = None) -> dict[str, RowRegion]:
+    """Create `temporary` as a `.npy` (one array) or HDF5 file whose data areas
+    exist, unwritten, before any value is; return where each array's rows go.
+
+    The HDF5 datasets are contiguous and allocated at creation, so their
+    values are raw bytes at fixed offsets: the HDF5 library writes only the
+    metadata, here, and no value but the few small `values` (datasets
+    written whole, with the metadata) -- no lock, no parallel HDF5 needed.
+    """
+    shapes = {name: (tuple(int(n) for n in shape), np.dtype(dtype).newbyteorder("="))
+              for name, (shape, dtype) in arrays.items()}
+
+    def region(name: str, offset: Optional[int]) -> RowRegion:
+        shape, dtype = shapes[name]
+        if offset is None and _nbytes(shape, dtype):
+            raise RuntimeError(f"HDF5 gave dataset {name!r} no place in {temporary}")
+        row_bytes = _nbytes(shape[1:], dtype) if shape else dtype.itemsize
+        return RowRegion(temporary, int(offset or 0), row_bytes, dtype.str)
+
+    if extension == ".npy":
+        (name, (shape, dtype)), = shapes.items()
+        with open(temporary, "wb") as f:
+            _write_npy_header(f, shape, dtype)
+            offset = f.tell()
+            f.truncate(offset + _nbytes(shape, dtype))
+        return {name: region(name, offset)}
+    values = values or {}
+    metadata = len(json.dumps(attrs or {}, default=str)) + 256 * (len(shapes) + len(values))
+    _check_file_size(temporary, sum(_nbytes(*v) for v in shapes.values()) + 2 * metadata + (16 << 10))
+    offsets = _h5_skeleton(temporary, shapes, attrs or {}, values)
+    return {name: region(name, offsets[name]) for name in shapes}
+
+
+def _h5_skeleton(path: str, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict[str, Any],
+                 values: dict[str, np.ndarray]) -> dict[str, Optional[int]]:
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    try:
+        with h5py.File(path, "w") as f:
+            offsets = {name: f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl).id.get_offset()
+                       for name, (shape, dtype) in shapes.items()}
+            for name, value in values.items():
+                f.create_dataset(name, data=value)
+            write_attrs(f, attrs)
+    except (OSError, RuntimeError) as error:  # HDF5 reports a failed write as either
+        code = getattr(error, "errno", None) or _h5_errno(str(error))
+        raise OSError(code or errno.EIO, str(error).split("\n")[0], path) from None
+    return offsets
+
+
+def _h5_errno(message: str) -> Optional[int]:
+    match = re.search(r"errno = (\d+)", message)
+    return int(match[1]) if match else None
+
+
+def _check_file_size(path: str, size: int) -> None:
+    """Refuse, as the system would, a file beyond the file-size limit, before the HDF5
+    library meets the limit while it closes the file (an error it does not recover from)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size > limit:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path)
+
+
+class _RowsWriter:
+    """Rows written block by block into a temporary beside `path`, placed at
+    `path` on a clean exit of the ``with`` block (removed on an exception).
+
+    Subclasses say which arrays the file holds (``_arrays``) and its
+    attributes (``_attrs``); ``_put`` writes the next rows of each.
+    """
+
+    def __init__(self, path: str, rows: int) -> None:
+        self.path, self.rows = path, int(rows)
+        self._context: Optional[contextlib.AbstractContextManager] = None
+        self._rows_written = 0
+        self._arrays: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._attrs: dict[str, Any] = {}
+
+    def __enter__(self) -> "_RowsWriter":
+        self._context = atomic_path(self.path)
+        temporary = self._context.__enter__()
+        try:
+            self._regions = _layout(temporary, _extension(self.path), self._arrays, self._attrs)
+        except BaseException as error:
+            if not self._context.__exit__(type(error), error, error.__traceback__):
+                raise
+        return self
+
+    def _put(self, blocks: dict[str, np.ndarray]) -> None:
+        rows = {block.shape[0] for block in blocks.values()}
+        if len(rows) != 1:
+            raise ValueError("blocks with different numbers of rows")
+        for name, block in blocks.items():
+            self._regions[name].write(self._rows_written, block)
+        self._rows_written += rows.pop()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._rows_written != self.rows:
+            exc = RuntimeError(f"wrote {self._rows_written} of {self.rows} rows")
+            self._context.__exit__(RuntimeError, exc, None)
+            raise exc
+        self._context.__exit__(exc_type, exc, tb)
+
+
+def _write_npy_header(f: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The `.npy` header of a C-order array; its data follows at ``f.tell()``."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+
+
+class ArrayWriter(_RowsWriter):
+    """Writes an array of known shape block by block to `.npy` or an HDF5 dataset.
+
+    Use as a context manager: on a clean exit the file is placed at `path`,
+    on an exception the temporary is removed.
+
+    Parameters
+    ----------
+    path : str
+        ``out.npy``, ``out.h5`` or ``out.h5:NAME``.
+    shape : tuple of int
+        Shape of the whole output.
+    dtype : numpy dtype
+    dataset : str
+        Dataset name in an HDF5 output when `path` names none.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, dataset: str = "data") -> None:
+        path, name = split_output(path)
+        super().__init__(path, shape[0])
+        self.dataset = name or dataset
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._arrays = {self.dataset: (self.shape, self.dtype)}
+
+    def write(self, block: np.ndarray) -> None:
+        """Append the next rows."""
+        self._put({self.dataset: block})
+
+
+class DatasetsWriter(_RowsWriter):
+    """Writes several HDF5 datasets with the same rows, block by block, atomically.
+
+    Parameters
+    ----------
+    path : str
+        The HDF5 file to write.
+    arrays : dict of str to (shape, dtype)
+        The datasets; every shape starts with the same number of rows.
+    attrs : dict, optional
+        File attributes (metadata), stored as by :func:`write_attrs`.
+    """
+
+    def __init__(self, path: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 attrs: Optional[dict[str, Any]] = None) -> None:
+        rows = {shape[0] for shape, _ in arrays.values()}
+        if len(rows) != 1:
+            raise ValueError(f"datasets with different numbers of rows: {sorted(rows)}")
+        super().__init__(path, rows.pop())
+        self._arrays, self._attrs = dict(arrays), dict(attrs or {})
+
+    def write(self, **blocks: np.ndarray) -> None:
+        """Append the next rows of every dataset (one keyword each)."""
+        if set(blocks) != set(self._arrays):
+            raise ValueError(f"write needs {sorted(self._arrays)}, got {sorted(blocks)}")
+        self._put(blocks)
+
+
 @contextlib.contextmanager
 def preallocated_output(path: str, shape: tuple[int, ...], dtype: np.dtype,
                         dataset: str = "data") -> Iterator[RowRegion]:
     """An output `.npy` or HDF5 file whose data area exists before any row is written.
 
     Yields the :class:`RowRegion` of a temporary file beside `path` that
-    other processes fill in any order; on a clean exit the file is renamed
-    into place, on an exception it is removed. The HDF5 dataset is contiguous
-    and allocated at creation, so rows are raw bytes at a fixed offset and
-    writers never touch HDF5 metadata (no lock, no parallel HDF5 needed).
+    other processes fill in any order; on a clean exit the file is placed at
+    `path`, on an exception it is removed.
     """
     path, name = split_output(path)
-    shape, dtype = tuple(shape), np.dtype(dtype).newbyteorder("=")
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     with atomic_path(path) as temporary:
-        if _extension(path) == ".npy":
-            with open(temporary, "wb") as f:
-                _write_npy_header(f, shape, dtype)
-                offset = f.tell()
-                f.truncate(offset + shape[0] * row_bytes)
-        else:
-            import h5py
-
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            with h5py.File(temporary, "w") as f:
-                offset = f.create_dataset(name or dataset, shape=shape, dtype=dtype, dcpl=dcpl).id.get_offset()
-        yield RowRegion(temporary, int(offset), row_bytes, dtype.str)
+        regions = _layout(temporary, _extension(path), {name or dataset: (tuple(shape), dtype)})
+        yield next(iter(regions.values()))
 
 
 def split_output(spec: str) -> tuple[str, Optional[str]]:
-    """Split an output ``file.h5:NAME`` into path and dataset name."""
-    root, ext = os.path.splitext(spec)
-    if ":" in ext:
-        ext, _, name = ext.partition(":")
-        return root + ext, name
-    return spec, None
+    """Split an output ``file.h5:NAME`` (NAME may hold ``/``: ``file.h5:train/x``) into
+    path and dataset name; a spec whose own extension is known is a plain path.
+
+    >>> split_output("out.h5:train/x"), split_output("out.npy")
+    (('out.h5', 'train/x'), ('out.npy', None))
+    """
+    if _extension(spec) in KNOWN_OUTPUTS:
+        return spec, None
+    cuts = [spec.lower().rfind(ext + ":") for ext in KNOWN_OUTPUTS]
+    cut = max(cuts)
+    if cut < 0:
+        return spec, None
+    end = cut + len(KNOWN_OUTPUTS[cuts.index(cut)])
+    return spec[:end], spec[end + 1:].lstrip("/") or None
 
 
 # --- checkpoints ----------------------------------------------------------------
@@ -743,13 +1033,16 @@ class Checkpointer:
     """Saves a running fit's state to `path`, atomically, at most every `every` seconds.
 
     The checkpoint is an ordinary stats file whose metadata also records how
-    many rows of which inputs it covers (``meta['checkpoint']``), so a later
-    run can resume from it (:func:`normstats.pipeline.resume_row`).
+    many rows of which inputs it covers (``meta['checkpoint']``: the shard
+    names, and each input file's absolute path, dataset, size and
+    modification time), so a later run can resume from it over the same
+    files only (:func:`normstats.pipeline.resume_row`).
     """
 
-    def __init__(self, path: str, every: float, *, sources: Sequence[str], rows_total: int) -> None:
+    def __init__(self, path: str, every: float, *, sources: Sequence[str], rows_total: int,
+                 inputs: Sequence[dict] = ()) -> None:
         self.path, self.every = path, float(every)
-        self._info = {"sources": list(sources), "rows_total": int(rows_total)}
+        self._info = {"sources": list(sources), "rows_total": int(rows_total), "inputs": list(inputs)}
         self._last = time.monotonic()
 
     def __call__(self, state: Any, rows_done: int) -> None:
@@ -761,7 +1054,7 @@ class Checkpointer:
         except DataError:  # too few rows so far for a result; the next block may do
             return
         stats.meta["checkpoint"] = dict(self._info, rows_done=int(rows_done))
-        write_stats(stats, self.path)
+        write_stats(stats, self.path, replace=True)  # its own file, replaced at each save
         self._last = now
 
     def remove(self) -> None:

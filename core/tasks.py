@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .normalize import Normalizer
-from .pipeline import aligned_blocks, feed
+from .pipeline import feed, normalized_blocks
 from .recipe import Recipe, State
 from .sources import Stream, open_window
 from .stores import RowRegion
@@ -141,8 +141,8 @@ class ApplyTask:
     def __call__(self) -> int:
         row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            for block, extras in aligned_blocks(stream, side, self.block_rows, 0):
-                self.target.write(row, self.normalizer(block, **extras))
+            for block in normalized_blocks(self.normalizer, stream, side, self.block_rows):
+                self.target.write(row, block)
                 row += block.shape[0]
         self.target.sync()
         return row - self.start

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,16 +26,57 @@ def check_numeric_dtype(dtype: np.dtype, what: str) -> np.dtype:
     raise DataError(f"{what} has dtype {dtype}: {reason}; convert it to float32 or float64")
 
 
+# The smallest eps accepted: float32's smallest normal number. With eps at least this,
+# inv_std = 1/sqrt(var + eps) <= 9.2e18 and inv_std**2 <= 8.5e37 are finite in float32 (the
+# precision apply computes in for float16/float32 input, and of torch's buffers), and
+# 1/inv_std**2 - eps (export) cannot overflow float64. A smaller eps, such as 1e-300, makes
+# the inv_std of a constant channel 1e150: infinite in float32, so its output would be NaN.
+EPS_MIN = float(np.finfo(np.float32).tiny)
+# --seed feeds numpy's SeedSequence; like most tools' seeds, it is one 32-bit word.
+SEED_MAX = 2**32 - 1
+
+
 def check_alpha(alpha: float) -> float:
-    if not 0.0 < alpha <= 1.0:
-        raise UsageError(f"alpha must be in (0, 1], got {alpha}")
+    if not 0.0 < alpha <= 1.0:  # NaN fails the comparison too
+        raise UsageError(f"alpha must be a number in (0, 1], got {alpha}")
     return float(alpha)
 
 
 def check_eps(eps: float) -> float:
-    if not eps > 0.0:
-        raise UsageError(f"eps must be > 0, got {eps}")
+    """Return `eps` as float if it is finite and at least :data:`EPS_MIN`, else raise UsageError."""
+    if not (math.isfinite(eps) and eps >= EPS_MIN):
+        raise UsageError(
+            f"eps must be a finite number >= {EPS_MIN:.4g} (so that 1/sqrt(var + eps) stays finite "
+            f"in float32), got {eps}"
+        )
     return float(eps)
+
+
+def check_finite(value: Any, what: str, *, positive: bool = False) -> Any:
+    """Return `value` (a number or array) if every element is finite (and > 0
+    with `positive`), else raise UsageError naming the first bad one."""
+    array = np.asarray(value, dtype=np.float64)
+    bad = ~np.isfinite(array)
+    if positive:
+        bad |= ~(array > 0)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        at = f" at index {', '.join(map(str, where))}" if array.ndim else ""
+        need = "finite and > 0" if positive else "finite"
+        raise UsageError(f"{what} holds {array[tuple(where)]}{at}; it must be {need}")
+    return value
+
+
+def check_max_distance(max_distance: Optional[float]) -> Optional[float]:
+    if max_distance is not None and not max_distance >= 0:
+        raise UsageError(f"max distance must be a number >= 0, got {max_distance}")
+    return None if max_distance is None else float(max_distance)
+
+
+def check_seed(seed: int) -> int:
+    if int(seed) != seed or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"seed must be an integer in [0, {SEED_MAX}], got {seed}")
+    return int(seed)
 
 
 def check_ddof(ddof: int) -> int:

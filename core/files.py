@@ -1,0 +1,153 @@
+"""The files one command touches, and the rules between them.
+
+A command declares every file it reads (features, labels, weights, groups,
+init, gamma, beta, stats, resume; ``file:NAME`` specs count as the file) and
+every file it writes (output, checkpoint, plot). Before any work,
+:meth:`CommandFiles.check` refuses an output that is the same file as an
+input or as another output -- by device and inode, so symbolic and hard
+links count, and by resolved path for files that do not exist yet -- even
+with ``--force``. Each output's own checks (format, folder, existing file)
+are :func:`normstats.stores.check_output`'s.
+
+A checkpoint records the :func:`identities` of the inputs it covers, so a
+resumed fit reads the same files, not others of the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+from .errors import UsageError
+from .sources import Stream, split_spec
+from .stores import check_output, split_output
+
+
+@dataclasses.dataclass(frozen=True)
+class FileUse:
+    """One file a command touches: its `role` as the user named it (e.g.
+    'input', '--labels file', 'output'), the `spec` as given, and the file's `path`."""
+
+    role: str
+    spec: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    use: FileUse
+    formats: Sequence[str]
+    may_be: Optional[str]  # the role of the one input this output may be (a checkpoint resumed)
+
+
+class CommandFiles:
+    """The inputs and outputs of one command, checked against each other.
+
+    Examples
+    --------
+    >>> from normstats.stores import STATS_FORMATS
+    >>> files = CommandFiles().reads("input", "x.npy").writes("output", "x.npy", STATS_FORMATS)
+    >>> files.conflicts()[0]
+    "output 'x.npy' is the same file as the input 'x.npy'; write to another path"
+    """
+
+    def __init__(self) -> None:
+        self.inputs: list[FileUse] = []
+        self._outputs: list[_Output] = []
+        self._distinct: set[str] = set()
+
+    def reads(self, role: str, *specs: Optional[str], distinct: bool = False) -> "CommandFiles":
+        """Declare input `specs` (None and empty ones are skipped); with `distinct`,
+        no two of them may be one file (each is counted once, like the parts of a merge)."""
+        for spec in specs:
+            if spec:
+                self.inputs.append(FileUse(role, str(spec), split_spec(str(spec))[0]))
+        if distinct:
+            self._distinct.add(role)
+        return self
+
+    def writes(self, role: str, spec: Optional[str], formats: Sequence[str], *,
+               may_be: Optional[str] = None) -> "CommandFiles":
+        """Declare an output (skipped if None) in one of `formats`; it may be the
+        same file as the input of role `may_be` (a checkpoint that is resumed)."""
+        if spec:
+            self._outputs.append(_Output(FileUse(role, str(spec), split_output(str(spec))[0]), formats, may_be))
+        return self
+
+    @property
+    def outputs(self) -> list[FileUse]:
+        return [output.use for output in self._outputs]
+
+    def conflicts(self) -> list[str]:
+        """Why outputs collide with inputs or with each other, or distinct inputs are one
+        file (empty if none of these)."""
+        problems = []
+        for i, output in enumerate(self._outputs):
+            for other in self.inputs + [o.use for o in self._outputs[:i]]:
+                if other.role == output.may_be or not same_file(output.use.path, other.path):
+                    continue
+                how = "" if os.path.abspath(output.use.path) == os.path.abspath(other.path) else " (through a link)"
+                problems.append(f"{output.use.role} {output.use.path!r} is the same file as the {other.role} "
+                                f"{other.spec!r}{how}; write to another path")
+        # An input given twice comes after the collisions that would destroy a file
+        for i, use in enumerate(self.inputs):
+            for other in self.inputs[:i]:
+                if use.role == other.role and use.role in self._distinct and same_file(use.path, other.path):
+                    problems.append(f"{use.role} {use.spec!r} is the same file as {other.spec!r}; its data would "
+                                    "count twice: give each file once")
+        return problems
+
+    def check(self, *, force: bool) -> None:
+        """Refuse, before any work, outputs that collide with inputs or each other
+        (whatever `force`), and outputs :func:`~normstats.stores.check_output` refuses.
+
+        Raises
+        ------
+        UsageError
+        """
+        problems = self.conflicts()
+        if problems:
+            raise UsageError(problems[0])
+        for output in self._outputs:
+            resumed = any(use.role == output.may_be and same_file(output.use.path, use.path)
+                          for use in self.inputs)
+            check_output(output.use.spec, force=force or resumed, formats=output.formats)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` name one file: the same device and inode if both
+    exist (so links count), else the same resolved path (a file yet to be made)."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def identities(streams: dict[str, Stream]) -> list[dict]:
+    """What identifies each file read by `streams` (role -> stream): role,
+    absolute path, dataset, size and modification time in nanoseconds."""
+    found = []
+    for role, stream in streams.items():
+        for source in stream.sources:
+            info = os.stat(source.path)
+            found.append({"role": role, "path": os.path.abspath(source.path), "dataset": source.dataset,
+                          "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+    return found
+
+
+def identity_mismatch(recorded: Sequence[dict], current: Sequence[dict]) -> Optional[str]:
+    """How the files now read differ from those a checkpoint recorded (None: they do not)."""
+    if len(recorded) != len(current):
+        return f"it covers {len(recorded)} input files, this run reads {len(current)}"
+    for was, now in zip(recorded, current):
+        where = f"{was.get('role', 'input')} {was.get('path')!r}"
+        if (was.get("role"), was.get("path"), was.get("dataset")) != (now["role"], now["path"], now["dataset"]):
+            dataset = f":{now['dataset']}" if now["dataset"] else ""
+            return f"it covers the {where}, this run reads {now['path']!r}{dataset} in its place"
+        if was.get("size") != now["size"]:
+            return f"the {where} has changed since (size {was.get('size')} -> {now['size']} bytes)"
+        if was.get("mtime_ns") != now["mtime_ns"]:
+            return f"the {where} has been modified since"
+    return None

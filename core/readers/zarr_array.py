@@ -1,0 +1,110 @@
+"""Zarr arrays (v2 and v3) as inputs: ``store.zarr`` (one array) or ``store.zarr:PATH``.
+
+Blocks are read in whole chunk rows (zarr decodes every chunk a slice
+touches, so a block ending inside a chunk row keeps that row for the next
+block instead of decoding it twice); a chunk never written would read as the fill value, so every
+chunk must exist. The array's metadata file is the identity checked after
+each read: a store rewritten under a run is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import DataError, UsageError
+from ..limits import check_fits_memory, elements
+from ..sources import ArraySource, _identity
+from .base import require
+
+METADATA = ("zarr.json", ".zarray")
+
+
+class ZarrSource(ArraySource):
+    def __init__(self, path: str, name: Optional[str]) -> None:
+        zarr = require("zarr", f"{path}:{name}" if name else path)
+        self.path, self.dataset = path, name
+        self.name = f"{path}:{name}" if name else path
+        try:
+            node = zarr.open(path, mode="r")
+        except Exception as error:  # zarr raises many kinds for a store it cannot read
+            raise DataError(f"{path} is not a readable Zarr store ({type(error).__name__}: {error})") from None
+        if name is not None:
+            if not hasattr(node, "array_keys"):
+                raise UsageError(f"{path} is a Zarr array, not a group; it has no member {name!r}")
+            try:
+                node = node[name]
+            except KeyError:
+                raise UsageError(f"{path} has no array {name!r}; it has: "
+                                 f"{', '.join(self._arrays(node)) or 'none'}") from None
+        if hasattr(node, "array_keys"):
+            arrays = self._arrays(node)
+            if len(arrays) != 1:
+                raise UsageError(f"{self.name} is a Zarr group of {len(arrays)} arrays "
+                                 f"({', '.join(arrays) or 'none'}); name one as {path}:NAME")
+            self.dataset = arrays[0] if name is None else f"{name}/{arrays[0]}"
+            self.name = f"{path}:{self.dataset}"
+            node = node[arrays[0]]
+        self._array: Any = node
+        self._band: Optional[tuple[int, np.ndarray]] = None  # (first row, rows) of the chunk row kept
+        self.shape, self.dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
+        self.chunks = tuple(int(n) for n in node.chunks)
+        self._meta = self._metadata_file()
+        self._identity = _identity(os.stat(self._meta))
+        self._validate()
+        check_fits_memory(elements(self.chunks) * self.dtype.itemsize, f"{self.name}: one of its chunks")
+        written, expected = node.nchunks_initialized, node.nchunks
+        if written < expected:
+            raise DataError(f"{self.name} has {written} of its {expected} chunks written; the rest would read as "
+                            "the fill value, not data: re-create or re-copy it")
+
+    def _arrays(self, group: Any) -> list[str]:
+        found: list[str] = []
+        for key in sorted(group.array_keys()):
+            found.append(key)
+        return found
+
+    def _metadata_file(self) -> str:
+        folder = os.path.join(self.path, *(self.dataset or "").split("/"))
+        for name in METADATA:
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        return self.path
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Rows ``start:start+len(out)``, read in whole chunk rows: the whole chunk rows inside
+        the block straight into `out`, a chunk row the block ends inside into a band kept for
+        the next block (so each chunk is decoded once in a sequential read)."""
+        stop, band = start + out.shape[0], self.chunks[0]
+        position = start
+        while position < stop:
+            first = position - position % band
+            end = min(first + band, self.rows)
+            if position == first and (end <= stop or end == self.rows and stop == self.rows):
+                whole = min(stop - stop % band if stop < self.rows else stop, self.rows)
+                self._read(first, whole, out[position - start:whole - start])
+                position = whole
+                continue
+            if self._band is None or self._band[0] != first:
+                self._band = None
+                self._band = (first, self._read(first, end))
+            take = min(end, stop) - position
+            out[position - start:position - start + take] = self._band[1][position - first:position - first + take]
+            position += take
+        self._check_unchanged(os.stat(self._meta), self._meta)
+
+    def _read(self, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        try:
+            rows = self._array[start:stop]
+        except Exception as error:  # a damaged chunk: zarr and its codecs raise many kinds
+            raise DataError(f"{self.name}: rows {start}..{stop - 1} cannot be read "
+                            f"({type(error).__name__}: {error}); the store is damaged") from None
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+    def close(self) -> None:
+        self._band = None
