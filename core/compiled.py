@@ -208,7 +208,7 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
 
 @numba.njit(nogil=True, cache=True)
 def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows, weight, count,
-                   t1, t2, tn):
+                   t1, t2, tn, before):
     """Fold each row straight into its group's moments (no per-block scratch of
     groups x statistics, so many groups cost what few do).
 
@@ -218,16 +218,20 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     per statistic this is West's weighted update of the mean and M2. A
     group's first row with weight sets its shift. `count` None: counts are
     ``weight * per_stat``; an array: per element (NaN / Inf are left out).
-    `t1`, `t2`, `tn` are scratch of one row's statistics. (A state too large
-    for the caches is folded by column halves in threads: :func:`_update_columns`.)
+    `t1`, `t2`, `tn` are scratch of one row's statistics. With `before` (an
+    array), rows are only counted, each noting its group's weight before it
+    (-1: skipped), for :func:`_update_columns`, which folds column ranges of a
+    state too large for the caches in threads.
     """
-    nrows, width = x.shape
+    width = x.shape[1]
     stats = shift.shape[1]
     per_stat = width // stats
     check = 0.0  # sum of the squared deviations met: not finite iff a NaN / Inf or an overflow
     if kmap is None and count is None:
         t2[:] = 0.0
-    for i in range(nrows):
+    for i in range(groups.shape[0]):
+        if before is not None:
+            before[i] = -1.0
         g = groups[i]
         if g < 0:
             continue
@@ -236,6 +240,10 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
         if weights is not None:
             w = weights[i]
         if not w > 0.0:
+            continue
+        if before is not None:  # only count the rows, noting each group's weight before them
+            before[i] = weight[g]
+            weight[g] += w
             continue
         if kmap is None and count is None:
             h = shift[g]  # row views: see _accumulate
@@ -415,26 +423,6 @@ def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, cent
             for e in range(c.shape[0]):
                 f[e] = b[e] + (t[e] / n + r[e])
             first_seen[j] = True
-
-
-@numba.njit(nogil=True, cache=True)
-def _weights_before(groups, weights, rows, weight, before):
-    """Count each row into its group and note the group's weight before it
-    (``before[i]``; -1 for a skipped row or one of weight 0), so that the column
-    ranges of a block can then be folded independently (in threads)."""
-    for i in range(groups.shape[0]):
-        g = groups[i]
-        before[i] = -1.0
-        if g < 0:
-            continue
-        rows[g] += 1
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
-        if not w > 0.0:
-            continue
-        before[i] = weight[g]
-        weight[g] += w
 
 
 @numba.njit(nogil=True, cache=True)

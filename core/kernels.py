@@ -346,7 +346,7 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
         check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
     else:
         check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
-                                           weight, count, scratch[0], scratch[1], scratch[2])
+                                           weight, count, scratch[0], scratch[1], scratch[2], None)
     if not np.isfinite(check):
         where = None if count is not None else first_nonfinite_row(x, groups)
         if where is None:
@@ -382,7 +382,8 @@ def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, we
     cores wait on memory in parallel; no state is duplicated."""
     compiled = _compiled()
     before = np.empty(len(groups))
-    compiled._weights_before(groups, weights, rows, weight, before)
+    compiled._update_groups(flat, table, 1, None, groups, weights, shift, offset, m2, rows, weight, None,
+                            scratch, scratch, scratch, before)  # counts the rows only
     width = flat.shape[1]
     pool = _threads()
     half = (width // 2) & ~7  # whole cache lines of float64 per half
@@ -430,6 +431,7 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
     fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
     before = np.empty(4)
-    _compiled()._weights_before(slots, None, np.zeros(1, np.int64), np.zeros(1), before)
+    _compiled()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
+                               np.zeros(2), np.zeros(2), np.zeros(2), before)
     _compiled()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
 
