@@ -72,8 +72,10 @@ PIECE_BYTES = 32 * MB  # generation writes this much at a time
 FORMATS = ("npy", "h5", "h5chunk", "h5gzip")
 FILES = {"npy": "x.npy", "h5": "x_contiguous.h5", "h5chunk": "x_chunked.h5", "h5gzip": "x_gzip.h5"}
 CLASS_COUNTS = (10, 1000, 100_000)
+GROUP_COUNTS = (1000, 100_000)  # fit-bn --groups G: the labels files of these K serve as groups
 BATCH_SIZE = 256
-MEM_KD_FACTOR = 4  # the O(K*D) memory allowance: this many float64 (K, D) arrays
+MEM_KD_FACTOR = 3.5  # the O(K*D) memory allowance: this many float64 (K, D) arrays
+FIT_MEMORY_MB = 64  # fit-bn / apply peak, whatever the file size
 DATA_VERSION = 1
 QUICK_CASES = ("read", "mmap", "gunzip-1t", "copy-fsync/npy", "sklearn/npy", "dask/npy",
                "fit-bn-ema", "fit-bn-exact/npy", "fit-centers-exact-K1000", "apply/npy")
@@ -123,7 +125,7 @@ class Data:
         if case_id is None:
             return [self.path(f) for f in FORMATS] + [self.labels(k) for k in CLASS_COUNTS] + [self.stats]
         name, fmt = case_id.split("/")
-        extra = [self.labels(int(name.rsplit("K", 1)[1]))] if name.startswith("fit-centers") else []
+        extra = [self.labels(int(name.rsplit("K", 1)[1]))] if "-K" in name and name.startswith("fit-") else []
         return [self.path(fmt), *extra] + ([self.stats] if name.startswith("apply") else [])
 
 
@@ -347,7 +349,7 @@ def case_fit_bn_jobs(data: Data, fmt: str, *, mode: str, jobs: int) -> None:
     """normstats fit-bn --jobs N: row ranges in N processes, states merged (exact) or chained (ema)."""
     import normstats as ns
 
-    recipe = {"kind": "batchnorm", "mode": mode, "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
+    recipe = ns.Recipe("batchnorm", mode, {"batch_size": BATCH_SIZE, "axes": "auto"})
     with ns.open_stream([data.spec(fmt)]) as stream:
         ns.run_fit_parallel(recipe, stream, jobs=jobs)
 
@@ -360,7 +362,7 @@ def case_fit_bn_dask(data: Data, fmt: str, *, mode: str, workers: int) -> Iterat
     """
     import normstats as ns
 
-    recipe = {"kind": "batchnorm", "mode": mode, "options": {"batch_size": BATCH_SIZE, "axes": "auto"}}
+    recipe = ns.Recipe("batchnorm", mode, {"batch_size": BATCH_SIZE, "axes": "auto"})
     with ns.dask_client(workers=workers) as client, ns.open_stream([data.spec(fmt)]) as stream:
         _warm(client)
         yield
@@ -382,6 +384,16 @@ def case_apply_dask(data: Data, fmt: str, *, workers: int) -> Iterator[None]:
         _warm(client)
         yield
         ns.apply_dask(normalizer, stream, str(data.output(fmt, "apply")), client)
+
+
+def case_fit_bn_groups(data: Data, fmt: str, *, groups: int) -> None:
+    """normstats fit-bn --mode exact --groups: per-group statistics (per-speaker CMVN), the
+    labels file of K = `groups` as the groups."""
+    import normstats as ns
+
+    recipe = ns.Recipe("batchnorm", "exact", {"batch_size": BATCH_SIZE, "axes": "auto", "num_groups": groups})
+    with ns.open_stream([data.spec(fmt)]) as stream, ns.open_stream([str(data.labels(groups))]) as labels:
+        ns.run_fit(recipe.build(), stream, side={"groups": labels})
 
 
 def case_fit_centers(data: Data, fmt: str, *, mode: str, k: int) -> None:
@@ -432,6 +444,7 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
                            ("distributed",)),
     **{f"fit-centers-{mode}-K{k}": (functools.partial(case_fit_centers, mode=mode, k=k), ("npy",), ())
        for k in CLASS_COUNTS for mode in ("ema", "exact")},
+    **{f"fit-bn-groups-K{g}": (functools.partial(case_fit_bn_groups, groups=g), ("npy",), ()) for g in GROUP_COUNTS},
     "apply": (case_apply, ("npy", "h5"), ()),
     "apply-dask2": (functools.partial(case_apply_dask, workers=2), ("npy", "h5"), ("distributed",)),
     # Not K = 100 000: about 9 minutes per GB here (2·D·K = 51 MFLOP a row).
@@ -466,6 +479,12 @@ def run_child(case_id: str, folder: Path) -> dict:
     for module in ("h5py", "normstats") + modules:
         importlib.import_module(module)
     data = load_data(folder)
+    if name.startswith(("fit-", "apply", "assign")):
+        # The compiled kernels load from numba's cache before the clock, as an import does
+        # (start-up is measured apart, on README's commands).
+        import normstats.kernels
+
+        normstats.kernels.warm_up(np.dtype(np.float32))
     staged = inspect.isgeneratorfunction(function)  # set-up, yield, then the timed work
     if staged:
         work = function(data, fmt)
@@ -556,24 +575,32 @@ def raw_reference(name: str, fmt: str) -> Optional[str]:
     return None if name == "read" else f"read/{fmt}"
 
 
+def _per_class(name: str) -> bool:
+    return name.startswith(("fit-centers", "fit-bn-groups"))
+
+
 def targets(name: str, fmt: str) -> list[tuple[str, str, float]]:
-    """(label, reference case, minimum ratio) from the benchmark issue."""
+    """(label, reference case, minimum ratio) from the benchmark issue (issue 12)."""
+    if _per_class(name):
+        return [("raw", "read/npy", 0.8 if int(name.rsplit("K", 1)[1]) <= 1000 else 0.3)]
     if name.startswith("fit-bn"):
         if fmt == "h5gzip":
             return [("1-thread gunzip", "gunzip-1t/h5gzip", 1.7)]
-        return [("raw", f"read/{fmt}", 0.5), ("sklearn", f"sklearn/{fmt}", 6.0), ("dask", f"dask/{fmt}", 4.0)]
-    if name.startswith("fit-centers"):
-        return [("raw", "read/npy", 0.25 if int(name.rsplit("K", 1)[1]) <= 1000 else 0.15)]
+        raw = 0.9 if fmt == "h5chunk" else 1.2
+        return [("raw", f"read/{fmt}", raw), ("sklearn", f"sklearn/{fmt}", 7.0), ("dask", f"dask/{fmt}", 5.0)]
     if name.startswith("apply"):
-        return [("copy+fsync", f"copy-fsync/{fmt}", 0.8)]
+        return [("copy+fsync", f"copy-fsync/{fmt}", 0.9)]
     return []
 
 
 def memory_bound_mb(name: str, dim: int) -> Optional[float]:
-    """3 read blocks + MEM_KD_FACTOR float64 (K, D) arrays, for normstats cases."""
+    """Issue 12: fit-bn and apply at most FIT_MEMORY_MB whatever the file size; per-class
+    fits 3 read blocks + MEM_KD_FACTOR float64 (K, D) arrays (700 MB at K = 100 000, D = 256)."""
     if not name.startswith(("fit-", "apply")):
         return None
-    k = int(name.rsplit("K", 1)[1]) if name.startswith("fit-centers") else 0
+    if not _per_class(name):
+        return FIT_MEMORY_MB
+    k = int(name.rsplit("K", 1)[1])
     return (3 * BLOCK_BYTES + MEM_KD_FACTOR * k * dim * 8) / MB
 
 

@@ -96,7 +96,7 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
                                "share the rows")
 
 
-def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, side_specs: dict,
+def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, *, side_specs: dict,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
          task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool,
@@ -106,7 +106,7 @@ def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, si
     row ranges over --jobs processes or Dask tasks."""
     split = jobs > 1 or engine == "dask"
     if split:
-        init = recipe["options"].get("init")
+        init = recipe.options.get("init")
         _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
     with _fit_inputs(inputs, dataset, allow_external, **side_specs) as (stream, side):
         if split:
@@ -114,6 +114,7 @@ def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, si
                                            scheduler=scheduler, task_rows=task_rows,
                                            allow_external=allow_external, quiet=quiet), None
         else:
+            recipe.check_memory(stream.row_shape)  # before the state allocates anything
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
@@ -121,7 +122,7 @@ def _fit(command: str, recipe: dict, inputs: tuple[str, ...], output: str, *, si
     _finish(command, stats, output, checkpoint)
 
 
-def _fit_split(command: str, recipe: dict, stream: ns.Stream, side: dict, *, jobs: int, engine: str,
+def _fit_split(command: str, recipe: ns.Recipe, stream: ns.Stream, side: dict, *, jobs: int, engine: str,
                scheduler: Optional[str], task_rows: Optional[int], allow_external: bool,
                quiet: bool) -> ns.Stats:
     """A fit cut into row ranges: over --jobs local processes or Dask tasks."""
@@ -356,7 +357,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
     with _short_groups_named(keyed, ddof):
-        _fit("fit-bn", {"kind": "batchnorm", "mode": mode, "options": dict(options, init=start)}, inputs, output,
+        _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
              side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
              checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
              scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
@@ -428,7 +429,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
         options = _given_only(ctx, options)
-    recipe = {"kind": "centers", "mode": mode, "options": dict(options, num_classes=num_classes, init=init)}
+    recipe = ns.Recipe("centers", mode, dict(options, num_classes=num_classes, init=init))
     _fit("fit-centers", recipe, inputs, output, side_specs=dict(labels=labels, weights=weights),
          resume=resume, resume_path=resume_path, checkpoint_path=checkpoint_path,
          checkpoint_every=checkpoint_every, jobs=jobs, engine=engine, scheduler=scheduler,

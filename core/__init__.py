@@ -50,6 +50,7 @@ _EXPORTS = {
     **dict.fromkeys(["merge_moments", "moments"], "moments"),
     **dict.fromkeys(["Normalizer"], "normalize"),
     **dict.fromkeys(["apply_stats", "assign_rows", "fit_batchnorm", "fit_centers", "merge_stats", "resume_row", "run_fit"], "pipeline"),
+    **dict.fromkeys(["Recipe"], "recipe"),
     **dict.fromkeys(["Stream", "open_source", "open_stream"], "sources"),
     **dict.fromkeys(["Stats"], "stats"),
     **dict.fromkeys(["read_array", "read_stats", "write_stats"], "stores"),

@@ -1,8 +1,14 @@
 """Mergeable accumulators of exact moments: over all rows, or per group of rows.
 
 They hold plain data (float64 arrays), so they pickle cheaply to workers and
-store as they are; the arithmetic they use lives in :mod:`normstats.moments`
-(formulas) and :mod:`normstats.kernels` (blockwise, multi-threaded).
+store as they are. A block is reduced by the one kernel of
+:mod:`normstats.kernels` and folded in with the Chan–Golub–LeVeque merge;
+only the groups present in a block are touched.
+
+The mean of each (group, statistic) is held as ``shift + offset``: the shift
+is a float64 near the mean (an integer for integer data), the offset the
+small remainder, so the mean carries about twice float64's digits and a large
+common offset (1e15 plus noise) cannot take the digits that merges need.
 """
 
 from __future__ import annotations
@@ -11,37 +17,242 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError, NonFiniteError
-from .kernels import chunk_moments, chunk_rows_for, combine_chunks
-from .moments import checked_moments, first_nonfinite, grouped_moments, merge_moments, moments, variance
-from .workspace import KeepsScratch, Workspace
+from .kernels import Layout, accumulate, fold_exact, update_groups
+from .moments import merge_moments, variance
 
 
-def _row_weights(weights: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
-    """One weight per row, shaped to broadcast against an array of rank `ndim`."""
-    if weights is None:
-        return None
-    return np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
+PILOT_ROWS = 64  # rows whose mean is the first shift of a one-group fit
+PILOT_ELEMENTS = 1 << 18  # but no more than this many values (wide rows)
 
 
-def _first_row_shift(x: np.ndarray, axes: tuple[int, ...], *, rows: bool = False) -> np.ndarray:
-    """A shift near the data: the first row, reduced over the other `axes`
-    (0 where it is not finite). With `rows`, one shift per row of `x`, reduced
-    over `axes` (which then exclude 0)."""
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a + b`` rounded, and the exact remainder (Knuth's TwoSum)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        start = np.asarray(x if rows else x[:1], dtype=np.float64)
-        start = start.mean(axis=axes) if axes else start
-    return np.where(np.isfinite(start), start, 0.0)
+        total = a + b
+        bb = total - a
+        low = (a - (total - bb)) + (b - bb)
+    return total, np.where(np.isfinite(low), low, 0.0)
 
 
-class Moments(KeepsScratch):
+class GroupedMoments:
+    """Exact moments per group (class, speaker, ...), mergeable.
+
+    Each row belongs to one of `num_groups` groups; within a row, `axes`
+    other than 0 are reduced too. The state is ``rows`` (rows per group),
+    the weight per group, and per (group, statistic) ``m2`` and the mean as
+    ``shift + offset``; under ``nan_policy='omit'`` also a count per
+    (group, statistic). Groups never seen have count 0 and NaN mean.
+
+    Parameters
+    ----------
+    num_groups : int
+    axes : tuple of int
+        Non-negative axes of each update's input to reduce (including 0).
+    nan_policy : {'error', 'omit'}
+    """
+
+    def __init__(self, num_groups: int, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
+        self.num_groups = int(num_groups)
+        self.axes = tuple(axes)
+        self.nan_policy = nan_policy
+        self.layout: Optional[Layout] = None
+        self.rows = np.zeros(self.num_groups, dtype=np.int64)
+        self.weight = np.zeros(self.num_groups)
+        self.shift: Optional[np.ndarray] = None  # (groups, statistics)
+        self.offset: Optional[np.ndarray] = None
+        self.m2_flat: Optional[np.ndarray] = None
+        self.count_flat: Optional[np.ndarray] = None  # per element, under omit only
+
+    @property
+    def omit(self) -> bool:
+        return self.nan_policy == "omit"
+
+    @property
+    def started(self) -> bool:
+        return self.layout is not None
+
+    def start(self, row_shape: tuple[int, ...]) -> "GroupedMoments":
+        """Allocate the state for rows of `row_shape` (zeros: pages of groups never
+        seen are never touched)."""
+        self.layout = Layout.of(tuple(row_shape), self.axes)
+        full = (self.num_groups, self.layout.stats)
+        self.shift, self.offset, self.m2_flat = np.zeros(full), np.zeros(full), np.zeros(full)
+        self.count_flat = np.zeros(full) if self.omit else None
+        return self
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        from .axes import kept_shape
+
+        return kept_shape(self.layout.row_shape, self.axes)
+
+    def _shaped(self, flat: np.ndarray) -> np.ndarray:
+        return flat.reshape((self.num_groups,) + self.kept)
+
+    @property
+    def count_2d(self) -> np.ndarray:
+        if self.count_flat is not None:
+            return self.count_flat
+        return np.broadcast_to((self.weight * self.layout.per_stat)[:, None], self.shift.shape)
+
+    @property
+    def count(self) -> Optional[np.ndarray]:
+        """Elements (or weight) per group and statistic."""
+        return None if self.layout is None else self._shaped(np.array(self.count_2d))
+
+    @property
+    def mean(self) -> Optional[np.ndarray]:
+        """Mean per group and statistic; NaN where nothing was counted."""
+        if self.layout is None:
+            return None
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = np.where(self.count_2d > 0, self.shift + self.offset, np.nan)
+        return self._shaped(mean)
+
+    @property
+    def mean_low(self) -> Optional[np.ndarray]:
+        """What the float64 `mean` drops of ``shift + offset``, where it matters.
+
+        A merge that lost it would err by ``low**2 / var`` relative in the
+        variance, so it is kept where ``|low| > 2**-26 std`` (a mean far
+        larger than its spread: 1e15 + N(0, 5)) and is 0 elsewhere, which
+        keeps the stored array independent of how the rows were split.
+        """
+        if self.layout is None:
+            return None
+        n = self.count_2d
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spread = np.sqrt(np.where(n > 0, self.m2_flat / n, 0.0))
+        low = _two_sum(self.shift, self.offset)[1]
+        return self._shaped(np.where((n > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0))
+
+    @property
+    def m2(self) -> Optional[np.ndarray]:
+        return None if self.layout is None else self._shaped(self.m2_flat.copy())
+
+    def mean_and_variance(self, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and ``m2 / (count - ddof)`` per group and statistic, NaN where
+        ``count <= ddof`` (the mean: where the count is 0), built with one array
+        each (a K x D state allows no more)."""
+        if self.count_flat is not None:
+            return self.mean, self.variance(ddof)
+        n = (self.weight * self.layout.per_stat)[:, None]
+        mean = np.add(self.shift, self.offset)
+        mean[self.weight <= 0] = np.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.divide(self.m2_flat, n - ddof)
+        var[n[:, 0] <= ddof] = np.nan
+        return self._shaped(mean), self._shaped(var)
+
+    def variance(self, ddof: int) -> np.ndarray:
+        """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
+        return self._shaped(variance(self.count_2d, self.m2_flat, ddof))
+
+    def near_constant(self) -> np.ndarray:
+        """Statistics whose M2 is within the rounding error of the shifted sums.
+
+        The error of M2 is bounded in the deviations from the shift (see
+        :mod:`normstats.kernels`), and the shift tracks the mean, so only the
+        part ``n * offset**2`` of it is not relative to M2 itself; a statistic
+        whose M2 is within that, or exactly 0 (every deviation 0), cannot be
+        told from a constant. ``|mean|`` plays no part: 1e15 + N(0, 5) keeps
+        its variance.
+        """
+        n = self.count_2d
+        bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n, 2.0)) * n * self.offset**2
+        return self._shaped((n > 0) & (self.m2_flat <= bound))
+
+    def restore(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
+                mean_low: Optional[np.ndarray] = None, row_shape: Optional[tuple] = None) -> "GroupedMoments":
+        """Set the state from stored rows, count, mean (+ its low part) and M2 per group."""
+        if row_shape is not None or self.layout is None:
+            self.start(row_shape)
+        full = self.shift.shape
+        count = np.asarray(count, np.float64).reshape(full)
+        seen = count > 0
+        self.rows = np.array(rows, dtype=np.int64).reshape(self.num_groups)
+        self.shift[...] = np.where(seen, np.nan_to_num(np.asarray(mean, np.float64).reshape(full)), 0.0)
+        low = 0.0 if mean_low is None else np.asarray(mean_low, np.float64).reshape(full)
+        self.offset[...] = np.where(seen, low, 0.0)
+        self.m2_flat[...] = np.where(seen, np.nan_to_num(np.asarray(m2, np.float64).reshape(full)), 0.0)
+        if self.count_flat is not None:
+            self.count_flat[...] = count
+        self.weight = count[:, 0] / self.layout.per_stat if full[1] else np.zeros(self.num_groups)
+        return self
+
+    def update(self, x: np.ndarray, groups: Optional[np.ndarray] = None,
+               weights: Optional[np.ndarray] = None) -> "GroupedMoments":
+        """Add the rows of `x` to their `groups` (validated by the caller; -1 skips a row).
+
+        Raises
+        ------
+        NonFiniteError
+            With ``nan_policy='error'``, for the first NaN / Inf (row counted
+            from the first row of `x`).
+        """
+        x = np.asarray(x)
+        if self.layout is None:
+            self.start(x.shape[1:])
+        if x.shape[0] == 0:
+            return self
+        if groups is not None:  # many groups: each row folds straight into its group
+            update_groups(x, self.layout, groups, self.shift, self.offset, self.m2_flat, self.rows, self.weight,
+                          self.count_flat, weights=weights)
+            return self
+        keys = np.zeros(1, np.int64)
+        slots = np.zeros(x.shape[0], np.int64)
+        if self.omit:
+            fresh, count0, shift = np.ones(1, bool), self.count_flat[keys], self.shift[keys]
+        elif self.weight[0] == 0:
+            fresh, count0, shift = np.zeros(1, bool), None, self._pilot(x)
+        else:
+            fresh, count0, shift = np.zeros(1, bool), None, self.shift[keys]
+        sums = accumulate(x, self.layout, slots, keys, shift, fresh, weights=weights,
+                          omit=self.omit, count0=count0)
+        fold_exact(sums, self.layout.per_stat, self.shift, self.offset, self.m2_flat, self.weight,
+                   self.count_flat)
+        self.rows[keys] += sums.rows
+        return self
+
+    def _pilot(self, x: np.ndarray) -> np.ndarray:
+        """A first shift for one group: the mean of the first rows (closer to the
+        mean than any single row, so the first block's offset, and its rounding,
+        is smaller); an integer for integer data, 0 where not finite."""
+        rows = max(1, min(PILOT_ROWS, PILOT_ELEMENTS // max(x[0].size, 1)))
+        with np.errstate(invalid="ignore", over="ignore"):
+            pilot = np.asarray(x[:rows], dtype=np.float64).mean(axis=self.axes).reshape(1, -1)
+        if x.dtype.kind in "iu":
+            pilot = np.rint(pilot)
+        return np.where(np.isfinite(pilot), pilot, 0.0)
+
+    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
+        """Add what `other` (same groups, axes and shape) has seen."""
+        if other.layout is None:
+            return self
+        if self.layout is None:
+            self.start(other.layout.row_shape)
+        keys = np.flatnonzero(other.rows)
+        n_a, n_b = self.count_2d[keys], other.count_2d[keys]
+        mine = n_a > 0
+        shift = np.where(mine, self.shift[keys], other.shift[keys])
+        # Shifts of one data set are close, so their difference is exact (Sterbenz).
+        off_a = np.where(mine, self.offset[keys], 0.0)
+        off_b = other.offset[keys] + (other.shift[keys] - shift)
+        count, offset, m2 = merge_moments(n_a, off_a, self.m2_flat[keys], n_b, off_b, other.m2_flat[keys])
+        self.shift[keys], self.offset[keys] = _two_sum(shift, offset)
+        self.m2_flat[keys] = m2
+        if self.count_flat is not None:
+            self.count_flat[keys] = count
+        self.weight[keys] += other.weight[keys]
+        self.rows[keys] += other.rows[keys]
+        return self
+
+
+class Moments(GroupedMoments):
     """Exact population moments over a stream of arrays, mergeable.
 
-    The state is plain data (float64 arrays of the statistic's shape), so it
-    pickles cheaply and stores as it is: ``count``, ``m2``, and the mean as
-    ``shift + offset``. The shift is the first block's mean; later blocks are
-    reduced relative to it, so a large common offset (1e9 plus noise) cannot
-    take the digits that block means and merges need.
+    A :class:`GroupedMoments` of one group: ``count``, ``mean``, ``m2`` have
+    the statistic's shape.
 
     Parameters
     ----------
@@ -60,25 +271,10 @@ class Moments(KeepsScratch):
     """
 
     def __init__(self, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
-        self.axes = tuple(axes)
-        self.nan_policy = nan_policy
-        self.count: Optional[np.ndarray] = None
-        self.shift: Optional[np.ndarray] = None
-        self.offset: Optional[np.ndarray] = None
-        self.m2: Optional[np.ndarray] = None
-        self._workspace = Workspace()
+        super().__init__(1, axes, nan_policy=nan_policy)
 
-    @property
-    def mean(self) -> Optional[np.ndarray]:
-        return None if self.shift is None else self.shift + self.offset
-
-    def restore(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "Moments":
-        """Set the state from stored count, mean and M2."""
-        self.count = np.array(count, dtype=np.float64)
-        self.shift = np.nan_to_num(np.array(mean, dtype=np.float64))
-        self.offset = np.zeros_like(self.shift)
-        self.m2 = np.array(m2, dtype=np.float64)
-        return self
+    def _shaped(self, flat: np.ndarray) -> np.ndarray:
+        return flat.reshape(self.kept)
 
     def update(self, x: np.ndarray, weights: Optional[np.ndarray] = None) -> "Moments":
         """Add the elements of `x` (reduced over ``axes``), optionally one weight per row.
@@ -89,197 +285,12 @@ class Moments(KeepsScratch):
             With ``nan_policy='error'``, for the first NaN / Inf; its row
             counts from the first row of `x`.
         """
-        if self.shift is None:
-            self.shift = _first_row_shift(x, self.axes)
-        if weights is None:
-            chunk = chunk_rows_for(int(np.prod(x.shape[1:], dtype=np.int64)))
-            count, mean, m2 = combine_chunks(*chunk_moments(
-                x, self.axes, chunk, shift=self.shift, nan_policy=self.nan_policy,
-                workspace=self._workspace,
-            ))
-        else:
-            count, mean, m2 = checked_moments(
-                x, self.axes, shift=np.expand_dims(self.shift, self.axes),
-                weights=_row_weights(weights, x.ndim), nan_policy=self.nan_policy,
-            )
-        self._add(np.broadcast_to(np.asarray(count, np.float64), mean.shape), mean, m2)
-        return self
+        return super().update(x, None, weights)
 
-    def merge(self, other: "Moments") -> "Moments":
-        """Add the elements that `other` has seen (same axes and shape)."""
-        if other.count is None:
-            return self
-        if self.shift is None:
-            self.shift = other.shift.copy()
-        # Shifts of one data set are close, so their difference is exact (Sterbenz).
-        self._add(other.count, other.offset + (other.shift - self.shift), other.m2)
-        return self
-
-    def _add(self, count: np.ndarray, offset: np.ndarray, m2: np.ndarray) -> None:
-        if self.count is None:
-            self.count = np.array(count, dtype=np.float64)
-            self.offset = np.array(offset, dtype=np.float64)
-            self.m2 = np.array(m2, dtype=np.float64)
-        else:
-            self.count, self.offset, self.m2 = merge_moments(
-                self.count, self.offset, self.m2, count, offset, m2
-            )
-
-    def variance(self, ddof: int) -> np.ndarray:
-        """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return variance(self.count, self.m2, ddof)
-
-
-FEW_GROUPS = 32  # up to this many groups in a block, each is reduced on its own
-
-
-class GroupedMoments(KeepsScratch):
-    """Exact moments per group (class, speaker, ...), mergeable.
-
-    Each row belongs to one of `num_groups` groups; within a row, `axes`
-    other than 0 are reduced too. The state is ``rows`` (rows per group) and
-    ``count``, ``m2`` and the mean as ``shift + offset``, each of shape
-    ``(num_groups,) + kept``; a group's shift is taken from its first row, as
-    in :class:`Moments`. Groups never seen have count 0 and NaN mean.
-
-    Parameters
-    ----------
-    num_groups : int
-    axes : tuple of int
-        Non-negative axes of each update's input to reduce (including 0).
-    nan_policy : {'error', 'omit'}
-    """
-
-    def __init__(self, num_groups: int, axes: tuple[int, ...], *, nan_policy: str = "error") -> None:
-        self.num_groups = int(num_groups)
-        self.axes = tuple(axes)
-        self.inner = tuple(a for a in self.axes if a != 0)
-        self.nan_policy = nan_policy
-        self.rows = np.zeros(self.num_groups, dtype=np.int64)
-        self._workspace = Workspace()
-        self.count: Optional[np.ndarray] = None
-        self.shift: Optional[np.ndarray] = None
-        self.offset: Optional[np.ndarray] = None
-        self.m2: Optional[np.ndarray] = None
-
-    def _allocate(self, shape: tuple[int, ...]) -> None:
-        full = (self.num_groups,) + tuple(shape)
-        self.count, self.offset, self.m2 = np.zeros(full), np.zeros(full), np.zeros(full)
-        self.shift = np.full(full, np.nan)
-
-    @property
-    def mean(self) -> Optional[np.ndarray]:
-        if self.count is None:
-            return None
-        return np.where(self.count > 0, np.nan_to_num(self.shift) + self.offset, np.nan)
-
-    def restore(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "GroupedMoments":
-        """Set the state from stored rows, count, mean and M2 per group."""
-        self._allocate(np.shape(mean)[1:])
-        self.rows = np.array(rows, dtype=np.int64)
-        self.count[...] = count
-        self.shift[...] = np.where(self.count > 0, mean, np.nan)
-        self.m2[...] = np.nan_to_num(m2)
-        return self
-
-    def update(
-        self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray] = None
-    ) -> "GroupedMoments":
-        """Add the rows of `x` to their `groups` (validated by the caller).
-
-        Raises
-        ------
-        NonFiniteError
-            With ``nan_policy='error'``, for the first NaN / Inf (row counted
-            from the first row of `x`).
-        """
-        if self.count is None:
-            self._allocate([x.shape[a] for a in range(1, x.ndim) if a not in self.axes])
-        present = np.unique(groups)
-        if weights is None and len(present) <= FEW_GROUPS:
-            return self._update_each(x, groups, present)
-        # Sort the rows by group once: the segment sums below then need no gather of their own.
-        order = np.argsort(groups, kind="stable")
-        groups = groups[order]
-        weights = None if weights is None else np.asarray(weights)[order]
-        shifted = self._shifted(x[order], groups)
-        result = self._grouped(shifted, groups, weights, omit=False)
-        if not (np.isfinite(result[3]).all() and np.isfinite(result[4]).all()):
-            bad = first_nonfinite(x)
-            if bad is None:
-                raise DataError("the sum of squares overflows float64; scale the data down")
-            if self.nan_policy != "omit":
-                raise NonFiniteError(bad[0], bad[1:], x[bad])
-            result = self._grouped(shifted, groups, weights, omit=True)
-        self._add(*result)
-        return self
-
-    def _update_each(self, x: np.ndarray, groups: np.ndarray, present: np.ndarray) -> "GroupedMoments":
-        """Few groups: gather each group's rows and reduce them with the blockwise
-        kernel, several times faster than sorting and segment sums."""
-        for group in present:
-            rows = np.flatnonzero(groups == group)
-            part = x[rows]
-            if np.isnan(self.shift[group]).all():
-                self.shift[group] = _first_row_shift(part, self.axes)
-            try:
-                count, offset, m2 = checked_moments(
-                    part, self.axes, self._workspace, nan_policy=self.nan_policy,
-                    shift=np.expand_dims(self.shift[group], self.axes),
-                )
-            except NonFiniteError:
-                bad = first_nonfinite(x)  # report the stream's first, not this group's
-                raise NonFiniteError(bad[0], bad[1:], x[bad]) from None
-            count = np.broadcast_to(np.asarray(count, np.float64), offset.shape)
-            self._add(np.array([group]), np.array([len(rows)]), count[None], offset[None], m2[None])
-        return self
-
-    def _shifted(self, x: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """`x` minus its group's shift, in float64; groups seen for the first time
-        take their first row (reduced over the inner axes) as shift."""
-        present, first = np.unique(groups, return_index=True)
-        new = np.isnan(self.shift[present].reshape(len(present), -1)).all(axis=1)
-        if new.any():  # each new group's first row, reduced over the inner axes: one call for all
-            self.shift[present[new]] = _first_row_shift(x[first[new]], self.inner, rows=True)
-        values = self._workspace.array("shifted", x.shape, np.float64)
-        np.copyto(values, x, casting="unsafe")  # a plain cast, then a float64 subtract: both fast
-        with np.errstate(invalid="ignore", over="ignore"):
-            values -= np.expand_dims(self.shift[groups], self.inner)  # every present group has one now
-        return values
-
-    def _grouped(self, x: np.ndarray, groups: np.ndarray, weights: Optional[np.ndarray], omit: bool):
-        row_weights = _row_weights(weights, x.ndim)
-        if self.inner:
-            count, means, m2 = moments(x, self.inner, weights=row_weights, omit_nonfinite=omit)
-            counts = np.broadcast_to(np.asarray(count, np.float64), means.shape)
-            if omit:  # a row with no finite element in a statistic has no mean there
-                means = np.where(counts > 0, means, 0.0)
-            return grouped_moments(groups, means, counts, m2, presorted=True)
-        if omit:
-            finite = np.isfinite(x)
-            counts = finite if row_weights is None else row_weights * finite
-            return grouped_moments(groups, np.where(finite, x, 0.0), counts, presorted=True)
-        return grouped_moments(groups, x, row_weights, presorted=True)
-
-    def _add(self, keys, rows, count, offset, m2) -> None:
-        self.count[keys], self.offset[keys], self.m2[keys] = merge_moments(
-            self.count[keys], self.offset[keys], self.m2[keys], count, offset, m2
-        )
-        self.rows[keys] += rows
-
-    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
-        """Add what `other` (same groups, axes and shape) has seen."""
-        if other.count is None:
-            return self
-        if self.count is None:
-            self._allocate(other.count.shape[1:])
-        keys = np.flatnonzero(other.rows)
-        unset = np.isnan(self.shift[keys])
-        self.shift[keys] = np.where(unset, other.shift[keys], self.shift[keys])
-        offset = other.offset[keys] + (np.nan_to_num(other.shift[keys]) - self.shift[keys])
-        self._add(keys, other.rows[keys], other.count[keys], offset, other.m2[keys])
-        return self
-
-    def variance(self, ddof: int) -> np.ndarray:
-        """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return variance(self.count, self.m2, ddof)
+    def restore(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
+                mean_low: Optional[np.ndarray] = None, row_shape: Optional[tuple] = None) -> "Moments":
+        """Set the state from stored count, mean (+ its low part) and M2."""
+        count = np.asarray(count, np.float64)
+        rows = np.array([1 if np.any(count > 0) else 0])
+        return super().restore(rows, count[None], np.asarray(mean)[None], np.asarray(m2)[None],
+                               None if mean_low is None else np.asarray(mean_low)[None], row_shape)

@@ -7,16 +7,18 @@ They never touch files.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import numpy as np
 
-from ._version import __version__
 from .axes import AxesSpec, kept_shape, resolve_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
-from .kernels import chunk_moments
+from .fitstate import FitState, file_options
+from .kernels import Layout, Sums, accumulate
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
+from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
     check_batch_size,
@@ -28,16 +30,15 @@ from .validate import (
     check_numeric_dtype,
     check_weights,
 )
-from .workspace import KeepsScratch, Workspace
 
 Initial = Union[float, np.ndarray, None]
 REPORTED_INDICES = 100  # near-constant statistics listed by index in the metadata
 
 
-class _BatchNormBase:
+class _BatchNormBase(FitState):
     """Options, input checks and bookkeeping shared by both modes."""
 
-    mode = ""
+    kind = BATCHNORM
 
     def __init__(
         self,
@@ -52,18 +53,13 @@ class _BatchNormBase:
     ) -> None:
         if not (use_mean or use_inv_std):
             raise UsageError("mean and inv_std are both disabled: there is nothing to fit")
+        super().__init__(check_batch_size(batch_size), check_nan_policy(nan_policy))
         self.axes_spec = axes if isinstance(axes, str) else tuple(int(a) for a in axes)
         self.eps = check_eps(eps)
         self.ddof = check_ddof(ddof)
-        self.batch_size = check_batch_size(batch_size)
         self.use_mean = use_mean
         self.use_inv_std = use_inv_std
-        self.nan_policy = check_nan_policy(nan_policy)
         self.axes: Optional[tuple[int, ...]] = None
-        self.row_shape: Optional[tuple[int, ...]] = None
-        self.input_dtype: Optional[str] = None
-        self.rows_seen = 0
-        self.batches_seen = 0
         self.batches_skipped = 0
 
     @property
@@ -93,43 +89,18 @@ class _BatchNormBase:
         """Allocate the state once the statistic's shape is known."""
 
     def _meta(self) -> dict:
-        return {
-            "normstats_version": __version__,
-            "kind": BATCHNORM,
-            "mode": self.mode,
-            "axes": list(self.axes),
-            "eps": self.eps,
-            "ddof": self.ddof,
-            "batch_size": self.batch_size,
-            "rows_seen": self.rows_seen,
-            "batches_seen": self.batches_seen,
-            "batches_skipped": self.batches_skipped,
-            "row_shape": list(self.row_shape),
-            "input_dtype": self.input_dtype,
-            "use_mean": self.use_mean,
-            "use_inv_std": self.use_inv_std,
-            "nan_policy": self.nan_policy,
-        }
+        return dict(super()._meta(), axes=list(self.axes), eps=self.eps, ddof=self.ddof,
+                    batches_skipped=self.batches_skipped, use_mean=self.use_mean,
+                    use_inv_std=self.use_inv_std)
 
     def _require_updates(self) -> None:
         if self.axes is None:
             raise DataError("no rows were given: the statistics are undefined")
 
     def _restore_meta(self, stats: Stats) -> None:
-        meta = stats.meta
-        self.axes = tuple(meta["axes"])
-        self.row_shape = tuple(meta["row_shape"])
-        self.input_dtype = meta["input_dtype"]
-        self.rows_seen = int(meta["rows_seen"])
-        self.batches_seen = int(meta["batches_seen"])
-        self.batches_skipped = int(meta["batches_skipped"])
-
-
-def _file_options(meta: dict, options: dict, *names: str) -> None:
-    """Options a continued fit takes from its stats file unless given anew."""
-    for name in names:
-        if name in meta:
-            options.setdefault(name, meta[name])
+        self._restore_counters(stats.meta)
+        self.axes = tuple(stats.meta["axes"])
+        self.batches_skipped = int(stats.meta["batches_skipped"])
 
 
 def _initial(value: Initial, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -187,7 +158,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
     >>> import numpy as np
     >>> bn = BatchNormEMA(alpha=0.5, batch_size=2)
     >>> bn.update(np.array([[0.0], [2.0], [4.0], [6.0]])).result().arrays["mean"]
-    array([3.])
+    array([2.75])
     """
 
     mode = "ema"
@@ -219,6 +190,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.mean: Optional[np.ndarray] = None
         self.inv_std: Optional[np.ndarray] = None
         self.count: Optional[np.ndarray] = None  # elements used per statistic
+        self.layout: Optional[Layout] = None
+        self._open: Optional[Sums] = None  # the sums of a batch still being read (never scratch)
         self._workspace = Workspace()
 
     @classmethod
@@ -229,9 +202,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         stats.require(BATCHNORM)
         if "groups" in stats.meta:
             raise StatsFileError("per-group statistics cannot start a moving average")
-        _file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
+        file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
         if stats.mode == "ema":
-            _file_options(stats.meta, options, "alpha")
+            file_options(stats.meta, options, "alpha")
         options.setdefault("mean", stats.arrays.get("mean"))
         options.setdefault("inv_std", stats.arrays.get("inv_std"))
         for name in ("mean", "inv_std"):
@@ -252,22 +225,72 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             self.inv_std = _initial(self._initial_inv_std, shape, "inv_std")
         self.count = np.zeros(shape)
         self.decay = np.ones(shape)  # (1 - alpha) ** (batches folded in), per statistic
+        self.layout = Layout.of(self.row_shape, self.axes)
 
-    def update(self, x: np.ndarray) -> "BatchNormEMA":
-        """Fold in the consecutive batches of `x` (shape ``(rows, ...)``)."""
+    def update(self, x: np.ndarray, *, more: bool = False) -> "BatchNormEMA":
+        """Fold in the consecutive batches of `x` (shape ``(rows, ...)``).
+
+        With `more`, a short last batch stays open and the next update
+        continues it (a batch larger than a read block is accumulated across
+        blocks, never held); :meth:`close` folds an open batch in.
+        """
         x = np.asarray(x)
         self._check(x)
-        if x.shape[0] == 0:
+        rows = x.shape[0]
+        if rows == 0:
             return self
+        batch = self.batch_size or rows
+        done = 0
+        if self._open is not None:  # finish the batch the last update left open
+            done = min(batch - int(self._open.rows[0]), rows)
+            self._add(x[:done], 1, batch, start=self._open)
+            if int(self._open.rows[0]) == batch:
+                self._fold_sums(self._open)
+                self._open = None
+        if done < rows:
+            rest = rows - done
+            batches = -(-rest // batch)
+            sums = self._add(x[done:], batches, batch, first=done)
+            if more and rest % batch:  # the last batch is short: keep it open
+                self._fold_sums(sums.slots(slice(0, batches - 1)))
+                self._open = sums.slots(slice(batches - 1, batches))
+            else:
+                self._fold_sums(sums)
+        self.rows_seen += rows
+        return self
+
+    def _add(self, x: np.ndarray, batches: int, batch: int, *, first: int = 0, start: Optional[Sums] = None) -> Sums:
+        """The kernel's sums of the consecutive batches of `x` (each batch a slot,
+        shifted by its first row), or of rows continuing the open batch `start`."""
+        layout = self.layout
         try:
-            n, batch_mean, batch_m2 = chunk_moments(
-                x, self.axes, self.batch_size or x.shape[0], nan_policy=self.nan_policy,
-                workspace=self._workspace,
-            )
+            if start is not None:
+                return accumulate(x, layout, np.zeros(len(x), np.int64), start.keys, start.shift,
+                                  np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
+            return accumulate(x, layout, np.arange(len(x), dtype=np.int64) // batch,
+                              np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
+                              omit=self.nan_policy == "omit", scratch=self._workspace)
         except NonFiniteError as error:
-            raise error.shifted(self.rows_seen) from None
-        self._fold(n, batch_mean, batch_m2)
-        self.rows_seen += x.shape[0]
+            raise error.shifted(self.position + first) from None
+
+    def _fold_sums(self, sums: Sums) -> None:
+        stacked = (len(sums.keys),) + self.shape
+        if not stacked[0]:
+            return
+        per_stat = self.layout.per_stat
+        self._fold(sums.counts(per_stat).reshape(stacked), sums.means(per_stat).reshape(stacked),
+                   sums.m2(per_stat).reshape(stacked))
+
+    @property
+    def open_rows(self) -> int:
+        """Rows of a batch left open by ``update(..., more=True)``."""
+        return 0 if self._open is None else int(self._open.rows[0])
+
+    def close(self) -> "BatchNormEMA":
+        """Fold in a batch left open by ``update(..., more=True)`` (a short last batch)."""
+        if self._open is not None:
+            self._fold_sums(self._open)
+            self._open = None
         return self
 
     def _fold(self, n: np.ndarray, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
@@ -310,6 +333,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         """
         if later.axes is None:
             return self
+        if self._open is not None or later._open is not None:
+            raise UsageError("close() both states before appending: a batch is still open")
         for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std"):
             if getattr(self, name) != getattr(later, name):
                 raise DataError(f"cannot append an ema fit with different {name}")
@@ -319,10 +344,11 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             self.inv_std = later.decay * self.inv_std + later.inv_std
         self.decay = self.decay * later.decay
         self.count = self.count + later.count
-        self.rows_seen += later.rows_seen
-        self.batches_seen += later.batches_seen
+        self._add_counters(later)
         self.batches_skipped += later.batches_skipped
         return self
+
+    combine = follow
 
     def zero_start(self) -> "BatchNormEMA":
         """Start from mean 0 and inv_std 0 (for a range of rows to :meth:`follow` others)."""
@@ -331,8 +357,11 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         return self
 
     def result(self) -> Stats:
-        """The running mean / inv_std (float64) and metadata."""
+        """The running mean / inv_std (float64) and metadata (an open batch folded
+        in, as the last, short one)."""
         self._require_updates()
+        if self._open is not None:
+            return copy.deepcopy(self).close().result()
         arrays = {}
         if self.use_mean:
             arrays["mean"] = self.mean.copy()
@@ -372,10 +401,13 @@ class BatchNormExact(_BatchNormBase):
 
     Notes
     -----
-    A statistic whose variance is below what float64 rounding of its mean
-    can resolve (a constant channel) is reported in the metadata
-    (``near_constant``) and gets variance 0, so its inv_std is
-    ``1/sqrt(eps)``, never infinite or NaN.
+    A statistic whose variance is within the rounding error of the shifted
+    sums (a constant channel; see :meth:`GroupedMoments.near_constant`) is
+    reported in the metadata (``near_constant``) and gets variance 0, so its
+    inv_std is ``1/sqrt(eps)``, never infinite or NaN. The mean is stored
+    with its low part ``mean_low`` (``mean + mean_low`` is the mean to about
+    twice float64's digits), so merging or continuing files loses nothing
+    against a single run.
 
     Examples
     --------
@@ -425,7 +457,7 @@ class BatchNormExact(_BatchNormBase):
                 "can be continued or merged exactly"
             )
         meta = stats.meta
-        _file_options(meta, options, "eps", "ddof", "use_mean", "use_inv_std", "nan_policy", "batch_size")
+        file_options(meta, options, "eps", "ddof", "use_mean", "use_inv_std", "nan_policy", "batch_size")
         options.setdefault("num_groups", meta.get("groups"))
         if options["num_groups"] != meta.get("groups"):
             raise StatsFileError(
@@ -439,10 +471,11 @@ class BatchNormExact(_BatchNormBase):
         count = np.asarray(stats.arrays["count"], dtype=np.float64)
         mean = stats.arrays["mean" if "mean" in stats.arrays else "moment_mean"]
         m2 = np.nan_to_num(np.asarray(stats.arrays["var"], dtype=np.float64) * (count - int(meta["ddof"])))
+        low = stats.arrays.get("mean_low")  # absent in files of normstats <= 0.1
         if state.num_groups is None:
-            state.moments.restore(count, mean, m2)
+            state.moments.restore(count, mean, m2, low, row_shape=state.row_shape)
         else:
-            state.moments.restore(stats.arrays["group_rows"], count, mean, m2)
+            state.moments.restore(stats.arrays["group_rows"], count, mean, m2, low, row_shape=state.row_shape)
         return state
 
     def _start(self) -> None:
@@ -450,6 +483,7 @@ class BatchNormExact(_BatchNormBase):
             self.moments = Moments(self.axes, nan_policy=self.nan_policy)
         else:
             self.moments = GroupedMoments(self.num_groups, self.axes, nan_policy=self.nan_policy)
+        self.moments.start(self.row_shape)
 
     def update(
         self, x: np.ndarray, groups: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
@@ -468,7 +502,7 @@ class BatchNormExact(_BatchNormBase):
         x = np.asarray(x)
         self._check(x)
         if weights is not None:
-            weights = check_weights(weights, x.shape[0], self.rows_seen)
+            weights = check_weights(weights, x.shape[0], self.position)
             self.weighted = True
         if x.shape[0] == 0:
             return self
@@ -478,13 +512,38 @@ class BatchNormExact(_BatchNormBase):
                     raise UsageError("groups were given but the state has no num_groups")
                 self.moments.update(x, weights)
             else:
-                groups = check_groups(groups, x.shape[0], self.num_groups, self.rows_seen, "group")
+                groups = check_groups(groups, x.shape[0], self.num_groups, self.position, "group")
                 self.moments.update(x, groups, weights)
         except NonFiniteError as error:
-            raise error.shifted(self.rows_seen) from None
+            raise error.shifted(self.position) from None
+        self.batches_seen += self.batches_in(x.shape[0])
         self.rows_seen += x.shape[0]
-        self.batches_seen += -(-x.shape[0] // (self.batch_size or x.shape[0]))
         return self
+
+    def _too_small(self, count: np.ndarray, meta: dict) -> np.ndarray:
+        """Statistics with ``count <= ddof`` (no variance): reported in `meta` like
+        unseen groups (their var and inv_std are NaN), or an error when nothing
+        is left to fit."""
+        omitted = "; NaN / Inf values were left out (--nan-policy omit)" if self.nan_policy == "omit" else ""
+        if self.weighted and not np.any(count > 0):
+            raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
+        too_small = count <= self.ddof
+        if self.num_groups is None:
+            if too_small.all():
+                raise DataError(
+                    f"exact statistics need more than ddof={self.ddof} elements per statistic, got "
+                    f"{int(np.max(count)) if count.size else 0}{omitted}"
+                )
+            meta["too_small_count"], meta["too_small"] = _listed(too_small)
+            return too_small
+        small = too_small.reshape(self.num_groups, -1).any(axis=1) & (self.moments.rows > 0)
+        if too_small.all():
+            raise DataError(
+                f"no group has more than ddof={self.ddof} elements per statistic{omitted}; "
+                "nothing to fit"
+            )
+        meta["groups_too_small"], meta["groups_too_small_list"] = _listed(small)
+        return too_small
 
     def merge(self, other: "_BatchNormBase") -> "BatchNormExact":
         """Add what `other` (an exact fit of the same shape and options) has seen."""
@@ -502,10 +561,11 @@ class BatchNormExact(_BatchNormBase):
                     f"{getattr(self, name)} and {getattr(other, name)}"
                 )
         self.moments.merge(other.moments)
-        self.rows_seen += other.rows_seen
-        self.batches_seen += other.batches_seen
+        self._add_counters(other)
         self.weighted = self.weighted or other.weighted
         return self
+
+    combine = merge
 
     def result(self) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata."""
@@ -515,24 +575,18 @@ class BatchNormExact(_BatchNormBase):
         count = moments.count
         if count is None:
             raise DataError("no rows were given: the statistics are undefined")
-        relevant = count if self.num_groups is None else count[moments.rows > 0]
-        if np.any(relevant <= self.ddof):
-            raise DataError(
-                f"exact statistics need more than ddof={self.ddof} elements per statistic, "
-                f"got {int(np.min(relevant))}"
-                + ("; NaN / Inf values were left out" if self.nan_policy == "omit" else "")
-            )
+        too_small = self._too_small(count, meta)
         var = moments.variance(self.ddof)
-        near_constant = _near_constant(var, moments.mean, count)
+        near_constant = moments.near_constant() & ~too_small
         var = np.where(near_constant, 0.0, var)
-        flat = np.flatnonzero(near_constant)
-        meta["near_constant_count"] = int(flat.size)
-        meta["near_constant"] = [int(i) for i in flat[:REPORTED_INDICES]]
+        meta["near_constant_count"], meta["near_constant"] = _listed(near_constant)
         meta["weighted"] = self.weighted
         arrays = {"count": count.copy(), "var": var}
-        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean.copy()
+        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
+        arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
         if self.use_inv_std:
-            arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
+            with np.errstate(invalid="ignore"):
+                arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
         if self.num_groups is not None:
             meta["groups"] = self.num_groups
             meta["groups_unseen"] = int(np.sum(moments.rows == 0))
@@ -542,12 +596,10 @@ class BatchNormExact(_BatchNormBase):
         return Stats(BATCHNORM, arrays, meta)
 
 
-def _near_constant(var: np.ndarray, mean: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Statistics whose variance is within float64 rounding of the mean:
-    the two-pass / Chan computation cannot tell them from constants."""
-    resolution = 4.0 * np.finfo(np.float64).eps * np.log2(np.maximum(count, 2.0)) * np.abs(mean)
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(var, nan=np.inf) <= resolution**2
+def _listed(mask: np.ndarray) -> tuple[int, list[int]]:
+    """How many entries `mask` flags, and the first REPORTED_INDICES of them."""
+    flat = np.flatnonzero(mask)
+    return int(flat.size), [int(i) for i in flat[:REPORTED_INDICES]]
 
 
 def batchnorm_state(

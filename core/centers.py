@@ -7,14 +7,15 @@ centers have shape ``(num_classes,) + row_shape``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import numpy as np
 
-from ._version import __version__
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
+from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
-from .moments import first_nonfinite, grouped_moments
+from .kernels import Layout, accumulate, fold_centers_ema, slot_rows
 from .stats import CENTERS, Stats
 from .workspace import KeepsScratch, Workspace
 from .validate import (
@@ -28,14 +29,19 @@ from .validate import (
 )
 
 Init = Union[str, np.ndarray]
+
+
+@functools.lru_cache(maxsize=8)
+def _flat_layout(features: int) -> Layout:
+    """Every feature of a (flattened) row is its own statistic."""
+    return Layout.of((features,), (0,))
 INITS = ("random", "zeros", "first")
-FEW_CLASSES = 64  # up to this many classes, EMA batch class means come from one BLAS product
 
 
-class _CentersBase:
+class _CentersBase(FitState):
     """Options, feature/label checks and bookkeeping shared by both modes."""
 
-    mode = ""
+    kind = CENTERS
 
     def __init__(
         self,
@@ -47,16 +53,11 @@ class _CentersBase:
     ) -> None:
         if int(num_classes) != num_classes or num_classes < 1:
             raise UsageError(f"the number of classes must be a positive integer, got {num_classes}")
+        super().__init__(check_batch_size(batch_size), check_nan_policy(nan_policy))
         self.num_classes = int(num_classes)
-        self.batch_size = check_batch_size(batch_size)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
-        self.nan_policy = check_nan_policy(nan_policy)
-        self.row_shape: Optional[tuple[int, ...]] = None
-        self.input_dtype: Optional[str] = None
         self.counts = np.zeros(self.num_classes, dtype=np.int64)
-        self.rows_seen = 0
         self.rows_ignored = 0
-        self.batches_seen = 0
 
     @property
     def feature_dim(self) -> int:
@@ -71,7 +72,7 @@ class _CentersBase:
         check_numeric_dtype(x.dtype, "features")
         if x.ndim < 1:
             raise DataError("features are a scalar; they need at least one (row) axis")
-        labels = check_groups(labels, x.shape[0], self.num_classes, self.rows_seen, "label",
+        labels = check_groups(labels, x.shape[0], self.num_classes, self.position, "label",
                               ignore=self.ignore_label)
         keep = labels != self.ignore_label if self.ignore_label is not None else np.ones(len(labels), bool)
         if self.row_shape is None:
@@ -86,30 +87,19 @@ class _CentersBase:
         return x.reshape(x.shape[0], self.feature_dim), labels, keep
 
     def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
-        self.counts += np.bincount(labels[keep], minlength=self.num_classes)
+        np.add.at(self.counts, labels[keep], 1)  # only the classes present are touched
+        # ema: each update's own batches; exact: on the stream's grid, whatever the blocks
+        self.batches_seen += (-(-len(labels) // (self.batch_size or len(labels))) if self.mode == "ema"
+                              else self.batches_in(len(labels)))
         self.rows_seen += len(labels)
         self.rows_ignored += int(len(labels) - keep.sum())
-        self.batches_seen += -(-len(labels) // (self.batch_size or len(labels)))
 
     def _start(self) -> None:
         """Allocate the state once the feature shape is known."""
 
     def _meta(self) -> dict:
-        return {
-            "normstats_version": __version__,
-            "kind": CENTERS,
-            "mode": self.mode,
-            "num_classes": self.num_classes,
-            "batch_size": self.batch_size,
-            "rows_seen": self.rows_seen,
-            "rows_ignored": self.rows_ignored,
-            "ignore_label": self.ignore_label,
-            "batches_seen": self.batches_seen,
-            "row_shape": list(self.row_shape),
-            "input_dtype": self.input_dtype,
-            "nan_policy": self.nan_policy,
-            "classes_unseen": int(np.sum(self.counts == 0)),
-        }
+        return dict(super()._meta(), num_classes=self.num_classes, rows_ignored=self.rows_ignored,
+                    ignore_label=self.ignore_label, classes_unseen=int(np.sum(self.counts == 0)))
 
     def _require_updates(self) -> None:
         if self.row_shape is None:
@@ -122,23 +112,15 @@ class _CentersBase:
             raise StatsFileError(
                 f"the centers file has {meta['num_classes']} classes, not {self.num_classes}"
             )
-        self.row_shape = tuple(meta["row_shape"])
-        self.input_dtype = meta["input_dtype"]
-        self.rows_seen = int(meta["rows_seen"])
+        self._restore_counters(meta)
         self.rows_ignored = int(meta.get("rows_ignored", 0))
-        self.batches_seen = int(meta["batches_seen"])
         self.counts = np.array(stats.arrays["counts"], dtype=np.int64)
 
     def _shaped(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape((self.num_classes,) + self.row_shape)
 
 
-def _state_options(meta: dict, options: dict, *names: str) -> dict:
-    """Options a continued fit takes from its file unless given anew."""
-    for name in ("ignore_label", "nan_policy", "batch_size") + names:
-        if name in meta:
-            options.setdefault(name, meta[name])
-    return options
+CONTINUED = ("ignore_label", "nan_policy", "batch_size")  # options a continued fit takes from its file
 
 
 class CentersEMA(KeepsScratch, _CentersBase):
@@ -211,6 +193,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self.first_mean: Optional[np.ndarray] = None
         self.first_seen = np.zeros(self.num_classes, dtype=bool)
         self._follows = False
+        self._lookup: Optional[np.ndarray] = None  # scratch of the kernel's slot numbering
         self._workspace = Workspace()
 
     @classmethod
@@ -219,7 +202,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         stats.require(CENTERS)
         centers = np.asarray(stats.arrays["centers"], dtype=np.float64)
         options.pop("init", None)
-        options = _state_options(stats.meta, options, "alpha", "seed")
+        options = file_options(stats.meta, options, *CONTINUED, "alpha", "seed")
         state = cls(int(stats.meta["num_classes"]), init=centers, **options)
         state._restore(stats)
         state._start()
@@ -250,6 +233,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self.centers = init.reshape(shape).copy()
         self.initialized[:] = True
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_lookup"] = None
+        return state
+
     def update(self, x: np.ndarray, labels: np.ndarray) -> "CentersEMA":
         """Fold in the consecutive batches of `x` with their `labels`."""
         x = np.asarray(x)
@@ -257,87 +245,25 @@ class CentersEMA(KeepsScratch, _CentersBase):
         rows = flat.shape[0]
         if rows == 0:
             return self
-        batch = self.batch_size or rows
-        keys = (np.arange(rows, dtype=np.int64) // batch) * self.num_classes + labels
-        if self.num_classes <= FEW_CLASSES:
-            grouped = self._batch_class_means(flat, labels, keep, batch)
-        else:
-            everything = keep.all()  # then skip copying the block
-            grouped = grouped_moments(keys if everything else keys[keep], flat if everything else flat[keep],
-                                      with_m2=False)
-        if not np.isfinite(grouped[3]).all():
-            bad = first_nonfinite(flat[keep])
-            if self.nan_policy == "error":
-                row = int(np.flatnonzero(keep)[bad[0]])
-                raise NonFiniteError(self.rows_seen + row, np.unravel_index(bad[1], self.row_shape),
-                                     flat[keep][bad])
-            keep &= np.isfinite(flat).all(axis=1)
-            grouped = grouped_moments(keys[keep], flat[keep], with_m2=False)
-        self._fold(grouped[0], grouped[3])
+        if self.nan_policy == "omit" and flat.dtype.kind == "f":
+            keep &= np.isfinite(flat).all(axis=1)  # a row holding NaN / Inf is skipped whole
+        if self._lookup is None:
+            self._lookup = np.full(self.num_classes, -1, dtype=np.int64)
+        # The kernel's slots are the (batch, class) pairs present, numbered batch by batch.
+        slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup,
+                                batch=self.batch_size or rows)
+        try:
+            sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
+                              squares=False, scratch=self._workspace)
+        except NonFiniteError as error:
+            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
+                                 error.value) from None
+        # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
+        # initialized, init='first', takes its first batch mean as it is).
+        fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
+                         self.first_mean, self.first_seen)
         self._count(labels, keep)
         return self
-
-    def _batch_class_means(
-        self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int
-    ) -> tuple[np.ndarray, None, None, np.ndarray]:
-        """Per (batch, class) means for few classes, as one batched product of a
-        one-hot matrix with the rows (BLAS; ~3x the segment sums after a sort).
-
-        Returns the keys ``batch * K + class`` present (ascending) and their means,
-        in the layout of :func:`normstats.moments.grouped_moments`.
-        """
-        rows, features = flat.shape
-        batches = -(-rows // batch)
-        values = self._workspace.array("rows", (batches * batch, features), np.float64)
-        np.copyto(values[:rows], flat, casting="unsafe")
-        values[rows:] = 0.0  # pad the last batch; padding rows belong to no class
-        if not keep.all():
-            values[:rows][~keep] = 0.0  # a NaN in a skipped row must not reach the product
-        one_hot = self._workspace.array("one_hot", (batches, self.num_classes, batch), np.float64)
-        one_hot[...] = 0.0
-        index = np.flatnonzero(keep)
-        one_hot[index // batch, labels[index], index % batch] = 1.0
-        with np.errstate(invalid="ignore", over="ignore"):
-            sums = np.matmul(one_hot, values.reshape(batches, batch, features))
-        counts = one_hot.sum(axis=2)
-        present = np.nonzero(counts)  # row-major: by batch, then class
-        keys = present[0].astype(np.int64) * self.num_classes + present[1]
-        return keys, None, None, sums[present] / counts[present][:, None]
-
-    def _fold(self, keys: np.ndarray, means: np.ndarray) -> None:
-        """Apply the EMA of every (batch, class) mean in batch order, at once.
-
-        `keys` are ``batch * K + class``, ascending. After its ``m`` batches
-        here, class ``j`` holds ``(1-a)^m C[j] + sum_i a (1-a)^(m-1-i) C_batch_i[j]``;
-        a class that starts uninitialized (``init='first'``) takes its first
-        batch mean with weight 1 instead of ``a``.
-        """
-        if keys.size == 0:
-            return
-        alpha = self.alpha
-        classes = keys % self.num_classes
-        # keys are sorted by batch, then class; a stable sort by class keeps batch order.
-        order = np.argsort(classes, kind="stable")
-        classes, means = classes[order], means[order]
-        group_end = np.searchsorted(classes, classes, side="right") - 1
-        later = group_end - np.arange(len(classes))  # batches of the class after this one
-        weights = alpha * (1.0 - alpha) ** later
-        first = np.r_[True, classes[1:] != classes[:-1]]
-        starting = first & ~self.initialized[classes]
-        weights[starting] = (1.0 - alpha) ** later[starting]
-        present = classes[first]
-        seen_here = np.diff(np.r_[np.flatnonzero(first), len(classes)])
-        fresh = ~self.initialized[present]
-        decay = np.where(fresh, 0.0, (1.0 - alpha) ** seen_here)
-        old = np.where(fresh[:, None], 0.0, self.centers[present])
-        contribution = np.add.reduceat(weights[:, None] * means, np.flatnonzero(first), axis=0)
-        self.centers[present] = decay[:, None] * old + contribution
-        self.initialized[present] = True
-        self.decay[present] *= (1.0 - alpha) ** seen_here
-        if self.first_mean is not None:
-            new = ~self.first_seen[present]
-            self.first_mean[present[new]] = means[first][new]
-            self.first_seen[present] = True
 
     def merge(self, other: "_CentersBase") -> "CentersEMA":
         """Moving averages depend on batch order and cannot be merged."""
@@ -374,10 +300,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
             self.first_seen |= seen
         self.decay *= later.decay
         self.counts += later.counts
-        self.rows_seen += later.rows_seen
+        self._add_counters(later)
         self.rows_ignored += later.rows_ignored
-        self.batches_seen += later.batches_seen
         return self
+
+    combine = follow
 
     def zero_start(self) -> "CentersEMA":
         """Start from zero centers (for a range of rows to :meth:`follow` others)."""
@@ -450,7 +377,7 @@ class CentersExact(_CentersBase):
                 f"the centers file was fitted with --mode {stats.mode}; only exact centers "
                 "can be continued or merged exactly"
             )
-        state = cls(int(stats.meta["num_classes"]), **_state_options(stats.meta, options))
+        state = cls(int(stats.meta["num_classes"]), **file_options(stats.meta, options, *CONTINUED))
         state._restore(stats)
         state._start()
         state.weighted = bool(stats.meta.get("weighted", False))
@@ -465,7 +392,7 @@ class CentersExact(_CentersBase):
         return state
 
     def _start(self) -> None:
-        self.moments._allocate((self.feature_dim,))
+        self.moments.start((self.feature_dim,))
 
     def update(
         self, x: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None
@@ -475,16 +402,14 @@ class CentersExact(_CentersBase):
         x = np.asarray(x)
         flat, labels, keep = self._check(x, labels)
         if weights is not None:
-            weights = check_weights(weights, flat.shape[0], self.rows_seen)[keep]
+            weights = check_weights(weights, flat.shape[0], self.position)
             self.weighted = True
         if flat.shape[0] == 0:
             return self
-        kept = flat if keep.all() else flat[keep]
         try:
-            self.moments.update(kept, labels[keep], weights)
+            self.moments.update(flat, np.where(keep, labels, -1), weights)
         except NonFiniteError as error:
-            row = int(np.flatnonzero(keep)[error.row])
-            raise NonFiniteError(self.rows_seen + row, np.unravel_index(error.index[0], self.row_shape),
+            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
         self._count(labels, keep)
         return self
@@ -508,19 +433,20 @@ class CentersExact(_CentersBase):
             )
         self.moments.merge(other.moments)
         self.counts += other.counts
-        self.rows_seen += other.rows_seen
+        self._add_counters(other)
         self.rows_ignored += other.rows_ignored
-        self.batches_seen += other.batches_seen
         self.weighted = self.weighted or other.weighted
         return self
+
+    combine = merge
 
     def result(self) -> Stats:
         """Class means and variances (NaN where unseen), counts and metadata."""
         self._require_updates()
         moments = self.moments
-        seen = moments.count > 0
-        centers = np.where(seen, moments.mean, np.nan)
-        var = np.where(seen, moments.variance(0), np.nan)
+        if self.weighted and not np.any(moments.weight > 0):
+            raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
+        centers, var = moments.mean_and_variance(0)  # NaN where unseen
         arrays = {
             "centers": self._shaped(centers),
             "counts": self.counts.copy(),

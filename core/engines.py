@@ -19,13 +19,14 @@ import multiprocessing.connection
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import EngineError, UsageError
 from .normalize import Normalizer
 from .pipeline import Progress, check_side, with_provenance
 from .sources import Stream, block_rows_for
-from .stats import CENTERS, Stats
+from .recipe import Recipe
+from .stats import BATCHNORM, Stats
 from .stores import held_signals, preallocated_output
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
@@ -37,14 +38,17 @@ QUIET = logging.CRITICAL + 1  # a log level above every message
 
 def _plan(stream: Stream, side: dict[str, Stream], *, allow_external: bool, absolute: bool,
           batch_size: Optional[int], block_rows: Optional[int], parts: Optional[int] = None,
-          rows_per_task: Optional[int] = None) -> tuple[Inputs, int, list[tuple[int, int]]]:
+          rows_per_task: Optional[int] = None, spanning: bool = False) -> tuple[Inputs, int, list[tuple[int, int]]]:
     """What tasks over `stream` need: its inputs, the rows per read block (the
-    usual size, but no more than a task's share, rounded to whole batches) and
+    usual size, but no more than a task's share, rounded to whole batches of
+    a moving average) and
     the row ranges, `parts` of them or about `rows_per_task` rows each."""
     check_side(stream, side)
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
     share = rows_per_task or -(-stream.rows // parts)
     block_rows = min(block_rows or block_rows_for(stream.row_bytes, None), share)
+    if batch_size and batch_size > block_rows and spanning:  # batches span blocks; ranges are whole batches
+        return inputs, block_rows, split_rows(stream.rows, batch_size, parts=parts, rows_per_task=rows_per_task)
     block_rows = block_rows_for(stream.row_bytes, batch_size, rows=block_rows)
     return inputs, block_rows, split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)
 
@@ -53,17 +57,17 @@ def _dask_task_rows(stream: Stream, task_rows: Optional[int]) -> int:
     return task_rows or max(1, TASK_BYTES // stream.row_bytes)
 
 
-def _fit_tasks(recipe: dict, stream: Stream, side: dict[str, Stream], **plan: Any) -> list[FitTask]:
-    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe["options"].get("batch_size"), **plan)
-    return [FitTask(recipe if a == 0 else _later(recipe), inputs, a, b, block_rows) for a, b in ranges]
-
-
-def _later(recipe: dict) -> dict:
-    """The recipe of a range after the first. Its ema centers start from zero anyway
-    (``zero_start``), so initial centers, possibly K x D, need not travel with it."""
-    if recipe["kind"] == CENTERS and recipe["mode"] == "ema":
-        return dict(recipe, options=dict(recipe["options"], init="zeros"))
-    return recipe
+def _fit_tasks(recipe: Union[Recipe, dict], stream: Stream, side: dict[str, Stream], *, copies: int = 1,
+               max_memory: Optional[int] = None, **plan: Any) -> list[FitTask]:
+    """The tasks of a split fit; refused if it continues a stats file (every range
+    would count it again) or if `copies` of its state do not fit in memory."""
+    recipe = Recipe.of(recipe)
+    later = recipe.later()
+    recipe.check_memory(stream.row_shape, copies=copies, max_memory=max_memory)
+    spanning = recipe.kind == BATCHNORM  # a BatchNorm EMA batch may span read blocks
+    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, spanning=spanning, **plan)
+    open_batches = bool(recipe.row_unit and recipe.row_unit > block_rows)
+    return [FitTask(recipe if a == 0 else later, inputs, a, b, block_rows, open_batches) for a, b in ranges]
 
 
 def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
@@ -74,13 +78,14 @@ def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
 
 
 def run_fit_parallel(
-    recipe: dict,
+    recipe: Union[Recipe, dict],
     stream: Stream,
     *,
     side: Optional[dict[str, Stream]] = None,
     allow_external: bool = False,
     jobs: int = 2,
     block_rows: Optional[int] = None,
+    max_memory: Optional[int] = None,
 ) -> Stats:
     """A fit split over `jobs` processes by row range, their states combined.
 
@@ -93,10 +98,10 @@ def run_fit_parallel(
 
     Parameters
     ----------
-    recipe : dict
-        ``{"kind": "batchnorm" | "centers", "mode": "ema" | "exact", "options": {...}}``
-        (centers options include ``num_classes``) to build the state in each
-        process.
+    recipe : Recipe or dict
+        What each process builds its state from (a dict
+        ``{"kind", "mode", "options"}`` is taken as :meth:`Recipe.of` does).
+        A recipe that continues a stats file (``init``) is refused.
     stream : Stream
         The feature shards (opened here only to plan; each process reopens its share).
     side : dict of str to Stream, optional
@@ -107,10 +112,13 @@ def run_fit_parallel(
         Processes (the rows are split evenly).
     block_rows : int, optional
         Rows per read block (default about 8 MB), rounded to whole batches.
+    max_memory : int, optional
+        Bytes the states of all processes may take together (default: the
+        memory available); checked before any work.
     """
     side = side or {}
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=False,
-                       block_rows=block_rows, parts=jobs)
+                       block_rows=block_rows, parts=jobs, copies=jobs + 1, max_memory=max_memory)
     started = time.perf_counter()
     state = _tree(run_in_processes(tasks, describe=lambda task: _rows_of(task, stream)), join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
@@ -289,7 +297,7 @@ def _gather(client: Any, tasks: list, progress: Progress, combine: Optional[Call
 
 
 def run_fit_dask(
-    recipe: dict,
+    recipe: Union[Recipe, dict],
     stream: Stream,
     client: Any,
     *,
@@ -298,6 +306,7 @@ def run_fit_dask(
     task_rows: Optional[int] = None,
     block_rows: Optional[int] = None,
     progress: Progress = None,
+    max_memory: Optional[int] = None,
 ) -> Stats:
     """A fit run as Dask tasks over row ranges, their states joined in a tree on the cluster.
 
@@ -313,10 +322,13 @@ def run_fit_dask(
         Rows per task (default: about 256 MB of input), rounded to read blocks.
     progress : callable, optional
         Called with the rows of each finished task.
+    max_memory : int, optional
+        Bytes one state may take (default: the memory available here).
     """
     side = side or {}
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=True,
-                       block_rows=block_rows, rows_per_task=_dask_task_rows(stream, task_rows))
+                       block_rows=block_rows, rows_per_task=_dask_task_rows(stream, task_rows),
+                       max_memory=max_memory)
     started = time.perf_counter()
     state, = _gather(client, tasks, progress, combine=join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)

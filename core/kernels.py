@@ -1,117 +1,437 @@
-"""Per-chunk moments of a block, computed while each chunk is in cache.
+"""The compiled kernels: grouped shifted moments of a block, and their fold.
 
-A read block (about 8 MB) is split into chunks of whole rows (one logical
-batch for the moving averages, about a thousand rows for exact statistics).
-Each unit of work (a chunk, or several small chunks stacked) is copied to
-float64 and reduced in two passes while it sits in cache, instead of
-sweeping the whole block several times through memory.
+Every estimator of normstats reduces a block of rows with one kernel,
+:func:`accumulate`. Row ``i`` belongs to a *slot* ``p = slots[i]`` (a group,
+a class, a logical batch, a (batch, class) pair; ``-1`` skips the row) and
+has a weight ``w(i)``; element ``e`` of a row feeds the statistic ``k(e)``
+that the reduction axes give it. Per (slot, statistic) the kernel adds up,
+in float64::
 
-Measured on the 2-core development machine: splitting the chunks over two
-threads ran no faster (the many small NumPy calls serialize on the GIL), so
-the work is serial; the reader thread of :mod:`normstats.sources` overlaps
-the file reads instead.
+    n  += w                 (per row, or per element under nan_policy='omit')
+    S1 += w * (x - s)
+    S2 += w * (x - s)**2
+
+around a shift ``s`` per (slot, statistic) near the data: the caller's
+(the current mean of a group already seen), or the first value the slot
+meets in this block. Integer data are shifted in integer arithmetic before
+the conversion, so int64 values near 2**62 keep every digit of their spread.
+The block is read as it is (float16 through a lookup table of its 65 536
+values, so no dtype ever needs a converted copy of the block), and only the
+slots present are touched: the work is O(rows x elements), never
+O(groups x statistics).
+
+Error bound
+-----------
+With ``d = x - s`` exact (integers; floats within a factor 2 of the shift,
+Sterbenz) and ``m`` terms summed per (slot, statistic) in one call, the
+computed sums satisfy ``|dS2| <= gamma_m * S2`` and ``|dS1| <= gamma_m *
+sum|w d|``, ``gamma_m = m u / (1 - m u)``, ``u = 2**-53``; the block's
+``M2 = S2 - S1**2 / n`` then errs by at most ``gamma_{m+2} * (M2 + 2 n
+(mean - s)**2)``: relative to the squared deviations from the shift, never
+to the magnitude of the mean. A shift within a few standard deviations of
+the mean (the first row; after a group's first block, its mean) keeps this
+a small multiple of ``m u`` relative to M2. Calls are limited to
+:data:`CALL_ELEMENTS` elements, so ``m`` stays small; blocks and shards then
+combine by the Chan–Golub–LeVeque merge in :func:`fold_exact`.
+
+All kernels (in :mod:`normstats.compiled`, imported on first use) release
+the GIL (``nogil``) and are cached on disk (``cache=True``); one
+specialization per input dtype and variant.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .moments import checked_moments
-from .errors import NonFiniteError
+from .errors import DataError, NonFiniteError
+from .moments import first_nonfinite
 from .workspace import Workspace
 
-CHUNK_BYTES = 2 << 20  # float64 units of ~2 MB: in cache, and few enough calls to amortize numpy's overhead
+CALL_ELEMENTS = 1 << 24  # elements per kernel call (64 MB of float32): bounds the terms per sum
+FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def chunk_rows_for(row_elements: int) -> int:
-    """Rows per chunk for exact statistics: about CHUNK_BYTES of float64."""
-    return max(1, CHUNK_BYTES // (8 * max(row_elements, 1)))
+def _compiled():
+    """The compiled loops (imported on first use: numba's start-up is paid by fits only)."""
+    from . import compiled
+
+    return compiled
 
 
-def chunk_moments(
+@dataclass(frozen=True)
+class Layout:
+    """Which statistic each element of a row feeds, for given reduction axes.
+
+    Attributes
+    ----------
+    row_shape : tuple of int
+    stats : int
+        Statistics per row (the product of the kept axes).
+    run : int
+        Consecutive elements sharing one statistic (the trailing reduced axes).
+    kmap : ndarray of int64
+        The statistic of each run; empty when every element is its own statistic.
+    kfirst : ndarray of bool
+        Whether a run is the first of its statistic in the row.
+    per_stat : int
+        Elements of one row per statistic.
+    """
+
+    row_shape: tuple
+    stats: int
+    run: int
+    kmap: np.ndarray
+    kfirst: np.ndarray
+    per_stat: int
+
+    @classmethod
+    def of(cls, row_shape: tuple, axes: tuple) -> "Layout":
+        """The layout of rows of `row_shape` reduced over `axes` (non-negative, with 0)."""
+        row_shape = tuple(int(n) for n in row_shape)
+        reduced = [a in axes for a in range(1, len(row_shape) + 1)]
+        kept = tuple(n for n, r in zip(row_shape, reduced) if not r)
+        stats = int(np.prod(kept, dtype=np.int64))
+        trailing = len(row_shape)
+        while trailing > 0 and reduced[trailing - 1]:
+            trailing -= 1
+        run = int(np.prod(row_shape[trailing:], dtype=np.int64))
+        lead = row_shape[:trailing]
+        elements = int(np.prod(row_shape, dtype=np.int64))
+        if not any(reduced):
+            kmap = np.empty(0, np.int64)
+        else:
+            index = np.arange(stats, dtype=np.int64).reshape(
+                [n if not r else 1 for n, r in zip(lead, reduced[:trailing])])
+            kmap = np.ascontiguousarray(np.broadcast_to(index, lead).reshape(-1))
+        kfirst = np.zeros(len(kmap), np.bool_)
+        kfirst[np.unique(kmap, return_index=True)[1]] = True
+        return cls(row_shape, stats, max(run, 1), kmap, kfirst, elements // max(stats, 1))
+
+
+@dataclass
+class Sums:
+    """What :func:`accumulate` adds up per slot of one block.
+
+    ``shift`` is in the kernel's arithmetic (int64 / uint64 for integer data);
+    :meth:`centers` gives it in float64 with the part float64 cannot hold.
+    """
+
+    keys: np.ndarray
+    rows: np.ndarray
+    weight: np.ndarray
+    count: np.ndarray  # (P, K) per element, or (0, 0) when counted per row
+    s1: np.ndarray
+    s2: np.ndarray
+    shift: np.ndarray
+    integer: bool
+
+    def slots(self, part: slice) -> "Sums":
+        """The sums of the slots `part` only."""
+        def cut(a: np.ndarray) -> np.ndarray:
+            return a[part].copy() if a.shape[0] else a
+        return Sums(self.keys[part].copy(), self.rows[part].copy(), self.weight[part].copy(), cut(self.count),
+                    self.s1[part].copy(), cut(self.s2), self.shift[part].copy(), self.integer)
+
+    def centers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shift as float64 and what float64 rounding dropped from it (0 for floats)."""
+        base = self.shift.astype(np.float64)
+        if not self.integer:
+            return base, np.zeros_like(base)
+        back = np.clip(base, *_integer_range(self.shift.dtype)).astype(self.shift.dtype)
+        return base, (self.shift - back).astype(np.int64).astype(np.float64)
+
+    def counts(self, per_stat: int) -> np.ndarray:
+        """Elements (or weight) per slot and statistic."""
+        if self.count.shape[0] or not self.s1.shape[0]:
+            return self.count if self.count.shape[0] else np.zeros(self.s1.shape)
+        return np.broadcast_to((self.weight * per_stat)[:, None], self.s1.shape)
+
+    def means(self, per_stat: int) -> np.ndarray:
+        """Mean per slot and statistic (NaN where nothing was counted)."""
+        n = self.counts(per_stat)
+        base, residual = self.centers()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, base + (self.s1 / n + residual), np.nan)
+
+    def m2(self, per_stat: int) -> np.ndarray:
+        """Sum of squared deviations from the mean per slot and statistic."""
+        n = self.counts(per_stat)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, np.maximum(self.s2 - self.s1 * (self.s1 / n), 0.0), 0.0)
+
+
+def _integer_range(dtype: np.dtype) -> tuple[float, float]:
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max) - 4096.0  # the largest float below max converts safely
+
+
+def kernel_dtype(dtype: np.dtype) -> np.dtype:
+    """The shift's dtype in the kernel for data of `dtype`."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize == 8:
+        return np.dtype(np.uint64)
+    return np.dtype(np.int64) if dtype.kind in "iu" else np.dtype(np.float64)
+
+
+def _as_rows(x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """`x` as a C-contiguous (rows, elements) view the kernel reads, and the
+    float16 table if it needs one."""
+    rows = x.shape[0]
+    flat = np.ascontiguousarray(x).reshape(rows, -1) if x.ndim != 2 or not x.flags.c_contiguous else x
+    if flat.dtype == np.float16:
+        return flat.view(np.uint16), FLOAT16_VALUES
+    if flat.dtype.byteorder not in "=|":
+        flat = flat.astype(flat.dtype.newbyteorder("="))
+    return flat, None
+
+
+EMPTY_F = np.empty(0)
+EMPTY_2D = np.empty((0, 0))
+
+
+def accumulate(
     x: np.ndarray,
-    axes: tuple[int, ...],
-    chunk: int,
+    layout: Layout,
+    slots: np.ndarray,
+    keys: np.ndarray,
+    shift: np.ndarray,
+    fresh: np.ndarray,
     *,
-    shift: Optional[np.ndarray] = None,
-    nan_policy: str = "error",
-    workspace: Optional[Workspace] = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Moments of each run of `chunk` consecutive rows of `x`.
+    weights: Optional[np.ndarray] = None,
+    omit: bool = False,
+    squares: bool = True,
+    count0: Optional[np.ndarray] = None,
+    start: Optional["Sums"] = None,
+    first_element: int = 0,
+    scratch: Optional[Workspace] = None,
+) -> Sums:
+    """Grouped shifted moments of the rows of `x` (see the module docstring).
 
     Parameters
     ----------
     x : ndarray, shape (rows, ...)
-        `rows` need not be a multiple of `chunk`; the last chunk is shorter.
-    axes : tuple of int
-        Non-negative axes reduced within each chunk (including 0).
-    chunk : int
-        Rows per chunk.
-    shift : ndarray, optional
-        Of the statistic's (kept) shape; subtracted first, so that the means
-        returned are relative to it.
-    nan_policy : {'error', 'omit'}
-        As for :func:`normstats.moments.checked_moments`.
-    workspace : Workspace, optional
-        Scratch memory the caller keeps across calls.
-
-    Returns
-    -------
-    count, mean, m2 : ndarray of float64, shape (chunks,) + kept
-        Elements, mean and M2 of each chunk.
+        Any numeric dtype, read in place (C-contiguous input is not copied).
+        With `first_element`, the rows hold elements ``first_element:`` of
+        longer rows (a row read in pieces).
+    layout : Layout
+        The statistic of each element.
+    slots : ndarray of int64, shape (rows,)
+        Each row's slot in ``[0, len(keys))``, or -1 to skip the row.
+    keys : ndarray of int64
+        What each slot stands for (the caller's; returned in the sums).
+    shift : ndarray of float64, shape (len(keys), layout.stats)
+        The shift of each slot not `fresh`.
+    fresh : ndarray of bool, shape (len(keys),)
+        Slots that take their shift from the data.
+    weights : ndarray of float64, optional
+        One weight per row.
+    omit : bool
+        Leave NaN / Inf values out; the counts are then per element.
+    squares : bool
+        Whether to accumulate S2 (class means need only S1).
+    count0 : ndarray, optional
+        Under `omit`, the counts the slots already hold (a statistic with
+        none takes its shift from its first finite value).
+    start : Sums, optional
+        Sums to continue (same slots): a batch that spans blocks.
+    scratch : Workspace, optional
+        Reused memory for the sums (valid until the next call with it): a
+        block's (slots, statistics) arrays then cost no fresh pages. With it,
+        `shift` may be None when every slot is `fresh`.
 
     Raises
     ------
     NonFiniteError
-        Its row counted from the first row of `x`.
-
-    Notes
-    -----
-    Small chunks (single rows, say) are reduced several at a time, stacked
-    along a new axis, so that each unit of work is about CHUNK_BYTES.
+        Without `omit`, for the first NaN / Inf of `x` in C order (row
+        counted from the first row of `x`).
+    DataError
+        The squares of finite values overflow float64.
     """
-    rows = x.shape[0]
-    full, rest = divmod(rows, chunk)
-    kept = tuple(size for axis, size in enumerate(x.shape) if axis not in axes)
-    chunks = full + (1 if rest else 0)
-    count = np.empty((chunks,) + kept)
-    mean = np.empty_like(count)
-    m2 = np.empty_like(count)
-    per_chunk = (1,) + tuple(a + 1 for a in axes if a != 0)
-    stacked_shift = None if shift is None else np.expand_dims(shift, (0,) + per_chunk)
-    row_bytes = 8 * int(np.prod(x.shape[1:], dtype=np.int64))
-    group = max(1, CHUNK_BYTES // max(chunk * row_bytes, 1))
-    # Units of work: (first chunk, chunks in it, rows per chunk)
-    units = [(c, min(group, full - c), chunk) for c in range(0, full, group)]
-    if rest:
-        units.append((full, 1, rest))
+    flat, table = _as_rows(x)
+    P, K = len(keys), layout.stats
+    kdtype = kernel_dtype(x.dtype)
+    integer = kdtype.kind != "f"
+    if start is not None:
+        sums = start
+    else:
+        def zeros(name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+            if scratch is None:
+                return np.zeros(shape, dtype)
+            array = scratch.array(name, shape, dtype)
+            array.fill(0)
+            return array
 
-    workspace = workspace if workspace is not None else Workspace()
-    for first, number, size in units:
-        start = first * chunk
-        block = x[start : start + number * size].reshape((number, size) + x.shape[1:])
-        try:
-            n, mean[first : first + number], m2[first : first + number] = checked_moments(
-                block, per_chunk, workspace, shift=stacked_shift, nan_policy=nan_policy, row_axes=2
+        if shift is None:
+            kshift = zeros("shift", (P, K), kdtype)  # every slot is fresh: the kernel sets it
+        elif integer:
+            kshift = np.clip(np.nan_to_num(shift), *_integer_range(kdtype)).astype(kdtype)
+        else:
+            kshift = np.array(shift, dtype=np.float64)
+        sums = Sums(keys, np.zeros(P, np.int64), np.zeros(P), zeros("count", (P, K)) if omit else EMPTY_2D,
+                    zeros("s1", (P, K)), zeros("s2", (P, K)) if squares else EMPTY_2D, kshift, integer)
+    if not omit:
+        count0 = None
+    elif count0 is None:
+        count0 = np.zeros((P, K))
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+    kmap = layout.kmap if layout.kmap.size else None
+    rows = flat.shape[0]
+    step = max(1, CALL_ELEMENTS // max(flat.shape[1], 1))
+    fresh = np.array(fresh, dtype=np.bool_)
+    for begin in range(0, rows, step):
+        end = min(rows, begin + step)
+        _compiled()._accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
+                                slots[begin:end], None if weights is None else weights[begin:end],
+                                sums.shift, fresh, count0, sums.rows, sums.weight,
+                                sums.count if omit else None, sums.s1, sums.s2 if squares else None)
+    if not omit and not (np.isfinite(sums.s1).all() and (not squares or np.isfinite(sums.s2).all())):
+        where = first_nonfinite_row(x, slots)
+        if where is None:
+            raise DataError(
+                "the sum of squares overflows float64; the data are too large in magnitude to have a "
+                "variance, scale them down"
             )
-        except NonFiniteError as error:
-            raise error.shifted(start) from None
-        count[first : first + number] = n
-    return count, mean, m2
+        raise NonFiniteError(where[0], where[1:], x[where])
+    return sums
 
 
-def combine_chunks(
-    count: np.ndarray, mean: np.ndarray, m2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact moments of the union of chunks (axis 0), chunks with count 0 ignored::
+def first_nonfinite_row(x: np.ndarray, slots: np.ndarray) -> Optional[tuple[int, ...]]:
+    """Index of the first NaN / Inf of `x` (C order) in a row the kernel read (slot >= 0)."""
+    used = slots >= 0
+    if used.all():
+        return first_nonfinite(x)
+    rows = np.flatnonzero(used)
+    where = first_nonfinite(x[rows])
+    return None if where is None else (int(rows[where[0]]),) + where[1:]
 
-        N = sum n_c,  mean = sum n_c mean_c / N,  M2 = sum M2_c + sum n_c (mean_c - mean)**2
+
+def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray, m2: np.ndarray,
+               weight: np.ndarray, count: Optional[np.ndarray]) -> None:
+    """Merge block sums into the state rows ``sums.keys`` (in place).
+
+    `count` is the per-element count array of the state, or None when counts
+    are per row (``weight * per_stat``).
     """
-    total = count.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        weighted = np.where(count > 0, count * mean, 0.0)
-        combined = weighted.sum(axis=0) / total
-        spread = np.where(count > 0, count * (mean - combined) ** 2, 0.0)
-    return total, combined, np.where(count > 0, m2, 0.0).sum(axis=0) + spread.sum(axis=0)
+    base, residual = sums.centers()
+    s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
+    _compiled()._fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
+                            sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
+
+
+def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.ndarray, offset: np.ndarray,
+                  m2: np.ndarray, rows: np.ndarray, weight: np.ndarray, count: Optional[np.ndarray], *,
+                  weights: Optional[np.ndarray] = None) -> None:
+    """Fold the rows of `x` into the moments of their `groups` (-1 skips a row), in place.
+
+    The state arrays are ``(groups, statistics)`` (`rows`, `weight` per group);
+    `count` per element, or None when counts are ``weight * per_stat`` (no
+    values left out). Only the rows' groups are touched.
+
+    Raises
+    ------
+    NonFiniteError, DataError
+        As :func:`accumulate` (checked on the groups the rows touched).
+    """
+    flat, table = _as_rows(x)
+    groups = np.ascontiguousarray(groups, dtype=np.int64)
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+    kmap = layout.kmap if layout.kmap.size else None
+    scratch = np.empty((3, layout.stats))
+    if kmap is None and count is None and _columns_in_threads(flat, shift):
+        check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
+    else:
+        check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
+                                           weight, count, scratch[0], scratch[1], scratch[2], None)
+    if not np.isfinite(check):
+        where = None if count is not None else first_nonfinite_row(x, groups)
+        if where is None:
+            raise DataError(
+                "the sum of squares overflows float64; the data are too large in magnitude to have a "
+                "variance, scale them down"
+            )
+        raise NonFiniteError(where[0], where[1:], x[where])
+
+
+PARALLEL_ELEMENTS = 1 << 18  # a block at least this large is folded in two column halves, in threads,
+PARALLEL_STATE_BYTES = 32 << 20  # when the state is too large for the caches (it waits on memory)
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _threads() -> Optional[concurrent.futures.ThreadPoolExecutor]:
+    """Two worker threads (the kernels release the GIL), or None on one core."""
+    global _pool
+    if _pool is None and (os.cpu_count() or 1) >= 2:
+        _pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="normstats-kernel")
+    return _pool
+
+
+def _columns_in_threads(flat: np.ndarray, shift: np.ndarray) -> bool:
+    """A large block over a state too large for the caches (many classes): worth two threads."""
+    return (flat.size >= PARALLEL_ELEMENTS and flat.shape[1] >= 64 and shift.nbytes >= PARALLEL_STATE_BYTES
+            and _threads() is not None)
+
+
+def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch) -> float:
+    """The group updates of a block, its columns split in two halves folded in two
+    threads: the state rows a block touches are scattered (many classes), so two
+    cores wait on memory in parallel; no state is duplicated."""
+    compiled = _compiled()
+    before = np.empty(len(groups))
+    compiled._update_groups(flat, table, 1, None, groups, weights, shift, offset, m2, rows, weight, None,
+                            scratch, scratch, scratch, before)  # counts the rows only
+    width = flat.shape[1]
+    pool = _threads()
+    half = (width // 2) & ~7  # whole cache lines of float64 per half
+    parts = [pool.submit(compiled._update_columns, flat, table, lo, hi, groups, weights, before, shift, offset,
+                         m2, scratch) for lo, hi in ((0, half), (half, width))]
+    return sum(part.result() for part in parts)
+
+
+def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.ndarray, initialized: np.ndarray,
+                     decay: np.ndarray, first_mean: Optional[np.ndarray], first_seen: np.ndarray) -> None:
+    """Fold the (batch, class) means of `sums` (keys ``batch * K + class``) into
+    moving-average centers, in batch order, touching only the classes present."""
+    base, residual = sums.centers()
+    _compiled()._fold_centers_ema(sums.keys, num_classes, base, residual, sums.s1, sums.weight, float(alpha),
+                                  centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean,
+                                  first_seen)
+
+
+def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
+              first_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Slots of the rows of `groups` (int64, -1 = skip) and the keys present
+    (``batch * num_groups + group``, batch-major, in order of first appearance);
+    with `batch`, rows ``i`` are in batch ``first_batch + i // batch``."""
+    rows = len(groups)
+    slots = np.empty(rows, np.int64)
+    keys = np.empty(rows, np.int64)
+    present = _compiled()._slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
+                                     first_batch, num_groups, lookup, slots, keys)
+    return slots, keys[:present]
+
+
+def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
+    """Load (from numba's cache, else compile) the kernels the fits use for data of
+    `dtype`, on a tiny input: what a long-running process or a benchmark does
+    before its clock starts."""
+    x = np.zeros((4, 2), dtype)
+    layout = Layout.of((2,), (0,))
+    slots, keys = np.zeros(4, np.int64), np.zeros(1, np.int64)
+    sums = accumulate(x, layout, slots, keys, np.zeros((1, 2)), np.ones(1, bool))
+    state = [np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1)]
+    fold_exact(sums, 1, *state, None)
+    update_groups(x, layout, slots, *state[:3], np.zeros(1, np.int64), state[3], None)
+    lookup = np.full(1, -1, np.int64)
+    slot_rows(slots, 1, lookup, batch=2)
+    ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
+    fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
+    before = np.empty(4)
+    _compiled()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
+                               np.zeros(2), np.zeros(2), np.zeros(2), before)
+    _compiled()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
+

@@ -1,9 +1,10 @@
 """Exact first and second moments in float64, and their pairwise merge.
 
 Everything here works on (count, mean, M2) triples, where M2 is the sum of
-squared deviations from the mean. Within one in-memory block the moments are
-computed in two passes (mean, then squared deviations from it), which is exact
-up to float64 rounding; across blocks, shards and workers they are combined
+squared deviations from the mean. The estimators reduce their blocks with the
+compiled kernel of :mod:`normstats.kernels` (one pass of shifted sums);
+:func:`moments` is the plain two-pass NumPy form of the same quantity, for
+arrays in memory. Across blocks, shards and workers the triples are combined
 with the update of Chan, Golub & LeVeque (1979)::
 
     delta = mean_b - mean_a
@@ -21,7 +22,6 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .errors import DataError, NonFiniteError
 from .workspace import Workspace
 
 
@@ -174,115 +174,7 @@ def merge_moments(
     return count, mean, m2
 
 
-def checked_moments(
-    x: np.ndarray,
-    axes: tuple[int, ...],
-    workspace: Optional[Workspace] = None,
-    *,
-    shift: Optional[np.ndarray] = None,
-    weights: Optional[np.ndarray] = None,
-    nan_policy: str = "error",
-    row_axes: int = 1,
-) -> tuple[Union[int, np.ndarray], np.ndarray, np.ndarray]:
-    """:func:`moments` under a NaN policy.
-
-    The fast path runs first; only when its result is not finite is `x`
-    searched for NaN / Inf, so clean data pays nothing for the check.
-
-    Parameters
-    ----------
-    nan_policy : {'error', 'omit'}
-        'error' raises :class:`NonFiniteError` for the first NaN / Inf
-        element; 'omit' leaves such elements out of each statistic.
-    row_axes : int
-        How many leading axes of `x` enumerate rows (2 for stacked batches),
-        to report the row of a bad element.
-    """
-    result = moments(x, axes, workspace, shift=shift, weights=weights)
-    if np.isfinite(result[1]).all() and np.isfinite(result[2]).all():
-        return result
-    bad = first_nonfinite(x)
-    if bad is None:
-        raise DataError(
-            "the sum of squares overflows float64; the data are too large in magnitude to have a "
-            "variance, scale them down"
-        )
-    if nan_policy == "omit":
-        return moments(x, axes, shift=shift, weights=weights, omit_nonfinite=True)
-    row = int(np.ravel_multi_index(bad[:row_axes], x.shape[:row_axes]))
-    raise NonFiniteError(row, bad[row_axes:], x[bad])
-
-
 def variance(count: np.ndarray, m2: np.ndarray, ddof: int) -> np.ndarray:
     """``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > ddof, m2 / (count - ddof), np.nan)
-
-
-def grouped_moments(
-    groups: np.ndarray,
-    means: np.ndarray,
-    counts: Optional[np.ndarray] = None,
-    m2: Optional[np.ndarray] = None,
-    *,
-    with_m2: bool = True,
-    presorted: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Combine per-row moments into per-group moments, in float64.
-
-    Row ``r`` stands for `counts[r]` elements (default 1) with mean
-    `means[r]` and squared deviations `m2[r]` (default 0); a plain row of
-    features is its own mean. Per group ``g``::
-
-        count_g = sum counts[r]
-        mean_g  = sum counts[r] * means[r] / count_g
-        M2_g    = sum m2[r] + sum counts[r] * (means[r] - mean_g)**2
-
-    Parameters
-    ----------
-    groups : ndarray of int, shape (rows,)
-        Non-negative group of each row.
-    means : ndarray, shape (rows, ...)
-    counts, m2 : ndarray broadcastable to `means`, optional
-    with_m2 : bool
-        Whether to compute M2 (a second pass over the rows).
-    presorted : bool
-        The rows are already ordered by group (saves a gather of every row).
-
-    Returns
-    -------
-    keys : ndarray of int64
-        The groups present, ascending.
-    rows : ndarray of int64
-        Rows per present group.
-    count, mean : ndarray of float64, shape (len(keys),) + means.shape[1:]
-    m2 : ndarray of float64 or None
-    """
-    order = slice(None) if presorted else np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    keys = sorted_groups[starts].astype(np.int64)
-    rows = np.diff(np.r_[starts, len(groups)]).astype(np.int64)
-    values = means[order]
-    tail = (1,) * (means.ndim - 1)
-    if counts is None:
-        weight = None
-        count = np.broadcast_to(rows.reshape((-1,) + tail).astype(np.float64), (len(keys),) + means.shape[1:])
-        sums = np.add.reduceat(values, starts, axis=0, dtype=np.float64)
-    else:
-        weight = np.broadcast_to(counts, means.shape)[order]
-        count = np.add.reduceat(weight, starts, axis=0, dtype=np.float64)
-        sums = np.add.reduceat(weight * values, starts, axis=0, dtype=np.float64)
-    # NaN / Inf propagate into the result, where the caller's policy finds them.
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        mean = sums / count
-        group_m2 = None
-        if with_m2:
-            deviations = np.subtract(values, np.repeat(np.nan_to_num(mean), rows, axis=0), dtype=np.float64)
-            np.square(deviations, out=deviations)
-            if weight is not None:
-                deviations *= weight
-            group_m2 = np.add.reduceat(deviations, starts, axis=0)
-            if m2 is not None:
-                group_m2 += np.add.reduceat(np.broadcast_to(m2, means.shape)[order], starts, axis=0)
-    return keys, rows, np.array(count), mean, group_m2

@@ -17,16 +17,16 @@ from ._version import __version__
 from .assign import NearestCenters
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
+from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .files import identities, identity_mismatch
 from .normalize import Normalizer
-from .sources import Stream, block_rows_for
+from .sources import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
 from .stores import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
 Checkpoint = Optional[Callable[[object, int], None]]
-State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
 
 
 def aligned_blocks(
@@ -81,6 +81,7 @@ def run_fit(
     block_rows: Optional[int] = None,
     progress: Progress = None,
     checkpoint: Checkpoint = None,
+    max_memory: Optional[int] = None,
 ) -> Stats:
     """Stream the rows of `stream` (from `start_row` on) through `state`.
 
@@ -97,12 +98,17 @@ def run_fit(
     start_row : int
         First row to read (to resume from a checkpoint).
     block_rows : int, optional
-        Rows read per block (default about 8 MB); rounded to whole batches,
-        since the logical batches must not depend on it.
+        Rows read per block (default about 8 MB); for a moving average
+        rounded to whole batches, since the logical batches must not depend
+        on it (exact fits take any block).
     progress : callable, optional
         Called with the number of rows after each block.
     checkpoint : callable, optional
         Called with the state and the rows done after each block.
+    max_memory : int, optional
+        Bytes the state may take (default: the memory available); a larger
+        state (many classes or groups of wide rows) is refused before any
+        allocation.
 
     Returns
     -------
@@ -113,13 +119,32 @@ def run_fit(
     ------
     NonFiniteError
         Naming the shard and row of the first NaN / Inf (policy 'error').
+    UsageError
+        The state would not fit in memory.
     """
     side = side or {}
-    block_rows = block_rows_for(stream.row_bytes, state.batch_size, rows=block_rows)
+    recipe = Recipe.for_state(state)
+    if state.row_shape is None:
+        recipe.check_memory(stream.row_shape, max_memory=max_memory)
+    block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
-    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint)
+    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
     return with_provenance(state.result(), stream, side, time.perf_counter() - started,
                       (stream.rows - start_row) * stream.row_bytes)
+
+
+def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) -> tuple[int, bool]:
+    """Rows per read block, and whether logical batches span blocks.
+
+    A moving average needs its blocks in whole batches; when one batch is
+    larger than a block, a BatchNorm EMA accumulates it across blocks
+    instead (memory stays bounded by the block), so the block keeps its size.
+    """
+    unit = recipe.row_unit
+    rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
+    if unit and unit > rows and recipe.kind == BATCHNORM:
+        return rows, True
+    return block_rows_for(row_bytes, unit, rows=rows), False
 
 
 def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, nbytes: int) -> Stats:
@@ -141,20 +166,30 @@ def feed(
     stop_row: Optional[int],
     progress: Progress = None,
     checkpoint: Checkpoint = None,
+    *,
+    open_batches: bool = False,
 ) -> None:
-    """Update `state` with rows ``start_row:stop_row``, block by block."""
-    first_state_row = state.rows_seen - start_row  # the state's row number of stream row 0
+    """Update `state` with rows ``start_row:stop_row`` of `stream`, block by block.
+
+    The state numbers rows from its ``first_row`` (the stream row of its
+    first row in a split fit); an error is located in `stream` by that.
+    With `open_batches` (see :func:`read_plan`) a batch spans blocks and a
+    checkpoint is taken only between batches.
+    """
     done = start_row
+    more = {"more": True} if open_batches else {}
     for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
         try:
-            state.update(block, **extras)
+            state.update(block, **extras, **more)
         except RowError as error:
-            raise _located(error, stream, side, error.row - first_state_row) from None
+            raise _located(error, stream, side, error.row - state.first_row) from None
         done += block.shape[0]
         if progress:
             progress(block.shape[0])
-        if checkpoint:
+        if checkpoint and not getattr(state, "open_rows", 0):
             checkpoint(state, done)
+    if open_batches:
+        state.close()
 
 
 def fit_batchnorm(state: Union[BatchNormEMA, BatchNormExact], stream: Stream, **options) -> Stats:

@@ -19,39 +19,34 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
-from .centers import CentersEMA, CentersExact, centers_state
 from .normalize import Normalizer
 from .pipeline import feed, normalized_blocks
+from .recipe import Recipe, State
 from .sources import Stream, open_window
-from .stats import BATCHNORM
 from .stores import RowRegion
 
-State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
 FEATURES = "features"
 
 
-def make_state(recipe: dict) -> State:
-    """A fresh state from ``{"kind", "mode", "options"}`` (centers options hold ``num_classes``)."""
-    options = dict(recipe["options"])
-    if recipe["kind"] == BATCHNORM:
-        return batchnorm_state(recipe["mode"], **options)
-    return centers_state(options.pop("num_classes"), recipe["mode"], **options)
+def make_state(recipe: Union[Recipe, dict]) -> State:
+    """A fresh state from a :class:`Recipe` (or its mapping form)."""
+    return Recipe.of(recipe).build()
 
 
 def join(earlier: State, later: State) -> State:
-    """The state of two consecutive row ranges: `later` appended to `earlier`.
+    """The state of two consecutive row ranges: `later` appended to `earlier`
+    (``combine``: a Chan merge for exact states, appended batches for ema).
 
     Neither input changes: an engine may run a join again (Dask does, when a
     worker holding its result is lost) on the inputs it still holds.
     """
-    joined = copy.deepcopy(earlier)
-    return joined.follow(later) if joined.mode == "ema" else joined.merge(later)
+    return copy.deepcopy(earlier).combine(later)
 
 
 def split_rows(rows: int, block_rows: int, *, parts: Optional[int] = None,
                rows_per_task: Optional[int] = None) -> list[tuple[int, int]]:
-    """Cut ``range(rows)`` into ranges of whole read blocks (so whole batches).
+    """Cut ``range(rows)`` into ranges of whole read blocks (for a moving
+    average the blocks are whole batches, so the ranges are too).
 
     Either into `parts` near-equal ranges, or into ranges of about
     `rows_per_task` rows (rounded to blocks, at least one block).
@@ -110,24 +105,25 @@ class FitTask:
     """Fit rows ``start:stop``; returns the state to :func:`join` with the others.
 
     A moving-average state of a range after the first starts from zero (its
-    contribution is appended with ``follow``). Row numbers in errors count
-    from the start of the whole stream.
+    contribution is appended with ``combine``). The state's ``first_row`` is
+    `start`, so row numbers in errors count from the start of the whole
+    stream while its counters count its own rows.
     """
 
-    recipe: dict
+    recipe: Recipe
     inputs: Inputs
     start: int
     stop: int
     block_rows: int
+    open_batches: bool = False  # batches span read blocks (see pipeline.read_plan)
 
     def __call__(self) -> State:
-        state = make_state(self.recipe)
-        if self.recipe["mode"] == "ema" and self.start > 0:
+        state = self.recipe.build()
+        if self.recipe.mode == "ema" and self.start > 0:
             state.zero_start()
-        state.rows_seen = self.start
+        state.first_row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            feed(state, stream, side, self.block_rows, 0, None)
-        state.rows_seen -= self.start
+            feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)
         return state
 
 
