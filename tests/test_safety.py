@@ -42,10 +42,13 @@ def big_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_random_kills_leave_no_file_or_the_previous_one(big_input: Path, tmp_path: Path) -> None:
     rng = random.Random(5)
     previous = tmp_path / "previous.npz"
-    started = time.perf_counter()
-    subprocess.run([SCRIPT, "fit-bn", str(big_input), "-o", str(previous), "-q", "--mode", "exact"],
-                   check=True, capture_output=True)
-    duration = time.perf_counter() - started  # start-up included
+    durations = []
+    for _ in range(2):  # the first run may compile and cache the kernels: time the second
+        started = time.perf_counter()
+        subprocess.run([SCRIPT, "fit-bn", str(big_input), "-o", str(previous), "-q", "--mode", "exact", "--force"],
+                       check=True, capture_output=True)
+        durations.append(time.perf_counter() - started)  # start-up included
+    duration = durations[-1]
     old = previous.read_bytes()
     codes = []
     for trial in range(8):
