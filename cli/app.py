@@ -22,6 +22,8 @@ import click
 from normstats import __version__
 from normstats.errors import NormstatsError
 
+from .report import start_clock
+
 INTERRUPTED = 130
 PIPE_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 INTERRUPTED_MESSAGE = "interrupted; no partial output was written"
@@ -60,6 +62,7 @@ class NormstatsGroup(click.Group):
             raise CommandError(INTERRUPTED_MESSAGE, INTERRUPTED) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        start_clock()
         previous = signal.getsignal(signal.SIGTERM)
         try:
             signal.signal(signal.SIGTERM, terminate)

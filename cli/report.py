@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Callable, Iterator
 
 import click
@@ -22,6 +23,18 @@ def progress_bar(
     with tqdm(total=total_rows, initial=initial, unit="rows", unit_scale=True, desc=label, disable=disable,
               file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield bar.update
+
+
+_STARTED = [time.perf_counter()]  # when the command began (reset by start_clock)
+
+
+def start_clock() -> None:
+    """Mark the start of a command: summary lines time the whole of it."""
+    _STARTED[0] = time.perf_counter()
+
+
+def command_seconds() -> float:
+    return time.perf_counter() - _STARTED[0]
 
 
 def counted(n: int, noun: str, plural: str = "") -> str:
@@ -69,7 +82,9 @@ def summarize_fit(command: str, stats: Stats, output: str) -> None:
     if "merged_from" in meta:
         parts.append(f"merged from {len(meta['merged_from'])} files")
     else:
-        parts.append(throughput(meta["rows_seen"], meta["bytes_read"], meta["seconds"]))
+        # this run's rows (a resumed fit counts the checkpoint's rows in rows_seen) over the
+        # whole command's time (opening thousands of shards counts too)
+        parts.append(throughput(meta.get("rows_read", meta["rows_seen"]), meta["bytes_read"], command_seconds()))
     click.echo(", ".join(parts) + f" -> {output}")
 
 
@@ -91,7 +106,7 @@ def summarize_apply(result: dict, output: str) -> None:
     tasks = counted(result["tasks"], "Dask task") + ", " if "tasks" in result else ""
     click.echo(
         f"apply: {result['rows']:,} rows, {tasks}"
-        f"{throughput(result['rows'], result['bytes_read'], result['seconds'])} -> {output}"
+        f"{throughput(result['rows'], result['bytes_read'], command_seconds())} -> {output}"
     )
 
 
@@ -104,7 +119,7 @@ def summarize_assign(result: dict, nearest: NearestCenters, output: str) -> None
         parts.append(f"top {nearest.top_k}")
     if nearest.max_distance is not None:
         parts.append(f"{result['rejected']:,} rejected (distance > {nearest.max_distance:g})")
-    parts.append(throughput(result["rows"], result["bytes_read"], result["seconds"]))
+    parts.append(throughput(result["rows"], result["bytes_read"], command_seconds()))
     click.echo(", ".join(parts) + f" -> {output}")
 
 

@@ -121,7 +121,7 @@ def run_fit_parallel(
                        block_rows=block_rows, parts=jobs, copies=jobs + 1, max_memory=max_memory)
     started = time.perf_counter()
     state = _tree(run_in_processes(tasks, describe=lambda task: _rows_of(task, stream)), join)
-    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
+    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows)
     stats.meta["jobs"] = len(tasks)
     return stats
 
@@ -331,7 +331,7 @@ def run_fit_dask(
                        max_memory=max_memory)
     started = time.perf_counter()
     state, = _gather(client, tasks, progress, combine=join)
-    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.nbytes)
+    stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows)
     stats.meta.update(engine="dask", tasks=len(tasks), workers=len(client.scheduler_info()["workers"]))
     return stats
 

@@ -129,8 +129,7 @@ def run_fit(
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
     feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
-    return with_provenance(state.result(), stream, side, time.perf_counter() - started,
-                      (stream.rows - start_row) * stream.row_bytes)
+    return with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows - start_row)
 
 
 def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) -> tuple[int, bool]:
@@ -147,11 +146,13 @@ def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) 
     return block_rows_for(row_bytes, unit, rows=rows), False
 
 
-def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, nbytes: int) -> Stats:
-    """Add provenance to a fit's result."""
+def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, rows: int) -> Stats:
+    """Add provenance to a fit's result: sources, and the `rows` this run read (fewer than
+    ``rows_seen`` after a resume or an --init) in `seconds`."""
     stats.meta["sources"] = stream.names
     stats.meta["seconds"] = round(seconds, 6)
-    stats.meta["bytes_read"] = nbytes
+    stats.meta["rows_read"] = rows
+    stats.meta["bytes_read"] = rows * stream.row_bytes
     for name, other in side.items():
         stats.meta[f"{name}_sources"] = other.names
     return stats

@@ -75,6 +75,7 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batches_seen": (_count, "a non-negative integer"),
     "batches_skipped": (_count, "a non-negative integer"),
     "bytes_read": (_count, "a non-negative integer"),
+    "rows_read": (_count, "a non-negative integer"),
     "near_constant_count": (_count, "a non-negative integer"),
     "classes_unseen": (_count, "a non-negative integer"),
     "groups_unseen": (_count, "a non-negative integer"),
