@@ -114,7 +114,7 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
                                            scheduler=scheduler, task_rows=task_rows,
                                            allow_external=allow_external, quiet=quiet), None
         else:
-            recipe.check_memory(stream.row_shape)  # before the state allocates anything
+            recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes)  # before anything is allocated
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)

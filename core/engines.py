@@ -63,7 +63,7 @@ def _fit_tasks(recipe: Union[Recipe, dict], stream: Stream, side: dict[str, Stre
     would count it again) or if `copies` of its state do not fit in memory."""
     recipe = Recipe.of(recipe)
     later = recipe.later()
-    recipe.check_memory(stream.row_shape, copies=copies, max_memory=max_memory)
+    recipe.check_memory(stream.row_shape, copies=copies, row_bytes=stream.row_bytes, max_memory=max_memory)
     spanning = recipe.kind == BATCHNORM  # a BatchNorm EMA batch may span read blocks
     inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, spanning=spanning, **plan)
     open_batches = bool(recipe.row_unit and recipe.row_unit > block_rows)

@@ -125,7 +125,7 @@ def run_fit(
     side = side or {}
     recipe = Recipe.for_state(state)
     if state.row_shape is None:
-        recipe.check_memory(stream.row_shape, max_memory=max_memory)
+        recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes, max_memory=max_memory)
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
     feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)

@@ -19,6 +19,7 @@ import numpy as np
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import UsageError
+from .sources import BLOCK_BYTES
 from .stats import BATCHNORM, CENTERS, Stats
 
 State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
@@ -135,17 +136,34 @@ class Recipe:
         # per statistic: shift, offset, m2 (+ count) held, five arrays built by result()
         return 8 * groups * (elements * (8 + omit) + 2)
 
-    def check_memory(self, row_shape: tuple[int, ...], *, copies: int = 1,
+    def held_batch_bytes(self, row_bytes: int) -> int:
+        """Bytes of read blocks an ema centers fit holds for a batch larger than a block:
+        its blocks are whole batches (a BatchNorm batch spans blocks instead), up to three
+        in flight with the reader thread's prefetch."""
+        unit = self.row_unit or 0
+        if self.kind != CENTERS or unit * row_bytes <= BLOCK_BYTES:
+            return 0
+        return 3 * unit * row_bytes
+
+    def check_memory(self, row_shape: tuple[int, ...], *, copies: int = 1, row_bytes: int = 0,
                      max_memory: Optional[int] = None) -> None:
-        """Refuse a state larger than `max_memory` bytes or than the memory available.
+        """Refuse a state (and, for ema centers, the whole batches of `row_bytes` rows it
+        reads at once) larger than `max_memory` bytes or than the memory available.
 
         Raises
         ------
         UsageError
             Naming the figure, before anything is allocated.
         """
-        needed = self.state_bytes(row_shape) * max(copies, 1)
+        state = self.state_bytes(row_shape)
+        held = self.held_batch_bytes(row_bytes)
+        needed = (state + held) * max(copies, 1)
         limit, where = (max_memory, "the max_memory given") if max_memory else (_available(), "available")
+        if limit is not None and needed > limit and held > state:
+            raise UsageError(
+                f"ema centers read whole batches: {self.row_unit:,} rows of {_size(row_bytes)} need "
+                f"{_size(needed)} of memory, but {_size(limit)} are {where}; use a smaller --batch-size"
+            )
         if limit is not None and needed > limit:
             what = (f"{self.options['num_classes']} classes" if self.kind == CENTERS
                     else f"{self.options.get('num_groups') or 1} groups")

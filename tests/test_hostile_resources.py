@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 import normstats as ns
 from normstats import hdf5_policy
@@ -82,3 +83,16 @@ def test_1100_shards_under_1024_descriptors(tmp_path: Path) -> None:
     stats = np.load(tmp_path / "s.npz")
     np.testing.assert_allclose(stats["mean"], everything.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats["var"], everything.var(0, ddof=1), rtol=1e-10)
+
+
+def test_ema_centers_refuse_batches_that_do_not_fit_in_memory(tmp_path: Path) -> None:
+    """Their read blocks are whole batches: a batch of rows beyond the memory at hand is
+    refused up front, naming the figure and --batch-size, instead of being read."""
+    np.save(tmp_path / "x.npy", np.zeros((4096, 1024), np.float32))  # 4 KB rows, 16 MB
+    np.save(tmp_path / "y.npy", np.arange(4096) % 3)
+    state = ns.CentersEMA(3, batch_size=4096)
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream, ns.open_stream([str(tmp_path / "y.npy")]) as labels:
+        with pytest.raises(ns.UsageError, match=r"ema centers read whole batches: 4,096 rows .* --batch-size"):
+            ns.run_fit(state, stream, side={"labels": labels}, max_memory=40 << 20)
+        stats = ns.run_fit(ns.CentersEMA(3, batch_size=4096), stream, side={"labels": labels}, max_memory=1 << 30)
+    assert stats.meta["batches_seen"] == 1
