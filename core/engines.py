@@ -28,6 +28,7 @@ from .sources import Stream, block_rows_for
 from .recipe import Recipe
 from .stats import BATCHNORM, Stats
 from .stores import held_signals, preallocated_output
+from .kernels import warm_up
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
 TASK_BYTES = 256 << 20  # input per Dask task: seconds of work, few enough tasks for the scheduler
@@ -120,6 +121,9 @@ def run_fit_parallel(
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=False,
                        block_rows=block_rows, parts=jobs, copies=jobs + 1, max_memory=max_memory)
     started = time.perf_counter()
+    # Load the compiled kernels before forking: the workers then share their pages (each
+    # loading numba itself cost some 100 MB of memory per process).
+    warm_up(stream.dtype)
     state = _tree(run_in_processes(tasks, describe=lambda task: _rows_of(task, stream)), join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows)
     stats.meta["jobs"] = len(tasks)
