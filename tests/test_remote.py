@@ -280,3 +280,57 @@ def test_gs_without_gcsfs_is_one_line(run, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip() == ("Error: reading gs://b/x.zarr needs fsspec and gcsfs; "
                                      "pip install 'normstats[remote]' gcsfs")
+
+
+def test_dask_workers_read_their_own_ranges_with_the_storage_options(run, data, tmp_path, s3, monkeypatch):
+    """The workers start without AWS_ENDPOINT_URL: only the URL's --storage-option tells them the server."""
+    distributed = pytest.importorskip("distributed")
+    import logging
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
+        result = run("fit-bn", _url("x.h5:train/feats"), "-o", tmp_path / "d.npz", "--mode", "exact",
+                     "--engine", "dask", "--scheduler", cluster.scheduler_address, "--task-rows", 1000,
+                     "--storage-option", f"endpoint_url={s3['endpoint']}")
+    assert result.exit_code == 0, result.output
+    stats = _stats(tmp_path / "d.npz")
+    x = data["x"]
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["var"], x.var(axis=0, ddof=1), rtol=1e-12)
+    import normstats as ns
+
+    assert ns.read_stats(tmp_path / "d.npz").meta["tasks"] > 1  # several workers read ranges
+
+
+def test_an_object_replaced_while_read_is_an_error(data, s3, tmp_path):
+    import normstats as ns
+
+    fs = s3["fs"]
+    fs.put(str(data["local"] / "x.npy"), f"{BUCKET}/changing.npy")
+    with ns.open_stream([_url("changing.npy")]) as stream:
+        blocks = stream.blocks(1000, prefetch=False)
+        next(blocks)
+        np.save(tmp_path / "other.npy", data["x"][::-1])
+        fs.put(str(tmp_path / "other.npy"), f"{BUCKET}/changing.npy")
+        with pytest.raises(ns.DataError, match="changing.npy changed while it was read"):
+            next(blocks)
+
+
+def test_external_links_in_a_remote_hdf5_file_are_refused(run, data, s3, tmp_path):
+    with h5py.File(tmp_path / "outside.h5", "w") as f:
+        f["data"] = data["x"]
+    with h5py.File(tmp_path / "links.h5", "w") as f:
+        f["linked"] = h5py.ExternalLink("outside.h5", "data")
+        f["own"] = data["x"][:10]
+    s3["fs"].put(str(tmp_path / "links.h5"), f"{BUCKET}/links.h5")
+    result = run("fit-bn", _url("links.h5:linked"), "-o", tmp_path / "s.npz")
+    assert result.exit_code == 2 and "external link" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.npz").exists()
+
+
+def test_checkpointed_fit_of_an_s3_input(run, data, tmp_path):
+    result = run("fit-bn", _url("x.npy"), "-o", tmp_path / "s.npz", "--mode", "exact",
+                 "--checkpoint", tmp_path / "c.npz", "--checkpoint-every", 0)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(_stats(tmp_path / "s.npz")["mean"], data["x"].mean(axis=0), rtol=1e-12)
