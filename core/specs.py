@@ -86,6 +86,9 @@ def parse_spec(spec: str, dataset: Optional[str] = None) -> InputSpec:
     kaldi = KALDI_PREFIX.match(spec)
     if kaldi and not os.path.exists(spec):
         kind, path = kaldi.group(1), kaldi.group(3)
+        if URL.match(path):
+            raise UsageError(f"{spec}: Kaldi archives are read from local disks only; copy it to a local disk "
+                             "and give its path")
         if path in ("", "-") or path.rstrip().endswith("|") or path.lstrip().startswith("|"):
             raise UsageError(f"{spec}: normstats reads Kaldi archives from files, not from pipes or "
                              "standard input; write the archive to a file first")

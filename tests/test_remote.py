@@ -262,8 +262,9 @@ def test_url_specs_keep_their_options_through_pickling():
     assert parse_spec(again, "train/feats").path.options == {"anon": True}
     assert parse_spec("http://host:8080/x.npy").path == "http://host:8080/x.npy"
     assert parse_spec("https://host/s.zarr:g/a").kind == "zarr"
-    with pytest.raises(UsageError, match="local disks only"):
-        parse_spec("s3://b/feats.scp")
+    for spec in ("s3://b/feats.scp", "scp:s3://b/feats.scp", "ark:https://h/a.ark", "s3://b/x.npz:a"):
+        with pytest.raises(UsageError, match="local disks only"):
+            parse_spec(spec)
 
 
 def test_url_inputs_never_collide_with_local_outputs(run, tmp_path):
