@@ -335,3 +335,21 @@ def test_checkpointed_fit_of_an_s3_input(run, data, tmp_path):
                  "--checkpoint", tmp_path / "c.npz", "--checkpoint-every", 0)
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(_stats(tmp_path / "s.npz")["mean"], data["x"].mean(axis=0), rtol=1e-12)
+
+
+def test_https_style_url_of_the_same_object(run, data, s3, tmp_path):
+    """http(s):// through fsspec's HTTP file system: ranged GETs of the object's plain URL."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{s3['endpoint']}/{BUCKET}/x.npy"
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError as error:
+        pytest.skip(f"this SeaweedFS refuses unsigned GETs ({error.code})")
+    result = run("fit-bn", url, "-o", tmp_path / "h.npz", "--mode", "exact")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(_stats(tmp_path / "h.npz")["mean"], data["x"].mean(axis=0), rtol=1e-12)
+    missing = run("fit-bn", f"{s3['endpoint']}/{BUCKET}/none.npy", "-o", tmp_path / "m.npz")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1

@@ -184,6 +184,7 @@ class RemoteObject:
         """The store's metadata of `url` (default: this object)."""
         url = url or self.url
         with failures(url):
+            self.fs.invalidate_cache(str.__str__(url))  # a listing cached by fsspec would hide a change
             return self.fs.info(str.__str__(url))
 
     def identity(self, url: Optional[str] = None) -> tuple:
