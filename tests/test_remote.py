@@ -353,3 +353,25 @@ def test_https_style_url_of_the_same_object(run, data, s3, tmp_path):
     missing = run("fit-bn", f"{s3['endpoint']}/{BUCKET}/none.npy", "-o", tmp_path / "m.npz")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_memory_is_bounded_by_the_block(data, s3, tmp_path):
+    """A 24 MB object read in 1 MB blocks: the traced peak stays a few blocks, not the object."""
+    import tracemalloc
+
+    import normstats as ns
+
+    big = np.random.default_rng(3).normal(size=(375_000, 8))
+    np.save(tmp_path / "big.npy", big)
+    s3["fs"].put(str(tmp_path / "big.npy"), f"{BUCKET}/big.npy")
+    rows, total = 1 << 14, np.zeros(8)  # 16,384 rows of 64 bytes: 1 MB blocks
+    with ns.open_stream([_url("big.npy")]) as stream:
+        tracemalloc.start()
+        try:
+            for block in stream.blocks(rows, prefetch=False):
+                total += block.sum(axis=0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_allclose(total, big.sum(axis=0), rtol=1e-9)
+    assert peak < 6 * (rows * 64), f"peak {peak / 1e6:.1f} MB for 1 MB blocks"
