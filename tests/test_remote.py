@@ -230,6 +230,7 @@ def test_missing_credentials_are_one_line(data, tmp_path, s3):
         pytest.skip("this SeaweedFS serves unsigned requests")
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and _url("x.npy") in lines[0], lines
+    assert result.returncode == 2 and "no credentials found" in lines[0]
 
 
 def test_missing_extra_is_one_line(run, tmp_path, monkeypatch):

@@ -33,6 +33,8 @@ PACKAGES = {"s3": ("s3fs",), "s3a": ("s3fs",), "gs": ("gcsfs",), "gcs": ("gcsfs"
 CONNECT_SECONDS = 5
 READ_SECONDS = 60
 RETRIES = 2
+# botocore's, by name (botocore is imported only with s3fs)
+CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
 READAHEAD_BYTES = 8 << 20  # a read block (sources.BLOCK_BYTES): one request per block read ahead
 
 
@@ -157,6 +159,10 @@ def failures(url: str, doing: str = "read") -> Iterator[None]:
         raise UsageError(f"{url} cannot be {doing} (access denied: {_first_line(error)}); check the "
                          "credentials (AWS_* variables, config files or --storage-option)") from None
     except Exception as error:  # the stores' clients raise many kinds (botocore, aiohttp, OSError, ...)
+        if type(error).__name__ in CREDENTIAL_ERRORS:
+            raise UsageError(f"{url} cannot be {doing}: no credentials found ({_first_line(error)}); set "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, or "
+                             "--storage-option anon=true for a public bucket") from None
         raise DataError(f"{url} cannot be {doing} ({type(error).__name__}: {_first_line(error)}); check "
                         "the address, the endpoint (AWS_ENDPOINT_URL) and the network") from None
 
