@@ -35,7 +35,6 @@ READ_SECONDS = 60
 RETRIES = 2
 # botocore's, by name (botocore is imported only with s3fs)
 CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
-READAHEAD_BYTES = 8 << 20  # a read block (sources.BLOCK_BYTES): one request per block read ahead
 
 
 def is_url(spec: Any) -> bool:
@@ -219,8 +218,8 @@ class RemoteObject:
         view[:len(data)] = data
         return len(data)
 
-    def open(self, block_size: int = READAHEAD_BYTES) -> Any:
-        """A binary file object reading ahead `block_size` bytes per request (h5py, pyarrow)."""
+    def open(self, block_size: int) -> Any:
+        """A binary file object reading ahead `block_size` bytes per request (h5py, pyarrow): a read block."""
         with failures(self.url, "opened"):
             return self.fs.open(str.__str__(self.url), "rb", block_size=block_size, cache_type="readahead")
 

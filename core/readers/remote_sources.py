@@ -17,11 +17,11 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import DataError, NormstatsError, UsageError
-from ..sources import NPY_MAGIC, ArraySource, NpySource
+from ..sources import BLOCK_BYTES, NPY_MAGIC, ArraySource, NpySource
 from ..specs import InputSpec
 from .arrow_column import ArrowColumn
 from .base import require
-from .remote import READAHEAD_BYTES, RemoteObject, failures
+from .remote import RemoteObject, failures
 from .zarr_array import ZarrSource
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -88,7 +88,7 @@ class RemoteH5(_Remote, ArraySource):
     def _open(self, name: Optional[str]) -> tuple[Any, Any]:
         import h5py
 
-        handle = self._remote.open()
+        handle = self._remote.open(BLOCK_BYTES)
         try:
             with failures(self.path):
                 file = h5py.File(handle, "r")
@@ -178,7 +178,7 @@ class RemoteArrow(_Remote, ArrowColumn):
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            handle = self._remote.open()
+            handle = self._remote.open(BLOCK_BYTES)
             try:
                 with failures(self.path):
                     self._file = pq.ParquetFile(handle) if self.kind == "parquet" else pa.ipc.open_file(handle)
@@ -219,7 +219,4 @@ def open_remote(parsed: InputSpec) -> ArraySource:
     if head.startswith(HDF5_SIGNATURE):
         return RemoteH5(remote, parsed.name)
     raise DataError(f"{parsed.path} is neither a .npy nor an HDF5 file; name other formats by their extension "
-                    f"(.zarr, .parquet, .arrow)")
-
-
-__all__ = ["RemoteArrow", "RemoteH5", "RemoteNpy", "RemoteZarr", "open_remote", "READAHEAD_BYTES"]
+                    "(.zarr, .parquet, .arrow)")
