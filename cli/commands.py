@@ -62,6 +62,8 @@ def _remote(storage_options: tuple, *specs: Any) -> Any:
     found = [with_options(spec, options) if isinstance(spec, tuple) else with_options((spec,), options)[0]
              for spec in specs]
     return found[0] if len(found) == 1 else found
+
+
 MODE = option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
 BATCH_SIZE = option("--batch-size", type=int, default=256, show_default=True,
