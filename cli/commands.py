@@ -18,13 +18,14 @@ from normstats.pipeline import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
 from normstats.normalize import OUTPUT_DTYPES
+from normstats.readers.remote import with_options
 from normstats.stats import check_values
 from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
-from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, ValueOrFile,
-                     option, positive_int)
+from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, StorageOption,
+                     ValueOrFile, option, positive_int)
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
@@ -49,7 +50,20 @@ COMMON = _options(
     option("--allow-external", is_flag=True,
                  help="Read HDF5 data that external links or virtual datasets take from "
                       "outside the input's folder (refused by default)."),
+    option("--storage-option", "storage_options", type=StorageOption(), multiple=True, metavar="KEY=VALUE",
+           help="An fsspec option for inputs given by URL (s3://, gs://, http(s)://), e.g. anon=true or "
+                "endpoint_url=http://127.0.0.1:8333; VALUE is read as JSON when it parses. Repeatable."),
 )
+
+
+def _remote(storage_options: tuple, *specs: Any) -> Any:
+    """The input specs with each URL carrying the --storage-option values (tuples of shards kept as tuples)."""
+    options = dict(storage_options)
+    found = [with_options(spec, options) if isinstance(spec, tuple) else with_options((spec,), options)[0]
+             for spec in specs]
+    return found[0] if len(found) == 1 else found
+
+
 MODE = option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
                     help="ema: moving averages over batches; exact: population statistics.")
 BATCH_SIZE = option("--batch-size", type=int, default=256, show_default=True,
@@ -309,7 +323,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
-           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
+           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
+           storage_options: tuple) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy, file.h5[:NAME], a collection
     such as scp:feats.scp or file.h5:/group, store.zarr, file.npz:NAME,
     file.safetensors:NAME, file.parquet:COLUMN; several are shards read in order).
@@ -325,6 +340,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    inputs, weights, groups = _remote(storage_options, inputs, weights, groups)
     keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
         raise click.UsageError("--num-groups needs --groups FILE")
@@ -392,7 +408,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
                 checkpoint_path: Optional[str], checkpoint_every: float,
                 resume_path: Optional[str], jobs: int, engine: str, scheduler: Optional[str],
                 task_rows: Optional[int], dataset: Optional[str], force: bool, quiet: bool,
-                allow_external: bool) -> None:
+                allow_external: bool, storage_options: tuple) -> None:
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
@@ -406,6 +422,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    inputs, labels, weights = _remote(storage_options, inputs, labels, weights)
     if len(labels) not in (1, len(inputs)):
         raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
                                "give one LABELS per INPUT, or one for all of them")
@@ -455,7 +472,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @click.pass_context
 def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
           groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
-          dataset: Optional[str], force: bool, quiet: bool, allow_external: bool) -> None:
+          dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
+          storage_options: tuple) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
     \b
@@ -469,6 +487,7 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
       normstats apply stats.npz sample_data/digits.h5:images -o normalized.h5
     """
     _check_engine(engine, scheduler, task_rows)
+    input_spec, groups = _remote(storage_options, input_spec, groups)
     keyed = parse_groups(groups)
     guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
           .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma"))
@@ -579,7 +598,7 @@ def _summary(path: str) -> dict:
 @click.pass_context
 def assign(ctx: click.Context, centers_path: str, input_spec: str, output: str, metric: str, top_k: int,
            max_distance: Optional[float], dataset: Optional[str], force: bool, quiet: bool,
-           allow_external: bool) -> None:
+           allow_external: bool, storage_options: tuple) -> None:
     """Label each row of INPUT with its nearest CENTERS (from fit-centers), and the
     distance to it, streamed block by block.
 
@@ -591,6 +610,7 @@ def assign(ctx: click.Context, centers_path: str, input_spec: str, output: str, 
     Example:
       normstats assign centers.npz sample_data/digits.h5:features -o assigned.h5
     """
+    input_spec = _remote(storage_options, input_spec)
     guard(ctx, CommandFiles().reads("centers file", centers_path).reads("input", input_spec)
           .writes("output", output, ASSIGN_FORMATS), force=force)
     nearest = ns.NearestCenters.from_stats(ns.read_stats(centers_path, allow_external=allow_external),

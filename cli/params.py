@@ -11,6 +11,7 @@ import click
 from normstats.axes import parse_axes
 from normstats.errors import NormstatsError, StatsFileError, UsageError
 from normstats.stats import CENTERS, check_values
+from normstats.readers.remote import parse_storage_option
 from normstats.sources import split_spec
 from normstats.stores import read_array, read_stats
 from normstats.validate import SEED_MAX, check_alpha, check_eps, check_finite, check_max_distance
@@ -200,3 +201,17 @@ def positive_int(ctx: click.Context, param: click.Parameter, value: Optional[int
     if value is not None and value < 1:
         raise click.BadParameter(f"must be a positive integer, got {value}")
     return value
+
+
+class StorageOption(click.ParamType):
+    """``KEY=VALUE`` for fsspec, the value parsed as JSON when it parses (``anon=true``)."""
+
+    name = "KEY=VALUE"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_storage_option(value)
+        except UsageError as error:
+            self.fail(str(error), param, ctx)

@@ -20,6 +20,7 @@ import os
 from typing import Optional, Sequence
 
 from .errors import UsageError
+from .readers.remote import is_url
 from .sources import Stream, split_spec
 from .stores import check_output, split_output
 
@@ -117,7 +118,10 @@ class CommandFiles:
 
 def same_file(a: str, b: str) -> bool:
     """Whether paths `a` and `b` name one file: the same device and inode if both
-    exist (so links count), else the same resolved path (a file yet to be made)."""
+    exist (so links count), else the same resolved path (a file yet to be made).
+    An object given by URL is never a local file (it is not looked up)."""
+    if is_url(a) or is_url(b):
+        return is_url(a) and is_url(b) and str.__str__(a) == str.__str__(b)
     try:
         first, second = os.stat(a), os.stat(b)
     except OSError:
@@ -127,10 +131,16 @@ def same_file(a: str, b: str) -> bool:
 
 def identities(streams: dict[str, Stream]) -> list[dict]:
     """What identifies each file read by `streams` (role -> stream): role,
-    absolute path, dataset, size and modification time in nanoseconds."""
+    absolute path, dataset, size and modification time in nanoseconds (for an
+    object by URL: the URL, its size and its version, ETag and last change)."""
     found = []
     for role, stream in streams.items():
         for source in stream.sources:
+            if is_url(source.path):
+                url, tag, size, changed = source._identity
+                found.append({"role": role, "path": url, "dataset": source.dataset, "size": size,
+                              "mtime_ns": None, "version": f"{tag} {changed}"})
+                continue
             info = os.stat(source.path)
             found.append({"role": role, "path": os.path.abspath(source.path), "dataset": source.dataset,
                           "size": info.st_size, "mtime_ns": info.st_mtime_ns})
@@ -148,6 +158,6 @@ def identity_mismatch(recorded: Sequence[dict], current: Sequence[dict]) -> Opti
             return f"it covers the {where}, this run reads {now['path']!r}{dataset} in its place"
         if was.get("size") != now["size"]:
             return f"the {where} has changed since (size {was.get('size')} -> {now['size']} bytes)"
-        if was.get("mtime_ns") != now["mtime_ns"]:
+        if was.get("mtime_ns") != now["mtime_ns"] or was.get("version") != now.get("version"):
             return f"the {where} has been modified since"
     return None

@@ -18,6 +18,7 @@ import numpy as np
 from . import hdf5_policy
 from .errors import DataError, NormstatsError, UsageError
 from .limits import available_memory, elements, require_regular_file
+from .readers.remote import is_url
 from .specs import KALDI, parse_spec
 from .validate import check_numeric_dtype
 
@@ -100,8 +101,18 @@ class ArraySource:
             raise DataError(f"{self.name} has shape {self.shape}: its rows hold no elements, so there is "
                             "nothing to compute; check how the array was saved")
 
+    def _current_identity(self, file: Optional[str] = None) -> tuple:
+        """The identity of `file` (default: the source's) now, laid out as :func:`_identity`'s."""
+        return _identity(os.stat(file or self.path))
+
+    def _check_current(self, file: Optional[str] = None) -> None:
+        """Refuse to go on if `file` (default: the source's) is no longer the one first opened."""
+        self._check_identity(self._current_identity(file), file)
+
     def _check_unchanged(self, info: os.stat_result, file: Optional[str] = None) -> None:
-        now = _identity(info)
+        self._check_identity(_identity(info), file)
+
+    def _check_identity(self, now: tuple, file: Optional[str] = None) -> None:
         if now != self._identity:
             before, after = self._identity[2], now[2]
             size = f" (its size went from {before} to {after} bytes)" if after != before else ""
@@ -161,13 +172,23 @@ class NpySource(ArraySource):
         # Python integers: a declared (1, 2**32, 2**32) must not wrap to 0 as numpy's int64 prod would
         self._row_bytes = elements(self.shape[1:]) * self.dtype.itemsize
         expected = self._offset + self._row_bytes * (self.shape[0] if self.shape else 1)
-        info = os.fstat(f.fileno())
-        self._identity = _identity(info)
-        if info.st_size < expected:
+        self._identity = self._opened_identity(f)
+        if self._identity[2] < expected:
             raise DataError(
                 f"{self.path} is truncated: its header promises {expected} bytes, the file has "
-                f"{info.st_size}; re-create or re-copy it"
+                f"{self._identity[2]}; re-create or re-copy it"
             )
+
+    def _opened_identity(self, f) -> tuple:
+        """The identity (see :func:`_identity`) of the file `f` whose header was read."""
+        return _identity(os.fstat(f.fileno()))
+
+    def _current_identity(self, file: Optional[str] = None) -> tuple:
+        return _identity(os.fstat(self._handle()))  # the file opened, even if its name now holds another
+
+    def _pread(self, view: memoryview, offset: int) -> int:
+        """Read ``len(view)`` bytes at `offset`; return the bytes read (fewer only at the end)."""
+        return _pread_exact(self._handle(), view, offset)
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -179,18 +200,17 @@ class NpySource(ArraySource):
         return self._fd
 
     def read_into(self, start: int, out: np.ndarray) -> None:
-        fd = self._handle()
         rows = out.shape[0]
         columns = elements(self.row_shape)
         if self._fortran and columns > 1:
-            got = self._read_columns(fd, start, out)
+            got = self._read_columns(start, out)
         else:
             target = out if out.dtype == self.dtype else self._staged(out.shape)
             view = memoryview(target.reshape(-1).view(np.uint8))
-            got = _pread_exact(fd, view, self._offset + start * self._row_bytes) == len(view)
+            got = self._pread(view, self._offset + start * self._row_bytes) == len(view)
             if got and target is not out:
                 out[...] = target
-        self._check_unchanged(os.fstat(fd))
+        self._check_current()
         if not got:
             raise DataError(f"{self.path} ended early, before row {start + rows}; it was cut while being read")
 
@@ -199,7 +219,7 @@ class NpySource(ArraySource):
             self._staging = np.empty(shape, self.dtype)
         return self._staging
 
-    def _read_columns(self, fd: int, start: int, out: np.ndarray) -> bool:
+    def _read_columns(self, start: int, out: np.ndarray) -> bool:
         """Rows of a Fortran-order file: column c's rows are contiguous at c * rows."""
         rows, columns, item = out.shape[0], elements(self.row_shape), self.dtype.itemsize
         if self._strips is None or self._strips.shape != (columns, rows):
@@ -207,7 +227,7 @@ class NpySource(ArraySource):
         raw = self._strips.view(np.uint8).reshape(columns, rows * item)
         for column in range(columns):
             position = self._offset + (column * self.shape[0] + start) * item
-            if _pread_exact(fd, memoryview(raw[column]), position) != rows * item:
+            if self._pread(memoryview(raw[column]), position) != rows * item:
                 return False
         # the strips are the transposed block: axes reversed, rows last
         out[...] = self._strips.reshape(self.row_shape[::-1] + (rows,)).T
@@ -315,7 +335,8 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
     """Open an input spec for reading by rows: ``file.npy``, ``file.h5[:NAME]``, an
     HDF5 collection (``file.h5:/group``, ``file.h5:/train/*``), a Kaldi ``scp:`` /
     ``ark:``, ``store.zarr[:PATH]``, ``file.npz[:NAME]``, ``file.safetensors[:NAME]``,
-    ``file.parquet:COLUMN`` or ``file.arrow:COLUMN`` (see :mod:`normstats.specs`).
+    ``file.parquet:COLUMN`` or ``file.arrow:COLUMN``; or a URL (``s3://``, ``gs://``,
+    ``http(s)://``) of a `.npy`, HDF5, Zarr, Parquet or Arrow object (see :mod:`normstats.specs`).
 
     `.npy` and HDF5 are told apart by the file's content. HDF5 data reached
     through external links, virtual datasets or external storage outside the
@@ -325,7 +346,8 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
     ------
     UsageError
         The path does not exist, is a directory, a pipe or a device, names
-        no dataset, is a URL, or needs an optional package not installed.
+        no dataset, is a URL of an object that does not exist or cannot be
+        reached, or needs an optional package not installed.
     DataError
         The file is not of its kind, is truncated, or holds no numeric array.
     """
@@ -333,6 +355,10 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
 
     parsed = parse_spec(spec, dataset)
     path, name = parsed.path, parsed.name
+    if is_url(path):
+        from .readers.remote_sources import open_remote
+
+        return open_remote(parsed)
     if parsed.kind in KALDI:
         from .readers.kaldi import KaldiSource
 

@@ -4,7 +4,10 @@ A spec names its kind before any ``file:NAME`` split:
 
 - ``scp:FILE`` / ``ark:FILE`` (Kaldi; options such as ``ark,s,cs:`` are
   accepted and ignored), and a bare ``FILE.scp`` / ``FILE.ark``;
-- URLs (``s3://``, ``gs://``, ``http(s)://``, ...): recognised, refused for now;
+- URLs (``s3://``, ``gs://``, ``http(s)://``, ...) of `.npy`, HDF5, Zarr, Parquet and
+  Arrow objects, with ``:NAME`` after the object's name as for local files
+  (``s3://bucket/x.h5:features``); the path is then a
+  :class:`normstats.readers.remote.RemotePath`, which carries its storage options;
 - ``store.zarr[:PATH]``, ``file.npz[:NAME]``, ``file.safetensors[:NAME]``,
   ``file.parquet:COLUMN`` (also ``.arrow``, ``.feather``, ``.ipc``),
   ``file.h5[:NAME]`` (a dataset, a ``/group`` or a ``/glob*``), ``file.npy``.
@@ -21,9 +24,11 @@ import re
 from typing import Optional
 
 from .errors import UsageError
+from .readers.remote import RemotePath
 
 KALDI = ("scp", "ark")
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+REMOTE_KINDS = ("array", "zarr", "parquet", "arrow")
 KALDI_PREFIX = re.compile(r"^(scp|ark)((?:,[a-z]+)*):(.*)$", flags=re.S)
 ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
 EXTENSIONS = {
@@ -71,17 +76,19 @@ def parse_spec(spec: str, dataset: Optional[str] = None) -> InputSpec:
     Raises
     ------
     UsageError
-        A URL (remote inputs are not supported yet), a Kaldi pipe or stdin, a
+        A URL of a kind not read remotely, a Kaldi pipe or stdin, a
         Kaldi spec with a member name, or a name given twice differently.
     """
-    spec = str(spec)
+    spec = str(spec)  # a RemotePath stays one (it keeps its storage options)
     url = URL.match(spec)
     if url and not os.path.exists(spec):
-        raise UsageError(f"{spec}: remote inputs ({url.group(1)}://) are not supported yet; "
-                         "copy the data to a local disk and give its path")
+        return _with_name(_remote_spec(spec, url.end()), dataset)
     kaldi = KALDI_PREFIX.match(spec)
     if kaldi and not os.path.exists(spec):
         kind, path = kaldi.group(1), kaldi.group(3)
+        if URL.match(path):
+            raise UsageError(f"{spec}: Kaldi archives are read from local disks only; copy it to a local disk "
+                             "and give its path")
         if path in ("", "-") or path.rstrip().endswith("|") or path.lstrip().startswith("|"):
             raise UsageError(f"{spec}: normstats reads Kaldi archives from files, not from pipes or "
                              "standard input; write the archive to a file first")
@@ -97,9 +104,30 @@ def parse_spec(spec: str, dataset: Optional[str] = None) -> InputSpec:
     return InputSpec(kind, path, name, spec)
 
 
+def _remote_spec(spec: str, after_scheme: int) -> InputSpec:
+    """A URL: the object's name ends at the last colon after the host (``s3://b/x.h5:NAME``)."""
+    text = str.__str__(spec)
+    slash = text.find("/", after_scheme)
+    key = text[slash:] if slash >= 0 else ""
+    name = None
+    if ":" in key:
+        cut = slash + key.rindex(":")
+        text, name = text[:cut], text[cut + 1:]
+        key = key[:key.rindex(":")]
+    extension = os.path.splitext(key.rstrip("/"))[1].lower()
+    kind = EXTENSIONS.get(extension, "array")
+    if kind not in REMOTE_KINDS:
+        raise UsageError(f"{spec}: {extension} files are read from local disks only (remote inputs are "
+                         ".npy, HDF5, Zarr, Parquet and Arrow); copy it to a local disk and give its path")
+    return InputSpec(kind, RemotePath(text, getattr(spec, "options", None)), name or None, text if name is None
+                     else f"{text}:{name}")
+
+
 def _with_name(parsed: InputSpec, dataset: Optional[str]) -> InputSpec:
     if dataset is None:
         return parsed
+    if parsed.name is not None and parsed.name != dataset:
+        raise UsageError(f"{parsed.spec!r} names dataset {parsed.name!r} but --dataset says {dataset!r}")
     if parsed.kind in KALDI:
         raise UsageError(f"{parsed.spec} is a Kaldi {parsed.kind}, which has no datasets; leave out --dataset")
     return dataclasses.replace(parsed, name=dataset)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from .normalize import Normalizer
 from .pipeline import feed, normalized_blocks
+from .readers.remote import absolute as absolute_path
 from .recipe import Recipe, State
 from .sources import Stream, open_window
 from .stores import RowRegion
@@ -79,7 +79,7 @@ class Inputs:
         """Describe opened streams; with `absolute`, by absolute paths (for
         workers that do not share this process's working folder)."""
         streams = {FEATURES: stream, **side}
-        where = os.path.abspath if absolute else str
+        where = absolute_path if absolute else str  # (str keeps a URL's RemotePath and its storage options)
         return cls(
             shards={name: tuple((where(s.path), s.dataset, s.rows) for s in each.sources)
                     for name, each in streams.items()},

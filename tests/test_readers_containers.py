@@ -120,9 +120,8 @@ def test_fit_over_a_container_equals_numpy(tmp_path: Path, x: np.ndarray, run) -
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("s3://bucket/feats.npy", "remote inputs (s3://) are not supported yet"),
-    ("https://example.org/x.h5", "remote inputs (https://) are not supported yet"),
-    ("gs://b/x.zarr", "remote inputs (gs://) are not supported yet"),
+    ("s3://bucket/feats.scp", "are read from local disks only"),
+    ("https://example.org/x.npz:a", "are read from local disks only"),
     ("ark:-", "not from pipes or standard input"),
     ("feats.scp:NAME", "has no members to name"),
 ])

@@ -10,14 +10,13 @@ bounded by the largest row group or batch.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory
-from ..sources import ArraySource, _identity
+from ..sources import ArraySource
 from .base import require
 
 
@@ -29,7 +28,7 @@ class ArrowColumn(ArraySource):
         self.path, self.kind = path, kind
         self._file: Optional[Any] = None
         self._cached: Optional[tuple[int, np.ndarray]] = None
-        self._identity = _identity(os.stat(path))
+        self._identity = self._current_identity()
         try:
             reader = self._reader()
             schema = reader.schema_arrow if kind == "parquet" else reader.schema
@@ -121,7 +120,7 @@ class ArrowColumn(ArraySource):
             values = flat.to_numpy(zero_copy_only=False).reshape((rows,) + self._row_shape)
         else:
             values = part.to_numpy(zero_copy_only=False)
-        self._check_unchanged(os.stat(self.path))
+        self._check_current()
         return values
 
     def read_into(self, start: int, out: np.ndarray) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory, elements
-from ..sources import ArraySource, _identity
+from ..sources import ArraySource
 from .base import require
 
 METADATA = ("zarr.json", ".zarray")
@@ -28,7 +28,7 @@ class ZarrSource(ArraySource):
         self.path, self.dataset = path, name
         self.name = f"{path}:{name}" if name else path
         try:
-            node = zarr.open(path, mode="r")
+            node = zarr.open(self._store(zarr), mode="r")
         except Exception as error:  # zarr raises many kinds for a store it cannot read
             raise DataError(f"{path} is not a readable Zarr store ({type(error).__name__}: {error})") from None
         if name is not None:
@@ -52,7 +52,7 @@ class ZarrSource(ArraySource):
         self.shape, self.dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
         self.chunks = tuple(int(n) for n in node.chunks)
         self._meta = self._metadata_file()
-        self._identity = _identity(os.stat(self._meta))
+        self._identity = self._current_identity(self._meta)
         self._validate()
         check_fits_memory(elements(self.chunks) * self.dtype.itemsize, f"{self.name}: one of its chunks")
         written, expected = node.nchunks_initialized, node.nchunks
@@ -65,6 +65,10 @@ class ZarrSource(ArraySource):
         for key in sorted(group.array_keys()):
             found.append(key)
         return found
+
+    def _store(self, zarr: Any) -> Any:
+        """What ``zarr.open`` opens: the store's folder."""
+        return self.path
 
     def _metadata_file(self) -> str:
         folder = os.path.join(self.path, *(self.dataset or "").split("/"))
@@ -93,7 +97,7 @@ class ZarrSource(ArraySource):
             take = min(end, stop) - position
             out[position - start:position - start + take] = self._band[1][position - first:position - first + take]
             position += take
-        self._check_unchanged(os.stat(self._meta), self._meta)
+        self._check_current(self._meta)
 
     def _read(self, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         try:
