@@ -28,7 +28,7 @@ from .sources import Stream, block_rows_for
 from .recipe import Recipe
 from .stats import BATCHNORM, Stats
 from .stores import held_signals, preallocated_output
-from .kernels import warm_up
+from .kernels import load_kernels
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
 TASK_BYTES = 256 << 20  # input per Dask task: seconds of work, few enough tasks for the scheduler
@@ -123,7 +123,7 @@ def run_fit_parallel(
     started = time.perf_counter()
     # Load the compiled kernels before forking: the workers then share their pages (each
     # loading numba itself cost some 100 MB of memory per process).
-    warm_up(stream.dtype)
+    load_kernels(stream.dtype)
     state = _tree(run_in_processes(tasks, describe=lambda task: _rows_of(task, stream)), join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows)
     stats.meta["jobs"] = len(tasks)

@@ -415,6 +415,17 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
     return slots, keys[:present]
 
 
+def load_kernels(dtype: np.dtype) -> None:
+    """:func:`warm_up` with Ctrl-C and SIGTERM held: a signal landing inside numba's
+    compiler or cache loader (llvmlite callbacks) would be printed as an ignored
+    exception's traceback; held, it arrives right after, as a clean interrupt."""
+    from .stores import held_signals
+
+    with held_signals():
+        # float16 blocks reach the kernels through a lookup table, not as float16 arrays
+        warm_up(np.dtype(np.float32) if np.dtype(dtype) == np.float16 else dtype)
+
+
 def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     """Load (from numba's cache, else compile) the kernels the fits use for data of
     `dtype`, on a tiny input: what a long-running process or a benchmark does
