@@ -15,7 +15,7 @@ import numpy as np
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
-from .kernels import Layout, accumulate, fold_centers_ema, slot_rows
+from .kernels import Layout, Sums, accumulate, fold_centers_ema, slot_rows
 from .stats import CENTERS, Stats
 from .workspace import KeepsScratch, Workspace
 from .validate import (
@@ -86,11 +86,10 @@ class _CentersBase(FitState):
             )
         return x.reshape(x.shape[0], self.feature_dim), labels, keep
 
-    def _count(self, labels: np.ndarray, keep: np.ndarray) -> None:
+    def _count(self, labels: np.ndarray, keep: np.ndarray, batches: Optional[int] = None) -> None:
         np.add.at(self.counts, labels[keep], 1)  # only the classes present are touched
-        # ema: each update's own batches; exact: on the stream's grid, whatever the blocks
-        self.batches_seen += (-(-len(labels) // (self.batch_size or len(labels))) if self.mode == "ema"
-                              else self.batches_in(len(labels)))
+        # ema: the batches the update folded or opened (given); exact: on the stream's grid
+        self.batches_seen += self.batches_in(len(labels)) if batches is None else batches
         self.rows_seen += len(labels)
         self.rows_ignored += int(len(labels) - keep.sum())
 
@@ -195,6 +194,10 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self._follows = False
         self._lookup: Optional[np.ndarray] = None  # scratch of the kernel's slot numbering
         self._workspace = Workspace()
+        # A batch larger than a read block, accumulated across blocks (update(more=True)):
+        # per class, rows (weight), a float64 shift (the class's first row) and the sum around it.
+        self.open_rows = 0
+        self._open: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
     @classmethod
     def from_stats(cls, stats: Stats, **options) -> "CentersEMA":
@@ -238,8 +241,13 @@ class CentersEMA(KeepsScratch, _CentersBase):
         state["_lookup"] = None
         return state
 
-    def update(self, x: np.ndarray, labels: np.ndarray) -> "CentersEMA":
-        """Fold in the consecutive batches of `x` with their `labels`."""
+    def update(self, x: np.ndarray, labels: np.ndarray, *, more: bool = False) -> "CentersEMA":
+        """Fold in the consecutive batches of `x` with their `labels`.
+
+        With `more`, a short last batch stays open and the next update
+        continues it (a batch larger than a read block is accumulated across
+        blocks, never held whole); :meth:`close` folds an open batch in.
+        """
         x = np.asarray(x)
         flat, labels, keep = self._check(x, labels)
         rows = flat.shape[0]
@@ -249,20 +257,71 @@ class CentersEMA(KeepsScratch, _CentersBase):
             keep &= np.isfinite(flat).all(axis=1)  # a row holding NaN / Inf is skipped whole
         if self._lookup is None:
             self._lookup = np.full(self.num_classes, -1, dtype=np.int64)
+        batch = self.batch_size or rows
+        batches = self.batches_in(rows) if (more or self.open_rows) else -(-rows // batch)
+        done = 0
+        if self.open_rows:  # finish the batch the last update left open
+            done = min(batch - self.open_rows, rows)
+            self._add_open(flat[:done], labels[:done], keep[:done], 0)
+            if self.open_rows == batch:
+                self.close()
+        whole = rows - done if not more else (rows - done) - (rows - done) % batch
+        if whole:
+            sums = self._sums(flat[done:done + whole], labels[done:done + whole], keep[done:done + whole],
+                              batch, done)
+            # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
+            # initialized, init='first', takes its first batch mean as it is).
+            fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
+                             self.first_mean, self.first_seen)
+        if done + whole < rows:
+            self._add_open(flat[done + whole:], labels[done + whole:], keep[done + whole:], done + whole)
+        self._count(labels, keep, batches)
+        return self
+
+    def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> Sums:
+        """The kernel's sums per (batch, class) pair present; the rows start `first`
+        rows into the current update (for the row of an error)."""
         # The kernel's slots are the (batch, class) pairs present, numbered batch by batch.
-        slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup,
-                                batch=self.batch_size or rows)
+        slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
         try:
-            sums = accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
+            return accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
                               squares=False, scratch=self._workspace)
         except NonFiniteError as error:
-            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
-                                 error.value) from None
-        # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
-        # initialized, init='first', takes its first batch mean as it is).
-        fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
-                         self.first_mean, self.first_seen)
-        self._count(labels, keep)
+            raise NonFiniteError(self.position + first + error.row,
+                                 np.unravel_index(error.index[0], self.row_shape), error.value) from None
+
+    def _add_open(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, first: int) -> None:
+        """Add rows to the open batch: per class, its sum around the class's first row."""
+        if self._open is None:
+            shape = (self.num_classes, self.feature_dim)
+            self._open = (np.zeros(self.num_classes), np.zeros(shape), np.zeros(shape))
+        weight, shift, total = self._open
+        sums = self._sums(flat, labels, keep, len(flat), first)
+        classes = sums.keys % self.num_classes
+        base, residual = sums.centers()
+        part = sums.s1 + sums.weight[:, None] * residual  # around `base`
+        new = weight[classes] == 0
+        shift[classes[new]] = base[new]
+        old = ~new
+        # around the open batch's shift: sum (x - s_open) = sum (x - s_block) + w (s_block - s_open)
+        total[classes[new]] = part[new]
+        total[classes[old]] += part[old] + sums.weight[old, None] * (base[old] - shift[classes[old]])
+        weight[classes] += sums.weight
+        self.open_rows += len(flat)
+
+    def close(self) -> "CentersEMA":
+        """Fold in a batch left open by ``update(..., more=True)``."""
+        if self.open_rows and self._open is not None:
+            weight, shift, total = self._open
+            present = np.flatnonzero(weight > 0)
+            if len(present):
+                w = weight[present]
+                sums = Sums(present.astype(np.int64), w.astype(np.int64), w, np.zeros((0, 0)), total[present],
+                            np.zeros((0, 0)), shift[present], False)
+                fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
+                                 self.first_mean, self.first_seen)
+                weight[present] = 0.0
+        self.open_rows = 0
         return self
 
     def merge(self, other: "_CentersBase") -> "CentersEMA":

@@ -26,7 +26,7 @@ from .normalize import Normalizer
 from .pipeline import Progress, check_side, with_provenance
 from .sources import Stream, block_rows_for
 from .recipe import Recipe
-from .stats import BATCHNORM, Stats
+from .stats import Stats
 from .stores import held_signals, preallocated_output
 from .kernels import load_kernels
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
@@ -65,8 +65,7 @@ def _fit_tasks(recipe: Union[Recipe, dict], stream: Stream, side: dict[str, Stre
     recipe = Recipe.of(recipe)
     later = recipe.later()
     recipe.check_memory(stream.row_shape, copies=copies, row_bytes=stream.row_bytes, max_memory=max_memory)
-    spanning = recipe.kind == BATCHNORM  # a BatchNorm EMA batch may span read blocks
-    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, spanning=spanning, **plan)
+    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, spanning=True, **plan)
     open_batches = bool(recipe.row_unit and recipe.row_unit > block_rows)
     return [FitTask(recipe if a == 0 else later, inputs, a, b, block_rows, open_batches) for a, b in ranges]
 

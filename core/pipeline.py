@@ -136,12 +136,12 @@ def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) 
     """Rows per read block, and whether logical batches span blocks.
 
     A moving average needs its blocks in whole batches; when one batch is
-    larger than a block, a BatchNorm EMA accumulates it across blocks
-    instead (memory stays bounded by the block), so the block keeps its size.
+    larger than a block, the state accumulates it across blocks instead
+    (memory stays bounded by the block), so the block keeps its size.
     """
     unit = recipe.row_unit
     rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
-    if unit and unit > rows and recipe.kind == BATCHNORM:
+    if unit and unit > rows:
         return rows, True
     return block_rows_for(row_bytes, unit, rows=rows), False
 

@@ -136,34 +136,28 @@ class Recipe:
         # per statistic: shift, offset, m2 (+ count) held, five arrays built by result()
         return 8 * groups * (elements * (8 + omit) + 2)
 
-    def held_batch_bytes(self, row_bytes: int) -> int:
-        """Bytes of read blocks an ema centers fit holds for a batch larger than a block:
-        its blocks are whole batches (a BatchNorm batch spans blocks instead), up to three
-        in flight with the reader thread's prefetch."""
+    def open_batch_bytes(self, row_shape: tuple[int, ...], row_bytes: int) -> int:
+        """Bytes an ema centers state adds for a batch larger than a read block, which it
+        accumulates across blocks: per class a weight, a shift and a sum per feature."""
         unit = self.row_unit or 0
         if self.kind != CENTERS or unit * row_bytes <= BLOCK_BYTES:
             return 0
-        return 3 * unit * row_bytes
+        features = int(np.prod(row_shape, dtype=object))
+        return 8 * int(self.options["num_classes"]) * (2 * features + 1)
 
     def check_memory(self, row_shape: tuple[int, ...], *, copies: int = 1, row_bytes: int = 0,
                      max_memory: Optional[int] = None) -> None:
-        """Refuse a state (and, for ema centers, the whole batches of `row_bytes` rows it
-        reads at once) larger than `max_memory` bytes or than the memory available.
+        """Refuse a state (with, for ema centers whose batches span read blocks of
+        `row_bytes` rows, what it holds of the open batch) larger than `max_memory`
+        bytes or than the memory available.
 
         Raises
         ------
         UsageError
             Naming the figure, before anything is allocated.
         """
-        state = self.state_bytes(row_shape)
-        held = self.held_batch_bytes(row_bytes)
-        needed = (state + held) * max(copies, 1)
+        needed = (self.state_bytes(row_shape) + self.open_batch_bytes(row_shape, row_bytes)) * max(copies, 1)
         limit, where = (max_memory, "the max_memory given") if max_memory else (_available(), "available")
-        if limit is not None and needed > limit and held > state:
-            raise UsageError(
-                f"ema centers read whole batches: {self.row_unit:,} rows of {_size(row_bytes)} need "
-                f"{_size(needed)} of memory, but {_size(limit)} are {where}; use a smaller --batch-size"
-            )
         if limit is not None and needed > limit:
             what = (f"{self.options['num_classes']} classes" if self.kind == CENTERS
                     else f"{self.options.get('num_groups') or 1} groups")

@@ -85,14 +85,26 @@ def test_1100_shards_under_1024_descriptors(tmp_path: Path) -> None:
     np.testing.assert_allclose(stats["var"], everything.var(0, ddof=1), rtol=1e-10)
 
 
-def test_ema_centers_refuse_batches_that_do_not_fit_in_memory(tmp_path: Path) -> None:
-    """Their read blocks are whole batches: a batch of rows beyond the memory at hand is
-    refused up front, naming the figure and --batch-size, instead of being read."""
-    np.save(tmp_path / "x.npy", np.zeros((4096, 1024), np.float32))  # 4 KB rows, 16 MB
-    np.save(tmp_path / "y.npy", np.arange(4096) % 3)
-    state = ns.CentersEMA(3, batch_size=4096)
+@pytest.mark.parametrize("batch, block", [(700, 256), (4096, 256), (5000, 256), (2, 1), (700, 97)])
+def test_ema_centers_accumulate_a_batch_larger_than_a_block(tmp_path: Path, batch: int, block: int) -> None:
+    """Batches larger than the read block: each batch spans blocks (and blocks end
+    mid-batch), the result equals the batch-by-batch rule."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(9000, 6)) + 1e6).astype(np.float64)
+    y = rng.integers(0, 5, size=9000)
+    y[:batch][y[:batch] == 4] = 3  # class 4 first appears in a later batch (init 'first')
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    alpha = 0.3
+    centers = np.full((5, 6), np.nan)
+    for start in range(0, 9000, batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        for k in np.unique(yb):
+            mean = xb[yb == k].mean(0)
+            centers[k] = mean if np.isnan(centers[k]).any() else alpha * mean + (1 - alpha) * centers[k]
+    state = ns.CentersEMA(5, alpha=alpha, init="first", batch_size=batch)
     with ns.open_stream([str(tmp_path / "x.npy")]) as stream, ns.open_stream([str(tmp_path / "y.npy")]) as labels:
-        with pytest.raises(ns.UsageError, match=r"ema centers read whole batches: 4,096 rows .* --batch-size"):
-            ns.run_fit(state, stream, side={"labels": labels}, max_memory=40 << 20)
-        stats = ns.run_fit(ns.CentersEMA(3, batch_size=4096), stream, side={"labels": labels}, max_memory=1 << 30)
-    assert stats.meta["batches_seen"] == 1
+        stats = ns.run_fit(state, stream, side={"labels": labels}, block_rows=block)
+    np.testing.assert_allclose(stats.arrays["centers"], centers, rtol=1e-13)
+    assert stats.meta["batches_seen"] == -(-9000 // batch)
+    np.testing.assert_array_equal(stats.arrays["counts"], np.bincount(y, minlength=5))
