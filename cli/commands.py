@@ -459,7 +459,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @click.argument("stats_path", metavar="STATS")
 @click.argument("input_spec", metavar="INPUT")
 @option("-o", "--output", required=True, metavar="OUTPUT",
-              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (chunked).")
+              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (a contiguous dataset).")
 @option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
               help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
 @option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
