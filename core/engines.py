@@ -39,7 +39,7 @@ QUIET = logging.CRITICAL + 1  # a log level above every message
 
 def _plan(stream: Stream, side: dict[str, Stream], *, allow_external: bool, absolute: bool,
           batch_size: Optional[int], block_rows: Optional[int], parts: Optional[int] = None,
-          rows_per_task: Optional[int] = None, spanning: bool = False) -> tuple[Inputs, int, list[tuple[int, int]]]:
+          rows_per_task: Optional[int] = None) -> tuple[Inputs, int, list[tuple[int, int]]]:
     """What tasks over `stream` need: its inputs, the rows per read block (the
     usual size, but no more than a task's share, rounded to whole batches of
     a moving average) and
@@ -48,7 +48,7 @@ def _plan(stream: Stream, side: dict[str, Stream], *, allow_external: bool, abso
     inputs = Inputs.of(stream, side, allow_external=allow_external, absolute=absolute)
     share = rows_per_task or -(-stream.rows // parts)
     block_rows = min(block_rows or block_rows_for(stream.row_bytes, None), share)
-    if batch_size and batch_size > block_rows and spanning:  # batches span blocks; ranges are whole batches
+    if batch_size and batch_size > block_rows:  # batches span blocks; ranges are whole batches
         return inputs, block_rows, split_rows(stream.rows, batch_size, parts=parts, rows_per_task=rows_per_task)
     block_rows = block_rows_for(stream.row_bytes, batch_size, rows=block_rows)
     return inputs, block_rows, split_rows(stream.rows, block_rows, parts=parts, rows_per_task=rows_per_task)
@@ -65,8 +65,8 @@ def _fit_tasks(recipe: Union[Recipe, dict], stream: Stream, side: dict[str, Stre
     recipe = Recipe.of(recipe)
     later = recipe.later()
     recipe.check_memory(stream.row_shape, copies=copies, row_bytes=stream.row_bytes, max_memory=max_memory)
-    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, spanning=True, **plan)
-    open_batches = bool(recipe.row_unit and recipe.row_unit > block_rows)
+    inputs, block_rows, ranges = _plan(stream, side, batch_size=recipe.row_unit, **plan)
+    open_batches = recipe.spans(block_rows)
     return [FitTask(recipe if a == 0 else later, inputs, a, b, block_rows, open_batches) for a, b in ranges]
 
 

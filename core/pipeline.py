@@ -139,11 +139,10 @@ def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) 
     larger than a block, the state accumulates it across blocks instead
     (memory stays bounded by the block), so the block keeps its size.
     """
-    unit = recipe.row_unit
     rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
-    if unit and unit > rows:
+    if recipe.spans(rows):
         return rows, True
-    return block_rows_for(row_bytes, unit, rows=rows), False
+    return block_rows_for(row_bytes, recipe.row_unit, rows=rows), False
 
 
 def with_provenance(stats: Stats, stream: Stream, side: dict[str, Stream], seconds: float, rows: int) -> Stats:

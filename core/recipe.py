@@ -136,11 +136,15 @@ class Recipe:
         # per statistic: shift, offset, m2 (+ count) held, five arrays built by result()
         return 8 * groups * (elements * (8 + omit) + 2)
 
+    def spans(self, block_rows: int) -> bool:
+        """Whether a logical batch is larger than a read block of `block_rows` rows (the
+        state then accumulates it across blocks)."""
+        return bool(self.row_unit and self.row_unit > block_rows)
+
     def open_batch_bytes(self, row_shape: tuple[int, ...], row_bytes: int) -> int:
         """Bytes an ema centers state adds for a batch larger than a read block, which it
         accumulates across blocks: per class a weight, a shift and a sum per feature."""
-        unit = self.row_unit or 0
-        if self.kind != CENTERS or unit * row_bytes <= BLOCK_BYTES:
+        if self.kind != CENTERS or not self.spans(max(1, BLOCK_BYTES // max(row_bytes, 1))):
             return 0
         features = int(np.prod(row_shape, dtype=object))
         return 8 * int(self.options["num_classes"]) * (2 * features + 1)
