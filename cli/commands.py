@@ -24,6 +24,7 @@ from normstats.stats import check_values
 from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
 
 from .app import cli
+from .batches import APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_stats_normalizer, fit_grid_options
 from .files import KeepsSpec, given_file, guard
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, StorageOption,
                      ValueOrFile, option, positive_int)
@@ -315,6 +316,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
                    "by a Kaldi utt2spk / spk2utt file (then no --num-groups).")
 @option("--num-groups", type=int, callback=positive_int, metavar="G",
               help="Number of groups G; group indices lie in [0, G).")
+@_options(*POOL, BOUNDARIES)
 @FIT
 @ENGINE
 @COMMON
@@ -326,7 +328,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
            dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
-           storage_options: tuple) -> None:
+           storage_options: tuple, **batch_grid: Any) -> None:
     """Fit BatchNorm mean and inv_std over INPUT (.npy, file.h5[:NAME], a collection
     such as scp:feats.scp or file.h5:/group, store.zarr, file.npz:NAME,
     file.safetensors:NAME, file.parquet:COLUMN; several are shards read in order).
@@ -374,6 +376,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
         options = _given_only(ctx, options)
+    options.update(fit_grid_options(ctx, mode, inputs, dataset, allow_external))
     with _short_groups_named(keyed, ddof):
         _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
              side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
@@ -469,20 +472,23 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
                    "statistics fitted with --groups utterance / utt2spk= / spk2utt=.")
 @option("--dtype", type=click.Choice(OUTPUT_DTYPES),
         help="Output dtype  [default: float input's own; float32 for integers up to 16 bits, else float64]")
+@_options(BATCH_STATS, APPLY_BATCH_SIZE, *POOL)
 @ENGINE
 @COMMON
 @click.pass_context
 def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
           groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
-          storage_options: tuple) -> None:
+          storage_options: tuple, **batch_stats: Any) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
 
     \b
       y = (x - mean) * (gamma * inv_std) + beta
 
     A statistic fitted as 'none' drops its term. Float input keeps its dtype;
-    integer input becomes float32 (<= 16 bits) or float64.
+    integer input becomes float32 (<= 16 bits) or float64. With --batch-stats,
+    training mode: each batch of --batch-size rows uses its own batch mean and
+    inv_std (STATS gives the axes, eps and ddof; --pool-batches pools them).
 
     \b
     Example:
@@ -497,7 +503,8 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
     stats = ns.read_stats(stats_path, allow_external=allow_external)
     if keyed is not None:
         keyed = _stats_key_groups(keyed, stats, stats_path, engine)
-    normalizer = ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype)
+    normalizer = (batch_stats_normalizer(ctx, stats, stats_path, gamma=gamma, beta=beta, dtype=dtype, engine=engine,
+                                         groups=groups) or ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype))
     with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \

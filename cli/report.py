@@ -127,7 +127,8 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, dict) and {"min", "median", "max"} <= set(value):
-        return " / ".join("-" if value[k] is None else _fmt(value[k]) for k in ("min", "median", "max")) + \
+        count = f"{value['count']:,} batches, " if "count" in value else ""  # batch_elements
+        return count + " / ".join("-" if value[k] is None else _fmt(value[k]) for k in ("min", "median", "max")) + \
             "  (min / median / max)"
     if isinstance(value, dict) and {"count", "first"} <= set(value):
         more = "" if value["count"] <= len(value["first"]) else ", ..."

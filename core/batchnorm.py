@@ -13,9 +13,11 @@ from typing import Optional, Union
 import numpy as np
 
 from .axes import AxesSpec, kept_shape, resolve_axes
+from .boundaries import BatchBoundaries
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .kernels import Layout, Sums, accumulate
+from .pooling import BatchPool, check_pool
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
 from .workspace import KeepsScratch, Workspace
@@ -145,6 +147,21 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         A NaN / Inf element raises :class:`NonFiniteError`, or is left out of
         its batch statistic (a statistic with ``<= ddof`` finite elements in a
         batch is not updated by it; ``count`` then records the elements used).
+    pool_batches : int, optional
+        K: each batch's mean and variance are those of the last K batches
+        pooled, the current one included, weighted by element count (see
+        :mod:`normstats.pooling`: the reference layer's intent, not its code,
+        which adds the current batch's inv_std where it meant the buffered
+        ones). Every batch enters the buffer.
+    pool_below : int, optional
+        L: the pool replaces a batch's own values only where it has fewer
+        than L elements per statistic.
+    boundaries : BatchBoundaries, optional
+        Batches start at these stream rows instead of every `batch_size`
+        rows; a batch may be one row or span any number of updates. The last
+        batch of the data stays open until :meth:`close` or :meth:`result`
+        (``more`` does not matter). The result then holds
+        ``batch_elements``, the elements per statistic of every batch.
 
     Notes
     -----
@@ -174,7 +191,12 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         inv_std: Initial = 1.0,
         batch_size: Optional[int] = None,
         nan_policy: str = "error",
+        pool_batches: Optional[int] = None,
+        pool_below: Optional[int] = None,
+        boundaries: Optional[BatchBoundaries] = None,
     ) -> None:
+        if boundaries is not None and batch_size is not None:
+            raise UsageError("batch boundaries replace the batch size: give one of them")
         super().__init__(
             axes=axes,
             eps=eps,
@@ -185,6 +207,10 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             nan_policy=nan_policy,
         )
         self.alpha = check_alpha(alpha)
+        self.pool_batches, self.pool_below = check_pool(pool_batches, pool_below)
+        self.boundaries = boundaries
+        self._pool: Optional[BatchPool] = None
+        self.batch_elements: list[int] = []  # per batch, with boundaries (the grid is then the data's)
         self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
         self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
@@ -202,9 +228,11 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         stats.require(BATCHNORM)
         if "groups" in stats.meta:
             raise StatsFileError("per-group statistics cannot start a moving average")
-        file_options(stats.meta, options, "eps", "ddof", "batch_size", "nan_policy")
+        file_options(stats.meta, options, "eps", "ddof", "nan_policy")
+        if options.get("boundaries") is None:
+            file_options(stats.meta, options, "batch_size")
         if stats.mode == "ema":
-            file_options(stats.meta, options, "alpha")
+            file_options(stats.meta, options, "alpha", "pool_batches", "pool_below")
         options.setdefault("mean", stats.arrays.get("mean"))
         options.setdefault("inv_std", stats.arrays.get("inv_std"))
         for name in ("mean", "inv_std"):
@@ -215,6 +243,10 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         state._start()
         if stats.mode == "ema" and "count" in stats.arrays:
             state.count = np.array(stats.arrays["count"], dtype=np.float64)
+        if state._pool is not None and "pool_count" in stats.arrays:  # a checkpoint's buffer
+            state._pool.restore(*(stats.arrays[name] for name in ("pool_count", "pool_mean", "pool_m2")))
+        if state.boundaries is not None and "batch_elements" in stats.arrays:
+            state.batch_elements = [int(n) for n in np.asarray(stats.arrays["batch_elements"]).reshape(-1)]
         return state
 
     def _start(self) -> None:
@@ -226,6 +258,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.count = np.zeros(shape)
         self.decay = np.ones(shape)  # (1 - alpha) ** (batches folded in), per statistic
         self.layout = Layout.of(self.row_shape, self.axes)
+        if self.pool_batches is not None:
+            self._pool = BatchPool(self.pool_batches, self.pool_below, shape)
 
     def update(self, x: np.ndarray, *, more: bool = False) -> "BatchNormEMA":
         """Fold in the consecutive batches of `x` (shape ``(rows, ...)``).
@@ -239,36 +273,55 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         rows = x.shape[0]
         if rows == 0:
             return self
-        batch = self.batch_size or rows
-        done = 0
-        if self._open is not None:  # finish the batch the last update left open
-            done = min(batch - int(self._open.rows[0]), rows)
-            self._add(x[:done], 1, batch, start=self._open)
-            if int(self._open.rows[0]) == batch:
+        starts, complete = self._grid(rows, more)
+        if self._open is not None and starts.size and starts[0] == 0:  # the open batch ended with the last rows
+            self._fold_sums(self._open)
+            self._open = None
+        done = rows if not starts.size else int(starts[0])
+        if self._open is not None:  # finish (or go on with) the batch the last update left open
+            self._add(x[:done], 1, start=self._open)
+            if starts.size or complete:
                 self._fold_sums(self._open)
                 self._open = None
         if done < rows:
-            rest = rows - done
-            batches = -(-rest // batch)
-            sums = self._add(x[done:], batches, batch, first=done)
-            if more and rest % batch:  # the last batch is short: keep it open
-                self._fold_sums(sums.slots(slice(0, batches - 1)))
-                self._open = sums.slots(slice(batches - 1, batches))
-            else:
+            slots = np.searchsorted(starts, np.arange(done, rows), side="right") - 1
+            sums = self._add(x[done:], starts.size, slots=slots, first=done)
+            if complete:
                 self._fold_sums(sums)
+            else:  # the last batch goes on in the next update: keep it open
+                self._fold_sums(sums.slots(slice(0, starts.size - 1)))
+                self._open = sums.slots(slice(starts.size - 1, starts.size))
         self.rows_seen += rows
         return self
 
-    def _add(self, x: np.ndarray, batches: int, batch: int, *, first: int = 0, start: Optional[Sums] = None) -> Sums:
-        """The kernel's sums of the consecutive batches of `x` (each batch a slot,
-        shifted by its first row), or of rows continuing the open batch `start`."""
+    def _grid(self, rows: int, more: bool) -> tuple[np.ndarray, bool]:
+        """Where batches start among the next `rows` rows (offsets from the first; 0
+        only if one starts there), and whether the last batch ends with them (with
+        no start among them: whether the open batch does)."""
+        if self.boundaries is not None:
+            position = self.position
+            starts = self.boundaries.starts_in(position, position + rows)
+            if self._open is None and not (starts.size and starts[0] == 0):
+                starts = np.r_[0, starts]  # rows that no open batch awaits start one
+            return starts, self.boundaries.starts_in(position + rows, position + rows + 1).size > 0
+        batch = self.batch_size or rows
+        if self._open is not None and self.open_rows + rows <= batch:
+            return np.zeros(0, np.int64), self.open_rows + rows == batch
+        first = 0 if self._open is None else batch - self.open_rows
+        starts = np.arange(first, rows, batch, dtype=np.int64)
+        return starts, not more or rows - int(starts[-1]) == batch
+
+    def _add(self, x: np.ndarray, batches: int, *, slots: Optional[np.ndarray] = None, first: int = 0,
+             start: Optional[Sums] = None) -> Sums:
+        """The kernel's sums of the consecutive batches of `x` (each row's batch in
+        `slots`, each batch shifted by its first row), or of rows continuing the
+        open batch `start`."""
         layout = self.layout
         try:
             if start is not None:
                 return accumulate(x, layout, np.zeros(len(x), np.int64), start.keys, start.shift,
                                   np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
-            return accumulate(x, layout, np.arange(len(x), dtype=np.int64) // batch,
-                              np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
+            return accumulate(x, layout, slots, np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
                               omit=self.nan_policy == "omit", scratch=self._workspace)
         except NonFiniteError as error:
             raise error.shifted(self.position + first) from None
@@ -278,6 +331,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         if not stacked[0]:
             return
         per_stat = self.layout.per_stat
+        if self.boundaries is not None:
+            self.batch_elements.extend(int(rows) * per_stat for rows in sums.rows)
         self._fold(sums.counts(per_stat).reshape(stacked), sums.means(per_stat).reshape(stacked),
                    sums.m2(per_stat).reshape(stacked))
 
@@ -297,13 +352,16 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         """Fold in consecutive batches' counts, means and M2 (stacked on axis 0)."""
         count = batch_mean.shape[0]
         self.batches_seen += count
+        own = n
+        if self._pool is not None:
+            n, batch_mean, batch_m2 = self._pool.take(n, batch_mean, batch_m2)
         # Per batch and statistic: is there enough data for a variance?
         valid = n > self.ddof
         used = valid.reshape(count, -1).any(axis=1)
         self.batches_skipped += int(count - used.sum())
         if not used.any():
             return
-        self.count += np.where(valid, n, 0).sum(axis=0)
+        self.count += np.where(valid, own, 0).sum(axis=0)
         later = np.flip(np.cumsum(np.flip(valid, 0), axis=0), 0) - valid  # valid batches after each
         weights = np.where(valid, self.alpha * (1.0 - self.alpha) ** later, 0.0)
         decay = (1.0 - self.alpha) ** valid.sum(axis=0)
@@ -335,6 +393,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             return self
         if self._open is not None or later._open is not None:
             raise UsageError("close() both states before appending: a batch is still open")
+        if self.pool_batches or self.boundaries is not None:
+            raise UsageError("pooled or variable batches cannot be appended: a range needs the batches "
+                             "before it; fit in one process")
         for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std"):
             if getattr(self, name) != getattr(later, name):
                 raise DataError(f"cannot append an ema fit with different {name}")
@@ -369,6 +430,12 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             arrays["inv_std"] = self.inv_std.copy()
         meta = self._meta()
         meta["alpha"] = self.alpha
+        if self._pool is not None:
+            meta.update(pool_batches=self.pool_batches, pool_below=self.pool_below)
+            arrays.update(self._pool.state())  # a checkpoint resumes with the buffer
+        if self.boundaries is not None:
+            meta["batch_boundaries"] = self.boundaries.name
+            arrays["batch_elements"] = np.array(self.batch_elements, dtype=np.int64)
         if self.nan_policy == "omit":
             arrays["count"] = self.count.copy()
             meta["values_omitted"] = int(self.rows_seen * _elements_per_row(self) - self.count.sum())

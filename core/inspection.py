@@ -15,7 +15,8 @@ RARE_SHARE = 0.1  # a class is rare below this share of the median class count
 PROVENANCE = ("mode", "axes", "alpha", "eps", "ddof", "batch_size", "nan_policy", "rows_seen",
               "batches_seen", "batches_skipped", "row_shape", "input_dtype", "sources",
               "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from",
-              "imported_from", "imported_layer")
+              "imported_from", "imported_layer", "pool_batches", "pool_below", "batch_boundaries")
+STATE_ARRAYS = ("pool_count", "pool_mean", "pool_m2")  # a pooled fit's buffer (for --resume), not results
 
 
 def describe(stats: Stats) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def describe(stats: Stats) -> dict[str, Any]:
         "kind": stats.kind,
         "source": stats.source,
         "options": {key: stats.meta[key] for key in PROVENANCE if key in stats.meta},
-        "nan_counts": {name: int(np.isnan(a).sum()) for name, a in stats.arrays.items() if a.dtype.kind == "f"},
+        "nan_counts": {name: int(np.isnan(a).sum()) for name, a in stats.arrays.items()
+                       if a.dtype.kind == "f" and name not in STATE_ARRAYS},
     }
     summary.update(_batchnorm(stats) if stats.kind == BATCHNORM else _centers(stats))
     return summary
@@ -66,6 +68,10 @@ def _batchnorm(stats: Stats) -> dict[str, Any]:
     if "near_constant" in meta:
         listed = list(meta["near_constant"])  # a hand-edited file may lack the count: the list is the floor
         found["near_constant"] = {"count": meta.get("near_constant_count", len(listed)), "first": listed[:LISTED]}
+    if "batch_elements" in arrays and np.size(arrays["batch_elements"]):
+        elements = np.asarray(arrays["batch_elements"]).reshape(-1)
+        found["batch_elements"] = {"count": int(elements.size), "min": int(elements.min()),
+                                   "median": float(np.median(elements)), "max": int(elements.max())}
     return found
 
 

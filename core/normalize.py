@@ -147,6 +147,10 @@ class Normalizer:
             self._cast[compute] = terms
         if self.num_groups is not None:
             terms = self._per_row(terms, groups, x.shape[0])
+        return self._formula(x, terms, compute, name)
+
+    def _formula(self, x: np.ndarray, terms: dict, compute: np.dtype, name: str) -> np.ndarray:
+        """``(x - mean) * scale + beta`` with the terms given, into the scratch array `name`."""
         y = self._workspace.array(name, x.shape, compute)
         with np.errstate(over="ignore", invalid="ignore"):
             if terms["mean"] is not None:

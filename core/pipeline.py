@@ -124,6 +124,7 @@ def run_fit(
     """
     side = side or {}
     recipe = Recipe.for_state(state)
+    recipe.check_rows(stream.rows)
     if state.row_shape is None:
         recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes, max_memory=max_memory)
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
@@ -307,7 +308,8 @@ def apply_stats(
     """
     normalizer.check(stream.row_shape, stream.dtype, ", ".join(stream.names))
     dataset = dataset or stream.sources[0].dataset or "data"
-    block_rows = block_rows or block_rows_for(stream.row_bytes, None)
+    # Batch statistics (apply --batch-stats) need whole batches per block.
+    block_rows = block_rows_for(stream.row_bytes, getattr(normalizer, "batch_size", None), rows=block_rows)
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
     with ArrayWriter(output, stream.shape, normalizer.result_dtype(stream.dtype), dataset=dataset) as writer:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
+from .boundaries import BatchBoundaries
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import UsageError
 from .sources import BLOCK_BYTES
@@ -70,6 +71,9 @@ class Recipe:
         """What sizes `state`'s memory: its kind, mode and number of classes or groups."""
         kind = CENTERS if isinstance(state, (CentersEMA, CentersExact)) else BATCHNORM
         options = {"nan_policy": state.nan_policy, "batch_size": state.batch_size}
+        for name in ("boundaries", "pool_batches"):
+            if getattr(state, name, None) is not None:
+                options[name] = getattr(state, name)
         options["num_classes" if kind == CENTERS else "num_groups"] = getattr(
             state, "num_classes" if kind == CENTERS else "num_groups", None)
         return cls(kind, state.mode, options)
@@ -79,10 +83,21 @@ class Recipe:
         return self.options.get("batch_size")
 
     @property
+    def boundaries(self) -> Optional[BatchBoundaries]:
+        """The rows where variable batches start (``--batch-boundaries``), if given."""
+        return self.options.get("boundaries")
+
+    @property
     def row_unit(self) -> Optional[int]:
         """Rows that block and range boundaries must be multiples of: the logical
-        batch of a moving average; None for exact fits (any boundary will do)."""
-        return self.batch_size if self.mode == "ema" else None
+        batch of a moving average; None for exact fits (any boundary will do) and
+        for variable batches (the state keeps a batch open across blocks)."""
+        return self.batch_size if self.mode == "ema" and self.boundaries is None else None
+
+    def check_rows(self, rows: int) -> None:
+        """Refuse batch boundaries beyond an input of `rows` rows (before anything is read)."""
+        if self.boundaries is not None:
+            self.boundaries.check_rows(rows)
 
     @property
     def continues(self) -> bool:
@@ -115,7 +130,14 @@ class Recipe:
         return self
 
     def check_splittable(self) -> None:
-        """Refuse a split fit that continues a stats file."""
+        """Refuse a split fit that continues a stats file, pools batches or has
+        variable batches (a range would need the batches before it)."""
+        if self.options.get("pool_batches") or self.boundaries is not None:
+            what = "--pool-batches" if self.options.get("pool_batches") else "--batch-boundaries"
+            raise UsageError(
+                f"{what} runs in one process: each batch needs the batches before it, which a row "
+                "range after the first does not see; use --jobs 1 and --engine local"
+            )
         if self.continues:
             raise UsageError(
                 "a fit that continues a stats file (init) cannot be split into row ranges: each "
@@ -134,11 +156,15 @@ class Recipe:
             return 8 * rows * (elements * arrays + 4)
         groups = int(self.options.get("num_groups") or 1)
         # per statistic: shift, offset, m2 (+ count) held, five arrays built by result()
-        return 8 * groups * (elements * (8 + omit) + 2)
+        held = 8 * groups * (elements * (8 + omit) + 2)
+        pooled = int(self.options.get("pool_batches") or 0)  # count, mean, M2 of the last K batches, twice
+        return held + 8 * 6 * pooled * elements
 
     def spans(self, block_rows: int) -> bool:
-        """Whether a logical batch is larger than a read block of `block_rows` rows (the
-        state then accumulates it across blocks)."""
+        """Whether a logical batch is larger than a read block of `block_rows` rows, or
+        batches are variable (the state then accumulates a batch across blocks)."""
+        if self.mode == "ema" and self.boundaries is not None:
+            return True
         return bool(self.row_unit and self.row_unit > block_rows)
 
     def open_batch_bytes(self, row_shape: tuple[int, ...], row_bytes: int) -> int:
