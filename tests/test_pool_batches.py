@@ -1,0 +1,209 @@
+"""fit-bn --pool-batches K [--pool-below L]: the batch statistics pooled over the last K
+batches, weighted by element count, against a plain-NumPy reference of the layer's
+intended rule, batch by batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import normstats as ns
+import normstats.pipeline as pipeline
+from normstats.files import identities
+from normstats.pooling import BatchPool
+from normstats.stores import Checkpointer
+
+
+def per_stat(batch: np.ndarray) -> np.ndarray:
+    """A batch's elements per statistic ('auto' axes: every axis but the second), (C, n)."""
+    x = np.asarray(batch, dtype=np.float64)
+    return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+
+
+def ref_pooled_ema(batches, *, alpha, eps=1e-5, ddof=1, pool=None, below=None, mean0=0.0, inv_std0=1.0):
+    """The layer's rule, batch by batch: the pooled statistics are the mean and the
+    variance of the union of the last `pool` batches' elements (this one included);
+    with `below`, only for a statistic whose own batch has fewer than `below` elements."""
+    kept = []
+    mean = inv_std = None
+    for batch in batches:
+        own = per_stat(batch)
+        kept = (kept + [own])[-(pool or 1):]
+        union = np.concatenate(kept, axis=1)
+        own_mean, own_var = own.mean(axis=1), own.var(axis=1, ddof=ddof)
+        pooled_mean, pooled_var = union.mean(axis=1), union.var(axis=1, ddof=ddof)
+        if below is not None and own.shape[1] >= below:
+            batch_mean, batch_var = own_mean, own_var
+        else:
+            batch_mean, batch_var = pooled_mean, pooled_var
+        if mean is None:
+            mean, inv_std = np.full(own.shape[0], mean0), np.full(own.shape[0], inv_std0)
+        mean = (1 - alpha) * mean + alpha * batch_mean
+        inv_std = (1 - alpha) * inv_std + alpha / np.sqrt(batch_var + eps)
+    return mean, inv_std
+
+
+def fixed_batches(x: np.ndarray, size: int) -> list:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def data(shape, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 3 + 1
+    if np.dtype(dtype).kind in "iu":
+        return np.round(x * 20).astype(dtype)
+    return x.astype(dtype)
+
+
+def close(a, b) -> None:
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+SHAPES = [(103, 4), (61, 3, 2, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+@pytest.mark.parametrize("pool,below", [(1, None), (2, None), (4, None), (3, 7), (5, 10_000)])
+def test_pooled_ema_equals_the_layers_rule(shape, dtype, pool, below) -> None:
+    x = data(shape, dtype, seed=pool)
+    batch = 4 if len(shape) == 2 else 2  # rank 2: 4 elements per statistic; rank 4: 20
+    below = None if below is None else (below if len(shape) == 4 else below // 3)
+    state = ns.BatchNormEMA(alpha=0.3, batch_size=batch, pool_batches=pool, pool_below=below)
+    stats = state.update(x).result()
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, batch), alpha=0.3, pool=pool, below=below)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    assert stats.meta["pool_batches"] == pool and stats.meta["pool_below"] == below
+
+
+def test_pool_below_switches_per_statistic_by_element_count() -> None:
+    # A batch of 3 rows has 3 elements per statistic: pooled below 4, its own at or above 3.
+    x = data((30, 2), "float64", seed=3)
+    pooled = ns.BatchNormEMA(alpha=0.5, batch_size=3, pool_batches=3, pool_below=4).update(x).result()
+    own = ns.BatchNormEMA(alpha=0.5, batch_size=3, pool_batches=3, pool_below=3).update(x).result()
+    plain = ns.BatchNormEMA(alpha=0.5, batch_size=3).update(x).result()
+    always = ns.BatchNormEMA(alpha=0.5, batch_size=3, pool_batches=3).update(x).result()
+    close(own.arrays["inv_std"], plain.arrays["inv_std"])
+    close(pooled.arrays["inv_std"], always.arrays["inv_std"])
+    assert not np.allclose(pooled.arrays["inv_std"], plain.arrays["inv_std"])
+
+
+def test_pool_is_exact_for_large_offsets() -> None:
+    # The parallel-variance formula in float64 keeps the digits a naive sum of squares loses.
+    x = (1e8 + data((40, 3), "float64", seed=9))
+    stats = ns.BatchNormEMA(alpha=0.2, batch_size=4, pool_batches=3).update(x).result()
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 4), alpha=0.2, pool=3)
+    np.testing.assert_allclose(stats.arrays["inv_std"], inv_std, rtol=1e-7)
+    np.testing.assert_allclose(stats.arrays["mean"], mean, rtol=1e-15)
+
+
+def test_batch_pool_against_the_union_of_elements() -> None:
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(size=(2, int(n))) for n in (1, 3, 5, 2, 7, 4)]
+    pool = BatchPool(3, None, (2,))
+    for i, b in enumerate(batches):
+        n, mean, m2 = pool.take(np.full((1, 2), b.shape[1], float), b.mean(1)[None], b.var(1)[None] * b.shape[1])
+        union = np.concatenate(batches[max(0, i - 2):i + 1], axis=1)
+        close(n[0], union.shape[1])
+        close(mean[0], union.mean(1))
+        close(m2[0], union.var(1) * union.shape[1])
+    assert pool.n.shape == (2, 2)
+
+
+@pytest.mark.parametrize("block_rows", [3, 5, 16, 40])
+def test_pools_cross_read_blocks(tmp_path: Path, monkeypatch, block_rows: int) -> None:
+    x = data((150, 4), "float32", seed=4)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", block_rows * 4 * 4)  # blocks smaller and larger than a batch
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit(ns.BatchNormEMA(alpha=0.25, batch_size=8, pool_batches=3), stream)
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 8), alpha=0.25, pool=3)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+
+
+def test_pool_with_the_open_batch_of_update_more_and_close() -> None:
+    x = data((77, 3, 2, 2), "float64", seed=5)
+    whole = ns.BatchNormEMA(alpha=0.1, batch_size=10, pool_batches=4).update(x).result()
+    pieces = ns.BatchNormEMA(alpha=0.1, batch_size=10, pool_batches=4)
+    for a, b in [(0, 3), (3, 4), (4, 25), (25, 40), (40, 77)]:
+        pieces.update(x[a:b], more=True)
+    stats = pieces.close().result()
+    for key in ("mean", "inv_std"):
+        close(stats.arrays[key], whole.arrays[key])
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 10), alpha=0.1, pool=4)
+    close(stats.arrays["inv_std"], inv_std)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "h5", "safetensors", "json"])
+def test_a_continued_fit_keeps_the_buffer(tmp_path: Path, fmt: str) -> None:
+    x = data((90, 5), "float32", seed=6)
+    options = dict(alpha=0.2, batch_size=6, pool_batches=4, pool_below=20)
+    first = ns.BatchNormEMA(**options).update(x[:42]).result()
+    assert first.arrays["pool_count"].shape == (3, 5)
+    ns.write_stats(first, str(tmp_path / f"c.{fmt}"))
+    state = ns.batchnorm_state("ema", init=ns.read_stats(str(tmp_path / f"c.{fmt}")))
+    assert state.pool_batches == 4 and state.pool_below == 20
+    stats = state.update(x[42:]).result()
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 6), alpha=0.2, pool=4, below=20)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+
+
+def test_resume_from_a_checkpoint_keeps_the_buffer(run, tmp_path: Path) -> None:
+    x = data((120, 3), "float32", seed=7)
+    np.save(tmp_path / "x.npy", x)
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        state = ns.BatchNormEMA(alpha=0.1, batch_size=5, pool_batches=3)
+        state.update(x[:55])  # eleven whole batches: where a checkpoint is taken
+        save = Checkpointer(str(tmp_path / "ck.npz"), 0.0, sources=stream.names, rows_total=stream.rows,
+                            inputs=identities({"features": stream}))
+        save._last = -1e9
+        save(state, 55)
+    result = run("fit-bn", "x.npy", "-o", "s.npz", "--resume", "ck.npz", "-q")
+    assert result.exit_code == 0, result.stderr
+    stats = ns.read_stats(str(tmp_path / "s.npz"))
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 5), alpha=0.1, pool=3)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    assert stats.meta["pool_batches"] == 3
+
+
+def test_cli_pool_batches_equals_the_reference(run, tmp_path: Path) -> None:
+    x = data((50, 3, 4, 2), "int16", seed=8)
+    np.save(tmp_path / "x.npy", x)
+    result = run("fit-bn", "x.npy", "-o", "s.npz", "--batch-size", "3", "--alpha", "0.2",
+                 "--pool-batches", "4", "--pool-below", "20", "-q")
+    assert result.exit_code == 0, result.stderr
+    stats = ns.read_stats(str(tmp_path / "s.npz"))
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 3), alpha=0.2, pool=4, below=20)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    shown = run("inspect", "s.npz")
+    assert "pool_batches       4" in shown.output and "pool_count" not in shown.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pool-below", "4"], "--pool-below needs --pool-batches K"),
+    (["--pool-batches", "0"], "must be a positive integer"),
+    (["--pool-batches", "2", "--mode", "exact"], "--pool-batches needs --mode ema"),
+    (["--pool-batches", "2", "--jobs", "2"], "--pool-batches runs in one process"),
+    (["--pool-batches", "2", "--engine", "dask"], "use --jobs 1 and --engine local"),
+])
+def test_bad_pool_options_are_one_line_errors(run, tmp_path: Path, args, message) -> None:
+    np.save(tmp_path / "x.npy", data((20, 3), "float32"))
+    result = run("fit-bn", "x.npy", "-o", "s.npz", *args, "-q")
+    assert result.exit_code != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error")] == \
+        [result.stderr.strip().splitlines()[-1]]
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_split_pooled_fit_is_refused_by_the_library() -> None:
+    recipe = ns.Recipe("batchnorm", "ema", {"batch_size": 4, "pool_batches": 2})
+    with pytest.raises(ns.UsageError, match="--pool-batches runs in one process"):
+        recipe.later()
