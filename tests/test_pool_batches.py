@@ -14,51 +14,7 @@ import normstats.pipeline as pipeline
 from normstats.files import identities
 from normstats.pooling import BatchPool
 from normstats.stores import Checkpointer
-
-
-def per_stat(batch: np.ndarray) -> np.ndarray:
-    """A batch's elements per statistic ('auto' axes: every axis but the second), (C, n)."""
-    x = np.asarray(batch, dtype=np.float64)
-    return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
-
-
-def ref_pooled_ema(batches, *, alpha, eps=1e-5, ddof=1, pool=None, below=None, mean0=0.0, inv_std0=1.0):
-    """The layer's rule, batch by batch: the pooled statistics are the mean and the
-    variance of the union of the last `pool` batches' elements (this one included);
-    with `below`, only for a statistic whose own batch has fewer than `below` elements."""
-    kept = []
-    mean = inv_std = None
-    for batch in batches:
-        own = per_stat(batch)
-        kept = (kept + [own])[-(pool or 1):]
-        union = np.concatenate(kept, axis=1)
-        own_mean, own_var = own.mean(axis=1), own.var(axis=1, ddof=ddof)
-        pooled_mean, pooled_var = union.mean(axis=1), union.var(axis=1, ddof=ddof)
-        if below is not None and own.shape[1] >= below:
-            batch_mean, batch_var = own_mean, own_var
-        else:
-            batch_mean, batch_var = pooled_mean, pooled_var
-        if mean is None:
-            mean, inv_std = np.full(own.shape[0], mean0), np.full(own.shape[0], inv_std0)
-        mean = (1 - alpha) * mean + alpha * batch_mean
-        inv_std = (1 - alpha) * inv_std + alpha / np.sqrt(batch_var + eps)
-    return mean, inv_std
-
-
-def fixed_batches(x: np.ndarray, size: int) -> list:
-    return [x[i:i + size] for i in range(0, len(x), size)]
-
-
-def data(shape, dtype, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=shape) * 3 + 1
-    if np.dtype(dtype).kind in "iu":
-        return np.round(x * 20).astype(dtype)
-    return x.astype(dtype)
-
-
-def close(a, b) -> None:
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+from tests.batch_reference import close, data, fixed_batches, ref_pooled_ema
 
 
 SHAPES = [(103, 4), (61, 3, 2, 5)]

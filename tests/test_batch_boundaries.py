@@ -1,0 +1,171 @@
+"""fit-bn --batch-boundaries FILE|sequences: batches starting at given rows (of one row,
+or spanning many read blocks), against a plain-NumPy reference batch by batch; the
+per-batch element counts stored (batch_elements) and summarized; bad files refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import normstats as ns
+import normstats.pipeline as pipeline
+from normstats.boundaries import checked_boundaries, read_boundaries
+
+from tests.batch_reference import close, data, per_stat, ref_pooled_ema
+
+
+def cut(x: np.ndarray, starts) -> list:
+    ends = list(starts[1:]) + [len(x)]
+    return [x[a:b] for a, b in zip(starts, ends)]
+
+
+STARTS = [0, 1, 2, 3, 40, 41, 97, 98, 99]  # batches of one row and of many 4-row blocks
+
+
+def _fit(run, *args) -> ns.Stats:
+    result = run("fit-bn", *args, "-o", "s.npz", "-q")
+    assert result.exit_code == 0, result.stderr
+    return ns.read_stats("s.npz")
+
+
+@pytest.mark.parametrize("shape", [(120, 3), (120, 2, 3, 2)])
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+@pytest.mark.parametrize("fmt", ["npy", "txt"])
+def test_boundaries_file_equals_the_reference(run, tmp_path: Path, monkeypatch, shape, dtype, fmt) -> None:
+    x = data(shape, dtype, seed=len(shape))
+    np.save(tmp_path / "x.npy", x)
+    if fmt == "npy":
+        np.save(tmp_path / "b.npy", np.array(STARTS))
+    else:
+        (tmp_path / "b.txt").write_text("\n".join(map(str, STARTS)) + "\n")
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 * x[0].nbytes)  # 4-row blocks
+    stats = _fit(run, "x.npy", f"--batch-boundaries=b.{fmt}", "--alpha", "0.3", "--ddof", "0")
+    mean, inv_std = ref_pooled_ema(cut(x, STARTS), alpha=0.3, ddof=0)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    per = per_stat(x[:1]).shape[1]
+    np.testing.assert_array_equal(stats.arrays["batch_elements"], np.diff(STARTS + [120]) * per)
+    assert stats.arrays["batch_elements"].dtype == np.int64
+    assert stats.meta["batches_seen"] == len(STARTS) and stats.meta["batch_boundaries"] == f"b.{fmt}"
+    assert stats.meta["batch_size"] is None
+
+
+def test_batches_of_one_row_with_ddof_1_are_skipped_like_the_layer(run, tmp_path: Path) -> None:
+    x = data((30, 3), "float64", seed=2)
+    np.save(tmp_path / "x.npy", x)
+    starts = [0, 10, 11, 12, 20]
+    np.save(tmp_path / "b.npy", np.array(starts))
+    stats = _fit(run, "x.npy", "--batch-boundaries", "b.npy", "--alpha", "0.5")
+    kept = [b for b in cut(x, starts) if len(b) > 1]  # one element per statistic: no variance
+    mean, inv_std = ref_pooled_ema(kept, alpha=0.5)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    assert stats.meta["batches_skipped"] == 2
+
+
+def test_boundaries_with_pooling(tmp_path: Path, monkeypatch) -> None:
+    x = data((90, 2, 5), "float32", seed=3)
+    np.save(tmp_path / "x.npy", x)
+    starts = [0, 1, 5, 6, 30, 31, 32, 70]
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 7 * x[0].nbytes)
+    state = ns.BatchNormEMA(alpha=0.2, boundaries=checked_boundaries(np.array(starts), "b"),
+                            pool_batches=3, pool_below=50)
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit(state, stream)
+    mean, inv_std = ref_pooled_ema(cut(x, starts), alpha=0.2, pool=3, below=50)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+
+
+def test_library_updates_of_any_size_follow_the_grid() -> None:
+    x = data((64, 4), "float64", seed=4)
+    starts = [0, 3, 4, 30, 63]
+    bounds = checked_boundaries(np.array(starts), "b")
+    pieces = ns.BatchNormEMA(alpha=0.4, ddof=0, boundaries=bounds)
+    for a, b in [(0, 1), (1, 4), (4, 5), (5, 33), (33, 63), (63, 64)]:
+        pieces.update(x[a:b])
+    stats = pieces.result()
+    mean, inv_std = ref_pooled_ema(cut(x, starts), alpha=0.4, ddof=0)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    np.testing.assert_array_equal(stats.arrays["batch_elements"], [3, 1, 26, 33, 1])
+
+
+def test_a_continued_fit_keeps_the_batch_elements(tmp_path: Path) -> None:
+    x = data((50, 3), "float64", seed=5)
+    bounds = checked_boundaries(np.array([0, 7, 20, 33]), "b")
+    first = ns.BatchNormEMA(alpha=0.3, boundaries=bounds).update(x[:20]).close().result()
+    ns.write_stats(first, str(tmp_path / "c.h5"))
+    state = ns.batchnorm_state("ema", init=ns.read_stats(str(tmp_path / "c.h5")), boundaries=bounds)
+    stats = state.update(x[20:]).result()
+    mean, inv_std = ref_pooled_ema(cut(x, [0, 7, 20, 33]), alpha=0.3)
+    close(stats.arrays["inv_std"], inv_std)
+    np.testing.assert_array_equal(stats.arrays["batch_elements"], [7, 13, 13, 17])
+
+
+def test_sequences_make_one_batch_each(run, tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    lengths = [5, 1, 12, 3, 9]
+    utts = {f"u{i}": rng.normal(size=(n, 3)) * (i + 1) for i, n in enumerate(lengths)}
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        for key, value in utts.items():
+            f[f"feats/{key}"] = value
+    stats = _fit(run, "f.h5:/feats", "--batch-boundaries", "sequences", "--alpha", "0.5", "--ddof", "0")
+    order = sorted(utts)  # the collection's order
+    mean, inv_std = ref_pooled_ema([utts[k] for k in order], alpha=0.5, ddof=0)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    np.testing.assert_array_equal(stats.arrays["batch_elements"], [len(utts[k]) for k in order])
+    summary = json.loads(run("inspect", "s.npz", "--json").output)
+    assert summary["batch_elements"] == {"count": 5, "min": 1, "median": 5.0, "max": 12}
+    assert "5 batches, 1 / 5 / 12" in run("inspect", "s.npz").output
+
+
+@pytest.mark.parametrize("content,message", [
+    ("0 5 5 9", "b.txt: offset 5 (entry 2) is not greater than the one before (5)"),
+    ("0 5 3", "b.txt: offset 3 (entry 2) is not greater than the one before (5)"),
+    ("0 4 -2", "b.txt: offset -2 (entry 2) is negative"),
+    ("0 10 20", "b.txt: offset 20 (entry 2) is beyond the input's 20 rows"),
+    ("3 10", "b.txt: the first offset is 3, not 0"),
+    ("0 1.5", "b.txt: '1.5' (entry 1) is not an integer"),
+    ("", "b.txt holds no offsets"),
+])
+def test_bad_boundaries_are_one_line_errors(run, tmp_path: Path, content: str, message: str) -> None:
+    np.save(tmp_path / "x.npy", data((20, 3), "float32"))
+    (tmp_path / "b.txt").write_text(content)
+    result = run("fit-bn", "x.npy", "-o", "s.npz", "--batch-boundaries", "b.txt", "-q")
+    assert result.exit_code != 0
+    assert message in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("Error: ")
+    assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.array([[0, 1], [2, 3]]), "has shape (2, 2)"),
+    (np.array([0.0, 2.5]), "holds float64 values"),
+    (np.array([0, 3, 1]), "offset 1 (entry 2) is not greater"),
+])
+def test_bad_npy_boundaries(tmp_path: Path, array, message) -> None:
+    np.save(tmp_path / "b.npy", array)
+    with pytest.raises(ns.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_boundaries(str(tmp_path / "b.npy"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-boundaries", "b.txt", "--batch-size", "4"], "--batch-boundaries replaces --batch-size"),
+    (["--batch-boundaries", "b.txt", "--mode", "exact"], "--batch-boundaries needs --mode ema"),
+    (["--batch-boundaries", "b.txt", "--jobs", "2"], "--batch-boundaries runs in one process"),
+    (["--batch-boundaries", "sequences"], "x.npy is one array, without sequences"),
+    (["--batch-boundaries", "missing.txt"], "--batch-boundaries file 'missing.txt' does not exist"),
+])
+def test_bad_boundary_options(run, tmp_path: Path, args, message) -> None:
+    np.save(tmp_path / "x.npy", data((20, 3), "float32"))
+    (tmp_path / "b.txt").write_text("0 5")
+    result = run("fit-bn", "x.npy", "-o", "s.npz", *args, "-q")
+    assert result.exit_code != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.npz").exists()
