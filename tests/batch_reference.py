@@ -50,3 +50,24 @@ def data(shape, dtype, seed=0) -> np.ndarray:
 
 def close(a, b) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def ref_batch_stats_apply(x, batch_size, *, eps=1e-5, ddof=1, gamma=1.0, beta=0.0, pool=None, below=None,
+                          use_mean=True, use_inv_std=True):
+    """Training-mode output ('auto' axes), batch by batch: each batch of `batch_size` rows
+    normalized with its own mean and variance, or (with `pool`) those of the union of
+    the last `pool` batches' elements where its own count is below `below`."""
+    x64 = np.asarray(x, dtype=np.float64)
+    channels = x64.shape[1]
+    shape = (1, channels) + (1,) * (x64.ndim - 2)
+    gamma = np.broadcast_to(np.asarray(gamma, np.float64), (channels,)).reshape(shape)
+    beta = np.broadcast_to(np.asarray(beta, np.float64), (channels,)).reshape(shape)
+    out, kept = [], []
+    for batch in fixed_batches(x64, batch_size):
+        own = per_stat(batch)
+        kept = (kept + [own])[-(pool or 1):]
+        use = own if below is not None and own.shape[1] >= below else np.concatenate(kept, axis=1)
+        mean = use.mean(axis=1).reshape(shape) if use_mean else 0.0
+        scale = 1 / np.sqrt(use.var(axis=1, ddof=ddof) + eps).reshape(shape) if use_inv_std else 1.0
+        out.append((batch - mean) * (gamma * scale) + beta)
+    return np.concatenate(out)
