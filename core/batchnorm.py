@@ -211,6 +211,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.boundaries = boundaries
         self._pool: Optional[BatchPool] = None
         self.batch_elements: list[int] = []  # per batch, with boundaries (the grid is then the data's)
+        self.grid_origin = 0  # the state's row at which the boundaries' row 0 is (see from_stats)
         self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
         self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
@@ -247,6 +248,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             state._pool.restore(*(stats.arrays[name] for name in ("pool_count", "pool_mean", "pool_m2")))
         if state.boundaries is not None and "batch_elements" in stats.arrays:
             state.batch_elements = [int(n) for n in np.asarray(stats.arrays["batch_elements"]).reshape(-1)]
+        # Continued over new rows, the boundaries count those rows (a resume over the same
+        # input sets the origin back: see pipeline.run_fit).
+        state.grid_origin = state.rows_seen
         return state
 
     def _start(self) -> None:
@@ -299,7 +303,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         only if one starts there), and whether the last batch ends with them (with
         no start among them: whether the open batch does)."""
         if self.boundaries is not None:
-            position = self.position
+            position = self.position - self.grid_origin
             starts = self.boundaries.starts_in(position, position + rows)
             if self._open is None and not (starts.size and starts[0] == 0):
                 starts = np.r_[0, starts]  # rows that no open batch awaits start one

@@ -125,6 +125,8 @@ def run_fit(
     side = side or {}
     recipe = Recipe.for_state(state)
     recipe.check_rows(stream.rows)
+    if recipe.boundaries is not None:  # the boundaries count rows of `stream` (a resume starts inside it)
+        state.grid_origin = state.position - start_row
     if state.row_shape is None:
         recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes, max_memory=max_memory)
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)

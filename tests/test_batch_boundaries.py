@@ -14,6 +14,8 @@ import pytest
 import normstats as ns
 import normstats.pipeline as pipeline
 from normstats.boundaries import checked_boundaries, read_boundaries
+from normstats.files import identities
+from normstats.stores import Checkpointer
 
 from tests.batch_reference import close, data, per_stat, ref_pooled_ema
 
@@ -97,14 +99,42 @@ def test_library_updates_of_any_size_follow_the_grid() -> None:
 
 def test_a_continued_fit_keeps_the_batch_elements(tmp_path: Path) -> None:
     x = data((50, 3), "float64", seed=5)
-    bounds = checked_boundaries(np.array([0, 7, 20, 33]), "b")
-    first = ns.BatchNormEMA(alpha=0.3, boundaries=bounds).update(x[:20]).close().result()
+    first = ns.BatchNormEMA(alpha=0.3, boundaries=checked_boundaries(np.array([0, 7]), "a")).update(x[:20]).result()
     ns.write_stats(first, str(tmp_path / "c.h5"))
-    state = ns.batchnorm_state("ema", init=ns.read_stats(str(tmp_path / "c.h5")), boundaries=bounds)
+    later = checked_boundaries(np.array([0, 13]), "b")  # the new rows' own offsets (20 and 33 of x)
+    state = ns.batchnorm_state("ema", init=ns.read_stats(str(tmp_path / "c.h5")), boundaries=later)
     stats = state.update(x[20:]).result()
     mean, inv_std = ref_pooled_ema(cut(x, [0, 7, 20, 33]), alpha=0.3)
     close(stats.arrays["inv_std"], inv_std)
     np.testing.assert_array_equal(stats.arrays["batch_elements"], [7, 13, 13, 17])
+
+
+def test_init_and_resume_count_the_offsets_of_their_input(run, tmp_path: Path, monkeypatch) -> None:
+    x = data((50, 3), "float32", seed=9)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "head.npy", x[:20])
+    np.save(tmp_path / "tail.npy", x[20:])
+    np.save(tmp_path / "all.npy", np.array([0, 7, 20, 33]))
+    np.save(tmp_path / "a.npy", np.array([0, 7]))
+    np.save(tmp_path / "b.npy", np.array([0, 13]))
+    expected = ref_pooled_ema(cut(x, [0, 7, 20, 33]), alpha=0.3, pool=2)
+    _fit(run, "head.npy", "--batch-boundaries", "a.npy", "--alpha", "0.3", "--pool-batches", "2")
+    (tmp_path / "s.npz").rename(tmp_path / "head.npz")
+    continued = _fit(run, "tail.npy", "--batch-boundaries", "b.npy", "--init", "head.npz")
+    (tmp_path / "s.npz").unlink()
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        state = ns.BatchNormEMA(alpha=0.3, pool_batches=2, boundaries=read_boundaries(str(tmp_path / "all.npy")))
+        state.update(x[:20])  # row 20 starts a batch: nothing open, a checkpoint is taken
+        save = Checkpointer(str(tmp_path / "ck.npz"), 0.0, sources=stream.names, rows_total=stream.rows,
+                            inputs=identities({"features": stream}))
+        save._last = -1e9
+        save(state, 20)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 * x[0].nbytes)
+    resumed = _fit(run, "x.npy", "--batch-boundaries", "all.npy", "--resume", "ck.npz")
+    for stats in (continued, resumed):
+        close(stats.arrays["mean"], expected[0])
+        close(stats.arrays["inv_std"], expected[1])
+        np.testing.assert_array_equal(stats.arrays["batch_elements"], [7, 13, 13, 17])
 
 
 def test_sequences_make_one_batch_each(run, tmp_path: Path) -> None:
