@@ -75,7 +75,8 @@ def read_boundaries(path: str) -> BatchBoundaries:
         except (ValueError, OSError, EOFError) as error:
             raise DataError(f"{path} is not a readable .npy array ({error}); give a .npy of row offsets "
                             "or a text file of integers") from None
-        if values.dtype.kind not in "iu" and not (values.dtype.kind == "f" and np.all(values == np.round(values))):
+        whole = values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values))
+        if values.dtype.kind not in "iu" and not (whole and np.all(np.abs(values) < 2.0 ** 63)):
             raise DataError(f"{path} holds {values.dtype} values; batch boundaries are integer row offsets")
         if values.ndim != 1:
             raise DataError(f"{path} has shape {values.shape}; batch boundaries are one row offset per batch (1-D)")

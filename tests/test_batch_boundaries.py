@@ -177,6 +177,7 @@ def test_bad_boundaries_are_one_line_errors(run, tmp_path: Path, content: str, m
 @pytest.mark.parametrize("array,message", [
     (np.array([[0, 1], [2, 3]]), "has shape (2, 2)"),
     (np.array([0.0, 2.5]), "holds float64 values"),
+    (np.array([0.0, np.inf]), "holds float64 values"),
     (np.array([0, 3, 1]), "offset 1 (entry 2) is not greater"),
 ])
 def test_bad_npy_boundaries(tmp_path: Path, array, message) -> None:
@@ -199,3 +200,21 @@ def test_bad_boundary_options(run, tmp_path: Path, args, message) -> None:
     assert result.exit_code != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_boundaries_and_blocks(tmp_path: Path, monkeypatch, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = int(rng.integers(1, 80))
+    x = data((rows, 2, 3), "float64" if seed % 2 else "int16", seed=seed)
+    np.save(tmp_path / "x.npy", x)
+    starts = np.unique(np.r_[0, rng.integers(0, rows, size=int(rng.integers(0, rows + 1)))])
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", int(rng.integers(1, 12)) * x[0].nbytes)
+    pool = int(rng.integers(1, 4))
+    state = ns.BatchNormEMA(alpha=0.3, ddof=0, pool_batches=pool, boundaries=checked_boundaries(starts, "b"))
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit(state, stream)
+    mean, inv_std = ref_pooled_ema(cut(x, list(starts)), alpha=0.3, ddof=0, pool=pool)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    assert stats.meta["batches_seen"] == len(starts)
