@@ -298,6 +298,14 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.rows_seen += rows
         return self
 
+    def last_start(self, rows: int) -> int:
+        """The offset ``0 < k < rows`` of the last batch starting among the next `rows`
+        rows, else 0: after an update with the rows before it, no batch is open (a
+        driver takes a checkpoint there)."""
+        starts = self._grid(rows, True)[0] if self.layout is not None else np.zeros(0, np.int64)
+        starts = starts[starts > 0]
+        return int(starts[-1]) if starts.size else 0
+
     def _grid(self, rows: int, more: bool) -> tuple[np.ndarray, bool]:
         """Where batches start among the next `rows` rows (offsets from the first; 0
         only if one starts there), and whether the last batch ends with them (with

@@ -181,16 +181,22 @@ def feed(
     """
     done = start_row
     more = {"more": True} if open_batches else {}
+    cuts = checkpoint is not None and open_batches and hasattr(state, "last_start")
     for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
-        try:
-            state.update(block, **extras, **more)
-        except RowError as error:
-            raise _located(error, stream, side, error.row - state.first_row) from None
-        done += block.shape[0]
+        rows = block.shape[0]
+        # A batch open at every block end would never let a checkpoint be taken: with one due,
+        # the block is fed in two parts, split where its last batch starts.
+        cut = state.last_start(rows) if cuts and state.row_shape is not None else 0
+        for a, b in ((0, cut), (cut, rows)) if cut else ((0, rows),):
+            try:
+                state.update(block[a:b], **{k: v[a:b] for k, v in extras.items()}, **more)
+            except RowError as error:
+                raise _located(error, stream, side, error.row - state.first_row) from None
+            done += b - a
+            if checkpoint and not getattr(state, "open_rows", 0):
+                checkpoint(state, done)
         if progress:
-            progress(block.shape[0])
-        if checkpoint and not getattr(state, "open_rows", 0):
-            checkpoint(state, done)
+            progress(rows)
     if open_batches:
         state.close()
 

@@ -218,3 +218,29 @@ def test_random_boundaries_and_blocks(tmp_path: Path, monkeypatch, seed: int) ->
     close(stats.arrays["mean"], mean)
     close(stats.arrays["inv_std"], inv_std)
     assert stats.meta["batches_seen"] == len(starts)
+
+
+@pytest.mark.parametrize("grid", ["boundaries", "fixed"])
+def test_checkpoints_fall_between_batches_and_resume_exactly(tmp_path: Path, monkeypatch, grid: str) -> None:
+    # Blocks of 7 rows against batches that end elsewhere: each block is cut where its last
+    # batch starts, so checkpoints are taken, and each resumes to the uninterrupted result.
+    x = data((100, 3), "float64", seed=11)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 7 * x[0].nbytes)
+    starts = [0, 2, 3, 15, 16, 30, 44, 45, 60, 88]
+    options = (dict(boundaries=checked_boundaries(np.array(starts), "b")) if grid == "boundaries"
+               else dict(batch_size=9))
+    options.update(alpha=0.2, pool_batches=3)
+    saved = []
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        whole = ns.run_fit(ns.BatchNormEMA(**options), stream,
+                           checkpoint=lambda state, done: saved.append((done, state.result())))
+        grid_starts = starts if grid == "boundaries" else list(range(0, 100, 9))
+        points = sorted({done for done, _ in saved})
+        assert len(points) >= 5 and set(points) <= set(grid_starts) | {100}
+        for done, stats in saved[1::3]:
+            state = ns.batchnorm_state("ema", init=stats, **{k: v for k, v in options.items() if k == "boundaries"})
+            resumed = ns.run_fit(state, stream, start_row=done)
+            close(resumed.arrays["mean"], whole.arrays["mean"])
+            close(resumed.arrays["inv_std"], whole.arrays["inv_std"])
+            assert resumed.meta["batches_seen"] == whole.meta["batches_seen"]
