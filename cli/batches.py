@@ -52,9 +52,9 @@ def fit_grid_options(ctx: click.Context, mode: str, inputs: tuple[str, ...], dat
         return {}
     if mode != "ema":
         raise click.UsageError(f"{given[0]} needs --mode ema")
-    if params.get("jobs", 1) > 1 or params.get("engine") == "dask":
-        raise click.UsageError(f"{given[0]} runs in one process (each batch needs the batches before it); "
-                               "use --jobs 1 and --engine local")
+    if params.get("batch_boundaries") is not None and (params.get("jobs", 1) > 1 or params.get("engine") == "dask"):
+        raise click.UsageError("--batch-boundaries runs in one process (a row range would need its batches cut "
+                               "from the boundaries); use --jobs 1 and --engine local")
     options: dict[str, Any] = {}
     if params.get("pool_batches") is not None or params.get("pool_below") is not None:
         if params.get("pool_batches") is None:

@@ -7,8 +7,9 @@ They never touch files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -212,6 +213,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self._pool: Optional[BatchPool] = None
         self.batch_elements: list[int] = []  # per batch, with boundaries (the grid is then the data's)
         self.grid_origin = 0  # the state's row at which the boundaries' row 0 is (see from_stats)
+        self._priming = False  # batches fill the pool buffer only (see prime)
         self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
         self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
@@ -363,6 +365,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
     def _fold(self, n: np.ndarray, batch_mean: np.ndarray, batch_m2: np.ndarray) -> None:
         """Fold in consecutive batches' counts, means and M2 (stacked on axis 0)."""
         count = batch_mean.shape[0]
+        if self._priming:
+            self._pool.take(n, batch_mean, batch_m2)
+            return
         self.batches_seen += count
         own = n
         if self._pool is not None:
@@ -385,6 +390,25 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
                 batch_inv_std = 1.0 / np.sqrt(batch_m2 / (n - self.ddof) + self.eps)
             self.inv_std = decay * self.inv_std + (weights * np.where(valid, batch_inv_std, 0.0)).sum(axis=0)
 
+    @contextlib.contextmanager
+    def priming(self, first_row: int) -> Iterator["BatchNormEMA"]:
+        """Updates inside fill the pool buffer only (the batches before a row range of a
+        split fit, from stream row `first_row`): nothing is averaged or counted.
+
+        On exit the open batch is closed into the buffer and the counters are
+        back where they were, so the range's own rows follow.
+        """
+        if self.pool_batches is None:
+            raise UsageError("only a pooled fit (pool_batches) is primed")
+        saved = (self.first_row, self.rows_seen)
+        self.first_row, self.rows_seen, self._priming = first_row, 0, True
+        try:
+            yield self
+            self.close()
+        finally:
+            self._priming = False
+            self.first_row, self.rows_seen = saved
+
     def merge(self, other: "_BatchNormBase") -> "BatchNormEMA":
         """Moving averages depend on batch order and cannot be merged."""
         raise UsageError(
@@ -405,16 +429,19 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
             return self
         if self._open is not None or later._open is not None:
             raise UsageError("close() both states before appending: a batch is still open")
-        if self.pool_batches or self.boundaries is not None:
-            raise UsageError("pooled or variable batches cannot be appended: a range needs the batches "
+        if self.boundaries is not None:
+            raise UsageError("variable batches cannot be appended: a range needs the batches "
                              "before it; fit in one process")
-        for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std"):
+        for name in ("axes", "row_shape", "alpha", "eps", "ddof", "batch_size", "use_mean", "use_inv_std",
+                     "pool_batches", "pool_below"):
             if getattr(self, name) != getattr(later, name):
                 raise DataError(f"cannot append an ema fit with different {name}")
         if self.use_mean:
             self.mean = later.decay * self.mean + later.mean
         if self.use_inv_std:
             self.inv_std = later.decay * self.inv_std + later.inv_std
+        if self._pool is not None:  # the later range was primed with the batches before it
+            self._pool = copy.deepcopy(later._pool)
         self.decay = self.decay * later.decay
         self.count = self.count + later.count
         self._add_counters(later)

@@ -132,11 +132,10 @@ class Recipe:
     def check_splittable(self) -> None:
         """Refuse a split fit that continues a stats file, pools batches or has
         variable batches (a range would need the batches before it)."""
-        if self.options.get("pool_batches") or self.boundaries is not None:
-            what = "--pool-batches" if self.options.get("pool_batches") else "--batch-boundaries"
+        if self.boundaries is not None:
             raise UsageError(
-                f"{what} runs in one process: each batch needs the batches before it, which a row "
-                "range after the first does not see; use --jobs 1 and --engine local"
+                "--batch-boundaries runs in one process: a row range after the first would need "
+                "its batches cut from the boundaries; use --jobs 1 and --engine local"
             )
         if self.continues:
             raise UsageError(
@@ -144,6 +143,14 @@ class Recipe:
                 "range would add the file's population again; run it in one process, or fit the "
                 "new rows apart and merge the files"
             )
+
+    def prelude(self, start: int) -> int:
+        """The first row a range starting at `start` reads before its own rows: a pooled
+        moving average primes its buffer with the K-1 batches before it (else `start`)."""
+        pool = self.options.get("pool_batches")
+        if self.mode != "ema" or not pool or not start:
+            return start
+        return max(0, start - (int(pool) - 1) * int(self.batch_size or 0))
 
     def state_bytes(self, row_shape: tuple[int, ...]) -> int:
         """Memory the state and its result take at most, for rows of `row_shape`."""

@@ -121,6 +121,10 @@ class FitTask:
         state = self.recipe.build()
         if self.recipe.mode == "ema" and self.start > 0:
             state.zero_start()
+        prelude = self.recipe.prelude(self.start)
+        if prelude < self.start:  # the batches a pooled range needs before its own (not averaged)
+            with self.inputs.open(prelude, self.start) as (stream, side), state.priming(prelude):
+                feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)
         state.first_row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
             feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)

@@ -146,8 +146,6 @@ def test_cli_pool_batches_equals_the_reference(run, tmp_path: Path) -> None:
     (["--pool-below", "4"], "--pool-below needs --pool-batches K"),
     (["--pool-batches", "0"], "must be a positive integer"),
     (["--pool-batches", "2", "--mode", "exact"], "--pool-batches needs --mode ema"),
-    (["--pool-batches", "2", "--jobs", "2"], "--pool-batches runs in one process"),
-    (["--pool-batches", "2", "--engine", "dask"], "use --jobs 1 and --engine local"),
 ])
 def test_bad_pool_options_are_one_line_errors(run, tmp_path: Path, args, message) -> None:
     np.save(tmp_path / "x.npy", data((20, 3), "float32"))
@@ -159,7 +157,50 @@ def test_bad_pool_options_are_one_line_errors(run, tmp_path: Path, args, message
     assert not (tmp_path / "s.npz").exists()
 
 
-def test_a_split_pooled_fit_is_refused_by_the_library() -> None:
-    recipe = ns.Recipe("batchnorm", "ema", {"batch_size": 4, "pool_batches": 2})
-    with pytest.raises(ns.UsageError, match="--pool-batches runs in one process"):
-        recipe.later()
+@pytest.mark.parametrize("jobs", [2, 3])
+@pytest.mark.parametrize("batch,pool", [(4, 3), (7, 5), (40, 2)])
+def test_jobs_prime_each_range_with_the_batches_before_it(run, tmp_path: Path, jobs: int, batch: int, pool: int) -> None:
+    x = data((230, 3, 2), "float32", seed=batch)
+    np.save(tmp_path / "x.npy", x)
+    result = run("fit-bn", "x.npy", "-o", "s.npz", "--batch-size", batch, "--alpha", "0.2",
+                 "--pool-batches", pool, "--pool-below", "30", "--jobs", jobs, "-q")
+    assert result.exit_code == 0, result.stderr
+    stats = ns.read_stats(str(tmp_path / "s.npz"))
+    assert stats.meta["jobs"] == jobs
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, batch), alpha=0.2, pool=pool, below=30)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+    serial = ns.BatchNormEMA(alpha=0.2, batch_size=batch, pool_batches=pool, pool_below=30).update(x).result()
+    np.testing.assert_allclose(stats.arrays["pool_mean"], serial.arrays["pool_mean"], rtol=1e-12)
+    assert stats.meta["batches_seen"] == serial.meta["batches_seen"]
+
+
+def test_split_ranges_with_small_blocks_match_the_serial_fit(tmp_path: Path) -> None:
+    x = data((300, 4), "float64", seed=12)
+    np.save(tmp_path / "x.npy", x)
+    recipe = ns.Recipe("batchnorm", "ema", {"batch_size": 6, "alpha": 0.1, "pool_batches": 4})
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit_parallel(recipe, stream, jobs=3, block_rows=12)
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 6), alpha=0.1, pool=4)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
+
+
+def test_priming_is_only_for_pooled_fits() -> None:
+    with pytest.raises(ns.UsageError, match="only a pooled fit"):
+        with ns.BatchNormEMA(batch_size=4).priming(0):
+            pass
+
+
+def test_dask_tasks_prime_their_ranges(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    x = data((260, 3), "float32", seed=13)
+    np.save(tmp_path / "x.npy", x)
+    recipe = ns.Recipe("batchnorm", "ema", {"batch_size": 5, "alpha": 0.15, "pool_batches": 3})
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") \
+            as cluster, distributed.Client(cluster) as client, ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        stats = ns.run_fit_dask(recipe, stream, client, task_rows=50, block_rows=10)
+    assert stats.meta["tasks"] > 3
+    mean, inv_std = ref_pooled_ema(fixed_batches(x, 5), alpha=0.15, pool=3)
+    close(stats.arrays["mean"], mean)
+    close(stats.arrays["inv_std"], inv_std)
