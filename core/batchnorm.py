@@ -213,7 +213,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self._pool: Optional[BatchPool] = None
         self.batch_elements: list[int] = []  # per batch, with boundaries (the grid is then the data's)
         self.grid_origin = 0  # the state's row at which the boundaries' row 0 is (see from_stats)
-        self._priming = False  # batches fill the pool buffer only (see prime)
+        self._priming = False  # batches fill the pool buffer only (see priming)
         self._initial_mean = None if mean is None else check_finite(mean, "initial mean")
         self._initial_inv_std = None if inv_std is None else check_finite(inv_std, "initial inv_std", positive=True)
         self.mean: Optional[np.ndarray] = None
@@ -249,7 +249,10 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         if state._pool is not None and "pool_count" in stats.arrays:  # a checkpoint's buffer
             state._pool.restore(*(stats.arrays[name] for name in ("pool_count", "pool_mean", "pool_m2")))
         if state.boundaries is not None and "batch_elements" in stats.arrays:
-            state.batch_elements = [int(n) for n in np.asarray(stats.arrays["batch_elements"]).reshape(-1)]
+            elements = np.asarray(stats.arrays["batch_elements"])
+            if elements.ndim != 1 or elements.dtype.kind not in "iu" or (elements < 0).any():
+                raise StatsFileError("batch_elements must be one non-negative integer per batch; the file is damaged")
+            state.batch_elements = [int(n) for n in elements]
         # Continued over new rows, the boundaries count those rows (a resume over the same
         # input sets the origin back: see pipeline.run_fit).
         state.grid_origin = state.rows_seen
@@ -471,7 +474,8 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         meta["alpha"] = self.alpha
         if self._pool is not None:
             meta.update(pool_batches=self.pool_batches, pool_below=self.pool_below)
-            arrays.update(self._pool.state())  # a checkpoint resumes with the buffer
+            if self._pool.n.shape[0]:  # (K = 1 holds none; files take no empty arrays)
+                arrays.update(self._pool.state())  # a checkpoint resumes with the buffer
         if self.boundaries is not None:
             meta["batch_boundaries"] = self.boundaries.name
             arrays["batch_elements"] = np.array(self.batch_elements, dtype=np.int64)

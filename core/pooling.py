@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import StatsFileError, UsageError
 
 CHUNK_ELEMENTS = 1 << 20  # window elements pooled at once (bounds the scratch memory)
 
@@ -69,11 +69,15 @@ class BatchPool:
     def restore(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "BatchPool":
         """Refill the buffer (from a checkpoint): the last batches' sums, oldest first."""
         keep = self.batches - 1
-        arrays = [np.asarray(a, dtype=np.float64).reshape((-1,) + self.shape)[-keep:] if keep else
-                  np.zeros((0,) + self.shape) for a in (n, mean, m2)]
-        if not len({a.shape[0] for a in arrays}) == 1:
-            raise UsageError("the pooled batches' counts, means and M2 differ in length")
-        self.n, self.mean, self.m2 = arrays
+        arrays = [np.asarray(a, dtype=np.float64) for a in (n, mean, m2)]
+        if any(a.ndim != len(self.shape) + 1 or a.shape[1:] != self.shape for a in arrays):
+            raise StatsFileError(f"the pooled batches' sums (pool_count, pool_mean, pool_m2) do not fit "
+                                 f"statistics of shape {self.shape}; the file is damaged")
+        if len({a.shape[0] for a in arrays}) != 1 or not all(np.isfinite(a).all() for a in arrays) \
+                or (arrays[0] < 0).any() or (arrays[2] < 0).any():
+            raise StatsFileError("the pooled batches' sums (pool_count, pool_mean, pool_m2) differ in length "
+                                 "or hold negative or non-finite values; the file is damaged")
+        self.n, self.mean, self.m2 = (a[a.shape[0] - min(keep, a.shape[0]):] for a in arrays)
         return self
 
     def take(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

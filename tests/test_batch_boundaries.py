@@ -244,3 +244,11 @@ def test_checkpoints_fall_between_batches_and_resume_exactly(tmp_path: Path, mon
             close(resumed.arrays["mean"], whole.arrays["mean"])
             close(resumed.arrays["inv_std"], whole.arrays["inv_std"])
             assert resumed.meta["batches_seen"] == whole.meta["batches_seen"]
+
+
+def test_damaged_batch_elements_are_a_stats_file_error() -> None:
+    bounds = checked_boundaries(np.array([0, 4]), "b")
+    stats = ns.BatchNormEMA(boundaries=bounds).update(data((10, 2), "float64")).result()
+    stats.arrays["batch_elements"] = np.array([np.nan, 3.0])
+    with pytest.raises(ns.StatsFileError, match="batch_elements must be one non-negative integer per batch"):
+        ns.batchnorm_state("ema", init=stats, boundaries=bounds)

@@ -204,3 +204,24 @@ def test_dask_tasks_prime_their_ranges(tmp_path: Path) -> None:
     mean, inv_std = ref_pooled_ema(fixed_batches(x, 5), alpha=0.15, pool=3)
     close(stats.arrays["mean"], mean)
     close(stats.arrays["inv_std"], inv_std)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "h5", "safetensors", "json"])
+def test_a_pool_of_one_batch_writes_no_empty_arrays(tmp_path: Path, fmt: str) -> None:
+    x = data((9, 2), "float64")
+    for pool in (1, 2):
+        stats = ns.BatchNormEMA(batch_size=4, pool_batches=pool).update(x).result()
+        ns.write_stats(stats, str(tmp_path / f"{pool}.{fmt}"))
+        back = ns.read_stats(str(tmp_path / f"{pool}.{fmt}"))
+        assert ("pool_count" in back.arrays) == (pool > 1) and back.meta["pool_batches"] == pool
+
+
+def test_a_damaged_pool_buffer_is_a_stats_file_error() -> None:
+    stats = ns.BatchNormEMA(batch_size=4, pool_batches=3).update(data((20, 2), "float64")).result()
+    stats.arrays["pool_mean"] = np.zeros((2, 5))
+    with pytest.raises(ns.StatsFileError, match="do not fit statistics of shape"):
+        ns.batchnorm_state("ema", init=stats)
+    stats.arrays["pool_mean"] = np.zeros((2, 2))
+    stats.arrays["pool_count"] = -np.ones((2, 2))
+    with pytest.raises(ns.StatsFileError, match="negative or non-finite"):
+        ns.batchnorm_state("ema", init=stats)
