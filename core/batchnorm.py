@@ -234,6 +234,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         file_options(stats.meta, options, "eps", "ddof", "nan_policy")
         if options.get("boundaries") is None:
             file_options(stats.meta, options, "batch_size")
+            if options.get("batch_size") is None and stats.meta.get("batch_boundaries"):
+                raise UsageError(f"{stats.source or 'the stats file'} was fitted with --batch-boundaries "
+                                 f"{stats.meta['batch_boundaries']}; give --batch-boundaries (or --batch-size) again")
         if stats.mode == "ema":
             file_options(stats.meta, options, "alpha", "pool_batches", "pool_below")
         options.setdefault("mean", stats.arrays.get("mean"))

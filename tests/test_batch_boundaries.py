@@ -252,3 +252,14 @@ def test_damaged_batch_elements_are_a_stats_file_error() -> None:
     stats.arrays["batch_elements"] = np.array([np.nan, 3.0])
     with pytest.raises(ns.StatsFileError, match="batch_elements must be one non-negative integer per batch"):
         ns.batchnorm_state("ema", init=stats, boundaries=bounds)
+
+
+def test_continuing_a_boundaries_fit_needs_a_batch_grid(run, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", data((20, 3), "float32"))
+    np.save(tmp_path / "b.npy", np.array([0, 5]))
+    _fit(run, "x.npy", "--batch-boundaries", "b.npy")
+    result = run("fit-bn", "x.npy", "-o", "t.npz", "--init", "s.npz", "-q")
+    assert result.exit_code != 0
+    assert "was fitted with --batch-boundaries b.npy; give --batch-boundaries (or --batch-size) again" in result.stderr
+    again = run("fit-bn", "x.npy", "-o", "t.npz", "--init", "s.npz", "--batch-size", "4", "-q")
+    assert again.exit_code == 0, again.stderr
