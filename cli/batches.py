@@ -16,7 +16,7 @@ from .params import option, positive_int
 
 POOL = (
     option("--pool-batches", type=int, callback=positive_int, metavar="K",
-           help="ema: each batch's mean and variance pooled over the last K batches (this one included), "
+           help="Each batch's mean and variance pooled over the last K batches (this one included), "
                 "weighted by element count: the reference layer's update_buffer_size, as it meant it "
                 "(its code adds the current batch's inv_std where it meant the buffered ones)."),
     option("--pool-below", type=int, callback=positive_int, metavar="L",
