@@ -14,14 +14,15 @@ from normstats.errors import RowError
 from normstats.export_files import describe_export
 from normstats.inspection import describe
 from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
-from normstats.pipeline import resume_row
+from normstats.resume import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
 from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
-from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
+from normstats.resume import Checkpointer
+from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard

@@ -419,7 +419,7 @@ def load_kernels(dtype: np.dtype) -> None:
     """:func:`warm_up` with Ctrl-C and SIGTERM held: a signal landing inside numba's
     compiler or cache loader (llvmlite callbacks) would be printed as an ignored
     exception's traceback; held, it arrives right after, as a clean interrupt."""
-    from .stores import held_signals
+    from .writers.atomic import held_signals
 
     with held_signals():
         # float16 blocks reach the kernels through a lookup table, not as float16 arrays
