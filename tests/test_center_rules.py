@@ -9,7 +9,6 @@ with. It loops over batches and over rows; normstats folds per (batch, class).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 
@@ -17,9 +16,9 @@ import numpy as np
 import pytest
 
 import normstats as ns
-import normstats.cli.commands
 import normstats.pipeline
 from tests.reference import ref_centers_ema
+from tests.test_exact import _interrupt_after, _small_blocks  # the checkpoint tests' interruption
 
 K = 5
 
@@ -238,27 +237,11 @@ def test_cli_init_from_a_file_continues_with_its_rule(run, files, data):
     close(arrays["centers"], layer_per_sample(x, labels, 8, 0.04, np.zeros((K, 6)), ignore=-1))
 
 
-@contextlib.contextmanager
-def _interrupted_after(monkeypatch, blocks):
-    calls = {"n": 0}
-
-    @contextlib.contextmanager
-    def progress(total_rows, *, quiet, label, initial=0):
-        def advance(rows):
-            calls["n"] += 1
-            if calls["n"] >= blocks:
-                raise KeyboardInterrupt
-        yield advance
-
-    with monkeypatch.context() as m:
-        m.setattr(normstats.cli.commands, "progress_bar", progress)
-        yield
-
-
 def test_cli_resume_equals_one_run(run, files, monkeypatch):
-    monkeypatch.setattr(normstats.pipeline, "block_rows_for", lambda row_bytes, batch_size, **_: 16)
+    _small_blocks(monkeypatch, 16)
     ok(run(*FIT, *BATCH, "-o", "full.npz"))
-    with _interrupted_after(monkeypatch, 3):
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
         interrupted = run(*FIT, *BATCH, "-o", "out.npz", "--checkpoint", "ck.npz", "--checkpoint-every", 0)
     assert interrupted.exit_code == 130, interrupted.output
     checkpoint = ns.read_stats(str(files / "ck.npz"))
