@@ -405,7 +405,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @option("--rule", type=click.Choice(CENTER_RULES), default="batch-mean", show_default=True,
               help="batch-mean: one step per batch and class towards the class's batch mean; per-sample: "
                    "each row f adds alpha*(f - C) from the batch's starting C (the Center layers' code).")
-@reference_option("centers", "--rule and --alpha")
+@reference_option("centers", "--rule and --alpha", "(alpha weights the new data: Pytorch_Ext's Center "
+                  "alpha 0.9 weights the old center, so each row enters with 0.1.)")
 @MODE
 @option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "

@@ -11,12 +11,12 @@ from normstats.references import REFERENCES, help_text, with_reference
 from .params import option
 
 
-def reference_option(kind: str, what: str) -> Any:
+def reference_option(kind: str, what: str, note: str = "") -> Any:
     """The ``--reference`` option of a fit of `kind` statistics; `what` names the
-    options it sets (explicit ones win)."""
+    options it sets (explicit ones win), `note` follows the list."""
     return option("--reference", type=click.Choice(list(REFERENCES)), metavar="|".join(REFERENCES),
                   help=f"Set {what} as the reference layer's code had them (given options win): "
-                       f"{help_text(kind)}.")
+                       f"{help_text(kind)}.{' ' + note if note else ''}")
 
 
 def referenced(ctx: click.Context, name: Optional[str], kind: str, **values: Any) -> tuple[dict, set]:
