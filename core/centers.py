@@ -176,6 +176,13 @@ class CentersEMA(KeepsScratch, _CentersBase):
     >>> c.update(np.array([[2.0], [4.0], [8.0]]), np.array([0, 0, 1])).result().arrays["centers"]
     array([[1.5],
            [4. ]])
+
+    Per sample, both rows of class 0 step from its starting center 0:
+
+    >>> c = CentersEMA(2, alpha=0.5, rule="per-sample", init="zeros")
+    >>> c.update(np.array([[2.0], [4.0], [8.0]]), np.array([0, 0, 1])).result().arrays["centers"]
+    array([[3.],
+           [4.]])
     """
 
     mode = "ema"
