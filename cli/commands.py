@@ -10,24 +10,27 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
+from normstats.centers import RULES as CENTER_RULES
 from normstats.errors import RowError
 from normstats.export_files import describe_export
 from normstats.inspection import describe
 from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
-from normstats.pipeline import resume_row
+from normstats.resume import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, identities
 from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
-from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
+from normstats.resume import Checkpointer
+from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS
 
 from .app import cli
 from .batches import APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_stats_normalizer, fit_grid_options
 from .files import KeepsSpec, given_file, guard
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, StorageOption,
                      ValueOrFile, option, positive_int)
+from .references import reference_option, referenced
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
@@ -254,10 +257,11 @@ def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
     return mode
 
 
-def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
-    """The options typed on the command line; a continued fit takes the rest from its file."""
+def _given_only(ctx: click.Context, options: dict[str, Any], also: set = frozenset()) -> dict[str, Any]:
+    """The options typed on the command line (or set by --reference: `also`); a continued
+    fit takes the rest from its file."""
     cli_name = {"use_mean": "mean", "use_inv_std": "inv_std"}
-    return {k: v for k, v in options.items() if _given(ctx, cli_name.get(k, k))}
+    return {k: v for k, v in options.items() if k in also or _given(ctx, cli_name.get(k, k))}
 
 
 def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
@@ -301,6 +305,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
               help="Added to the variance before 1/sqrt; finite, at least 1.2e-38.")
 @option("--ddof", type=click.IntRange(0), default=1, show_default=True,
               help="Delta degrees of freedom of the variance.")
+@reference_option("batchnorm", "--eps, --alpha and --ddof")
 @MODE
 @option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
               help="Initial running mean, or 'none' to not estimate the mean.")
@@ -322,7 +327,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @COMMON
 @click.pass_context
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
-           alpha: float, eps: float, ddof: int, mode: str, mean: Optional[float],
+           alpha: float, eps: float, ddof: int, reference: Optional[str], mode: str, mean: Optional[float],
            inv_std: Optional[float], init: Optional[str], groups: Optional[str],
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
@@ -344,6 +349,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    chosen, preset = referenced(ctx, reference, "batchnorm", eps=eps, alpha=alpha, ddof=ddof)
+    eps, alpha, ddof = chosen["eps"], chosen["alpha"], chosen["ddof"]
     inputs, weights, groups = _remote(storage_options, inputs, weights, groups)
     keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
@@ -375,14 +382,17 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     if start:
         if _given(ctx, "axes"):
             raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
-        options = _given_only(ctx, options)
+        options = _given_only(ctx, options, preset)
     options.update(fit_grid_options(ctx, mode, inputs, dataset, allow_external))
+    meta = {"reference": reference} if reference else {}
+    if keyed:
+        meta["group_names"] = list(keyed.names)
     with _short_groups_named(keyed, ddof):
         _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
              side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
              checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
              scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
-             quiet=quiet, meta={"group_names": list(keyed.names)} if keyed else None)
+             quiet=quiet, meta=meta)
 
 
 @cli.command("fit-centers")
@@ -395,7 +405,12 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
               help="Number of classes K; labels lie in [0, K).")
 @BATCH_SIZE
 @option("--alpha", type=ALPHA, default=0.9, show_default=True,
-              help="EMA weight of the batch class mean, in (0, 1].")
+              help="EMA weight of the batch class mean (of each row, with --rule per-sample), in (0, 1].")
+@option("--rule", type=click.Choice(CENTER_RULES), default="batch-mean", show_default=True,
+              help="batch-mean: one step per batch and class towards the class's batch mean; per-sample: "
+                   "each row f adds alpha*(f - C) from the batch's starting C (the Center layers' code).")
+@reference_option("centers", "--rule and --alpha", "(alpha weights the new data: Pytorch_Ext's Center "
+                  "alpha 0.9 weights the old center, so each row enters with 0.1.)")
 @MODE
 @option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
@@ -408,7 +423,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @COMMON
 @click.pass_context
 def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels: tuple[str, ...],
-                num_classes: int, batch_size: int, alpha: float, mode: str, init: Any, seed: int,
+                num_classes: int, batch_size: int, alpha: float, rule: str, reference: Optional[str], mode: str,
+                init: Any, seed: int,
                 ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
                 checkpoint_path: Optional[str], checkpoint_every: float,
                 resume_path: Optional[str], jobs: int, engine: str, scheduler: Optional[str],
@@ -417,8 +433,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
-    ema (default), per batch and class j present in it:
-      C[j] <- alpha*C_batch[j] + (1-alpha)*C[j]
+    ema (default), per batch and class j present in it (n_j rows):
+      batch-mean:  C[j] <- alpha*C_batch[j] + (1-alpha)*C[j]
+      per-sample:  C[j] <- C[j] + alpha*n_j*(C_batch[j] - C[j])
     exact: C[j] = mean of all rows labelled j (and var[j]).
 
     \b
@@ -427,6 +444,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    chosen, preset = referenced(ctx, reference, "centers", alpha=alpha, rule=rule)
+    alpha, rule = chosen["alpha"], chosen["rule"]
     inputs, labels, weights = _remote(storage_options, inputs, labels, weights)
     if len(labels) not in (1, len(inputs)):
         raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
@@ -441,21 +460,22 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
                                "nan_policy": nan_policy}
     if mode == "ema":
-        options.update(alpha=alpha, seed=seed)
+        options.update(alpha=alpha, rule=rule, seed=seed)
     else:
-        for name in ("alpha", "seed"):
+        for name in ("alpha", "rule", "seed", "reference"):
             if _given(ctx, name):
                 raise click.UsageError(f"--{name} applies to --mode ema only")
     if mode == "exact" and _given(ctx, "init") and continued is None:
         raise click.UsageError("--init random|zeros|first|FILE of centers applies to --mode ema only")
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
-        options = _given_only(ctx, options)
+        options = _given_only(ctx, options, preset)
     recipe = ns.Recipe("centers", mode, dict(options, num_classes=num_classes, init=init))
     _fit("fit-centers", recipe, inputs, output, side_specs=dict(labels=labels, weights=weights),
          resume=resume, resume_path=resume_path, checkpoint_path=checkpoint_path,
          checkpoint_every=checkpoint_every, jobs=jobs, engine=engine, scheduler=scheduler,
-         task_rows=task_rows, dataset=dataset, allow_external=allow_external, quiet=quiet)
+         task_rows=task_rows, dataset=dataset, allow_external=allow_external, quiet=quiet,
+         meta={"reference": reference} if reference else None)
 
 
 @cli.command("apply")

@@ -9,7 +9,7 @@ import click
 import normstats as ns
 from normstats.interop import TARGET_FORMATS, TARGETS
 from normstats.files import CommandFiles
-from normstats.stores import STATS_FORMATS
+from normstats.writers.base import STATS_FORMATS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard

@@ -12,8 +12,9 @@ from normstats.axes import parse_axes
 from normstats.errors import NormstatsError, StatsFileError, UsageError
 from normstats.stats import CENTERS, check_values
 from normstats.readers.remote import parse_storage_option
-from normstats.sources import split_spec
-from normstats.stores import read_array, read_stats
+from normstats.readers.small_arrays import read_array
+from normstats.specs import split_spec
+from normstats.writers.stats_files import read_stats
 from normstats.validate import SEED_MAX, check_alpha, check_eps, check_finite, check_max_distance
 
 # More worker processes than this is a typo, not a machine (the planner would also build

@@ -4,7 +4,7 @@ The conversions (:func:`to_torch`, :func:`to_keras`, :func:`to_kaldi`,
 :func:`to_espnet`, :func:`stats_from_torch`) take statistics or tensors and
 return them in the other layout; they never touch files. :func:`export_stats`
 and :func:`import_torch` add the reading and writing, through
-:mod:`normstats.stores`.
+:mod:`normstats.writers`.
 
 Each target gets only what it can represent faithfully; anything else is
 refused with the reason, never approximated:
@@ -30,7 +30,9 @@ from .axes import kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
 from .stats import BATCHNORM, Stats, check_values
-from .stores import SAFETENSORS_META_KEY, read_safetensors, require_file, safetensors_index, write_export
+from .writers.base import require_file
+from .writers.export import write_export
+from .writers.safetensors_file import SAFETENSORS_META_KEY, read_safetensors, safetensors_index
 from .validate import check_eps
 
 TARGETS = ("torch", "keras", "kaldi", "espnet")
@@ -54,7 +56,7 @@ class Export:
     ----------
     target : {'torch', 'keras', 'kaldi', 'espnet'}
     container : {'safetensors', 'npz', 'kaldi-matrix', 'kaldi-ark'}
-        How :func:`normstats.stores.write_export` writes `arrays`.
+        How :func:`normstats.writers.export.write_export` writes `arrays`.
     arrays : dict of str to ndarray
         The arrays under their names in the target (for ``kaldi-ark``, the
         archive keys; ``kaldi-matrix`` holds one matrix).

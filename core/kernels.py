@@ -393,13 +393,19 @@ def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, we
 
 
 def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.ndarray, initialized: np.ndarray,
-                     decay: np.ndarray, first_mean: Optional[np.ndarray], first_seen: np.ndarray) -> None:
+                     decay: np.ndarray, first_mean: Optional[np.ndarray], first_seen: np.ndarray, *,
+                     per_row: bool = False) -> None:
     """Fold the (batch, class) means of `sums` (keys ``batch * K + class``) into
-    moving-average centers, in batch order, touching only the classes present."""
+    moving-average centers, in batch order, touching only the classes present.
+
+    Each (batch, class) mean enters with weight `alpha`, or with `per_row`
+    ``alpha * n`` for its n rows: every row then adds ``alpha * (x - C_old)``
+    from the batch's starting center (the per-sample rule), still affine in
+    ``C_old`` with the factor ``1 - alpha * n`` kept in `decay`."""
     base, residual = sums.centers()
     _compiled()._fold_centers_ema(sums.keys, num_classes, base, residual, sums.s1, sums.weight, float(alpha),
-                                  centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean,
-                                  first_seen)
+                                  bool(per_row), centers, initialized, decay,
+                                  EMPTY_2D if first_mean is None else first_mean, first_seen)
 
 
 def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
@@ -419,7 +425,7 @@ def load_kernels(dtype: np.dtype) -> None:
     """:func:`warm_up` with Ctrl-C and SIGTERM held: a signal landing inside numba's
     compiler or cache loader (llvmlite callbacks) would be printed as an ignored
     exception's traceback; held, it arrives right after, as a clean interrupt."""
-    from .stores import held_signals
+    from .writers.atomic import held_signals
 
     with held_signals():
         # float16 blocks reach the kernels through a lookup table, not as float16 arrays

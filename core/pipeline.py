@@ -7,7 +7,6 @@ checkpoints, progress and provenance, and nothing else.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -19,11 +18,10 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
-from .files import identities, identity_mismatch
 from .normalize import Normalizer
-from .sources import BLOCK_BYTES, Stream, block_rows_for
+from .stream import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
-from .stores import ArrayWriter, DatasetsWriter
+from .writers.rows import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
 Checkpoint = Optional[Callable[[object, int], None]]
@@ -212,37 +210,6 @@ def fit_centers(
     """Fit centers over `features` with their `labels` (see :func:`run_fit`)."""
     side = dict(options.pop("side", None) or {}, labels=labels)
     return run_fit(state, features, side=side, **options)
-
-
-def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint",
-               side: Optional[dict[str, Stream]] = None) -> int:
-    """The row of `stream` at which a fit saved in `checkpoint` goes on.
-
-    A checkpoint that recorded its inputs' identities (absolute path,
-    dataset, size, modification time; see :func:`normstats.files.identities`)
-    resumes only over those very files, with `side` (labels, weights,
-    groups) as when it was made.
-
-    Raises
-    ------
-    UsageError
-        The file is not a checkpoint, or was made over other inputs.
-    """
-    info = checkpoint.meta.get("checkpoint")
-    if not info:
-        raise UsageError(f"{name} is not a checkpoint (it records no rows done); use --init to continue from it")
-    same = [os.path.basename(n) for n in info["sources"]] == [os.path.basename(n) for n in stream.names]
-    if not same or int(info["rows_total"]) != stream.rows:
-        raise UsageError(
-            f"{name} was made over {', '.join(info['sources'])} ({info['rows_total']} rows), not over "
-            f"{', '.join(stream.names)} ({stream.rows} rows); resume with the same inputs"
-        )
-    if info.get("inputs"):
-        mismatch = identity_mismatch(info["inputs"], identities({"features": stream, **(side or {})}))
-        if mismatch:
-            raise UsageError(f"{name} was made over other files: {mismatch}; resume with the same inputs, "
-                             "or start over without --resume")
-    return int(info["rows_done"])
 
 
 def state_from_stats(stats: Stats, **options) -> State:

@@ -20,7 +20,7 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .boundaries import BatchBoundaries
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import UsageError
-from .sources import BLOCK_BYTES
+from .stream import BLOCK_BYTES
 from .stats import BATCHNORM, CENTERS, Stats
 
 State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]

@@ -88,6 +88,8 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ddof": (_count, "a non-negative integer"),
     "eps": (lambda v: _is_number(v) and v >= 0, "a finite non-negative number"),
     "alpha": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "rule": (lambda v: v in ("batch-mean", "per-sample"), "'batch-mean' or 'per-sample'"),
+    "reference": (lambda v: isinstance(v, str), "a string (the reference layer's name)"),
     "seconds": (lambda v: _is_number(v) and v >= 0, "a finite non-negative number"),
     "seed": (_optional(_is_int), "an integer or null"),
     "ignore_label": (_optional(_is_int), "an integer or null"),

@@ -15,7 +15,7 @@ import normstats as ns
 import normstats.pipeline as pipeline
 from normstats.boundaries import checked_boundaries, read_boundaries
 from normstats.files import identities
-from normstats.stores import Checkpointer
+from normstats.resume import Checkpointer
 
 from tests.batch_reference import close, data, per_stat, ref_pooled_ema
 

@@ -13,7 +13,7 @@ import normstats as ns
 import normstats.pipeline as pipeline
 from normstats.files import identities
 from normstats.pooling import BatchPool
-from normstats.stores import Checkpointer
+from normstats.resume import Checkpointer
 from tests.batch_reference import close, data, fixed_batches, ref_pooled_ema
 
 
