@@ -41,7 +41,8 @@ def export(ctx: click.Context, stats_path: str, target: str, output: str, force:
     \b
     torch:  running_mean, running_var = 1/inv_std**2 - eps, weight, bias and
             num_batches_tracked: torch.nn.BatchNormNd(C, eps=eps).eval() then
-            computes what 'normstats apply' computes (needs --axes auto).
+            computes what 'normstats apply' computes (needs --axes auto, or
+            --channel-axis A: the layer then takes the input with A moved to 1).
     keras:  mean, variance = 1/inv_std**2 and axis for
             keras.layers.Normalization(axis=..., mean=..., variance=...).
     kaldi:  [[sum..., count], [sum of squares..., 0]] as a binary double

@@ -9,8 +9,10 @@ and :func:`import_torch` add the reading and writing, through
 Each target gets only what it can represent faithfully; anything else is
 refused with the reason, never approximated:
 
-- torch: one mean and variance per channel (axis 1), i.e. ``axes='auto'`` on
-  input of 2 or more dimensions, ungrouped;
+- torch: one mean and variance per channel, i.e. statistics that keep one axis
+  of input of 2 or more dimensions (``axes='auto'``: axis 1; ``'auto:-1'``:
+  channels-last, the layer then takes the input with that axis moved to 1),
+  ungrouped;
 - keras: any axes, ungrouped;
 - kaldi and espnet: exact statistics (they store sums over every frame) that
   keep only the input's trailing (feature) axes; Kaldi per group as an archive.
@@ -220,13 +222,16 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
     meta = stats.meta
     row_shape, axes = tuple(meta["row_shape"]), tuple(meta["axes"])
     ndim = len(row_shape) + 1
-    if ndim < 2 or axes != resolve_axes("auto", ndim):
+    kept = [axis for axis in range(ndim) if axis not in axes]
+    if ndim < 2 or len(kept) != 1:
         raise StatsFileError(
             f"{_name(stats)} holds statistics of shape {kept_shape(row_shape, axes)} over axes {axes} "
-            f"of {ndim}-D input; a BatchNorm layer holds one value per channel (axis 1): fit with "
-            "--axes auto on input of 2 or more dimensions"
+            f"of {ndim}-D input; a BatchNorm layer holds one value per channel: fit with --axes auto "
+            "(channels at axis 1) or --channel-axis A (channels at axis A, e.g. -1) on input of 2 or more "
+            "dimensions"
         )
-    channels = row_shape[0]
+    channel_axis = kept[0]
+    channels = row_shape[channel_axis - 1]
     eps = float(meta["eps"]) if eps is None else check_eps(eps)
     mean = stats.arrays.get("mean", np.zeros(channels))
     inv_std = stats.arrays.get("inv_std", np.ones(channels))
@@ -240,7 +245,10 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
     }
     layer = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}.get(ndim, "batch_norm")
     provenance = {"source": stats.source, "mode": stats.mode, "row_shape": list(row_shape),
-                  "rows_seen": meta["rows_seen"], "normstats_version": __version__}
+                  "channel_axis": channel_axis, "rows_seen": meta["rows_seen"], "normstats_version": __version__}
+    # torch's layers take channels at axis 1 (channels_last is a memory format, not a shape)
+    moved = (f"; feed it the input with axis {channel_axis} moved to 1 (x.movedim({channel_axis}, 1))"
+             if channel_axis != 1 else "")
     return Export(
         target="torch",
         container="safetensors",
@@ -248,7 +256,7 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
         # "format": "pt" is what Hugging Face's loaders expect of a PyTorch file.
         metadata={"format": "pt", "eps": repr(eps), "normstats": json.dumps(provenance)},
         summary=f"{layer}({channels}, eps={eps:g}) state dict"
-                + (f" under '{prefix}.'" if prefix else "") + f", {len(tensors)} tensors",
+                + (f" under '{prefix}.'" if prefix else "") + f", {len(tensors)} tensors" + moved,
     )
 
 
