@@ -112,11 +112,12 @@ def test_layout_reads_channels_last_rows_as_runs_of_every_statistic() -> None:
     assert (one.stats, one.run, one.repeats) == (1, 64, 0)
 
 
+@pytest.mark.parametrize("channels", [3, 20])  # sums per element then per channel; sub-rows
 @pytest.mark.parametrize("omit", [False, True])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "int32"])
-def test_fast_path_sums_equal_the_element_by_element_path(dtype: str, omit: bool) -> None:
-    x = make_data((11, 4, 6, 3), dtype=dtype, seed=4)
-    fast = Layout.of((4, 6, 3), (0, 1, 2))
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int32", "uint64"])
+def test_fast_path_sums_equal_the_element_by_element_path(dtype: str, omit: bool, channels: int) -> None:
+    x = make_data((11, 4, 6, channels), dtype=dtype, seed=4)
+    fast = Layout.of((4, 6, channels), (0, 1, 2))
     slow = dataclasses.replace(fast, repeats=0)
     slots = np.array([0, 0, 1, -1, 1, 2, 2, 2, 0, -1, 1], np.int64)
     keys = np.arange(3, dtype=np.int64)
@@ -132,6 +133,7 @@ def test_fast_path_sums_equal_the_element_by_element_path(dtype: str, omit: bool
     np.testing.assert_allclose(a.weight, b.weight, rtol=1e-15)
     np.testing.assert_allclose(a.means(fast.per_stat), b.means(slow.per_stat), rtol=1e-12)
     np.testing.assert_allclose(a.m2(fast.per_stat), b.m2(slow.per_stat), rtol=1e-10)
+    np.testing.assert_array_equal(a.centers()[0], b.centers()[0])  # the same shifts
     groups = [np.flatnonzero(slots == k) for k in range(3)]
     as_float = x.astype(np.float64)
     expected = [np.average(as_float[g], axis=(0, 1, 2),
@@ -291,3 +293,16 @@ def test_channels_last_images_fitted_with_auto_get_a_hint(run, tmp_path, nhwc) -
     for args in (["chw.npy"], ["img.npy", "--axes", "auto"], ["img.npy", "--channel-axis", "-1"]):
         quiet = run("fit-bn", *args, "--mode", "exact", "-o", "t.npz", "--force")
         assert quiet.exit_code == 0 and "hint" not in quiet.stderr, args
+
+
+def test_many_batches_of_few_channels_read_as_sub_rows(monkeypatch) -> None:
+    """Sums per element would take (batches x row) memory: past the bound, sub-rows are read."""
+    from normstats import kernels
+
+    x = make_data((40, 5, 4, 3), dtype="float32", seed=9)
+    expected = ref_bn_ema(x, 2, axes=(0, 1, 2), alpha=0.25)
+    for bound in (kernels.CHANNELS_LAST_SCRATCH, 0):
+        monkeypatch.setattr(kernels, "CHANNELS_LAST_SCRATCH", bound)
+        stats = ns.BatchNormEMA(axes="auto:-1", batch_size=2, alpha=0.25).update(x).result()
+        np.testing.assert_allclose(stats.arrays["mean"], expected[0], rtol=1e-10)
+        np.testing.assert_allclose(stats.arrays["inv_std"], expected[1], rtol=1e-10)
