@@ -175,6 +175,8 @@ def test_fit_bn_channel_axis_numbers_and_meta(run, tmp_path, nhwc, mode: str) ->
     assert "hint" not in result.stderr
     stats = ns.read_stats(str(tmp_path / "s.npz"))
     assert stats.meta["channel_axis"] == 3 and stats.meta["axes"] == [0, 1, 2]
+    shown = run("inspect", "s.npz", "--json")
+    assert json.loads(shown.stdout)["options"]["channel_axis"] == 3
     if mode == "exact":
         mean, _, inv_std = ref_bn_exact(nhwc, axes=(0, 1, 2))
     else:
