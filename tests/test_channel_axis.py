@@ -12,20 +12,13 @@ import pytest
 import normstats as ns
 from normstats.kernels import Layout, accumulate
 from normstats.workspace import Workspace
+from tests.cli_checks import error_line
 from tests.reference import make_data, ref_apply, ref_bn_ema, ref_bn_exact
 
 
 def all_but(channel_axis: int, ndim: int) -> tuple[int, ...]:
     """The reduced axes, written out independently of normstats."""
     return tuple(axis for axis in range(ndim) if axis != channel_axis % ndim)
-
-
-def error_line(result) -> str:
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    assert result.stdout == ""
-    return lines[0]
 
 
 # --- the library, against plain NumPy ------------------------------------------------------

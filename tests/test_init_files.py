@@ -9,15 +9,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import normstats as ns
+from tests.cli_checks import error_line
 from tests.reference import make_data, ref_bn_ema
-
-
-def error_line(result) -> str:
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    assert result.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture
