@@ -119,8 +119,8 @@ class Layout:
         kfirst = np.zeros(len(kmap), np.bool_)
         kfirst[np.unique(kmap, return_index=True)[1]] = True
         lead_reduced = len(reduced) - len(kept)
-        repeats = (elements // stats if stats > 1 and 0 < lead_reduced and all(reduced[:lead_reduced])
-                   and not any(reduced[lead_reduced:]) else 0)
+        repeats = (elements // stats if stats > 1 and elements > stats and 0 < lead_reduced
+                   and all(reduced[:lead_reduced]) and not any(reduced[lead_reduced:]) else 0)
         return cls(row_shape, stats, max(run, 1), kmap, kfirst, elements // max(stats, 1), repeats)
 
 
