@@ -127,8 +127,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
 
     Parameters
     ----------
-    axes : 'auto' or tuple of int
-        Axes reduced per batch; ``'auto'`` is every axis but the second.
+    axes : 'auto', 'auto:A' or tuple of int
+        Axes reduced per batch; ``'auto'`` is every axis but the second,
+        ``'auto:A'`` every axis but ``A`` (``'auto:-1'``: channels-last).
     alpha : float
         Weight of the newest batch, in (0, 1].
     eps : float
