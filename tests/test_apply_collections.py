@@ -299,3 +299,12 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, output: str)
     assert sorted(os.listdir(tmp_path)) == ["feats.ark", "feats.scp", "s.npz"]
 
 
+
+
+@pytest.mark.parametrize("output", [["ark:o.ark"], ["o.h5:/"], ["o.h5", "--compression", "gzip"]])
+def test_collection_and_compressed_outputs_run_on_the_local_engine(run, corpus, tmp_path: Path, output) -> None:
+    _fit(run, "scp:feats.scp")
+    result = run("apply", "s.npz", "scp:feats.scp", "--engine", "dask", "-o", *output)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "runs on the local engine for now; leave out --engine dask" in result.stderr
+    assert _temporaries(tmp_path) == [] and not list(tmp_path.glob("o.*"))

@@ -12,16 +12,21 @@ import pytest
 
 kaldiio = pytest.importorskip("kaldiio")
 
-SPEAKERS = {"a1": "spkA", "b1": "spkB", "a2": "spkA", "c1": "spkC", "b2": "spkB"}
+# utterance -> (speaker, frames): speakers of one, two and two utterances, of unequal lengths
+UTTERANCES = {"a1": ("spkA", 12), "b1": ("spkB", 4), "a2": ("spkA", 29), "c1": ("spkC", 7), "b2": ("spkB", 18)}
+SPEAKERS = {utt: speaker for utt, (speaker, _) in UTTERANCES.items()}
 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> dict[str, np.ndarray]:
+    """The utterances of 3-d features in feats.ark / feats.scp, and their utt2spk."""
     rng = np.random.default_rng(2)
-    utts = {u: (rng.normal(size=(int(rng.integers(4, 30)), 3)) * (i + 1) + 5 * i).astype(np.float32)
-            for i, u in enumerate(SPEAKERS)}
+    scales = np.array([1.0, 4.0, 0.5])
+    utts = {utt: (rng.normal(size=(frames, 3)) * scales + ord(speaker[-1])).astype(np.float32)
+            for utt, (speaker, frames) in UTTERANCES.items()}
     kaldiio.save_ark(str(tmp_path / "feats.ark"), utts, scp=str(tmp_path / "feats.scp"))
-    (tmp_path / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s in SPEAKERS.items()))
+    with open(tmp_path / "utt2spk", "w") as f:
+        f.writelines(f"{utt} {speaker}\n" for utt, speaker in SPEAKERS.items())
     return utts
 
 
