@@ -17,13 +17,15 @@ from normstats.inspection import describe
 from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
 from normstats.resume import resume_row
 from normstats.tasks import make_state
-from normstats.files import CommandFiles, identities
+from normstats.files import CommandFiles, check_unread, identities
 from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
+from normstats.apply_collections import apply_output, collection_for
 from normstats.resume import Checkpointer
 from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS
+from normstats.writers.h5_collection import COMPRESSIONS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
@@ -496,7 +498,10 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @click.argument("stats_path", metavar="STATS")
 @click.argument("input_spec", metavar="INPUT")
 @option("-o", "--output", required=True, metavar="OUTPUT",
-              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (a contiguous dataset).")
+              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (a contiguous dataset); for a "
+                   "collection input also ark,scp:OUT.ark,OUT.scp (Kaldi) or OUT.h5:/GROUP (a dataset per key).")
+@option("--compression", type=click.Choice(COMPRESSIONS),
+        help="Compress an HDF5 output in chunks (default: contiguous, uncompressed).")
 @option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
               help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
 @option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
@@ -509,8 +514,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @ENGINE
 @COMMON
 @click.pass_context
-def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
+def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, compression: Optional[str],
+          gamma: Any, beta: Any, groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
           storage_options: tuple) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
@@ -528,14 +533,20 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
     _check_engine(engine, scheduler, task_rows)
     input_spec, groups = _remote(storage_options, input_spec, groups)
     keyed = parse_groups(groups)
-    guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
-          .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma"))
-          .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
+    collection = apply_output(output, compression, engine)
+    files = CommandFiles().reads("stats file", stats_path).reads("input", input_spec) \
+        .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma")) \
+        .reads("--beta file", given_file(ctx, "beta"))
+    for path, formats in collection.files if collection else [(output, ARRAY_FORMATS)]:
+        files.writes("output", path, formats)
+    guard(ctx, files, force=force)
     stats = ns.read_stats(stats_path, allow_external=allow_external)
     if keyed is not None:
         keyed = _stats_key_groups(keyed, stats, stats_path, engine)
     normalizer = ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
+        check_unread(files, stream)
+        collection = collection_for(collection, stream)
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
                     progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
@@ -544,8 +555,12 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
                                        progress=advance)
         else:
             with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
-                result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
-                                        progress=advance)
+                if collection is not None:
+                    result = ns.apply_collection(normalizer, stream, collection, groups=side.get("groups"),
+                                                 compression=compression, progress=advance)
+                else:
+                    result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
+                                            compression=compression, progress=advance)
     summarize_apply(result, output)
 
 

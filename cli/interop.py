@@ -22,8 +22,8 @@ TORCH_ONLY = ("prefix", "eps", "gamma", "beta")
 @click.argument("stats_path", metavar="STATS")
 @option("--to", "target", type=click.Choice(TARGETS), required=True,
               help="torch: BatchNorm state dict (.safetensors); keras: Normalization mean/variance "
-                   "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat, per group .ark); espnet: GlobalMVN "
-                   "stats (.npz).")
+                   "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat; .ark: per group, or keyed 'global'); espnet: "
+                   "ESPnet2 GlobalMVN stats (.npz), ESPnet1 CMVN (.npy global; .ark/.h5 per group).")
 @option("-o", "--output", required=True, metavar="FILE", help="File to write.")
 @option("--prefix", metavar="NAME",
               help="torch: store the tensors as NAME.running_mean, ... (the layer's name in your model).")
@@ -47,7 +47,9 @@ def export(ctx: click.Context, stats_path: str, target: str, output: str, force:
             keras.layers.Normalization(axis=..., mean=..., variance=...).
     kaldi:  [[sum..., count], [sum of squares..., 0]] as a binary double
             matrix for apply-cmvn (--mode exact; features x dims).
-    espnet: count, sum, sum_square for GlobalMVN (--mode exact).
+    espnet: count, sum, sum_square for GlobalMVN (--mode exact; .npz), or
+            ESPnet1's CMVN matrices as compute_cmvn_stats.py writes them
+            (.npy global; per group .ark or .h5, one matrix per key).
 
     \b
     Example:
