@@ -40,6 +40,7 @@ from ._version import __version__
 
 # name -> the module defining it
 _EXPORTS = {
+    **dict.fromkeys(["apply_collection"], "apply_collections"),
     **dict.fromkeys(["NearestCenters"], "assign"),
     **dict.fromkeys(["BatchNormEMA", "BatchNormExact", "batchnorm_state"], "batchnorm"),
     **dict.fromkeys(["CentersEMA", "CentersExact", "centers_state"], "centers"),

@@ -130,6 +130,22 @@ def same_file(a: str, b: str) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
+def check_unread(outputs: CommandFiles, stream: Stream) -> None:
+    """Refuse outputs that are files the opened `stream` reads beyond its specs (the
+    archives an scp points into, the files an HDF5 collection links to).
+
+    Raises
+    ------
+    UsageError
+    """
+    for output in outputs.outputs:
+        for source in stream.sources:
+            for path in source.files():
+                if not is_url(path) and same_file(output.path, path):
+                    raise UsageError(f"{output.role} {output.path!r} is the same file as {path!r}, which the input "
+                                     f"{source.name} reads; write to another path")
+
+
 def identities(streams: dict[str, Stream]) -> list[dict]:
     """What identifies each file read by `streams` (role -> stream): role,
     absolute path, dataset, size and modification time in nanoseconds (for an

@@ -21,6 +21,7 @@ from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
 from .stream import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
+from .writers.h5_chunked import CompressedArrayWriter
 from .writers.rows import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
@@ -268,13 +269,15 @@ def apply_stats(
     groups: Optional[Stream] = None,
     dataset: Optional[str] = None,
     block_rows: Optional[int] = None,
+    compression: Optional[str] = None,
     progress: Progress = None,
 ) -> dict:
     """Normalize every row of `stream` into `output` (`.npy` or HDF5), atomically.
 
     An HDF5 output's dataset is the one named in `output` (``out.h5:NAME``),
     else `dataset`, else the input's dataset name, else ``data``. With
-    per-group statistics, `groups` gives each row's group.
+    per-group statistics, `groups` gives each row's group. `compression`
+    (``gzip`` / ``lzf``) writes the HDF5 dataset compressed in chunks.
 
     Returns
     -------
@@ -287,7 +290,10 @@ def apply_stats(
     block_rows = block_rows_for(stream.row_bytes, getattr(normalizer, "batch_size", None), rows=block_rows)
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
-    with ArrayWriter(output, stream.shape, normalizer.result_dtype(stream.dtype), dataset=dataset) as writer:
+    dtype = normalizer.result_dtype(stream.dtype)
+    writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
+        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression)
+    with writer:
         for block in normalized_blocks(normalizer, stream, side, block_rows):
             writer.write(block)
             if progress:

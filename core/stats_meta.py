@@ -69,6 +69,7 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kind": (lambda v: v in ("batchnorm", "centers"), "'batchnorm' or 'centers'"),
     "mode": (lambda v: v in ("ema", "exact"), "'ema' or 'exact'"),
     "axes": (_int_list, "a list of integers"),
+    "channel_axis": (_optional(_positive), "a positive integer (the axis the statistics keep) or null"),
     "row_shape": (_count_list, "a list of non-negative integers"),
     "input_dtype": (_dtype_name, "a numeric dtype name such as 'float32'"),
     "rows_seen": (_count, "a non-negative integer"),

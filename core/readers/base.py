@@ -17,19 +17,19 @@ from ..validate import check_numeric_dtype
 EXTRAS = {"kaldiio": ("kaldiio", "kaldi"), "zarr": ("zarr", "zarr"), "pyarrow": ("pyarrow", "arrow")}
 
 
-def require(module: str, spec: str) -> Any:
+def require(module: str, spec: str, *, action: str = "reading") -> Any:
     """Import an optional package, or say in one line how to install it.
 
     Raises
     ------
     UsageError
-        ``reading SPEC needs PACKAGE; pip install 'normstats[EXTRA]'``.
+        ``reading SPEC needs PACKAGE; pip install 'normstats[EXTRA]'`` (or `action`, e.g. writing).
     """
     package, extra = EXTRAS[module]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"reading {spec} needs {package}; pip install 'normstats[{extra}]'") from None
+        raise UsageError(f"{action} {spec} needs {package}; pip install 'normstats[{extra}]'") from None
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -71,6 +71,10 @@ class ArraySource:
     def locate_row(self, row: int) -> tuple[str, int]:
         """Row `row` of this source for messages: (what holds it, its row there)."""
         return self.name, self.first_row + row
+
+    def files(self) -> list[str]:
+        """Every local file this source reads."""
+        return [self.path]
 
     def close(self) -> None:
         """Release the file handle (a later read opens it again)."""
@@ -151,6 +155,10 @@ class SequenceSource(ArraySource):
     def read_sequence(self, index: int, begin: int, end: int, out: np.ndarray) -> None:
         """Fill `out` with frames ``begin:end`` of sequence `index`."""
         raise NotImplementedError
+
+    def files(self) -> list[str]:
+        """Every local file read: the collection's own, and those its entries point into."""
+        return list(dict.fromkeys([self.path, *getattr(self, "_files", {})]))
 
     def locate_row(self, row: int) -> tuple[str, int]:
         """The sequence holding `row`, and the frame within it."""

@@ -13,7 +13,7 @@ import secrets
 import signal
 import stat
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from ..errors import OutputError, UsageError
 
@@ -67,26 +67,53 @@ def atomic_path(path: str, *, replace: Optional[bool] = None) -> Iterator[str]:
         that appeared meanwhile is kept and the run fails. Default: as
         :func:`overwriting` says (outside it: replace).
     """
-    replace = _REPLACE.get() if replace is None else replace
-    folder, base = os.path.split(os.path.abspath(path))
-    sweep_temporaries(folder)
-    # Ctrl-C / SIGTERM are held while the temporary is created: one landing between its
-    # creation and the guard below would strand it. Held signals arrive inside the guard.
-    with held_signals():
-        temporary = _create_temporary(folder, base)
-    try:  # from here on, any exit (Ctrl-C included) removes the temporary
+    with atomic_paths([path], replace=replace) as (temporary,):
         yield temporary
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str], *, replace: Optional[bool] = None) -> Iterator[list[str]]:
+    """:func:`atomic_path` for outputs that belong together (a Kaldi ark and its scp).
+
+    Yields one temporary per path; they are placed in the order of `paths`
+    only when the block ends without an exception, all in one step with
+    signals held. If placing one fails, those placed before it are removed
+    again, so the set is never left half written (a file they had replaced
+    with `replace` stays replaced: it was gone the moment they were placed).
+    """
+    replace = _REPLACE.get() if replace is None else replace
+    places = [os.path.split(os.path.abspath(path)) for path in paths]
+    for folder, _ in places:
+        sweep_temporaries(folder)
+    temporaries: list[str] = []
+    placed: list[str] = []
+    try:  # from here on, any exit (Ctrl-C included) removes the temporaries
+        # Ctrl-C / SIGTERM are held while the temporaries are created: one landing between a
+        # creation and the list holding it would strand it. Held signals arrive inside the guard.
+        with held_signals():
+            for folder, base in places:
+                temporaries.append(_create_temporary(folder, base))
+        yield list(temporaries)
+        for temporary in temporaries:
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
         with held_signals():  # placed and cleaned up as one step
-            _place(temporary, path, replace)
+            for temporary, path in zip(temporaries, paths):
+                _place(temporary, path, replace)
+                placed.append(path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        if isinstance(error, OSError) and (error.errno in NO_ROOM or error.filename == temporary):
-            raise _refused(path, error) from None
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        for path in placed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(error, OSError) and (error.errno in NO_ROOM or error.filename in temporaries):
+            failed = temporaries.index(error.filename) if error.filename in temporaries else len(placed)
+            raise _refused(paths[min(failed, len(paths) - 1)], error) from None
         raise
-    _sync_folder(folder)
+    for folder in dict.fromkeys(folder for folder, _ in places):
+        _sync_folder(folder)
 
 
 def _special_kind(path: str) -> Optional[str]:

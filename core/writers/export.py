@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
+from . import stats_h5
 from .atomic import atomic_path, held_signals
 from .kaldi_matrix import kaldi_binary_matrix
 from .safetensors_file import write_safetensors
 
 
-EXPORT_CONTAINERS = ("safetensors", "npz", "kaldi-matrix", "kaldi-ark")
+EXPORT_CONTAINERS = ("safetensors", "npz", "npy", "hdf5", "kaldi-matrix", "kaldi-ark")
 
 
 def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[str, str], path: str) -> None:
@@ -19,10 +20,11 @@ def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[s
 
     Parameters
     ----------
-    container : {'safetensors', 'npz', 'kaldi-matrix', 'kaldi-ark'}
+    container : {'safetensors', 'npz', 'npy', 'hdf5', 'kaldi-matrix', 'kaldi-ark'}
         ``safetensors``: tensors plus `metadata` in the header; ``npz``: plain
         arrays, nothing else (tools such as ESPnet's aggregate_stats_dirs.py
-        sum every entry); ``kaldi-matrix``: the one array of `arrays` as a
+        sum every entry); ``npy``: the one array of `arrays`; ``hdf5``: a
+        dataset per key, nothing else; ``kaldi-matrix``: the one array of `arrays` as a
         Kaldi binary matrix; ``kaldi-ark``: each array under its key in a
         binary Kaldi archive.
     """
@@ -34,6 +36,12 @@ def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[s
         elif container == "npz":
             with open(temporary, "wb") as f:
                 np.savez(f, **arrays)
+        elif container == "npy":
+            (array,) = arrays.values()
+            with open(temporary, "wb") as f:
+                np.save(f, array)
+        elif container == "hdf5":
+            stats_h5._write_stats_h5(arrays, {}, temporary)
         else:
             with open(temporary, "wb") as f:
                 for key, matrix in arrays.items():
