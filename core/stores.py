@@ -31,6 +31,7 @@ import numpy as np
 from . import hdf5_policy
 from .archives import NpzMembers, check_safetensors_header
 from .errors import DataError, NormstatsError, OutputError, StatsFileError, UsageError
+from .file_signatures import is_hdf5
 from .limits import JSON_MAX_BYTES, check_expansion, check_fits_memory, elements, require_regular_file
 from .sources import NPY_MAGIC, split_spec
 from .stats import BATCHNORM, CENTERS, Stats, check_stats
@@ -465,9 +466,7 @@ def require_file(path: str, what: str) -> None:
 
 def _stats_format(path: str) -> str:
     """The stats format of the file at `path`: by its first bytes, else its extension."""
-    import h5py
-
-    if h5py.is_hdf5(path):
+    if is_hdf5(path):
         return ".h5"
     with open(path, "rb") as f:
         head = f.read(9)
