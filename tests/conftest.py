@@ -29,6 +29,7 @@ if importlib.util.find_spec("torch") is not None:
 ONE_WORKER_MODULES = frozenset({"tests/test_docs.py", "tests/test_remote.py", "tests/test_dask.py"})
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown (and unused) without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Under ``--dist load`` (the default of ``-n``): every test on its own, except the
     modules of :data:`ONE_WORKER_MODULES`, each sent whole to one worker, in order."""
