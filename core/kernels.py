@@ -292,6 +292,8 @@ def accumulate(
     weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     fresh = np.array(fresh, dtype=np.bool_)
     if layout.repeats and first_element % K == 0 and flat.shape[1] % K == 0:
+        if first_element:  # every statistic's first element came in an earlier piece of the row
+            fresh[:] = False
         _channels_last(flat, table, slots, weights, sums, fresh, count0, omit, squares, scratch)
     else:
         _kernel(flat, table, first_element, layout, slots, weights, sums, fresh, count0, omit, squares)

@@ -21,6 +21,30 @@ if importlib.util.find_spec("torch") is not None:
     os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
+# --- pytest-xdist: which tests must share a worker ----------------------------------
+
+# Modules whose tests share one worker process: README's examples build on each other's
+# files in order; the SeaweedFS server and the Dask cluster are started once per module.
+# (xdist's own `xdist_group` mark does not group on pytest >= 9.2: pytest-xdist#1386.)
+ONE_WORKER_MODULES = frozenset({"tests/test_docs.py", "tests/test_remote.py", "tests/test_dask.py"})
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown (and unused) without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist load`` (the default of ``-n``): every test on its own, except the
+    modules of :data:`ONE_WORKER_MODULES`, each sent whole to one worker, in order."""
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist keeps xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return SharedModules(config, log)
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     """A CliRunner whose result keeps stdout and stderr apart.

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..file_signatures import is_hdf5
 from ..errors import NormstatsError, StatsFileError, UsageError
 from ..readers.npy import NPY_MAGIC
 from ..stats import BATCHNORM, CENTERS, Stats, check_stats
@@ -101,9 +102,7 @@ def read_stats(path: str, *, allow_external: bool = False) -> Stats:
 
 def _stats_format(path: str) -> str:
     """The stats format of the file at `path`: by its first bytes, else its extension."""
-    import h5py
-
-    if h5py.is_hdf5(path):
+    if is_hdf5(path):
         return ".h5"
     with open(path, "rb") as f:
         head = f.read(9)
