@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from .kernels import Layout, accumulate, fold_exact, update_groups
+from .errors import UsageError
+from .kernels import Layout, Sums, accumulate, fold_exact, update_groups
 from .moments import merge_moments, variance
 
 
@@ -62,6 +63,7 @@ class GroupedMoments:
         self.offset: Optional[np.ndarray] = None
         self.m2_flat: Optional[np.ndarray] = None
         self.count_flat: Optional[np.ndarray] = None  # per element, under omit only
+        self.spent = False  # its arrays went to a result (mean_and_variance(spend=True))
 
     @property
     def omit(self) -> bool:
@@ -130,19 +132,24 @@ class GroupedMoments:
     def m2(self) -> Optional[np.ndarray]:
         return None if self.layout is None else self._shaped(self.m2_flat.copy())
 
-    def mean_and_variance(self, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    def mean_and_variance(self, ddof: int, *, spend: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Mean and ``m2 / (count - ddof)`` per group and statistic, NaN where
         ``count <= ddof`` (the mean: where the count is 0), built with one array
-        each (a K x D state allows no more)."""
+        each (a K x D state allows no more). With `spend`, they are built in the
+        state's own arrays (no new K x D array), which leaves the state unusable."""
         if self.count_flat is not None:
             return self.mean, self.variance(ddof)
         n = (self.weight * self.layout.per_stat)[:, None]
-        mean = np.add(self.shift, self.offset)
+        mean = np.add(self.shift, self.offset, out=self.shift if spend else None)
         mean[self.weight <= 0] = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
-            var = np.divide(self.m2_flat, n - ddof)
+            var = np.divide(self.m2_flat, n - ddof, out=self.m2_flat if spend else None)
         var[n[:, 0] <= ddof] = np.nan
-        return self._shaped(mean), self._shaped(var)
+        shaped = self._shaped(mean), self._shaped(var)
+        if spend:
+            self.spent = True
+            self.shift = self.offset = self.m2_flat = None
+        return shaped
 
     def variance(self, ddof: int) -> np.ndarray:
         """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
@@ -191,6 +198,7 @@ class GroupedMoments:
             from the first row of `x`).
         """
         x = np.asarray(x)
+        self.require_unspent()
         if self.layout is None:
             self.start(x.shape[1:])
         if x.shape[0] == 0:
@@ -199,20 +207,36 @@ class GroupedMoments:
             update_groups(x, self.layout, groups, self.shift, self.offset, self.m2_flat, self.rows, self.weight,
                           self.count_flat, weights=weights)
             return self
+        self.fold(self.block_sums(x, weights=weights, pilot=self.weight[0] == 0 and not self.omit))
+        return self
+
+    def block_sums(self, x: np.ndarray, *, weights: Optional[np.ndarray] = None, pilot: bool = False,
+                   around: Optional[tuple] = None) -> Sums:
+        """The kernel's sums of the rows of `x` (one group) around the state's shift, or
+        around `around` (a :meth:`shift_now` taken earlier: then this only reads the
+        state, so reader threads may call it while :meth:`fold` takes earlier sums);
+        with `pilot`, around the mean of the first rows."""
         keys = np.zeros(1, np.int64)
-        slots = np.zeros(x.shape[0], np.int64)
-        if self.omit:
-            fresh, count0, shift = np.ones(1, bool), self.count_flat[keys], self.shift[keys]
-        elif self.weight[0] == 0:
-            fresh, count0, shift = np.zeros(1, bool), None, self._pilot(x)
-        else:
-            fresh, count0, shift = np.zeros(1, bool), None, self.shift[keys]
-        sums = accumulate(x, self.layout, slots, keys, shift, fresh, weights=weights,
+        shift, count0 = around if around is not None else self.shift_now()
+        if pilot:
+            shift = self._pilot(x)
+        fresh = np.full(1, self.omit)
+        return accumulate(x, self.layout, np.zeros(x.shape[0], np.int64), keys, shift, fresh, weights=weights,
                           omit=self.omit, count0=count0)
+
+    def shift_now(self) -> tuple:
+        """Copies of the shift (and, under omit, the counts) sums are taken around."""
+        return self.shift[:1].copy(), None if not self.omit else self.count_flat[:1].copy()
+
+    def fold(self, sums: Sums) -> None:
+        """Merge the sums of :meth:`block_sums` into the state (in stream order)."""
         fold_exact(sums, self.layout.per_stat, self.shift, self.offset, self.m2_flat, self.weight,
                    self.count_flat)
-        self.rows[keys] += sums.rows
-        return self
+        self.rows[sums.keys] += sums.rows
+
+    def require_unspent(self) -> None:
+        if self.spent:
+            raise UsageError("these moments were spent on a result (spend=True); fit a new state")
 
     def _pilot(self, x: np.ndarray) -> np.ndarray:
         """A first shift for one group: the mean of the first rows (closer to the
@@ -227,6 +251,8 @@ class GroupedMoments:
 
     def merge(self, other: "GroupedMoments") -> "GroupedMoments":
         """Add what `other` (same groups, axes and shape) has seen."""
+        self.require_unspent()
+        other.require_unspent()
         if other.layout is None:
             return self
         if self.layout is None:

@@ -259,9 +259,11 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.rows_seen += rows
         return self
 
-    def _add(self, x: np.ndarray, batches: int, batch: int, *, first: int = 0, start: Optional[Sums] = None) -> Sums:
+    def _add(self, x: np.ndarray, batches: int, batch: int, *, first: int = 0, start: Optional[Sums] = None,
+             at: Optional[int] = None, scratch: Optional[Workspace] = None) -> Sums:
         """The kernel's sums of the consecutive batches of `x` (each batch a slot,
-        shifted by its first row), or of rows continuing the open batch `start`."""
+        shifted by its first row), or of rows continuing the open batch `start`;
+        `at` and `scratch` replace the state's position and workspace."""
         layout = self.layout
         try:
             if start is not None:
@@ -269,9 +271,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
                                   np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
             return accumulate(x, layout, np.arange(len(x), dtype=np.int64) // batch,
                               np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
-                              omit=self.nan_policy == "omit", scratch=self._workspace)
+                              omit=self.nan_policy == "omit", scratch=scratch or self._workspace)
         except NonFiniteError as error:
-            raise error.shifted(self.position + first) from None
+            raise error.shifted((self.position if at is None else at) + first) from None
 
     def _fold_sums(self, sums: Sums) -> None:
         stacked = (len(sums.keys),) + self.shape
@@ -349,6 +351,25 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         return self
 
     combine = follow
+
+    def block_work(self):
+        """What :meth:`update` computes for a block of whole batches, as a function
+        ``work(x, at, scratch) -> sums`` that only reads the state (reader threads run
+        it side by side; `at` is the state position of the block's first row), and
+        :meth:`take` folds its sums in, in stream order; None when a batch is open."""
+        if self._open is not None or self.layout is None:
+            return None
+        batch = self.batch_size
+
+        def work(x: np.ndarray, at: int, scratch: Workspace) -> Sums:
+            rows = x.shape[0]
+            return self._add(x, -(-rows // (batch or rows)), batch or rows, at=at, scratch=scratch)
+        return work
+
+    def take(self, sums: Sums, rows: int) -> None:
+        """Fold in the sums of ``block_work()`` for the next `rows` rows."""
+        self._fold_sums(sums)
+        self.rows_seen += rows
 
     def zero_start(self) -> "BatchNormEMA":
         """Start from mean 0 and inv_std 0 (for a range of rows to :meth:`follow` others)."""
@@ -566,6 +587,26 @@ class BatchNormExact(_BatchNormBase):
         return self
 
     combine = merge
+
+    def block_work(self):
+        """As :meth:`BatchNormEMA.block_work`: unweighted blocks of one group, their
+        sums taken around the shift of the state now (the fold re-centres them)."""
+        if self.num_groups is not None or self.weighted or self.moments is None or not self.rows_seen:
+            return None
+        around = self.moments.shift_now()
+
+        def work(x: np.ndarray, at: int, scratch: Workspace) -> Sums:
+            try:
+                return self.moments.block_sums(x, around=around)
+            except NonFiniteError as error:
+                raise error.shifted(at) from None
+        return work
+
+    def take(self, sums: Sums, rows: int) -> None:
+        """Fold in the sums of ``block_work()`` for the next `rows` rows."""
+        self.moments.fold(sums)
+        self.batches_seen += self.batches_in(rows)
+        self.rows_seen += rows
 
     def result(self) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata."""
