@@ -22,6 +22,7 @@ from .kernels import Layout, Sums, accumulate, fold_exact, update_groups
 from .moments import merge_moments, variance
 
 
+RESULT_GROUPS = 4096  # groups per slice when a result is built (see GroupedMoments._sliced)
 PILOT_ROWS = 64  # rows whose mean is the first shift of a one-group fit
 PILOT_ELEMENTS = 1 << 18  # but no more than this many values (wide rows)
 
@@ -102,14 +103,24 @@ class GroupedMoments:
         """Elements (or weight) per group and statistic."""
         return None if self.layout is None else self._shaped(np.array(self.count_2d))
 
+    def _sliced(self, part, dtype=np.float64) -> np.ndarray:
+        """``part(rows)`` for slices of RESULT_GROUPS groups, into one new (groups,
+        statistics) array: a result of many groups costs its own array, not
+        several temporaries of the state's size."""
+        out = np.empty(self.shift.shape, dtype)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for lo in range(0, self.num_groups, RESULT_GROUPS):
+                rows = slice(lo, lo + RESULT_GROUPS)
+                out[rows] = part(rows)
+        return out
+
     @property
     def mean(self) -> Optional[np.ndarray]:
         """Mean per group and statistic; NaN where nothing was counted."""
         if self.layout is None:
             return None
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = np.where(self.count_2d > 0, self.shift + self.offset, np.nan)
-        return self._shaped(mean)
+        n = self.count_2d
+        return self._shaped(self._sliced(lambda r: np.where(n[r] > 0, self.shift[r] + self.offset[r], np.nan)))
 
     @property
     def mean_low(self) -> Optional[np.ndarray]:
@@ -123,10 +134,12 @@ class GroupedMoments:
         if self.layout is None:
             return None
         n = self.count_2d
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spread = np.sqrt(np.where(n > 0, self.m2_flat / n, 0.0))
-        low = _two_sum(self.shift, self.offset)[1]
-        return self._shaped(np.where((n > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0))
+
+        def part(r: slice) -> np.ndarray:
+            spread = np.sqrt(np.where(n[r] > 0, self.m2_flat[r] / n[r], 0.0))
+            low = _two_sum(self.shift[r], self.offset[r])[1]
+            return np.where((n[r] > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0)
+        return self._shaped(self._sliced(part))
 
     @property
     def m2(self) -> Optional[np.ndarray]:
@@ -153,7 +166,8 @@ class GroupedMoments:
 
     def variance(self, ddof: int) -> np.ndarray:
         """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return self._shaped(variance(self.count_2d, self.m2_flat, ddof))
+        n = self.count_2d
+        return self._shaped(self._sliced(lambda r: variance(n[r], self.m2_flat[r], ddof)))
 
     def near_constant(self) -> np.ndarray:
         """Statistics whose M2 is within the rounding error of the shifted sums.
@@ -166,8 +180,11 @@ class GroupedMoments:
         its variance.
         """
         n = self.count_2d
-        bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n, 2.0)) * n * self.offset**2
-        return self._shaped((n > 0) & (self.m2_flat <= bound))
+
+        def part(r: slice) -> np.ndarray:
+            bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n[r], 2.0)) * n[r] * self.offset[r]**2
+            return (n[r] > 0) & (self.m2_flat[r] <= bound)
+        return self._shaped(self._sliced(part, np.bool_))
 
     def restore(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
                 mean_low: Optional[np.ndarray] = None, row_shape: Optional[tuple] = None) -> "GroupedMoments":

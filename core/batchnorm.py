@@ -619,15 +619,18 @@ class BatchNormExact(_BatchNormBase):
         too_small = self._too_small(count, meta)
         var = moments.variance(self.ddof)
         near_constant = moments.near_constant() & ~too_small
-        var = np.where(near_constant, 0.0, var)
+        var[near_constant] = 0.0  # in place: var is the result's own array (K x D with groups)
         meta["near_constant_count"], meta["near_constant"] = _listed(near_constant)
         meta["weighted"] = self.weighted
-        arrays = {"count": count.copy(), "var": var}
+        arrays = {"count": count, "var": var}
         arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
         arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
         if self.use_inv_std:
+            inv_std = np.array(var, dtype=np.float64)  # one array, filled in place (K x D with groups)
+            inv_std += self.eps
             with np.errstate(invalid="ignore"):
-                arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
+                np.sqrt(inv_std, out=inv_std)
+            arrays["inv_std"] = np.divide(1.0, inv_std, out=inv_std)
         if self.num_groups is not None:
             meta["groups"] = self.num_groups
             meta["groups_unseen"] = int(np.sum(moments.rows == 0))

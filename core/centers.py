@@ -507,7 +507,8 @@ class CentersExact(_CentersBase):
         if self.weighted and not np.any(moments.weight > 0):
             raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
         moments.require_unspent()
-        centers, var = moments.mean_and_variance(0, spend=spend)  # NaN where unseen
+        # weights keep the state: their per-class sums are read below
+        centers, var = moments.mean_and_variance(0, spend=spend and not self.weighted)  # NaN where unseen
         arrays = {
             "centers": self._shaped(centers),
             "counts": self.counts.copy(),

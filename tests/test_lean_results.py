@@ -10,18 +10,21 @@ import normstats as ns
 from tests.reference import make_data, ref_centers_exact
 
 
-@pytest.mark.parametrize("nan_policy", ["error", "omit"])
-def test_spent_result_equals_the_kept_one_and_the_reference(tmp_path, nan_policy):
+@pytest.mark.parametrize("nan_policy, weighted", [("error", False), ("omit", False), ("error", True)])
+def test_spent_result_equals_the_kept_one_and_the_reference(tmp_path, nan_policy, weighted):
     x = make_data((3000, 7), "float32", seed=12)
     labels = np.random.default_rng(12).integers(0, 50, size=3000)
     labels[labels == 7] = 8  # a class never seen
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "l.npy", labels)
+    np.save(tmp_path / "w.npy", np.ones(3000))
     results = []
     for spend in (False, True):
-        with ns.open_stream([str(tmp_path / "x.npy")]) as stream, ns.open_stream([str(tmp_path / "l.npy")]) as lab:
+        with ns.open_stream([str(tmp_path / "x.npy")]) as stream, ns.open_stream([str(tmp_path / "l.npy")]) as lab, \
+                ns.open_stream([str(tmp_path / "w.npy")]) as w:
             state = ns.centers_state(50, "exact", nan_policy=nan_policy)
-            results.append(ns.run_fit(state, stream, side={"labels": lab}, block_rows=256, spend=spend))
+            side = {"labels": lab, **({"weights": w} if weighted else {})}
+            results.append(ns.run_fit(state, stream, side=side, block_rows=256, spend=spend))
     kept, spent = results
     for name in kept.arrays:
         np.testing.assert_array_equal(spent.arrays[name], kept.arrays[name])
