@@ -475,3 +475,25 @@ def _unshuffle(planes, skip, out):
         shift = t(8 * k)
         for j in range(n):
             out[j] |= t(plane[j]) << shift
+
+
+@numba.njit(nogil=True, cache=True)
+def _normalize_rows(x, mean, scale, beta, out, seen):
+    """``out = (x - mean) * scale + beta`` row by row, each term one value per element of a
+    row (None: dropped), in the arithmetic of `out`'s dtype, in one pass. ``seen`` (one
+    value per element, zeros) gathers ``0 * out``, so it stays finite iff every output is
+    finite (an overflow to infinity included), without a branch in the loop."""
+    t = out.dtype.type
+    for i in range(x.shape[0]):
+        xi = x[i]
+        oi = out[i]
+        for e in range(xi.shape[0]):
+            v = t(xi[e])
+            if mean is not None:
+                v = v - mean[e]
+            if scale is not None:
+                v = v * scale[e]
+            if beta is not None:
+                v = v + beta[e]
+            oi[e] = v
+            seen[e] += v * t(0)
