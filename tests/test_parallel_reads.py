@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -178,23 +179,40 @@ def test_ordered_map_leaving_early_stops_the_threads(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("normstats-reader-")]
 
 
-# --- gzip chunks inflated in threads (normstats.readers.h5_chunks) ------------------------
+# --- HDF5 read around h5py: pread of contiguous data, chunks decoded in threads -----------
 
 
-def _gzip(tmp_path: Path, x: np.ndarray, *, shuffle: bool, chunk_rows: int = 97, name: str = "g.h5") -> str:
+@pytest.mark.parametrize("dtype", ["float32", "int16", "float16"])
+def test_contiguous_hdf5_read_by_pread_equals_h5py(tmp_path, dtype):
+    from normstats.readers.h5_contiguous import ContiguousReader
+
+    x = make_data((501, 4, 3), dtype, seed=14)
+    spec = _shards(tmp_path, x, [], ["h5"])[0]
+    with ns.open_stream([spec]) as stream:
+        reader = ContiguousReader.of(stream.sources[0], stream.dtype)
+        for start, rows in [(0, 501), (7, 100), (500, 1)]:
+            out = np.zeros((rows, 4, 3), dtype)
+            reader.read_into(start, out)
+            np.testing.assert_array_equal(out, x[start:start + rows])
+        reader.close()
+        assert ContiguousReader.of(stream.sources[0], np.dtype(np.float64) if dtype != "float64" else None) is None
+
+
+def _gzip(tmp_path: Path, x: np.ndarray, *, shuffle: bool, chunk_rows: int = 97, name: str = "g.h5",
+          compression: Optional[str] = "gzip") -> str:
     with h5py.File(tmp_path / name, "w") as f:
-        f.create_dataset("x", data=x, chunks=(chunk_rows,) + x.shape[1:], compression="gzip",
-                         compression_opts=1, shuffle=shuffle)
+        f.create_dataset("x", data=x, chunks=(chunk_rows,) + x.shape[1:], compression=compression,
+                         compression_opts=1 if compression else None, shuffle=shuffle)
     return f"{tmp_path / name}:x"
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("compression, shuffle", [(None, False), ("gzip", False), ("gzip", True)])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int16", "uint8", "int64", "uint32"])
-def test_gzip_chunks_inflated_in_threads_equal_h5py(tmp_path, dtype, shuffle):
+def test_chunks_read_raw_and_decoded_in_threads_equal_h5py(tmp_path, dtype, compression, shuffle):
     from normstats.readers.h5_chunks import ChunkReader
 
     x = make_data((1003, 3, 5), dtype, seed=7)
-    spec = _gzip(tmp_path, x, shuffle=shuffle)
+    spec = _gzip(tmp_path, x, shuffle=shuffle, compression=compression)
     with ns.open_stream([spec]) as stream:
         reader = ChunkReader.of(stream.sources[0], stream.dtype)
         assert reader is not None
@@ -228,7 +246,7 @@ def test_other_filters_and_layouts_keep_h5py_read(tmp_path):
     layouts = {"lzf": dict(chunks=(50, 4, 6), compression="lzf"),
                "split rows": dict(chunks=(50, 2, 6), compression="gzip"),
                "fletcher": dict(chunks=(50, 4, 6), compression="gzip", fletcher32=True),
-               "plain chunks": dict(chunks=(50, 4, 6)), "contiguous": {}}
+               "chunks across rows": dict(chunks=(50, 4, 3))}
     for name, options in layouts.items():
         with h5py.File(tmp_path / "o.h5", "w") as f:
             f.create_dataset("x", data=x, **options)

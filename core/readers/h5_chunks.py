@@ -1,11 +1,11 @@
-"""gzip (+ shuffle) HDF5 chunks decoded on both cores.
+"""Chunked HDF5 datasets (plain, gzip or shuffle + gzip) read chunk by chunk, decoded on both cores.
 
 HDF5 runs its filters inside the library, one chunk after another under
 h5py's lock. Here the raw chunks are fetched with ``read_direct_chunk`` (a
 short call under the lock) and decoded in a pool of threads: zlib releases
 the GIL while it inflates, and the shuffle filter is undone by a compiled
 loop (which releases it too). Only the layouts this handles exactly are
-taken (chunks of whole rows, the filters deflate or shuffle + deflate, native
+taken (chunks of whole rows, no filter, deflate or shuffle + deflate, native
 byte order); any other dataset keeps h5py's own read, and so does a chunk
 stored with a filter skipped. The dataset was opened through :mod:`normstats.hdf5_policy`
 by its :class:`~normstats.sources.H5Source`, whose checks (external and
@@ -40,15 +40,16 @@ def _threads() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ChunkReader:
-    """Rows of one gzip-chunked dataset of an H5Source, its chunks inflated in threads.
+    """Rows of one chunked dataset of an H5Source, its chunks fetched raw and decoded in threads.
 
     Safe to call from several threads at once (each call decodes its own chunks).
     """
 
-    def __init__(self, source, chunk_rows: int, shuffle: bool) -> None:
+    def __init__(self, source, chunk_rows: int, shuffle: bool, deflate: bool) -> None:
         self.source = source
         self.chunk_rows = chunk_rows
         self.shuffle = shuffle
+        self.deflate = deflate  # else the chunks are stored as they are
         self.rows = source.rows
         self.dtype = source.dtype
         self._lock = threading.Lock()  # h5py's calls and the handles: one thread at a time
@@ -56,8 +57,8 @@ class ChunkReader:
 
     @classmethod
     def of(cls, source, dtype: np.dtype) -> Optional["ChunkReader"]:
-        """A reader for `source` if it is a gzip (+ shuffle) dataset of whole-row chunks read
-        as `dtype` without conversion; else None."""
+        """A reader for `source` if it is a dataset of whole-row chunks, unfiltered or gzip
+        (+ shuffle), read as `dtype` without conversion; else None."""
         import h5py
 
         from ..sources import H5Source
@@ -73,9 +74,9 @@ class ChunkReader:
                 return None
             chunk = tuple(plist.get_chunk())
             filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-            if chunk[1:] != tuple(source.shape[1:]) or filters not in ([DEFLATE], [SHUFFLE, DEFLATE]):
+            if chunk[1:] != tuple(source.shape[1:]) or filters not in ([], [DEFLATE], [SHUFFLE, DEFLATE]):
                 return None
-            return cls(source, int(chunk[0]), filters[0] == SHUFFLE)
+            return cls(source, int(chunk[0]), filters[:1] == [SHUFFLE], bool(filters))
         finally:
             file.close()
 
@@ -120,7 +121,7 @@ class ChunkReader:
         item = self.dtype.itemsize
         full = self.chunk_rows * row_items
         try:
-            flat = zlib.decompress(data)
+            flat = zlib.decompress(data) if self.deflate else data
         except zlib.error:
             flat = b""
         if len(flat) != full * item:

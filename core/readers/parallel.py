@@ -22,6 +22,7 @@ import numpy as np
 
 from ..workspace import Workspace
 from .h5_chunks import ChunkReader
+from .h5_contiguous import ContiguousReader
 
 THREADS = 2
 AHEAD = 2  # results per thread that may wait to be taken (each keeps its scratch until then)
@@ -37,8 +38,8 @@ class _Shard:
         self.shared = _reads_in_parallel(source) and source.dtype == dtype
         self.lock = threading.Lock()
         self.opened = False
-        self.reader = ChunkReader.of(source, dtype) if not self.shared else None
-        if self.reader is not None:  # gzip chunks: fetched in turn, inflated side by side
+        self.reader = None if self.shared else ContiguousReader.of(source, dtype) or ChunkReader.of(source, dtype)
+        if self.reader is not None:  # HDF5 read by pread, or gzip chunks fetched in turn and inflated side by side
             self.shared = True
 
     def read_into(self, start: int, out: np.ndarray) -> None:
