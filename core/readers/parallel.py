@@ -196,5 +196,6 @@ def parallel_stream(stream) -> bool:
 
     from ..sources import H5Source, NpySource
 
-    return (os.cpu_count() or 1) >= 2 and all(isinstance(_unwrapped(s), (NpySource, H5Source))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 2 and all(isinstance(_unwrapped(s), (NpySource, H5Source))
                                                for s in stream.sources)
