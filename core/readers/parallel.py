@@ -190,12 +190,12 @@ def _read(shards: list[_Shard], row: int, out: np.ndarray) -> None:
 
 
 def parallel_stream(stream) -> bool:
-    """Whether two readers pay over one: more than one core, and `.npy` or HDF5 shards
-    (HDF5 reads take turns, the kernels still run side by side)."""
+    """Whether two readers pay over one: two cores for this process, and `.npy` or HDF5
+    shards (contiguous and whole-row chunked HDF5 read around h5py, side by side; other
+    layouts take turns in h5py while the kernels still run side by side)."""
     import os
 
     from ..sources import H5Source, NpySource
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores >= 2 and all(isinstance(_unwrapped(s), (NpySource, H5Source))
-                                               for s in stream.sources)
+    return cores >= 2 and all(isinstance(_unwrapped(s), (NpySource, H5Source)) for s in stream.sources)
