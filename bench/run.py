@@ -70,7 +70,14 @@ H5_CACHE_BYTES = 16 * MB  # chunk cache of the raw HDF5 loops (>= one chunk)
 DASK_CHUNK_BYTES = 64 * MB
 PIECE_BYTES = 32 * MB  # generation writes this much at a time
 FORMATS = ("npy", "h5", "h5chunk", "h5gzip")
-FILES = {"npy": "x.npy", "h5": "x_contiguous.h5", "h5chunk": "x_chunked.h5", "h5gzip": "x_gzip.h5"}
+FILES = {"npy": "x.npy", "h5": "x_contiguous.h5", "h5chunk": "x_chunked.h5", "h5gzip": "x_gzip.h5",
+         "ark": "feats.ark", "h5coll": "collection.h5"}
+# Sequence collections, made on demand from x.npy's rows (issue 13): a Kaldi archive of
+# ARK_FRAMES-frame utterances with its scp, and an HDF5 file of COLLECTION_DATASETS datasets
+# (ESPnet1's layout), each 1/COLLECTION_DATASETS of the rows.
+COLLECTIONS = ("ark", "h5coll")
+ARK_FRAMES = 500
+COLLECTION_DATASETS = 100_000
 CLASS_COUNTS = (10, 1000, 100_000)
 GROUP_COUNTS = (1000, 100_000)  # fit-bn --groups G: the labels files of these K serve as groups
 BATCH_SIZE = 256
@@ -112,6 +119,8 @@ class Data:
         return self.folder / FILES[fmt]
 
     def spec(self, fmt: str) -> str:
+        if fmt in COLLECTIONS:
+            return f"scp:{self.folder / 'feats.scp'}" if fmt == "ark" else f"{self.path(fmt)}:/"
         return str(self.path(fmt)) if fmt == "npy" else f"{self.path(fmt)}:data"
 
     def labels(self, k: int) -> Path:
@@ -125,6 +134,8 @@ class Data:
         if case_id is None:
             return [self.path(f) for f in FORMATS] + [self.labels(k) for k in CLASS_COUNTS] + [self.stats]
         name, fmt = case_id.split("/")
+        if fmt == "ark":
+            return [self.path(fmt), self.folder / "feats.scp"] + ([self.stats] if name.startswith("apply") else [])
         extra = [self.labels(int(name.rsplit("K", 1)[1]))] if "-K" in name and name.startswith("fit-") else []
         return [self.path(fmt), *extra] + ([self.stats] if name.startswith("apply") else [])
 
@@ -202,6 +213,32 @@ def ensure_data(folder: Path, rows: int, dim: int) -> Data:
     return data
 
 
+def ensure_collection(data: Data, fmt: str) -> None:
+    """Write the collection `fmt` from x.npy's rows, piece by piece; its marker goes last."""
+    marker = data.folder / f"complete-{fmt}.json"
+    if marker.exists():
+        return
+    log(f"generating the {fmt} collection in {data.folder}")
+    started = time.perf_counter()
+    x = np.load(data.path("npy"), mmap_mode="r")
+    if fmt == "ark":
+        import kaldiio
+
+        with kaldiio.WriteHelper(f"ark,scp:{data.path('ark')},{data.folder / 'feats.scp'}") as writer:
+            for number, start in enumerate(range(0, data.rows, ARK_FRAMES)):
+                writer(f"utt{number:07d}", np.array(x[start:start + ARK_FRAMES]))
+    else:
+        import h5py
+
+        frames = max(1, data.rows // COLLECTION_DATASETS)
+        with h5py.File(data.path(fmt), "w") as f:
+            for number in range(min(COLLECTION_DATASETS, data.rows)):
+                stop = data.rows if number == COLLECTION_DATASETS - 1 else (number + 1) * frames
+                f.create_dataset(f"utt{number:07d}", data=np.array(x[number * frames:stop]))
+    marker.write_text(json.dumps({"rows": data.rows, "dim": data.dim}))
+    log(f"generated in {time.perf_counter() - started:.0f} s")
+
+
 def load_data(folder: Path) -> Data:
     marker = json.loads((folder / "complete.json").read_text())
     return Data(folder, int(marker["rows"]), int(marker["dim"]))
@@ -272,6 +309,29 @@ def case_read(data: Data, fmt: str) -> None:
     total = np.zeros(data.dim)
     for _, block in raw_blocks(data, fmt):
         total += block.sum(axis=0)
+
+
+def case_read_collection(data: Data, fmt: str) -> None:
+    """Raw limit of a collection: each utterance read as the standard reader reads it
+    (kaldiio.load_scp_sequential; h5py read_direct into a reused buffer, keys in sorted
+    order) + sum(0)."""
+    total = np.zeros(data.dim)
+    if fmt == "ark":
+        import kaldiio
+
+        for _, matrix in kaldiio.load_scp_sequential(str(data.folder / "feats.scp")):
+            total += matrix.sum(axis=0)
+        return
+    import h5py
+
+    buffer = np.empty((data.rows // min(COLLECTION_DATASETS, data.rows) + data.rows % COLLECTION_DATASETS + 1,
+                       data.dim), np.float32)
+    with h5py.File(data.path(fmt), "r") as f:
+        for key in sorted(f):
+            dataset = f[key]
+            block = buffer[:dataset.shape[0]]
+            dataset.read_direct(block)
+            total += block.sum(axis=0)
 
 
 def case_mmap(data: Data, fmt: str) -> None:
@@ -413,6 +473,18 @@ def case_apply(data: Data, fmt: str) -> None:
         ns.apply_stats(normalizer, stream, str(data.output(fmt, "apply")))
 
 
+def case_apply_collection(data: Data, fmt: str) -> None:
+    """normstats apply over a collection, keys kept: scp: -> ark,scp:, HDF5 group -> HDF5 group."""
+    import normstats as ns
+    from normstats.writers.collections import collection_output
+
+    normalizer = ns.Normalizer(ns.read_stats(str(data.stats)))
+    out = data.folder / "out-apply"
+    spec = f"ark,scp:{out}.ark,{out}.scp" if fmt == "ark" else f"{out}.h5:/"
+    with ns.open_stream([data.spec(fmt)]) as stream:
+        ns.apply_collection(normalizer, stream, collection_output(spec))
+
+
 def case_assign(data: Data, fmt: str, *, k: int) -> Iterator[None]:
     """normstats assign: nearest of K random centers (made before the clock) to HDF5."""
     import normstats as ns
@@ -447,6 +519,11 @@ CASES: dict[str, tuple[CaseFunction, tuple[str, ...], tuple[str, ...]]] = {
     **{f"fit-bn-groups-K{g}": (functools.partial(case_fit_bn_groups, groups=g), ("npy",), ()) for g in GROUP_COUNTS},
     "apply": (case_apply, ("npy", "h5"), ()),
     "apply-dask2": (functools.partial(case_apply_dask, workers=2), ("npy", "h5"), ("distributed",)),
+    # Collections (issue 13): the fit reads the utterances by key; raw = the standard reader's loop.
+    # kaldiio is imported before the clock by both (a Kaldi user's tools have it loaded).
+    "read-collection": (case_read_collection, COLLECTIONS, ("kaldiio",)),
+    "fit-bn-exact-collection": (functools.partial(case_fit_bn, mode="exact"), COLLECTIONS, ("kaldiio",)),
+    "apply-collection": (case_apply_collection, COLLECTIONS, ("kaldiio",)),
     # Not K = 100 000: about 9 minutes per GB here (2·D·K = 51 MFLOP a row).
     **{f"assign-K{k}": (functools.partial(case_assign, k=k), ("npy",), ()) for k in (10, 1000)},
 }
@@ -570,6 +647,8 @@ def measure_all(ids: list[str], data: Data, repeat: int) -> dict[str, dict]:
 
 def raw_reference(name: str, fmt: str) -> Optional[str]:
     """The 'raw limit' a case is compared with: the copy for apply, else the read."""
+    if fmt in COLLECTIONS:
+        return None if name == "read-collection" else f"read-collection/{fmt}"
     if name.startswith("apply"):
         return f"copy-fsync/{fmt}"
     return None if name == "read" else f"read/{fmt}"
@@ -581,6 +660,8 @@ def _per_class(name: str) -> bool:
 
 def targets(name: str, fmt: str) -> list[tuple[str, str, float]]:
     """(label, reference case, minimum ratio) from the benchmark issue (issue 12)."""
+    if fmt in COLLECTIONS:  # issue 13 sets no ratio, only bounded memory
+        return []
     if _per_class(name):
         return [("raw", "read/npy", 0.8 if int(name.rsplit("K", 1)[1]) <= 1000 else 0.3)]
     if name.startswith("fit-bn"):
@@ -769,6 +850,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = max(1, size // (args.dim * 4))
     ids = case_ids(args.only or (list(QUICK_CASES) if args.quick else None))
     data = ensure_data(data_folder(args.data_dir, rows, args.dim), rows, args.dim)
+    for fmt in sorted({case_id.split("/")[1] for case_id in ids} & set(COLLECTIONS)):
+        ensure_collection(data, fmt)
     log("warming the page cache")
     warm_cache(data.inputs())
     facts = machine_facts(data, repeat)

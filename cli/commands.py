@@ -10,23 +10,29 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
+from normstats.centers import RULES as CENTER_RULES
 from normstats.errors import RowError
 from normstats.export_files import describe_export
 from normstats.inspection import describe
 from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_groups
-from normstats.pipeline import resume_row
+from normstats.resume import resume_row
 from normstats.tasks import make_state
-from normstats.files import CommandFiles, identities
+from normstats.files import CommandFiles, check_unread, identities
 from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
-from normstats.stores import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS, Checkpointer
+from normstats.apply_collections import apply_output, collection_for
+from normstats.resume import Checkpointer
+from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS
+from normstats.writers.h5_collection import COMPRESSIONS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
-from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, FloatOrNone, StorageOption,
+from .bn_options import channels_last_hint, check_initial_files, fit_axes
+from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, ChannelAxis, StorageOption,
                      ValueOrFile, option, positive_int)
+from .references import reference_option, referenced
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
 
@@ -115,10 +121,10 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
          task_rows: Optional[int], dataset: Optional[str], allow_external: bool, quiet: bool,
-         meta: Optional[dict] = None) -> None:
+         meta: Optional[dict] = None) -> ns.Stats:
     """Run the fit `recipe` describes (its options hold the state's ``init``) and write it,
     with `meta` added: in this process with progress, checkpoints and resume, or cut into
-    row ranges over --jobs processes or Dask tasks."""
+    row ranges over --jobs processes or Dask tasks. Returns what it wrote."""
     split = jobs > 1 or engine == "dask"
     if split:
         init = recipe.options.get("init")
@@ -136,6 +142,7 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
     stats.meta.update(meta or {})
     _finish(command, stats, output, checkpoint)
+    return stats
 
 
 def _fit_split(command: str, recipe: ns.Recipe, stream: ns.Stream, side: dict, *, jobs: int, engine: str,
@@ -253,10 +260,11 @@ def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
     return mode
 
 
-def _given_only(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
-    """The options typed on the command line; a continued fit takes the rest from its file."""
+def _given_only(ctx: click.Context, options: dict[str, Any], also: set = frozenset()) -> dict[str, Any]:
+    """The options typed on the command line (or set by --reference: `also`); a continued
+    fit takes the rest from its file."""
     cli_name = {"use_mean": "mean", "use_inv_std": "inv_std"}
-    return {k: v for k, v in options.items() if _given(ctx, cli_name.get(k, k))}
+    return {k: v for k, v in options.items() if k in also or _given(ctx, cli_name.get(k, k))}
 
 
 def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
@@ -293,18 +301,26 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
               help="Stats file to write (.npz, .h5, .safetensors or .json).")
 @BATCH_SIZE
 @option("--axes", type=AxesType(), default="auto", show_default=True,
-              help="Axes to reduce: 'auto' (all but the second) or e.g. 0,2,3.")
+              help="Axes to reduce: 'auto' (all but the second: channels-first input such as (N, C, H, W)) "
+                   "or e.g. 0,2,3. Channels-last input (N, H, W, C) needs --channel-axis -1: auto alone "
+                   "would keep H.")
+@option("--channel-axis", "channel_axis", type=ChannelAxis(), metavar="A",
+              help="With --axes auto: reduce every axis but A, counted on the input (-1: the last), so "
+                   "the statistics have shape (C,) for channels-last (N, H, W, C); not with an --axes list.")
 @option("--alpha", type=ALPHA, default=0.01, show_default=True,
               help="EMA weight of the newest batch, in (0, 1].")
 @option("--eps", type=EPS, default=1e-5, show_default=True,
               help="Added to the variance before 1/sqrt; finite, at least 1.2e-38.")
 @option("--ddof", type=click.IntRange(0), default=1, show_default=True,
               help="Delta degrees of freedom of the variance.")
+@reference_option("batchnorm", "--eps, --alpha and --ddof")
 @MODE
-@option("--mean", "mean", type=FloatOrNone(), default=0.0, show_default=True,
-              help="Initial running mean, or 'none' to not estimate the mean.")
-@option("--inv-std", "inv_std", type=FloatOrNone(positive=True), default=1.0, show_default=True,
-              help="Initial running inv_std, or 'none' to not estimate it.")
+@option("--mean", "mean", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
+              help="Initial running mean: a number, a file of the statistics' shape (.npy, file.npz:NAME, "
+                   "file.h5:NAME, file.safetensors:NAME), or 'none' to not estimate the mean.")
+@option("--inv-std", "inv_std", type=KeepsSpec(ValueOrFile(positive=True)), default=1.0, show_default=True,
+              help="Initial running inv_std (> 0): a number, a file of the statistics' shape, or 'none' to "
+                   "not estimate it.")
 @option("--init", "init", metavar="STATS",
               help="Continue from a stats file (ema: its values start the averages; "
                    "exact: its population is added to).")
@@ -320,8 +336,8 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @COMMON
 @click.pass_context
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
-           alpha: float, eps: float, ddof: int, mode: str, mean: Optional[float],
-           inv_std: Optional[float], init: Optional[str], groups: Optional[str],
+           channel_axis: Optional[int], alpha: float, eps: float, ddof: int, reference: Optional[str], mode: str,
+           mean: Any, inv_std: Any, init: Optional[str], groups: Optional[str],
            num_groups: Optional[int], nan_policy: str, weights: Optional[str],
            checkpoint_path: Optional[str], checkpoint_every: float, resume_path: Optional[str],
            jobs: int, engine: str, scheduler: Optional[str], task_rows: Optional[int],
@@ -342,6 +358,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
       normstats fit-bn sample_data/digits.h5:images -o stats.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    chosen, preset = referenced(ctx, reference, "batchnorm", eps=eps, alpha=alpha, ddof=ddof)
+    eps, alpha, ddof = chosen["eps"], chosen["alpha"], chosen["ddof"]
     inputs, weights, groups = _remote(storage_options, inputs, weights, groups)
     keyed = parse_groups(groups)
     if num_groups is not None and groups is None:
@@ -349,7 +367,10 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     if groups is not None and num_groups is None and not (init or resume_path or keyed):
         raise click.UsageError("--groups needs --num-groups G (or --groups utterance / utt2spk=FILE / "
                                "spk2utt=FILE with a sequence collection)")
-    guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init), force=force)
+    axes = fit_axes(axes, channel_axis)
+    guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init)
+          .reads("--mean file", given_file(ctx, "mean")).reads("--inv-std file", given_file(ctx, "inv_std")),
+          force=force)
     start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
     _check_exact_only(ctx, mode, "groups", "weights")
@@ -371,15 +392,23 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         options.update(use_mean=mean is not None, use_inv_std=inv_std is not None,
                        num_groups=num_groups)
     if start:
-        if _given(ctx, "axes"):
-            raise click.UsageError("--axes cannot change when continuing a fit; the file fixes them")
-        options = _given_only(ctx, options)
+        if _given(ctx, "axes") or channel_axis is not None:
+            flag = "--axes" if _given(ctx, "axes") else "--channel-axis"
+            raise click.UsageError(f"{flag} cannot change when continuing a fit; the file fixes the axes")
+        options = _given_only(ctx, options, preset)
+    check_initial_files(ctx, inputs, dataset, allow_external, axes, start)
+    meta = {"reference": reference} if reference else {}
+    if keyed:
+        meta["group_names"] = list(keyed.names)
     with _short_groups_named(keyed, ddof):
-        _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
+        stats = _fit("fit-bn", ns.Recipe("batchnorm", mode, dict(options, init=start)), inputs, output,
              side_specs=dict(groups=keyed or groups, weights=weights), resume=resume, resume_path=resume_path,
              checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
              scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
-             quiet=quiet, meta={"group_names": list(keyed.names)} if keyed else None)
+             quiet=quiet, meta=meta)
+    hint = None if start or _given(ctx, "axes") or channel_axis is not None else channels_last_hint(stats)
+    if hint:
+        click.echo(hint, err=True)
 
 
 @cli.command("fit-centers")
@@ -392,7 +421,12 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
               help="Number of classes K; labels lie in [0, K).")
 @BATCH_SIZE
 @option("--alpha", type=ALPHA, default=0.9, show_default=True,
-              help="EMA weight of the batch class mean, in (0, 1].")
+              help="EMA weight of the batch class mean (of each row, with --rule per-sample), in (0, 1].")
+@option("--rule", type=click.Choice(CENTER_RULES), default="batch-mean", show_default=True,
+              help="batch-mean: one step per batch and class towards the class's batch mean; per-sample: "
+                   "each row f adds alpha*(f - C) from the batch's starting C (the Center layers' code).")
+@reference_option("centers", "--rule and --alpha", "(alpha weights the new data: Pytorch_Ext's Center "
+                  "alpha 0.9 weights the old center, so each row enters with 0.1.)")
 @MODE
 @option("--init", "init", type=KeepsSpec(CenterInit()), default="random", show_default=True,
               help="Initial centers (ema): random in ±1/sqrt(dim), zeros, each class's first "
@@ -405,7 +439,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
 @COMMON
 @click.pass_context
 def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels: tuple[str, ...],
-                num_classes: int, batch_size: int, alpha: float, mode: str, init: Any, seed: int,
+                num_classes: int, batch_size: int, alpha: float, rule: str, reference: Optional[str], mode: str,
+                init: Any, seed: int,
                 ignore_label: Optional[int], nan_policy: str, weights: Optional[str],
                 checkpoint_path: Optional[str], checkpoint_every: float,
                 resume_path: Optional[str], jobs: int, engine: str, scheduler: Optional[str],
@@ -414,8 +449,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     """Fit per-class centers of INPUT features with integer LABELS.
 
     \b
-    ema (default), per batch and class j present in it:
-      C[j] <- alpha*C_batch[j] + (1-alpha)*C[j]
+    ema (default), per batch and class j present in it (n_j rows):
+      batch-mean:  C[j] <- alpha*C_batch[j] + (1-alpha)*C[j]
+      per-sample:  C[j] <- C[j] + alpha*n_j*(C_batch[j] - C[j])
     exact: C[j] = mean of all rows labelled j (and var[j]).
 
     \b
@@ -424,6 +460,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
           --labels sample_data/digits.h5:labels --num-classes 10 -o centers.npz
     """
     _check_engine(engine, scheduler, task_rows, jobs)
+    chosen, preset = referenced(ctx, reference, "centers", alpha=alpha, rule=rule)
+    alpha, rule = chosen["alpha"], chosen["rule"]
     inputs, labels, weights = _remote(storage_options, inputs, labels, weights)
     if len(labels) not in (1, len(inputs)):
         raise click.UsageError(f"--labels was given {len(labels)} times for {len(inputs)} INPUT shards; "
@@ -438,28 +476,32 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
                                "nan_policy": nan_policy}
     if mode == "ema":
-        options.update(alpha=alpha, seed=seed)
+        options.update(alpha=alpha, rule=rule, seed=seed)
     else:
-        for name in ("alpha", "seed"):
+        for name in ("alpha", "rule", "seed", "reference"):
             if _given(ctx, name):
                 raise click.UsageError(f"--{name} applies to --mode ema only")
     if mode == "exact" and _given(ctx, "init") and continued is None:
         raise click.UsageError("--init random|zeros|first|FILE of centers applies to --mode ema only")
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):
-        options = _given_only(ctx, options)
+        options = _given_only(ctx, options, preset)
     recipe = ns.Recipe("centers", mode, dict(options, num_classes=num_classes, init=init))
     _fit("fit-centers", recipe, inputs, output, side_specs=dict(labels=labels, weights=weights),
          resume=resume, resume_path=resume_path, checkpoint_path=checkpoint_path,
          checkpoint_every=checkpoint_every, jobs=jobs, engine=engine, scheduler=scheduler,
-         task_rows=task_rows, dataset=dataset, allow_external=allow_external, quiet=quiet)
+         task_rows=task_rows, dataset=dataset, allow_external=allow_external, quiet=quiet,
+         meta={"reference": reference} if reference else None)
 
 
 @cli.command("apply")
 @click.argument("stats_path", metavar="STATS")
 @click.argument("input_spec", metavar="INPUT")
 @option("-o", "--output", required=True, metavar="OUTPUT",
-              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (a contiguous dataset).")
+              help="Normalized array to write: .npy, or .h5 / out.h5:NAME (a contiguous dataset); for a "
+                   "collection input also ark,scp:OUT.ark,OUT.scp (Kaldi) or OUT.h5:/GROUP (a dataset per key).")
+@option("--compression", type=click.Choice(COMPRESSIONS),
+        help="Compress an HDF5 output in chunks (default: contiguous, uncompressed).")
 @option("--gamma", type=KeepsSpec(ValueOrFile()), default=1.0, show_default=True,
               help="Scale: a number, a file of the statistics' shape, or 'none' (no scale term, as 1).")
 @option("--beta", type=KeepsSpec(ValueOrFile()), default=0.0, show_default=True,
@@ -472,8 +514,8 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
 @ENGINE
 @COMMON
 @click.pass_context
-def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gamma: Any, beta: Any,
-          groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
+def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, compression: Optional[str],
+          gamma: Any, beta: Any, groups: Optional[str], dtype: Optional[str], engine: str, scheduler: Optional[str], task_rows: Optional[int],
           dataset: Optional[str], force: bool, quiet: bool, allow_external: bool,
           storage_options: tuple) -> None:
     """Normalize INPUT with fitted STATS, in inference mode:
@@ -491,14 +533,20 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
     _check_engine(engine, scheduler, task_rows)
     input_spec, groups = _remote(storage_options, input_spec, groups)
     keyed = parse_groups(groups)
-    guard(ctx, CommandFiles().reads("stats file", stats_path).reads("input", input_spec)
-          .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma"))
-          .reads("--beta file", given_file(ctx, "beta")).writes("output", output, ARRAY_FORMATS), force=force)
+    collection = apply_output(output, compression, engine)
+    files = CommandFiles().reads("stats file", stats_path).reads("input", input_spec) \
+        .reads("--groups file", keyed.file if keyed else groups).reads("--gamma file", given_file(ctx, "gamma")) \
+        .reads("--beta file", given_file(ctx, "beta"))
+    for path, formats in collection.files if collection else [(output, ARRAY_FORMATS)]:
+        files.writes("output", path, formats)
+    guard(ctx, files, force=force)
     stats = ns.read_stats(stats_path, allow_external=allow_external)
     if keyed is not None:
         keyed = _stats_key_groups(keyed, stats, stats_path, engine)
     normalizer = ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype)
     with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
+        check_unread(files, stream)
+        collection = collection_for(collection, stream)
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
                     progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
@@ -507,8 +555,12 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, gam
                                        progress=advance)
         else:
             with progress_bar(stream.rows, quiet=quiet, label="apply") as advance:
-                result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
-                                        progress=advance)
+                if collection is not None:
+                    result = ns.apply_collection(normalizer, stream, collection, groups=side.get("groups"),
+                                                 compression=compression, progress=advance)
+                else:
+                    result = ns.apply_stats(normalizer, stream, output, groups=side.get("groups"),
+                                            compression=compression, progress=advance)
     summarize_apply(result, output)
 
 

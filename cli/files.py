@@ -12,7 +12,7 @@ from typing import Any, Optional
 import click
 
 from normstats.files import CommandFiles
-from normstats.stores import overwriting
+from normstats.writers.atomic import overwriting
 
 SPECS = "normstats.file_specs"  # ctx.meta key: parameter name -> the file spec it was given
 

@@ -9,7 +9,7 @@ import click
 import normstats as ns
 from normstats.interop import TARGET_FORMATS, TARGETS
 from normstats.files import CommandFiles
-from normstats.stores import STATS_FORMATS
+from normstats.writers.base import STATS_FORMATS
 
 from .app import cli
 from .files import KeepsSpec, given_file, guard
@@ -22,8 +22,8 @@ TORCH_ONLY = ("prefix", "eps", "gamma", "beta")
 @click.argument("stats_path", metavar="STATS")
 @option("--to", "target", type=click.Choice(TARGETS), required=True,
               help="torch: BatchNorm state dict (.safetensors); keras: Normalization mean/variance "
-                   "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat, per group .ark); espnet: GlobalMVN "
-                   "stats (.npz).")
+                   "(.npz); kaldi: CMVN stats matrix (.cmvn/.mat; .ark: per group, or keyed 'global'); espnet: "
+                   "ESPnet2 GlobalMVN stats (.npz), ESPnet1 CMVN (.npy global; .ark/.h5 per group).")
 @option("-o", "--output", required=True, metavar="FILE", help="File to write.")
 @option("--prefix", metavar="NAME",
               help="torch: store the tensors as NAME.running_mean, ... (the layer's name in your model).")
@@ -41,12 +41,15 @@ def export(ctx: click.Context, stats_path: str, target: str, output: str, force:
     \b
     torch:  running_mean, running_var = 1/inv_std**2 - eps, weight, bias and
             num_batches_tracked: torch.nn.BatchNormNd(C, eps=eps).eval() then
-            computes what 'normstats apply' computes (needs --axes auto).
+            computes what 'normstats apply' computes (needs --axes auto, or
+            --channel-axis A: the layer then takes the input with A moved to 1).
     keras:  mean, variance = 1/inv_std**2 and axis for
             keras.layers.Normalization(axis=..., mean=..., variance=...).
     kaldi:  [[sum..., count], [sum of squares..., 0]] as a binary double
             matrix for apply-cmvn (--mode exact; features x dims).
-    espnet: count, sum, sum_square for GlobalMVN (--mode exact).
+    espnet: count, sum, sum_square for GlobalMVN (--mode exact; .npz), or
+            ESPnet1's CMVN matrices as compute_cmvn_stats.py writes them
+            (.npy global; per group .ark or .h5, one matrix per key).
 
     \b
     Example:

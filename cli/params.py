@@ -8,12 +8,13 @@ from typing import Any, Callable, Optional
 
 import click
 
-from normstats.axes import parse_axes
+from normstats.axes import channel_spec, parse_axes
 from normstats.errors import NormstatsError, StatsFileError, UsageError
 from normstats.stats import CENTERS, check_values
 from normstats.readers.remote import parse_storage_option
-from normstats.sources import split_spec
-from normstats.stores import read_array, read_stats
+from normstats.readers.small_arrays import read_array
+from normstats.specs import split_spec
+from normstats.writers.stats_files import read_stats
 from normstats.validate import SEED_MAX, check_alpha, check_eps, check_finite, check_max_distance
 
 # More worker processes than this is a typo, not a machine (the planner would also build
@@ -101,33 +102,15 @@ class AxesType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-class FloatOrNone(click.ParamType):
-    """A number, or ``none`` to disable the statistic (returned as None)."""
+class ValueOrFile(click.ParamType):
+    """A number, ``none`` (returned as None), or an array file (``.npy``,
+    ``file.npz:NAME``, ``file.h5:NAME``, ``file.safetensors:NAME``), its values
+    finite (and > 0 with `positive`)."""
 
-    name = "VALUE|none"
+    name = "VALUE|FILE|none"
 
     def __init__(self, *, positive: bool = False) -> None:
         self.positive = positive
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        if value is None:
-            return value
-        if str(value).lower() == "none":
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or (self.positive and not number > 0):
-            self.fail(f"expected a finite number{' > 0' if self.positive else ''} or 'none', got {value!r}",
-                      param, ctx)
-        return number
-
-
-class ValueOrFile(click.ParamType):
-    """A number, ``none``, or an array file (``.npy``, ``.npz``, ``file.h5:NAME``)."""
-
-    name = "VALUE|FILE|none"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
         if not isinstance(value, str):
@@ -139,13 +122,31 @@ class ValueOrFile(click.ParamType):
         except ValueError:
             pass
         else:
-            if not math.isfinite(number):
-                self.fail(f"expected a finite number or a file, got {value!r}", param, ctx)
+            if not math.isfinite(number) or (self.positive and not number > 0):
+                self.fail(f"expected a finite number{' > 0' if self.positive else ''}, a file or 'none', "
+                          f"got {value!r}", param, ctx)
             return number
         try:
-            return check_finite(read_array(value), value)
+            return check_finite(read_array(value), value, positive=self.positive)
         except NormstatsError as error:
             self.fail(str(error), param, ctx)
+
+
+class ChannelAxis(click.ParamType):
+    """An input axis other than 0 (the row axis), negative counting from the end."""
+
+    name = "AXIS"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            axis = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected an integer axis such as -1, got {value!r}", param, ctx)
+        try:
+            channel_spec(axis)  # refuses axis 0
+        except NormstatsError as error:
+            self.fail(str(error), param, ctx)
+        return axis
 
 
 class CenterInit(click.ParamType):

@@ -10,8 +10,8 @@ The library API mirrors the command line::
     ns.write_stats(stats, "stats.npz")
 
 Every estimator is a state object with ``update`` / ``merge`` / ``result``
-that never touches files; readers (:mod:`normstats.sources`) and writers
-(:mod:`normstats.stores`) never compute.
+that never touches files; readers (:mod:`normstats.readers`, streamed by
+:mod:`normstats.stream`) and writers (:mod:`normstats.writers`) never compute.
 
 Names load on first use (PEP 562), so ``import normstats`` -- and the
 console script's start -- stays light until a name is needed.
@@ -40,6 +40,7 @@ from ._version import __version__
 
 # name -> the module defining it
 _EXPORTS = {
+    **dict.fromkeys(["apply_collection"], "apply_collections"),
     **dict.fromkeys(["NearestCenters"], "assign"),
     **dict.fromkeys(["BatchNormEMA", "BatchNormExact", "batchnorm_state"], "batchnorm"),
     **dict.fromkeys(["CentersEMA", "CentersExact", "centers_state"], "centers"),
@@ -49,11 +50,14 @@ _EXPORTS = {
     **dict.fromkeys(["GroupedMoments", "Moments"], "accumulators"),
     **dict.fromkeys(["merge_moments", "moments"], "moments"),
     **dict.fromkeys(["Normalizer"], "normalize"),
-    **dict.fromkeys(["apply_stats", "assign_rows", "fit_batchnorm", "fit_centers", "merge_stats", "resume_row", "run_fit"], "pipeline"),
+    **dict.fromkeys(["apply_stats", "assign_rows", "fit_batchnorm", "fit_centers", "merge_stats", "run_fit"], "pipeline"),
+    **dict.fromkeys(["resume_row"], "resume"),
     **dict.fromkeys(["Recipe"], "recipe"),
-    **dict.fromkeys(["Stream", "open_source", "open_stream"], "sources"),
+    **dict.fromkeys(["open_source"], "readers.api"),
+    **dict.fromkeys(["Stream", "open_stream"], "stream"),
     **dict.fromkeys(["Stats"], "stats"),
-    **dict.fromkeys(["read_array", "read_stats", "write_stats"], "stores"),
+    **dict.fromkeys(["read_array"], "readers.small_arrays"),
+    **dict.fromkeys(["read_stats", "write_stats"], "writers.stats_files"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

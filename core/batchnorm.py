@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .axes import AxesSpec, kept_shape, resolve_axes
+from .axes import AxesSpec, channel_meta, kept_shape, resolve_axes, stored_axes
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .kernels import Layout, Sums, accumulate
@@ -91,7 +91,7 @@ class _BatchNormBase(FitState):
     def _meta(self) -> dict:
         return dict(super()._meta(), axes=list(self.axes), eps=self.eps, ddof=self.ddof,
                     batches_skipped=self.batches_skipped, use_mean=self.use_mean,
-                    use_inv_std=self.use_inv_std)
+                    use_inv_std=self.use_inv_std, **channel_meta(self.axes_spec, len(self.row_shape) + 1))
 
     def _require_updates(self) -> None:
         if self.axes is None:
@@ -127,8 +127,9 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
 
     Parameters
     ----------
-    axes : 'auto' or tuple of int
-        Axes reduced per batch; ``'auto'`` is every axis but the second.
+    axes : 'auto', 'auto:A' or tuple of int
+        Axes reduced per batch; ``'auto'`` is every axis but the second,
+        ``'auto:A'`` every axis but ``A`` (``'auto:-1'``: channels-last).
     alpha : float
         Weight of the newest batch, in (0, 1].
     eps : float
@@ -210,7 +211,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         for name in ("mean", "inv_std"):
             if options[name] is not None and stats.arrays.get(name) is None:
                 raise StatsFileError(f"the initial stats file has no {name} to continue from")
-        state = cls(axes=tuple(stats.meta["axes"]), **options)
+        state = cls(axes=stored_axes(stats.meta), **options)
         state._restore_meta(stats)
         state._start()
         if stats.mode == "ema" and "count" in stats.arrays:
@@ -485,7 +486,7 @@ class BatchNormExact(_BatchNormBase):
                 f"{stats.source or 'the stats file'} holds statistics for "
                 f"{meta.get('groups') or 'no'} groups, not {options['num_groups']}"
             )
-        state = cls(axes=tuple(meta["axes"]), **options)
+        state = cls(axes=stored_axes(meta), **options)
         state._restore_meta(stats)
         state._start()
         state.weighted = bool(meta.get("weighted", False))

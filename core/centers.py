@@ -36,6 +36,7 @@ def _flat_layout(features: int) -> Layout:
     """Every feature of a (flattened) row is its own statistic."""
     return Layout.of((features,), (0,))
 INITS = ("random", "zeros", "first")
+RULES = ("batch-mean", "per-sample")  # how a batch's rows of a class move its center
 
 
 class _CentersBase(FitState):
@@ -126,10 +127,19 @@ class CentersEMA(KeepsScratch, _CentersBase):
     """Per-class moving average of batch class means (the center-loss update).
 
     For every batch of `batch_size` rows and every class ``j`` present in it,
-    with ``C_batch[j]`` the mean of the batch's rows labelled ``j``::
+    with ``C_batch[j]`` the mean of the batch's ``n_j`` rows labelled ``j``,
+    rule ``'batch-mean'`` (the documented center-loss rule)::
 
         C[j] <- alpha * C_batch[j] + (1 - alpha) * C[j]
 
+    and rule ``'per-sample'`` (what the Center layers' code does: each row
+    ``f`` of the class adds ``alpha * (f - C[j])``, all from the center the
+    batch started with)::
+
+        C[j] <- C[j] + alpha * n_j * (C_batch[j] - C[j])
+
+    `alpha` is the weight of the new data under both rules; with
+    ``alpha * n_j > 1`` the per-sample rule overshoots, as the layers do.
     Classes absent from a batch keep their center; ``counts[j]`` is the
     number of rows of class ``j`` seen.
 
@@ -138,7 +148,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
     num_classes : int
         Number of classes K; labels must lie in ``[0, K)``.
     alpha : float
-        Weight of the batch mean, in (0, 1].
+        Weight of the batch mean (per sample, with ``rule='per-sample'``),
+        in (0, 1].
+    rule : {'batch-mean', 'per-sample'}
+        Whether a batch moves a class's center once, towards its mean, or
+        once per row (see above).
     init : {'random', 'zeros', 'first'} or ndarray
         Initial centers: uniform in ``±1/sqrt(feature_dim)`` (seeded by
         `seed`), zeros, each class's first batch mean, or an array of shape
@@ -162,6 +176,13 @@ class CentersEMA(KeepsScratch, _CentersBase):
     >>> c.update(np.array([[2.0], [4.0], [8.0]]), np.array([0, 0, 1])).result().arrays["centers"]
     array([[1.5],
            [4. ]])
+
+    Per sample, both rows of class 0 step from its starting center 0:
+
+    >>> c = CentersEMA(2, alpha=0.5, rule="per-sample", init="zeros")
+    >>> c.update(np.array([[2.0], [4.0], [8.0]]), np.array([0, 0, 1])).result().arrays["centers"]
+    array([[3.],
+           [4.]])
     """
 
     mode = "ema"
@@ -171,6 +192,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         num_classes: int,
         *,
         alpha: float = 0.9,
+        rule: str = "batch-mean",
         init: Init = "random",
         seed: int = 0,
         batch_size: Optional[int] = None,
@@ -180,6 +202,9 @@ class CentersEMA(KeepsScratch, _CentersBase):
         super().__init__(num_classes, batch_size=batch_size, ignore_label=ignore_label,
                          nan_policy=nan_policy)
         self.alpha = check_alpha(alpha)
+        if rule not in RULES:
+            raise UsageError(f"the center rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.rule = rule
         if isinstance(init, str) and init not in INITS:
             raise UsageError(f"init must be one of {', '.join(INITS)} or an array, got {init!r}")
         self.init = init
@@ -205,7 +230,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         stats.require(CENTERS)
         centers = np.asarray(stats.arrays["centers"], dtype=np.float64)
         options.pop("init", None)
-        options = file_options(stats.meta, options, *CONTINUED, "alpha", "seed")
+        options = file_options(stats.meta, options, *CONTINUED, "alpha", "rule", "seed")
         state = cls(int(stats.meta["num_classes"]), init=centers, **options)
         state._restore(stats)
         state._start()
@@ -271,12 +296,15 @@ class CentersEMA(KeepsScratch, _CentersBase):
                               batch, done)
             # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
             # initialized, init='first', takes its first batch mean as it is).
-            fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
-                             self.first_mean, self.first_seen)
+            self._fold(sums)
         if done + whole < rows:
             self._add_open(flat[done + whole:], labels[done + whole:], keep[done + whole:], done + whole)
         self._count(labels, keep, batches)
         return self
+
+    def _fold(self, sums: Sums) -> None:
+        fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
+                         self.first_mean, self.first_seen, per_row=self.rule == "per-sample")
 
     def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> Sums:
         """The kernel's sums per (batch, class) pair present; the rows start `first`
@@ -318,8 +346,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
                 w = weight[present]
                 sums = Sums(present.astype(np.int64), w.astype(np.int64), w, np.zeros((0, 0)), total[present],
                             np.zeros((0, 0)), shift[present], False)
-                fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
-                                 self.first_mean, self.first_seen)
+                self._fold(sums)
                 weight[present] = 0.0
         self.open_rows = 0
         return self
@@ -334,9 +361,11 @@ class CentersEMA(KeepsScratch, _CentersBase):
     def follow(self, later: "CentersEMA") -> "CentersEMA":
         """Append the batches of `later`, fitted on the rows right after these.
 
-        Per class the moving average is linear in its batch means: a state that
-        started from zero (:meth:`zero_start`) over the later rows holds
-        ``sum a (1-a)^(m-1-i) C_batch_i[j]`` and ``decay[j] = (1-a)^m``, so
+        Per class the moving average is affine in its starting center: a
+        state that started from zero (:meth:`zero_start`) over the later rows
+        holds ``sum_i a_i prod_{k>i} (1-a_k) C_batch_i[j]`` and ``decay[j] =
+        prod_i (1-a_i)`` (``a_i`` is alpha, or ``alpha * n_j`` in batch i
+        under the per-sample rule), so
         ``decay[j] * C[j] + later.centers[j]`` is what one state fed every row
         in order would hold (to float64 rounding). A class these rows never
         initialized (``init='first'``) is seeded with its first batch mean in
@@ -346,7 +375,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
             return self
         if not later._follows:
             raise UsageError("only a state made with zero_start() can follow another")
-        for name in ("num_classes", "row_shape", "alpha", "batch_size", "ignore_label", "nan_policy"):
+        for name in ("num_classes", "row_shape", "alpha", "rule", "batch_size", "ignore_label", "nan_policy"):
             if getattr(self, name) != getattr(later, name):
                 raise DataError(f"cannot append ema centers fitted with a different {name}")
         seen = later.first_seen
@@ -376,6 +405,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         self._require_updates()
         meta = self._meta()
         meta["alpha"] = self.alpha
+        meta["rule"] = self.rule
         meta["init"] = self.init if isinstance(self.init, str) else "array"
         meta["seed"] = self.seed
         arrays = {"centers": self._shaped(self.centers.copy()), "counts": self.counts.copy()}

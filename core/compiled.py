@@ -393,31 +393,34 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
 
 
 @numba.njit(nogil=True, cache=True)
-def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, centers, initialized, decay,
-                      first_mean, first_seen):
+def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, per_row, centers, initialized,
+                      decay, first_mean, first_seen):
     """The moving average of every (batch, class) mean, in batch order (`keys` are
     ``batch * K + class``, batch-major): ``C <- (1 - a) C + a mean``, a class
-    not yet initialized taking its first mean as it is; ``decay`` of each class
-    is multiplied by ``1 - a`` per batch, and (when `first_mean` has rows) the
-    first mean of each class seen here is kept."""
+    not yet initialized taking its first mean as it is; ``a`` is `alpha`, or
+    with `per_row` ``alpha * n`` for the n rows of the class in the batch (each
+    row adding ``alpha * (x - C_old)``); ``decay`` of each class is multiplied
+    by ``1 - a`` per batch, and (when `first_mean` has rows) the first mean of
+    each class seen here is kept."""
     keep_first = first_mean.shape[0] > 0
     for p in range(keys.shape[0]):
         j = keys[p] % num_classes
         n = weight[p]
         if not n > 0.0:
             continue
+        a = alpha * n if per_row else alpha
         c = centers[j]
         b = base[p]
         r = residual[p]
         t = s1[p]
         if initialized[j]:
             for e in range(c.shape[0]):
-                c[e] = (1.0 - alpha) * c[e] + alpha * (b[e] + (t[e] / n + r[e]))
+                c[e] = (1.0 - a) * c[e] + a * (b[e] + (t[e] / n + r[e]))
         else:
             for e in range(c.shape[0]):
                 c[e] = b[e] + (t[e] / n + r[e])
             initialized[j] = True
-        decay[j] *= 1.0 - alpha
+        decay[j] *= 1.0 - a
         if keep_first and not first_seen[j]:
             f = first_mean[j]
             for e in range(c.shape[0]):

@@ -24,10 +24,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 from .errors import EngineError, UsageError
 from .normalize import Normalizer
 from .pipeline import Progress, check_side, with_provenance
-from .sources import Stream, block_rows_for
+from .stream import Stream, block_rows_for
 from .recipe import Recipe
 from .stats import Stats
-from .stores import held_signals, preallocated_output
+from .writers.atomic import held_signals
+from .writers.rows import preallocated_output
 from .kernels import load_kernels
 from .tasks import ApplyTask, FitTask, Inputs, join, run, split_rows
 
@@ -107,7 +108,7 @@ def run_fit_parallel(
     side : dict of str to Stream, optional
         Per-row inputs by name ('labels', 'weights', 'groups').
     allow_external : bool
-        As the streams were opened (see :func:`normstats.sources.open_source`).
+        As the streams were opened (see :func:`normstats.readers.api.open_source`).
     jobs : int
         Processes (the rows are split evenly).
     block_rows : int, optional

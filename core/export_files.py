@@ -16,7 +16,9 @@ import numpy as np
 
 from .errors import NormstatsError
 from .interop import TARGET_FORMATS, torch_key, torch_prefixes
-from .stores import SAFETENSORS_META_KEY, read_array, safetensors_index, npz_names
+from .readers.small_arrays import read_array
+from .writers.safetensors_file import SAFETENSORS_META_KEY, safetensors_index
+from .writers.stats_npz import npz_names
 
 KALDI_HINT = "pip install kaldiio"  # normstats reads Kaldi's binary matrices through kaldiio only
 

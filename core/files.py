@@ -7,7 +7,7 @@ every file it writes (output, checkpoint, plot). Before any work,
 input or as another output -- by device and inode, so symbolic and hard
 links count, and by resolved path for files that do not exist yet -- even
 with ``--force``. Each output's own checks (format, folder, existing file)
-are :func:`normstats.stores.check_output`'s.
+are :func:`normstats.writers.base.check_output`'s.
 
 A checkpoint records the :func:`identities` of the inputs it covers, so a
 resumed fit reads the same files, not others of the same names.
@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 
 from .errors import UsageError
 from .readers.remote import is_url
-from .sources import Stream, split_spec
-from .stores import check_output, split_output
+from .specs import split_spec
+from .stream import Stream
+from .writers.base import check_output, split_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class CommandFiles:
 
     Examples
     --------
-    >>> from normstats.stores import STATS_FORMATS
+    >>> from normstats.writers.base import STATS_FORMATS
     >>> files = CommandFiles().reads("input", "x.npy").writes("output", "x.npy", STATS_FORMATS)
     >>> files.conflicts()[0]
     "output 'x.npy' is the same file as the input 'x.npy'; write to another path"
@@ -101,7 +102,7 @@ class CommandFiles:
 
     def check(self, *, force: bool) -> None:
         """Refuse, before any work, outputs that collide with inputs or each other
-        (whatever `force`), and outputs :func:`~normstats.stores.check_output` refuses.
+        (whatever `force`), and outputs :func:`~normstats.writers.base.check_output` refuses.
 
         Raises
         ------
@@ -127,6 +128,22 @@ def same_file(a: str, b: str) -> bool:
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def check_unread(outputs: CommandFiles, stream: Stream) -> None:
+    """Refuse outputs that are files the opened `stream` reads beyond its specs (the
+    archives an scp points into, the files an HDF5 collection links to).
+
+    Raises
+    ------
+    UsageError
+    """
+    for output in outputs.outputs:
+        for source in stream.sources:
+            for path in source.files():
+                if not is_url(path) and same_file(output.path, path):
+                    raise UsageError(f"{output.role} {output.path!r} is the same file as {path!r}, which the input "
+                                     f"{source.name} reads; write to another path")
 
 
 def identities(streams: dict[str, Stream]) -> list[dict]:

@@ -12,10 +12,10 @@ LISTED = 20  # indices listed per finding (empty classes, near-constant channels
 PAIRWISE_LIMIT = 4096  # closest center pairs are searched up to this many classes
 RARE_SHARE = 0.1  # a class is rare below this share of the median class count
 
-PROVENANCE = ("mode", "axes", "alpha", "eps", "ddof", "batch_size", "nan_policy", "rows_seen",
-              "batches_seen", "batches_skipped", "row_shape", "input_dtype", "sources",
+PROVENANCE = ("mode", "axes", "channel_axis", "alpha", "rule", "eps", "ddof", "batch_size", "nan_policy",
+              "rows_seen", "batches_seen", "batches_skipped", "row_shape", "input_dtype", "sources",
               "normstats_version", "groups", "num_classes", "init", "weighted", "merged_from",
-              "imported_from", "imported_layer")
+              "imported_from", "imported_layer", "reference")
 
 
 def describe(stats: Stats) -> dict[str, Any]:

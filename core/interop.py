@@ -4,16 +4,20 @@ The conversions (:func:`to_torch`, :func:`to_keras`, :func:`to_kaldi`,
 :func:`to_espnet`, :func:`stats_from_torch`) take statistics or tensors and
 return them in the other layout; they never touch files. :func:`export_stats`
 and :func:`import_torch` add the reading and writing, through
-:mod:`normstats.stores`.
+:mod:`normstats.writers`.
 
 Each target gets only what it can represent faithfully; anything else is
 refused with the reason, never approximated:
 
-- torch: one mean and variance per channel (axis 1), i.e. ``axes='auto'`` on
-  input of 2 or more dimensions, ungrouped;
+- torch: one mean and variance per channel, i.e. statistics that keep one axis
+  of input of 2 or more dimensions (``axes='auto'``: axis 1; ``'auto:-1'``:
+  channels-last, the layer then takes the input with that axis moved to 1),
+  ungrouped;
 - keras: any axes, ungrouped;
 - kaldi and espnet: exact statistics (they store sums over every frame) that
-  keep only the input's trailing (feature) axes; Kaldi per group as an archive.
+  keep only the input's trailing (feature) axes; Kaldi per group as an archive
+  (global statistics too, under the key ``global``); ESPnet2's GlobalMVN
+  ungrouped, ESPnet1's CMVN matrices as its compute_cmvn_stats.py writes them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from .axes import kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
 from .stats import BATCHNORM, Stats, check_values
-from .stores import SAFETENSORS_META_KEY, read_safetensors, require_file, safetensors_index, write_export
+from .writers.base import require_file
+from .writers.export import write_export
+from .writers.safetensors_file import SAFETENSORS_META_KEY, read_safetensors, safetensors_index
 from .validate import check_eps
 
 TARGETS = ("torch", "keras", "kaldi", "espnet")
@@ -38,8 +44,10 @@ TARGET_FORMATS = {
     "torch": (".safetensors",),
     "keras": (".npz",),
     "kaldi": (".cmvn", ".mat", ".ark"),  # .ark: per-group statistics, one matrix per key
-    "espnet": (".npz",),
+    # .npz: ESPnet2's GlobalMVN; .npy / .ark / .h5: ESPnet1's CMVN (utils/compute_cmvn_stats.py)
+    "espnet": (".npz", ".npy", ".ark", ".h5", ".hdf5"),
 }
+GLOBAL_KEY = "global"  # the key of statistics without groups in an archive
 TORCH_DEFAULT_EPS = 1e-5  # torch.nn.BatchNorm*d's default; a state dict does not hold its eps
 LISTED_PREFIXES = 10  # BatchNorm layers named when a state dict holds several
 
@@ -54,7 +62,7 @@ class Export:
     ----------
     target : {'torch', 'keras', 'kaldi', 'espnet'}
     container : {'safetensors', 'npz', 'kaldi-matrix', 'kaldi-ark'}
-        How :func:`normstats.stores.write_export` writes `arrays`.
+        How :func:`normstats.writers.export.write_export` writes `arrays`.
     arrays : dict of str to ndarray
         The arrays under their names in the target (for ``kaldi-ark``, the
         archive keys; ``kaldi-matrix`` holds one matrix).
@@ -218,13 +226,16 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
     meta = stats.meta
     row_shape, axes = tuple(meta["row_shape"]), tuple(meta["axes"])
     ndim = len(row_shape) + 1
-    if ndim < 2 or axes != resolve_axes("auto", ndim):
+    kept = [axis for axis in range(ndim) if axis not in axes]
+    if ndim < 2 or len(kept) != 1:
         raise StatsFileError(
             f"{_name(stats)} holds statistics of shape {kept_shape(row_shape, axes)} over axes {axes} "
-            f"of {ndim}-D input; a BatchNorm layer holds one value per channel (axis 1): fit with "
-            "--axes auto on input of 2 or more dimensions"
+            f"of {ndim}-D input; a BatchNorm layer holds one value per channel: fit with --axes auto "
+            "(channels at axis 1) or --channel-axis A (channels at axis A, e.g. -1) on input of 2 or more "
+            "dimensions"
         )
-    channels = row_shape[0]
+    channel_axis = kept[0]
+    channels = row_shape[channel_axis - 1]
     eps = float(meta["eps"]) if eps is None else check_eps(eps)
     mean = stats.arrays.get("mean", np.zeros(channels))
     inv_std = stats.arrays.get("inv_std", np.ones(channels))
@@ -238,7 +249,10 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
     }
     layer = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}.get(ndim, "batch_norm")
     provenance = {"source": stats.source, "mode": stats.mode, "row_shape": list(row_shape),
-                  "rows_seen": meta["rows_seen"], "normstats_version": __version__}
+                  "channel_axis": channel_axis, "rows_seen": meta["rows_seen"], "normstats_version": __version__}
+    # torch's layers take channels at axis 1 (channels_last is a memory format, not a shape)
+    moved = (f"; feed it the input with axis {channel_axis} moved to 1 (x.movedim({channel_axis}, 1))"
+             if channel_axis != 1 else "")
     return Export(
         target="torch",
         container="safetensors",
@@ -246,7 +260,7 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
         # "format": "pt" is what Hugging Face's loaders expect of a PyTorch file.
         metadata={"format": "pt", "eps": repr(eps), "normstats": json.dumps(provenance)},
         summary=f"{layer}({channels}, eps={eps:g}) state dict"
-                + (f" under '{prefix}.'" if prefix else "") + f", {len(tensors)} tensors",
+                + (f" under '{prefix}.'" if prefix else "") + f", {len(tensors)} tensors" + moved,
     )
 
 
@@ -514,6 +528,36 @@ def to_espnet(stats: Stats) -> Export:
                   summary=f"GlobalMVN stats {shape}, count {frames:,.15g}")
 
 
+def to_espnet_cmvn(stats: Stats, extension: str) -> Export:
+    """ESPnet1's CMVN statistics, as ``utils/compute_cmvn_stats.py`` writes them.
+
+    The matrices are Kaldi's 2 x (D+1) ones (:func:`to_kaldi`). Global
+    statistics (a wxfilename there): a ``.npy`` of the matrix (its
+    ``--out-filetype npy``); per speaker or utterance (a wspecifier with
+    ``--spk2utt``): a Kaldi archive (``.ark``, ``--out-filetype mat``) or an
+    HDF5 file with one dataset per key (``.h5``, ``--out-filetype hdf5``).
+
+    Raises
+    ------
+    UsageError
+        Per-group statistics to ``.npy`` or global ones to ``.h5`` (layouts
+        that script never writes).
+    StatsFileError
+        As :func:`to_kaldi`.
+    """
+    kaldi = to_kaldi(stats)
+    grouped = kaldi.container == "kaldi-ark"
+    if extension == ".npy" and grouped:
+        raise UsageError(f"{_name(stats)} holds per-group statistics; ESPnet writes those to a Kaldi archive "
+                         "(.ark) or an HDF5 file (.h5), one matrix per key, and only global ones to .npy")
+    if extension in (".h5", ".hdf5") and not grouped:
+        raise UsageError(f"{_name(stats)} holds global statistics; ESPnet writes those to .npy (or a Kaldi "
+                         "matrix: --to kaldi -o cmvn.mat), and only per-group ones to HDF5")
+    container = {".npy": "npy", ".ark": "kaldi-ark"}.get(extension, "hdf5")
+    arrays = kaldi.arrays if grouped or container == "npy" else {GLOBAL_KEY: kaldi.arrays["cmvn"]}
+    return Export("espnet", container, arrays, summary=kaldi.summary.replace("CMVN stats", "ESPnet1 CMVN stats", 1))
+
+
 CONVERSIONS = {"torch": to_torch, "keras": to_keras, "kaldi": to_kaldi, "espnet": to_espnet}
 
 
@@ -529,7 +573,10 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     target : {'torch', 'keras', 'kaldi', 'espnet'}
     path : str
         Output file; its extension must be one of ``TARGET_FORMATS[target]``
-        (Kaldi: ``.ark`` exactly for per-group statistics).
+        (Kaldi: ``.ark`` exactly for per-group statistics; global ones go to
+        ``.cmvn`` / ``.mat`` or, under the key ``global``, to ``.ark``;
+        ESPnet: ``.npz`` for ESPnet2, ``.npy`` / ``.ark`` / ``.h5`` for ESPnet1,
+        see :func:`to_espnet_cmvn`).
     **options
         Passed to the conversion (torch: `prefix`, `eps`, `gamma`, `beta`).
 
@@ -553,15 +600,16 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
     with np.errstate(over="ignore"):  # an overflow leaves inf, refused just below
-        export = CONVERSIONS[target](check_values(stats), **options)
+        if target == "espnet" and extension != ".npz":
+            export = to_espnet_cmvn(check_values(stats), extension)
+        else:
+            export = CONVERSIONS[target](check_values(stats), **options)
     _check_finite_export(export, _name(stats))
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
-    if export.container == "kaldi-matrix" and extension == ".ark":
-        raise UsageError(
-            f"{path}: an .ark holds per-group statistics (fit-bn --groups); write one matrix as "
-            f"{os.path.splitext(path)[0]}.cmvn"
-        )
+    if export.container == "kaldi-matrix" and extension == ".ark":  # an archive of one matrix
+        export = Export(export.target, "kaldi-ark", {GLOBAL_KEY: export.arrays["cmvn"]},
+                        summary=f"{export.summary}, key {GLOBAL_KEY!r}")
     write_export(export.container, export.arrays, export.metadata, path)
     return export
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from .errors import DataError, UsageError
 from .limits import require_regular_file
-from .sources import ArraySource, Stream, _identity
+from .readers.base import ArraySource, _identity
+from .stream import Stream
 
 KINDS = ("utterance", "utt2spk", "spk2utt")
 MAP_LINE_LIMIT = 1 << 20  # bytes of one map line; past it, not a Kaldi map

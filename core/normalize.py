@@ -157,7 +157,7 @@ class Normalizer:
                     for k, v in self._terms.items()}
             self._cast[("rows", compute)] = terms
         from . import compiled
-        from .stores import held_signals
+        from .writers.atomic import held_signals
 
         rows = x.reshape(x.shape[0], -1)
         y = self._workspace.array("y", x.shape, compute)

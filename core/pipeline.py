@@ -7,7 +7,6 @@ checkpoints, progress and provenance, and nothing else.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -19,12 +18,12 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
-from .files import identities, identity_mismatch
 from .normalize import Normalizer
 from .readers.parallel import ordered_map, parallel_stream
-from .sources import BLOCK_BYTES, Stream, block_rows_for
+from .stream import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
-from .stores import ArrayWriter, DatasetsWriter
+from .writers.h5_chunked import CompressedArrayWriter
+from .writers.rows import ArrayWriter, DatasetsWriter
 
 Progress = Optional[Callable[[int], None]]
 Checkpoint = Optional[Callable[[object, int], None]]
@@ -247,37 +246,6 @@ def fit_centers(
     return run_fit(state, features, side=side, **options)
 
 
-def resume_row(checkpoint: Stats, stream: Stream, name: str = "checkpoint",
-               side: Optional[dict[str, Stream]] = None) -> int:
-    """The row of `stream` at which a fit saved in `checkpoint` goes on.
-
-    A checkpoint that recorded its inputs' identities (absolute path,
-    dataset, size, modification time; see :func:`normstats.files.identities`)
-    resumes only over those very files, with `side` (labels, weights,
-    groups) as when it was made.
-
-    Raises
-    ------
-    UsageError
-        The file is not a checkpoint, or was made over other inputs.
-    """
-    info = checkpoint.meta.get("checkpoint")
-    if not info:
-        raise UsageError(f"{name} is not a checkpoint (it records no rows done); use --init to continue from it")
-    same = [os.path.basename(n) for n in info["sources"]] == [os.path.basename(n) for n in stream.names]
-    if not same or int(info["rows_total"]) != stream.rows:
-        raise UsageError(
-            f"{name} was made over {', '.join(info['sources'])} ({info['rows_total']} rows), not over "
-            f"{', '.join(stream.names)} ({stream.rows} rows); resume with the same inputs"
-        )
-    if info.get("inputs"):
-        mismatch = identity_mismatch(info["inputs"], identities({"features": stream, **(side or {})}))
-        if mismatch:
-            raise UsageError(f"{name} was made over other files: {mismatch}; resume with the same inputs, "
-                             "or start over without --resume")
-    return int(info["rows_done"])
-
-
 def state_from_stats(stats: Stats, **options) -> State:
     """The exact state object stored in `stats`, ready to update or merge."""
     if stats.kind == BATCHNORM:
@@ -334,13 +302,15 @@ def apply_stats(
     groups: Optional[Stream] = None,
     dataset: Optional[str] = None,
     block_rows: Optional[int] = None,
+    compression: Optional[str] = None,
     progress: Progress = None,
 ) -> dict:
     """Normalize every row of `stream` into `output` (`.npy` or HDF5), atomically.
 
     An HDF5 output's dataset is the one named in `output` (``out.h5:NAME``),
     else `dataset`, else the input's dataset name, else ``data``. With
-    per-group statistics, `groups` gives each row's group.
+    per-group statistics, `groups` gives each row's group. `compression`
+    (``gzip`` / ``lzf``) writes the HDF5 dataset compressed in chunks.
 
     Returns
     -------
@@ -352,7 +322,10 @@ def apply_stats(
     block_rows = block_rows or block_rows_for(stream.row_bytes, None)
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
-    with ArrayWriter(output, stream.shape, normalizer.result_dtype(stream.dtype), dataset=dataset) as writer:
+    dtype = normalizer.result_dtype(stream.dtype)
+    writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
+        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression)
+    with writer:
         for block in normalized_blocks(normalizer, stream, side, block_rows):
             writer.write(block)
             if progress:

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import UsageError
 from .inspection import center_distances
 from .stats import BATCHNORM, Stats
-from .stores import atomic_path
+from .writers.atomic import atomic_path
 
 PLOT_FORMATS = (".png",)
 SERIES_LIMIT = 10  # groups drawn as their own lines; more would be unreadable

@@ -19,7 +19,7 @@ import numpy as np
 from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import UsageError
-from .sources import BLOCK_BYTES
+from .stream import BLOCK_BYTES
 from .stats import BATCHNORM, CENTERS, Stats
 
 State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]

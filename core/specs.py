@@ -132,3 +132,13 @@ def _with_name(parsed: InputSpec, dataset: Optional[str]) -> InputSpec:
         raise UsageError(f"{parsed.spec} is a Kaldi {parsed.kind}, which has no datasets; leave out --dataset")
     return dataclasses.replace(parsed, name=dataset)
 
+
+def split_spec(spec: str, dataset: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Split ``file.h5:NAME`` into path and dataset name (see :func:`parse_spec`).
+
+    A path that exists as given is never split (so Windows drive letters and
+    file names with colons work); `dataset` (from ``--dataset``) applies when
+    the spec names no dataset.
+    """
+    parsed = parse_spec(spec, dataset)
+    return parsed.path, parsed.name

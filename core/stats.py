@@ -117,7 +117,7 @@ def _check_meta(stats: Stats) -> None:
 
 
 def _check_consistent(stats: Stats) -> None:
-    from .axes import kept_shape, resolve_axes
+    from .axes import check_channel_meta, kept_shape, resolve_axes
 
     name = stats.source or "the stats file"
     meta, arrays = stats.meta, stats.arrays
@@ -128,6 +128,8 @@ def _check_consistent(stats: Stats) -> None:
         axes = tuple(int(a) for a in meta["axes"])
         if resolve_axes(axes, len(row_shape) + 1) != axes:
             raise _bad(stats, f"the metadata axes {list(axes)} are not sorted, distinct and non-negative")
+        if check_channel_meta(meta):
+            raise _bad(stats, check_channel_meta(meta))
         shape = kept_shape(row_shape, axes)
         shapes = {}
         if meta.get("groups") is not None:

@@ -22,8 +22,8 @@ from .normalize import Normalizer
 from .pipeline import feed, normalized_blocks
 from .readers.remote import absolute as absolute_path
 from .recipe import Recipe, State
-from .sources import Stream, open_window
-from .stores import RowRegion
+from .stream import Stream, open_window
+from .writers.rows import RowRegion
 
 FEATURES = "features"
 

@@ -162,7 +162,7 @@ def _complete(path: Path, command: str) -> bool:
         with h5py.File(path, "r") as f:
             return f["labels"].shape == (20000,) and f["distances"].shape == (20000,)
     if command == "export":
-        return len(ns.stores.read_safetensors(str(path))[0]) == 5
+        return len(ns.writers.safetensors_file.read_safetensors(str(path))[0]) == 5
     return ns.read_stats(str(path)).meta["kind"] in ("batchnorm", "centers")
 
 

@@ -17,7 +17,8 @@ import pytest
 import normstats as ns
 import normstats.cli.commands
 import normstats.pipeline
-import normstats.stores
+import normstats.writers.atomic
+import normstats.writers.stats_h5
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -132,9 +133,9 @@ def _appear_during_run(monkeypatch, path: Path, content: bytes) -> None:
 @pytest.mark.parametrize("command, out", [("fit-bn", "out.h5"), ("apply", "out.npy"), ("assign", "out.h5")])
 def test_an_output_that_appears_meanwhile_is_kept(run, made, monkeypatch, command, out, fallback):
     if fallback != "link":  # a filesystem without hard links
-        monkeypatch.setattr(normstats.stores.os, "link", _refuse_links)
+        monkeypatch.setattr(normstats.writers.atomic.os, "link", _refuse_links)
     if fallback == "look-then-rename":  # ... and without renameat2
-        monkeypatch.setattr(normstats.stores.ctypes, "CDLL", _no_library)
+        monkeypatch.setattr(normstats.writers.atomic.ctypes, "CDLL", _no_library)
     _appear_during_run(monkeypatch, made / out, b"someone else's")
     args = {"fit-bn": FIT_BN, "apply": ["apply", "s.npz", "x.npy"], "assign": ["assign", "c.npz", "x.npy"]}[command]
     result = run(*args, "-o", out)
@@ -197,14 +198,14 @@ def test_a_run_removes_the_temporaries_of_dead_writers_only(run, made):
 
 def test_temporaries_carry_the_writers_pid(run, made, monkeypatch):
     seen = []
-    real = normstats.stores._write_stats_h5
+    real = normstats.writers.stats_h5._write_stats_h5
 
     def spy(arrays, meta, path):
         seen.append(os.path.basename(path))
         real(arrays, meta, path)
-    monkeypatch.setattr(normstats.stores, "_write_stats_h5", spy)
+    monkeypatch.setattr(normstats.writers.stats_h5, "_write_stats_h5", spy)
     assert run(*FIT_BN, "-o", "o.h5").exit_code == 0
-    match = normstats.stores.TEMPORARY.match(seen[0])
+    match = normstats.writers.atomic.TEMPORARY.match(seen[0])
     assert match and match["base"] == "o.h5" and int(match["pid"]) == os.getpid()
 
 

@@ -491,11 +491,12 @@ def test_targets_refuse_what_they_cannot_hold(target, case, tmp_path):
 def test_kaldi_single_matrix_and_archive_are_told_apart(tmp_path):
     plain = fit(ns.BatchNormExact(), frames())
     grouped = fit(ns.BatchNormExact(num_groups=2), frames(), groups=np.arange(61) % 2)
-    with pytest.raises(ns.UsageError, match="per-group"):
-        ns.export_stats(plain, "kaldi", str(tmp_path / "cmvn.ark"))
     with pytest.raises(ns.UsageError, match="cmvn.ark"):
         ns.export_stats(grouped, "kaldi", str(tmp_path / "cmvn.mat"))
     assert not os.listdir(tmp_path)
+    # a global matrix goes to an archive too, as its one entry (issue 13)
+    ns.export_stats(plain, "kaldi", str(tmp_path / "cmvn.ark"))
+    assert list(parse_kaldi_ark((tmp_path / "cmvn.ark").read_bytes())) == ["global"]
 
 
 # --- the commands -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from normstats.stores import split_output
+from normstats.writers.base import split_output
 
 
 @pytest.mark.parametrize("spec, parts", [

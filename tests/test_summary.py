@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import normstats as ns
-import normstats.sources
+import normstats.stream
 from normstats.cli import report
 from normstats.stats import Stats
 
@@ -19,7 +19,7 @@ def _seconds(line: str) -> float:
 
 def test_the_time_shown_includes_opening_the_inputs(run, tmp_path, monkeypatch) -> None:
     np.save(tmp_path / "x.npy", np.ones((10, 2), np.float32))
-    opening = normstats.sources.open_stream
+    opening = normstats.stream.open_stream
 
     def slow_open(*args, **kwargs):
         time.sleep(0.3)

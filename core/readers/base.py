@@ -1,32 +1,111 @@
-"""What the readers share: optional packages, and sequences of rows with keys."""
+"""What the readers share: the array source base, optional packages, and
+sequences of rows with keys."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Sequence
+import os
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DataError, UsageError
-from ..sources import ArraySource
+from ..limits import elements
+from ..validate import check_numeric_dtype
 
 # module -> (the package to install, the normstats extra that brings it)
 EXTRAS = {"kaldiio": ("kaldiio", "kaldi"), "zarr": ("zarr", "zarr"), "pyarrow": ("pyarrow", "arrow")}
 
 
-def require(module: str, spec: str) -> Any:
+def require(module: str, spec: str, *, action: str = "reading") -> Any:
     """Import an optional package, or say in one line how to install it.
 
     Raises
     ------
     UsageError
-        ``reading SPEC needs PACKAGE; pip install 'normstats[EXTRA]'``.
+        ``reading SPEC needs PACKAGE; pip install 'normstats[EXTRA]'`` (or `action`, e.g. writing).
     """
     package, extra = EXTRAS[module]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"reading {spec} needs {package}; pip install 'normstats[{extra}]'") from None
+        raise UsageError(f"{action} {spec} needs {package}; pip install 'normstats[{extra}]'") from None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What must stay the same while a file is read: which file, its size and last write."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+class ArraySource:
+    """One array on disk, read by rows. Subclasses implement :meth:`read_into`.
+
+    A source keeps only metadata between reads: its file is opened at the
+    first read and closed by :meth:`close` (a Stream closes each shard when
+    done with it), so a thousand shards never hold a thousand descriptors.
+    Every read checks that the file is still the one opened, with the same
+    size and modification time: a file changed under a run is an error, never
+    a mix of two versions (or zeros, which HDF5 returns past a truncated end).
+    """
+
+    path: str
+    name: str  # for messages: 'file.npy' or 'file.h5:NAME'
+    dataset: Optional[str] = None  # the HDF5 dataset read, if any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    first_row: int = 0  # the file's row that is row 0 here (see RowSlice)
+    _identity: tuple[int, int, int, int]  # of the file holding the data, when first opened
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
+        raise NotImplementedError
+
+    def locate_row(self, row: int) -> tuple[str, int]:
+        """Row `row` of this source for messages: (what holds it, its row there)."""
+        return self.name, self.first_row + row
+
+    def files(self) -> list[str]:
+        """Every local file this source reads."""
+        return [self.path]
+
+    def close(self) -> None:
+        """Release the file handle (a later read opens it again)."""
+
+    def _validate(self) -> None:
+        check_numeric_dtype(self.dtype, self.name)
+        if len(self.shape) == 0:
+            raise DataError(f"{self.name} is a scalar; it needs at least one (row) axis")
+        if self.shape[0] == 0:
+            raise DataError(f"{self.name} has zero rows; there is nothing to read")
+        if elements(self.shape[1:]) == 0:
+            raise DataError(f"{self.name} has shape {self.shape}: its rows hold no elements, so there is "
+                            "nothing to compute; check how the array was saved")
+
+    def _current_identity(self, file: Optional[str] = None) -> tuple:
+        """The identity of `file` (default: the source's) now, laid out as :func:`_identity`'s."""
+        return _identity(os.stat(file or self.path))
+
+    def _check_current(self, file: Optional[str] = None) -> None:
+        """Refuse to go on if `file` (default: the source's) is no longer the one first opened."""
+        self._check_identity(self._current_identity(file), file)
+
+    def _check_unchanged(self, info: os.stat_result, file: Optional[str] = None) -> None:
+        self._check_identity(_identity(info), file)
+
+    def _check_identity(self, now: tuple, file: Optional[str] = None) -> None:
+        if now != self._identity:
+            before, after = self._identity[2], now[2]
+            size = f" (its size went from {before} to {after} bytes)" if after != before else ""
+            raise DataError(f"{file or self.path} changed while it was read{size}; nothing was written: "
+                            "run again once no other program writes to it")
 
 
 class SequenceSource(ArraySource):
@@ -76,6 +155,10 @@ class SequenceSource(ArraySource):
     def read_sequence(self, index: int, begin: int, end: int, out: np.ndarray) -> None:
         """Fill `out` with frames ``begin:end`` of sequence `index`."""
         raise NotImplementedError
+
+    def files(self) -> list[str]:
+        """Every local file read: the collection's own, and those its entries point into."""
+        return list(dict.fromkeys([self.path, *getattr(self, "_files", {})]))
 
     def locate_row(self, row: int) -> tuple[str, int]:
         """The sequence holding `row`, and the frame within it."""

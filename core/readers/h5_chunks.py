@@ -8,7 +8,7 @@ loop (which releases it too). Only the layouts this handles exactly are
 taken (chunks of whole rows, no filter, deflate or shuffle + deflate, native
 byte order); any other dataset keeps h5py's own read, and so does a chunk
 stored with a filter skipped. The dataset was opened through :mod:`normstats.hdf5_policy`
-by its :class:`~normstats.sources.H5Source`, whose checks (external and
+by its :class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
 virtual data, chunks all written and inside the file) stand; after every
 read the file must still be the one opened.
 """
@@ -61,7 +61,7 @@ class ChunkReader:
         (+ shuffle), read as `dtype` without conversion; else None."""
         import h5py
 
-        from ..sources import H5Source
+        from .h5dataset import H5Source
 
         if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
             return None

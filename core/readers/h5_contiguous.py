@@ -4,7 +4,7 @@ A contiguous, unfiltered dataset in native byte order is one run of bytes of
 its file, like a `.npy` file's data: two reader threads can then read it at
 once (h5py serializes its own calls), with no HDF5 buffers in between. The
 dataset was opened and checked through :mod:`normstats.hdf5_policy` by its
-:class:`~normstats.sources.H5Source` (external and virtual data refused,
+:class:`~normstats.readers.h5dataset.H5Source` (external and virtual data refused,
 declared bytes inside the file); external storage is never taken here. After
 every read the file must still be the one opened, and a short read is an
 error: a file cut under the run stops it cleanly.
@@ -38,7 +38,7 @@ class ContiguousReader:
         import h5py
 
         from .. import hdf5_policy
-        from ..sources import H5Source
+        from .h5dataset import H5Source
 
         if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
             return None
@@ -64,7 +64,7 @@ class ContiguousReader:
 
     def read_into(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with rows ``start:start+len(out)``."""
-        from ..sources import _pread_exact
+        from .npy import _pread_exact
 
         fd = self._handle()
         view = memoryview(out.reshape(-1).view(np.uint8))

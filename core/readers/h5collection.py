@@ -19,7 +19,8 @@ import numpy as np
 from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
 from ..limits import available_memory
-from ..sources import _h5_stat, _identity
+from .base import _identity
+from .h5dataset import _h5_stat
 from .base import SequenceSource
 
 GLOB = set("*?[")

@@ -20,8 +20,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory, check_stored, elements, require_regular_file
-from ..sources import _identity
-from .base import SequenceSource, require
+from .base import SequenceSource, _identity, require
 
 # token -> (dtype read, bytes of the header after the token, bytes per element, per-column bytes)
 MATRICES = {"FM": (np.float32, 10, 4, 0), "DM": (np.float64, 10, 8, 0), "CM": (np.float32, 16, 1, 8),

@@ -18,7 +18,7 @@ import numpy as np
 from ..archives import _npy_header
 from ..errors import DataError, NormstatsError, UsageError
 from ..limits import check_expansion, elements
-from ..sources import ArraySource, _identity
+from .base import ArraySource, _identity
 from .raw import RawArraySource
 
 LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field

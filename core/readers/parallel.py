@@ -58,13 +58,13 @@ def _reads_in_parallel(source) -> bool:
     """Whether two threads may read `source` at once: a C-order `.npy` read without
     conversion (``pread`` on one descriptor, no shared staging buffer). Any other
     source is read by one thread at a time (HDF5 serializes its calls anyway)."""
-    from ..sources import NpySource
+    from .npy import NpySource
 
     return type(source) is NpySource and not getattr(source, "_fortran", True)
 
 
 def _unwrapped(source):
-    from ..sources import RowSlice
+    from ..stream import RowSlice
 
     while isinstance(source, RowSlice):
         source = source.source
@@ -195,7 +195,8 @@ def parallel_stream(stream) -> bool:
     layouts take turns in h5py while the kernels still run side by side)."""
     import os
 
-    from ..sources import H5Source, NpySource
+    from .h5dataset import H5Source
+    from .npy import NpySource
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores >= 2 and all(isinstance(_unwrapped(s), (NpySource, H5Source)) for s in stream.sources)

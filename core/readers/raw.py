@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 
 from ..limits import check_stored, elements
-from ..sources import NpySource, _identity
+from .base import _identity
+from .npy import NpySource
 
 
 class RawArraySource(NpySource):

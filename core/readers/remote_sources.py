@@ -17,7 +17,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import DataError, NormstatsError, UsageError
-from ..sources import BLOCK_BYTES, NPY_MAGIC, ArraySource, NpySource
+from ..stream import BLOCK_BYTES
+from .base import ArraySource
+from .npy import NPY_MAGIC, NpySource
 from ..specs import InputSpec
 from .arrow_column import ArrowColumn
 from .base import require

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..archives import check_safetensors_header
 from ..errors import DataError, NormstatsError, UsageError
-from ..sources import ArraySource
+from .base import ArraySource
 from .raw import RawArraySource
 
 DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4", "I32": "<i4",

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory, elements
-from ..sources import ArraySource
+from .base import ArraySource
 from .base import require
 
 METADATA = ("zarr.json", ".zarray")
