@@ -461,7 +461,7 @@ def case_fit_centers(data: Data, fmt: str, *, mode: str, k: int) -> None:
     import normstats as ns
 
     with ns.open_stream([data.spec(fmt)]) as stream, ns.open_stream([str(data.labels(k))]) as labels:
-        ns.run_fit(ns.centers_state(k, mode, batch_size=BATCH_SIZE), stream, side={"labels": labels})
+        ns.run_fit(ns.centers_state(k, mode, batch_size=BATCH_SIZE), stream, side={"labels": labels}, spend=True)
 
 
 def case_apply(data: Data, fmt: str) -> None:

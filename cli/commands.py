@@ -228,7 +228,7 @@ def _run(command: str, state: Any, stream: ns.Stream, side: dict, *, quiet: bool
                                   rows_total=stream.rows, inputs=identities({"features": stream, **side}))
     with progress_bar(stream.rows, quiet=quiet, label=command, initial=start_row) as advance:
         stats = ns.run_fit(state, stream, side=side, start_row=start_row, progress=advance,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, spend=True)
     return stats, checkpoint
 
 

@@ -17,10 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from .kernels import Layout, accumulate, fold_exact, update_groups
+from .errors import UsageError
+from .kernels import Layout, Sums, accumulate, fold_exact, update_groups
 from .moments import merge_moments, variance
 
 
+RESULT_GROUPS = 4096  # groups per slice when a result is built (see GroupedMoments._sliced)
 PILOT_ROWS = 64  # rows whose mean is the first shift of a one-group fit
 PILOT_ELEMENTS = 1 << 18  # but no more than this many values (wide rows)
 
@@ -62,6 +64,7 @@ class GroupedMoments:
         self.offset: Optional[np.ndarray] = None
         self.m2_flat: Optional[np.ndarray] = None
         self.count_flat: Optional[np.ndarray] = None  # per element, under omit only
+        self.spent = False  # its arrays went to a result (mean_and_variance(spend=True))
 
     @property
     def omit(self) -> bool:
@@ -100,14 +103,24 @@ class GroupedMoments:
         """Elements (or weight) per group and statistic."""
         return None if self.layout is None else self._shaped(np.array(self.count_2d))
 
+    def _sliced(self, part, dtype=np.float64) -> np.ndarray:
+        """``part(rows)`` for slices of RESULT_GROUPS groups, into one new (groups,
+        statistics) array: a result of many groups costs its own array, not
+        several temporaries of the state's size."""
+        out = np.empty(self.shift.shape, dtype)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for lo in range(0, self.num_groups, RESULT_GROUPS):
+                rows = slice(lo, lo + RESULT_GROUPS)
+                out[rows] = part(rows)
+        return out
+
     @property
     def mean(self) -> Optional[np.ndarray]:
         """Mean per group and statistic; NaN where nothing was counted."""
         if self.layout is None:
             return None
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = np.where(self.count_2d > 0, self.shift + self.offset, np.nan)
-        return self._shaped(mean)
+        n = self.count_2d
+        return self._shaped(self._sliced(lambda r: np.where(n[r] > 0, self.shift[r] + self.offset[r], np.nan)))
 
     @property
     def mean_low(self) -> Optional[np.ndarray]:
@@ -121,32 +134,40 @@ class GroupedMoments:
         if self.layout is None:
             return None
         n = self.count_2d
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spread = np.sqrt(np.where(n > 0, self.m2_flat / n, 0.0))
-        low = _two_sum(self.shift, self.offset)[1]
-        return self._shaped(np.where((n > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0))
+
+        def part(r: slice) -> np.ndarray:
+            spread = np.sqrt(np.where(n[r] > 0, self.m2_flat[r] / n[r], 0.0))
+            low = _two_sum(self.shift[r], self.offset[r])[1]
+            return np.where((n[r] > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0)
+        return self._shaped(self._sliced(part))
 
     @property
     def m2(self) -> Optional[np.ndarray]:
         return None if self.layout is None else self._shaped(self.m2_flat.copy())
 
-    def mean_and_variance(self, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    def mean_and_variance(self, ddof: int, *, spend: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Mean and ``m2 / (count - ddof)`` per group and statistic, NaN where
         ``count <= ddof`` (the mean: where the count is 0), built with one array
-        each (a K x D state allows no more)."""
+        each (a K x D state allows no more). With `spend`, they are built in the
+        state's own arrays (no new K x D array), which leaves the state unusable."""
         if self.count_flat is not None:
             return self.mean, self.variance(ddof)
         n = (self.weight * self.layout.per_stat)[:, None]
-        mean = np.add(self.shift, self.offset)
+        mean = np.add(self.shift, self.offset, out=self.shift if spend else None)
         mean[self.weight <= 0] = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
-            var = np.divide(self.m2_flat, n - ddof)
+            var = np.divide(self.m2_flat, n - ddof, out=self.m2_flat if spend else None)
         var[n[:, 0] <= ddof] = np.nan
-        return self._shaped(mean), self._shaped(var)
+        shaped = self._shaped(mean), self._shaped(var)
+        if spend:
+            self.spent = True
+            self.shift = self.offset = self.m2_flat = None
+        return shaped
 
     def variance(self, ddof: int) -> np.ndarray:
         """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        return self._shaped(variance(self.count_2d, self.m2_flat, ddof))
+        n = self.count_2d
+        return self._shaped(self._sliced(lambda r: variance(n[r], self.m2_flat[r], ddof)))
 
     def near_constant(self) -> np.ndarray:
         """Statistics whose M2 is within the rounding error of the shifted sums.
@@ -159,8 +180,11 @@ class GroupedMoments:
         its variance.
         """
         n = self.count_2d
-        bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n, 2.0)) * n * self.offset**2
-        return self._shaped((n > 0) & (self.m2_flat <= bound))
+
+        def part(r: slice) -> np.ndarray:
+            bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n[r], 2.0)) * n[r] * self.offset[r]**2
+            return (n[r] > 0) & (self.m2_flat[r] <= bound)
+        return self._shaped(self._sliced(part, np.bool_))
 
     def restore(self, rows: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
                 mean_low: Optional[np.ndarray] = None, row_shape: Optional[tuple] = None) -> "GroupedMoments":
@@ -191,6 +215,7 @@ class GroupedMoments:
             from the first row of `x`).
         """
         x = np.asarray(x)
+        self.require_unspent()
         if self.layout is None:
             self.start(x.shape[1:])
         if x.shape[0] == 0:
@@ -199,20 +224,36 @@ class GroupedMoments:
             update_groups(x, self.layout, groups, self.shift, self.offset, self.m2_flat, self.rows, self.weight,
                           self.count_flat, weights=weights)
             return self
+        self.fold(self.block_sums(x, weights=weights, pilot=self.weight[0] == 0 and not self.omit))
+        return self
+
+    def block_sums(self, x: np.ndarray, *, weights: Optional[np.ndarray] = None, pilot: bool = False,
+                   around: Optional[tuple] = None) -> Sums:
+        """The kernel's sums of the rows of `x` (one group) around the state's shift, or
+        around `around` (a :meth:`shift_now` taken earlier: then this only reads the
+        state, so reader threads may call it while :meth:`fold` takes earlier sums);
+        with `pilot`, around the mean of the first rows."""
         keys = np.zeros(1, np.int64)
-        slots = np.zeros(x.shape[0], np.int64)
-        if self.omit:
-            fresh, count0, shift = np.ones(1, bool), self.count_flat[keys], self.shift[keys]
-        elif self.weight[0] == 0:
-            fresh, count0, shift = np.zeros(1, bool), None, self._pilot(x)
-        else:
-            fresh, count0, shift = np.zeros(1, bool), None, self.shift[keys]
-        sums = accumulate(x, self.layout, slots, keys, shift, fresh, weights=weights,
+        shift, count0 = around if around is not None else self.shift_now()
+        if pilot:
+            shift = self._pilot(x)
+        fresh = np.full(1, self.omit)
+        return accumulate(x, self.layout, np.zeros(x.shape[0], np.int64), keys, shift, fresh, weights=weights,
                           omit=self.omit, count0=count0)
+
+    def shift_now(self) -> tuple:
+        """Copies of the shift (and, under omit, the counts) sums are taken around."""
+        return self.shift[:1].copy(), None if not self.omit else self.count_flat[:1].copy()
+
+    def fold(self, sums: Sums) -> None:
+        """Merge the sums of :meth:`block_sums` into the state (in stream order)."""
         fold_exact(sums, self.layout.per_stat, self.shift, self.offset, self.m2_flat, self.weight,
                    self.count_flat)
-        self.rows[keys] += sums.rows
-        return self
+        self.rows[sums.keys] += sums.rows
+
+    def require_unspent(self) -> None:
+        if self.spent:
+            raise UsageError("these moments were spent on a result (spend=True); fit a new state")
 
     def _pilot(self, x: np.ndarray) -> np.ndarray:
         """A first shift for one group: the mean of the first rows (closer to the
@@ -227,6 +268,8 @@ class GroupedMoments:
 
     def merge(self, other: "GroupedMoments") -> "GroupedMoments":
         """Add what `other` (same groups, axes and shape) has seen."""
+        self.require_unspent()
+        other.require_unspent()
         if other.layout is None:
             return self
         if self.layout is None:

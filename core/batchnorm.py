@@ -333,19 +333,20 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         return starts, not more or rows - int(starts[-1]) == batch
 
     def _add(self, x: np.ndarray, batches: int, *, slots: Optional[np.ndarray] = None, first: int = 0,
-             start: Optional[Sums] = None) -> Sums:
+             start: Optional[Sums] = None, at: Optional[int] = None, scratch: Optional[Workspace] = None) -> Sums:
         """The kernel's sums of the consecutive batches of `x` (each row's batch in
         `slots`, each batch shifted by its first row), or of rows continuing the
-        open batch `start`."""
+        open batch `start`; `at` and `scratch` replace the state's position and
+        workspace."""
         layout = self.layout
         try:
             if start is not None:
                 return accumulate(x, layout, np.zeros(len(x), np.int64), start.keys, start.shift,
                                   np.zeros(1, bool), omit=self.nan_policy == "omit", start=start)
             return accumulate(x, layout, slots, np.arange(batches, dtype=np.int64), None, np.ones(batches, bool),
-                              omit=self.nan_policy == "omit", scratch=self._workspace)
+                              omit=self.nan_policy == "omit", scratch=scratch or self._workspace)
         except NonFiniteError as error:
-            raise error.shifted(self.position + first) from None
+            raise error.shifted((self.position if at is None else at) + first) from None
 
     def _fold_sums(self, sums: Sums) -> None:
         stacked = (len(sums.keys),) + self.shape
@@ -456,6 +457,27 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         return self
 
     combine = follow
+
+    def block_work(self):
+        """What :meth:`update` computes for a block of whole batches, as a function
+        ``work(x, at, scratch) -> sums`` that only reads the state (reader threads run
+        it side by side; `at` is the state position of the block's first row), and
+        :meth:`take` folds its sums in, in stream order; None when a batch is open."""
+        if self._open is not None or self.layout is None or self.boundaries is not None:
+            return None  # (batches of a boundaries file fall anywhere in a block)
+        batch = self.batch_size
+
+        def work(x: np.ndarray, at: int, scratch: Workspace) -> Sums:
+            rows = x.shape[0]
+            size = batch or rows
+            return self._add(x, -(-rows // size), slots=np.arange(rows, dtype=np.int64) // size, at=at,
+                             scratch=scratch)
+        return work
+
+    def take(self, sums: Sums, rows: int) -> None:
+        """Fold in the sums of ``block_work()`` for the next `rows` rows."""
+        self._fold_sums(sums)
+        self.rows_seen += rows
 
     def zero_start(self) -> "BatchNormEMA":
         """Start from mean 0 and inv_std 0 (for a range of rows to :meth:`follow` others)."""
@@ -681,6 +703,26 @@ class BatchNormExact(_BatchNormBase):
 
     combine = merge
 
+    def block_work(self):
+        """As :meth:`BatchNormEMA.block_work`: unweighted blocks of one group, their
+        sums taken around the shift of the state now (the fold re-centres them)."""
+        if self.num_groups is not None or self.weighted or self.moments is None or not self.rows_seen:
+            return None
+        around = self.moments.shift_now()
+
+        def work(x: np.ndarray, at: int, scratch: Workspace) -> Sums:
+            try:
+                return self.moments.block_sums(x, around=around)
+            except NonFiniteError as error:
+                raise error.shifted(at) from None
+        return work
+
+    def take(self, sums: Sums, rows: int) -> None:
+        """Fold in the sums of ``block_work()`` for the next `rows` rows."""
+        self.moments.fold(sums)
+        self.batches_seen += self.batches_in(rows)
+        self.rows_seen += rows
+
     def result(self) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata."""
         self._require_updates()
@@ -692,15 +734,18 @@ class BatchNormExact(_BatchNormBase):
         too_small = self._too_small(count, meta)
         var = moments.variance(self.ddof)
         near_constant = moments.near_constant() & ~too_small
-        var = np.where(near_constant, 0.0, var)
+        var[near_constant] = 0.0  # in place: var is the result's own array (K x D with groups)
         meta["near_constant_count"], meta["near_constant"] = _listed(near_constant)
         meta["weighted"] = self.weighted
-        arrays = {"count": count.copy(), "var": var}
+        arrays = {"count": count, "var": var}
         arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
         arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
         if self.use_inv_std:
+            inv_std = np.array(var, dtype=np.float64)  # one array, filled in place (K x D with groups)
+            inv_std += self.eps
             with np.errstate(invalid="ignore"):
-                arrays["inv_std"] = 1.0 / np.sqrt(var + self.eps)
+                np.sqrt(inv_std, out=inv_std)
+            arrays["inv_std"] = np.divide(1.0, inv_std, out=inv_std)
         if self.num_groups is not None:
             meta["groups"] = self.num_groups
             meta["groups_unseen"] = int(np.sum(moments.rows == 0))

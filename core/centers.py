@@ -529,13 +529,16 @@ class CentersExact(_CentersBase):
 
     combine = merge
 
-    def result(self) -> Stats:
-        """Class means and variances (NaN where unseen), counts and metadata."""
+    def result(self, *, spend: bool = False) -> Stats:
+        """Class means and variances (NaN where unseen), counts and metadata; with
+        `spend`, built in the state's arrays (no K x D copies; the state is spent)."""
         self._require_updates()
         moments = self.moments
         if self.weighted and not np.any(moments.weight > 0):
             raise DataError("every weight is 0: there is nothing to fit; give some rows a positive weight")
-        centers, var = moments.mean_and_variance(0)  # NaN where unseen
+        moments.require_unspent()
+        # weights keep the state: their per-class sums are read below
+        centers, var = moments.mean_and_variance(0, spend=spend and not self.weighted)  # NaN where unseen
         arrays = {
             "centers": self._shaped(centers),
             "counts": self.counts.copy(),

@@ -14,6 +14,7 @@ from .workspace import Workspace
 
 Affine = Union[float, np.ndarray, None]
 OUTPUT_DTYPES = ("float16", "float32", "float64")
+FUSED_ROW_ELEMENTS = 1 << 22  # rows up to this size take the compiled pass (its terms: one row each)
 
 
 def output_dtype(input_dtype: np.dtype) -> np.dtype:
@@ -84,7 +85,8 @@ class Normalizer:
         }
         self._terms["beta"] = None if beta is None else self._broadcastable(beta, False)
         self._group_rows = stats.arrays.get("group_rows")
-        self._cast: dict[np.dtype, dict[str, Optional[np.ndarray]]] = {}
+        self._cast: dict[object, dict[str, Optional[np.ndarray]]] = {}
+        self._loaded: set = set()  # (input, compute) dtypes whose compiled pass is loaded
         self._workspace = Workspace()
 
     def _broadcastable(self, value: np.ndarray, grouped: bool) -> np.ndarray:
@@ -123,7 +125,8 @@ class Normalizer:
         self.check(x.shape[1:], x.dtype)
         target = self.result_dtype(x.dtype)
         compute = np.promote_types(target, np.float32)  # float16 is computed in float32
-        y = self._normalize(x, groups, compute, "y")
+        fused = self._fused(x, compute) if groups is None else None
+        y, finite = fused if fused is not None else (self._normalize(x, groups, compute, "y"), False)
         if target == compute:
             out = y
         else:
@@ -133,9 +136,40 @@ class Normalizer:
         # One cheap pass over the block (max and min run at memory speed and
         # propagate NaN); only a block that fails it is searched value by value.
         limit = np.finfo(target).max
-        if y.size and not (y.max() <= limit and y.min() >= -limit):
+        if y.size and not (finite and target == compute) and not (y.max() <= limit and y.min() >= -limit):
             self._check_finite(x, groups, out)
         return out
+
+    def _fused(self, x: np.ndarray, compute: np.dtype) -> Optional[tuple[np.ndarray, bool]]:
+        """The formula as :meth:`_normalize` computes it (the same roundings), in one
+        compiled pass over a C-contiguous block of native float32/64 or integers
+        (not float16), with whether every output is finite; None where it does not apply."""
+        if (self.num_groups is not None or not x.flags.c_contiguous or x.dtype.kind not in "fiu"
+                or x.dtype == np.float16 or not x.dtype.isnative or x.ndim < 1):
+            return None
+        terms = self._cast.get(("rows", compute))
+        if terms is None:
+            if int(np.prod(self.row_shape)) > FUSED_ROW_ELEMENTS:
+                return None
+            with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
+                terms = {k: None if v is None else np.ascontiguousarray(
+                    np.broadcast_to(v[0], self.row_shape).reshape(-1), dtype=compute)
+                    for k, v in self._terms.items()}
+            self._cast[("rows", compute)] = terms
+        from . import compiled
+        from .writers.atomic import held_signals
+
+        rows = x.reshape(x.shape[0], -1)
+        y = self._workspace.array("y", x.shape, compute)
+        seen = np.zeros(rows.shape[1], compute)
+        args = (rows, terms["mean"], terms["scale"], terms["beta"], y.reshape(rows.shape), seen)
+        if (x.dtype, compute) in self._loaded:
+            compiled._normalize_rows(*args)
+        else:  # the first call loads the kernel from numba's cache: no signal inside it (see load_kernels)
+            with held_signals():
+                compiled._normalize_rows(*args)
+            self._loaded.add((x.dtype, compute))
+        return y, bool(np.isfinite(seen).all())
 
     def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,
                    name: str) -> np.ndarray:

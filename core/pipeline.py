@@ -19,6 +19,7 @@ from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
+from .readers.parallel import ordered_map, parallel_stream
 from .stream import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
 from .writers.h5_chunked import CompressedArrayWriter
@@ -81,6 +82,7 @@ def run_fit(
     progress: Progress = None,
     checkpoint: Checkpoint = None,
     max_memory: Optional[int] = None,
+    spend: bool = False,
 ) -> Stats:
     """Stream the rows of `stream` (from `start_row` on) through `state`.
 
@@ -108,6 +110,10 @@ def run_fit(
         Bytes the state may take (default: the memory available); a larger
         state (many classes or groups of wide rows) is refused before any
         allocation.
+    spend : bool
+        Let the result take over the state's arrays where the state allows
+        it (exact centers: no (classes, features) copies, so 100 000 classes
+        need no more memory than their state); the state is unusable after.
 
     Returns
     -------
@@ -130,8 +136,12 @@ def run_fit(
         recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes, max_memory=max_memory)
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
-    feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
-    return with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows - start_row)
+    if side or open_batches or not parallel_stream(stream):
+        feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
+    else:
+        feed_parallel(state, stream, block_rows, start_row, progress, checkpoint)
+    result = state.result(spend=True) if spend and isinstance(state, CentersExact) else state.result()
+    return with_provenance(result, stream, side, time.perf_counter() - started, stream.rows - start_row)
 
 
 def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) -> tuple[int, bool]:
@@ -198,6 +208,38 @@ def feed(
             progress(rows)
     if open_batches:
         state.close()
+
+
+def feed_parallel(state: State, stream: Stream, block_rows: int, start_row: int, progress: Progress = None,
+                  checkpoint: Checkpoint = None) -> None:
+    """:func:`feed` (no side streams, whole batches per block) with two readers, each
+    reading a block and running the state's kernel on it (see
+    :mod:`normstats.readers.parallel`), the sums folded in stream order: the same
+    batches as one reader, exact sums to rounding."""
+    work = getattr(state, "block_work", lambda: None)()
+    done = start_row
+    if work is None and done < stream.rows:  # a first block fixes the shape and the shift
+        done = min(stream.rows, done + block_rows)
+        feed(state, stream, {}, block_rows, start_row, done, progress, checkpoint)
+        work = getattr(state, "block_work", lambda: None)()
+    if work is None:
+        feed(state, stream, {}, block_rows, done, None, progress, checkpoint)
+        return
+    base = state.position - done  # the state's position of stream row 0
+
+    def reduce(x: np.ndarray, row: int, scratch) -> object:
+        return work(x, base + row, scratch)
+
+    try:
+        for rows, sums in ordered_map(stream, block_rows, done, reduce):
+            state.take(sums, rows)
+            done += rows
+            if progress:
+                progress(rows)
+            if checkpoint:
+                checkpoint(state, done)
+    except RowError as error:
+        raise _located(error, stream, {}, error.row - state.first_row) from None
 
 
 def fit_batchnorm(state: Union[BatchNormEMA, BatchNormExact], stream: Stream, **options) -> Stats:

@@ -1,0 +1,144 @@
+"""Chunked HDF5 datasets (plain, gzip or shuffle + gzip) read chunk by chunk, decoded on both cores.
+
+HDF5 runs its filters inside the library, one chunk after another under
+h5py's lock. Here the raw chunks are fetched with ``read_direct_chunk`` (a
+short call under the lock) and decoded in a pool of threads: zlib releases
+the GIL while it inflates, and the shuffle filter is undone by a compiled
+loop (which releases it too). Only the layouts this handles exactly are
+taken (chunks of whole rows, no filter, deflate or shuffle + deflate, native
+byte order); any other dataset keeps h5py's own read, and so does a chunk
+stored with a filter skipped. The dataset was opened through :mod:`normstats.hdf5_policy`
+by its :class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
+virtual data, chunks all written and inside the file) stand; after every
+read the file must still be the one opened.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import zlib
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+
+SHUFFLE, DEFLATE = 2, 1  # HDF5 filter ids (H5Z_FILTER_SHUFFLE, H5Z_FILTER_DEFLATE)
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max(2, min(os.cpu_count() or 1, 4)),
+                                                          thread_name_prefix="normstats-inflate")
+        return _pool
+
+
+class ChunkReader:
+    """Rows of one chunked dataset of an H5Source, its chunks fetched raw and decoded in threads.
+
+    Safe to call from several threads at once (each call decodes its own chunks).
+    """
+
+    def __init__(self, source, chunk_rows: int, shuffle: bool, deflate: bool) -> None:
+        self.source = source
+        self.chunk_rows = chunk_rows
+        self.shuffle = shuffle
+        self.deflate = deflate  # else the chunks are stored as they are
+        self.rows = source.rows
+        self.dtype = source.dtype
+        self._lock = threading.Lock()  # h5py's calls and the handles: one thread at a time
+        self._handles = None
+
+    @classmethod
+    def of(cls, source, dtype: np.dtype) -> Optional["ChunkReader"]:
+        """A reader for `source` if it is a dataset of whole-row chunks, unfiltered or gzip
+        (+ shuffle), read as `dtype` without conversion; else None."""
+        import h5py
+
+        from .h5dataset import H5Source
+
+        if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
+            return None
+        from .. import hdf5_policy
+
+        file, dataset = hdf5_policy.open_dataset(source._located)
+        try:
+            plist = dataset.id.get_create_plist()
+            if plist.get_layout() != h5py.h5d.CHUNKED:
+                return None
+            chunk = tuple(plist.get_chunk())
+            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+            if chunk[1:] != tuple(source.shape[1:]) or filters not in ([], [DEFLATE], [SHUFFLE, DEFLATE]):
+                return None
+            return cls(source, int(chunk[0]), filters[:1] == [SHUFFLE], bool(filters))
+        finally:
+            file.close()
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with rows ``start:start+len(out)``, its chunks inflated in threads."""
+        from .. import hdf5_policy
+
+        rows = out.shape[0]
+        if rows == 0:
+            return
+        first, last = start // self.chunk_rows, (start + rows - 1) // self.chunk_rows
+        with self._lock:
+            if self._handles is None:
+                self._handles = hdf5_policy.open_dataset(self.source._located)
+            raw = [self._raw(c) for c in range(first, last + 1)]
+        jobs = [_threads().submit(self._decode, data, mask, c, start, out)
+                for c, (mask, data) in zip(range(first, last + 1), raw)]
+        for job in jobs:
+            job.result()
+        with self._lock:
+            self.source._check_unchanged(os.fstat(self._handles[0].id.get_vfd_handle()), self.source._located.file)
+
+    def _raw(self, chunk: int) -> tuple[int, bytes]:
+        offsets = (chunk * self.chunk_rows,) + (0,) * (len(self.source.shape) - 1)
+        try:
+            return self._handles[1].id.read_direct_chunk(offsets)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise DataError(f"{self.source.name}: the chunk at row {offsets[0]} cannot be read ({error}); "
+                            "the file is damaged or was cut") from None
+
+    def _decode(self, data: bytes, mask: int, chunk: int, start: int, out: np.ndarray) -> None:
+        """Inflate one chunk (and undo the shuffle) into the rows of `out` it holds."""
+        lo = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.rows - lo)  # stored chunks are whole; the data may end earlier
+        begin, end = max(lo, start), min(lo + rows, start + out.shape[0])
+        target = out[begin - start:end - start]
+        if mask:  # a filter was skipped for this chunk (HDF5 keeps a chunk it cannot shrink): h5py decodes it
+            with self._lock:
+                self._handles[1].read_direct(target, source_sel=np.s_[begin:end])
+            return
+        row_items = target[0].size
+        item = self.dtype.itemsize
+        full = self.chunk_rows * row_items
+        try:
+            flat = zlib.decompress(data) if self.deflate else data
+        except zlib.error:
+            flat = b""
+        if len(flat) != full * item:
+            raise DataError(f"{self.source.name}: the chunk at row {lo} does not inflate to its declared "
+                            "size; the file is damaged")
+        target = target.reshape(-1)
+        skip, count = (begin - lo) * row_items, (end - begin) * row_items
+        if self.shuffle and item > 1:  # byte k of every element is in plane k
+            from .. import compiled
+
+            compiled._unshuffle(np.frombuffer(flat, np.uint8).reshape(item, full), skip,
+                                target.view(np.dtype(f"u{item}")))
+        else:
+            target[...] = np.frombuffer(flat, self.dtype, count, skip * item)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handles is not None:
+                self._handles[0].close()
+                self._handles = None

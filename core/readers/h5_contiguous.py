@@ -1,0 +1,81 @@
+"""Contiguous HDF5 datasets read with ``pread`` at their offset in the file.
+
+A contiguous, unfiltered dataset in native byte order is one run of bytes of
+its file, like a `.npy` file's data: two reader threads can then read it at
+once (h5py serializes its own calls), with no HDF5 buffers in between. The
+dataset was opened and checked through :mod:`normstats.hdf5_policy` by its
+:class:`~normstats.readers.h5dataset.H5Source` (external and virtual data refused,
+declared bytes inside the file); external storage is never taken here. After
+every read the file must still be the one opened, and a short read is an
+error: a file cut under the run stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+
+
+class ContiguousReader:
+    """Rows of one contiguous dataset of an H5Source, by ``pread`` (safe from several threads)."""
+
+    def __init__(self, source, offset: int) -> None:
+        self.source = source
+        self.offset = offset
+        self.row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
+        self._fd: Optional[int] = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, source, dtype: np.dtype) -> Optional["ContiguousReader"]:
+        """A reader for `source` if it is a contiguous, unfiltered, non-external dataset
+        read as `dtype` without conversion; else None."""
+        import h5py
+
+        from .. import hdf5_policy
+        from .h5dataset import H5Source
+
+        if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
+            return None
+        file, dataset = hdf5_policy.open_dataset(source._located)
+        try:
+            plist = dataset.id.get_create_plist()
+            if (plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count()
+                    or dataset.id.get_offset() is None):
+                return None
+            return cls(source, int(dataset.id.get_offset()))
+        finally:
+            file.close()
+
+    def _handle(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.source._located.file, os.O_RDONLY)
+                except OSError as error:
+                    raise DataError(f"{self.source.name} cannot be opened again ({error.strerror}); it was "
+                                    "removed or replaced while the run went on") from None
+            return self._fd
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with rows ``start:start+len(out)``."""
+        from .npy import _pread_exact
+
+        fd = self._handle()
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = _pread_exact(fd, view, self.offset + start * self.row_bytes)
+        self.source._check_unchanged(os.fstat(fd), self.source._located.file)
+        if got != len(view):
+            raise DataError(f"{self.source.name} ended early, before row {start + out.shape[0]}; it was cut "
+                            "while being read")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
