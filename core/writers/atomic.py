@@ -101,6 +101,9 @@ def atomic_paths(paths: Sequence[str], *, replace: Optional[bool] = None) -> Ite
             for temporary, path in zip(temporaries, paths):
                 _place(temporary, path, replace)
                 placed.append(path)
+            # All placed: a signal held meanwhile (raised as this block ends) must not undo them
+            # (a checkpoint that replaced the last one would be lost).
+            placed.clear()
     except BaseException as error:
         for temporary in temporaries:
             with contextlib.suppress(FileNotFoundError):

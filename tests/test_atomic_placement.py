@@ -1,0 +1,50 @@
+"""A Ctrl-C held while outputs are placed arrives after them and undoes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from normstats.writers import atomic
+
+
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_signal_held_during_placement_keeps_every_placed_file(tmp_path: Path, monkeypatch, replace, count) -> None:
+    paths = [str(tmp_path / f"out{i}.bin") for i in range(count)]
+    if replace:
+        for path in paths:  # the previous files (a checkpoint replacing the last one)
+            Path(path).write_bytes(b"old")
+    place = atomic._place
+
+    def place_and_interrupt(temporary: str, path: str, replace: bool) -> None:
+        place(temporary, path, replace)
+        os.kill(os.getpid(), signal.SIGINT)  # held: raised when the placing step ends
+
+    monkeypatch.setattr(atomic, "_place", place_and_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_paths(paths, replace=replace) as temporaries:
+            for temporary in temporaries:
+                Path(temporary).write_bytes(b"new")
+    assert [Path(path).read_bytes() for path in paths] == [b"new"] * count
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_a_failed_placement_removes_the_files_placed_before_it(tmp_path: Path, monkeypatch) -> None:
+    paths = [str(tmp_path / "a.ark"), str(tmp_path / "a.scp")]
+    place = atomic._place
+
+    def fail_second(temporary: str, path: str, replace: bool) -> None:
+        if path.endswith(".scp"):
+            raise PermissionError(13, "refused", path)
+        place(temporary, path, replace)
+
+    monkeypatch.setattr(atomic, "_place", fail_second)
+    with pytest.raises(PermissionError):
+        with atomic.atomic_paths(paths, replace=False) as temporaries:
+            for temporary in temporaries:
+                Path(temporary).write_bytes(b"new")
+    assert list(tmp_path.iterdir()) == []
