@@ -11,9 +11,18 @@ import pytest
 from normstats.writers import atomic
 
 
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt here (a pytest-xdist worker ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("replace", [True, False])
 @pytest.mark.parametrize("count", [1, 2])
-def test_a_signal_held_during_placement_keeps_every_placed_file(tmp_path: Path, monkeypatch, replace, count) -> None:
+def test_a_signal_held_during_placement_keeps_every_placed_file(tmp_path: Path, monkeypatch, ctrl_c, replace,
+                                                                count) -> None:
     paths = [str(tmp_path / f"out{i}.bin") for i in range(count)]
     if replace:
         for path in paths:  # the previous files (a checkpoint replacing the last one)
