@@ -57,3 +57,25 @@ def test_a_failed_placement_removes_the_files_placed_before_it(tmp_path: Path, m
             for temporary in temporaries:
                 Path(temporary).write_bytes(b"new")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_signals_are_held_while_another_thread_could_take_them(ctrl_c) -> None:
+    # The kernel may hand a process's SIGINT to any thread not blocking it (a reader
+    # thread); it must still wait for the end of the held block.
+    import threading
+
+    stop = threading.Event()
+    reader = threading.Thread(target=stop.wait)
+    reader.start()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic.held_signals():
+                for _ in range(20):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    sum(range(10000))  # bytecodes at which a pending handler would run
+                reached.append(True)
+    finally:
+        stop.set()
+        reader.join()
+    assert reached == [True]

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import stat
+import threading
 import time
 from typing import Iterator, Optional, Sequence
 
@@ -246,14 +247,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def held_signals() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM for the block; a signal that came meanwhile arrives at its end."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
-        yield
+    """Hold Ctrl-C and SIGTERM for the block; a signal that came meanwhile arrives at its end.
+
+    In the main thread the signals' handlers are swapped for ones that note them: a
+    thread mask would not do, as the kernel hands a process's signal to any thread
+    that does not block it (a reader thread), and Python then runs the handler in
+    the main thread at once. Elsewhere the calling thread's mask holds them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(HELD))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    handlers = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if pending:
+            signal.raise_signal(pending[0])  # as if it came now, to the handler it would have met
