@@ -196,12 +196,17 @@ class Recipe:
         needed = (self.state_bytes(row_shape) + self.open_batch_bytes(row_shape, row_bytes)) * max(copies, 1)
         limit, where = (max_memory, "the max_memory given") if max_memory else (_available(), "available")
         if limit is not None and needed > limit:
-            what = (f"{self.options['num_classes']} classes" if self.kind == CENTERS
-                    else f"{self.options.get('num_groups') or 1} groups")
+            pooled = self.options.get("pool_batches")
+            if pooled:
+                what, remedy = f"a buffer of {pooled} pooled batches", "use a smaller --pool-batches"
+            elif self.kind == CENTERS:
+                what, remedy = f"{self.options['num_classes']} classes", "use fewer classes"
+            else:
+                groups = self.options.get("num_groups") or 1
+                what, remedy = f"{groups} group{'s' if groups != 1 else ''}", "use fewer groups"
             raise UsageError(
                 f"the {self.mode} {self.kind} state for {what} of rows shaped {tuple(row_shape)} needs "
-                f"{_size(needed)} of memory, but {_size(limit)} are {where}; use fewer classes or "
-                "groups (or more memory)"
+                f"{_size(needed)} of memory, but {_size(limit)} are {where}; {remedy} (or more memory)"
             )
 
 

@@ -89,3 +89,19 @@ def test_split_ema_fit_with_batches_spanning_blocks_equals_the_serial_fit(tmp_pa
     for key in ("mean", "inv_std"):
         np.testing.assert_allclose(parallel.arrays[key], serial.arrays[key], rtol=1e-12)
     assert parallel.meta["batches_seen"] == serial.meta["batches_seen"] == 6
+
+
+@pytest.mark.parametrize("args, what, remedy", [
+    (["--pool-batches", str(10**12)], "a buffer of 1000000000000 pooled batches", "use a smaller --pool-batches"),
+    (["--mode", "exact", "--groups", "g.npy", "--num-groups", str(10**12)], "1000000000000 groups",
+     "use fewer groups"),
+])
+def test_cli_refuses_an_impossible_bn_state_naming_what_makes_it_big(run, tmp_path, args, what, remedy):
+    np.save(tmp_path / "x.npy", np.zeros((10, 4), np.float32))
+    np.save(tmp_path / "g.npy", np.zeros(10, np.int64))
+    result = run("fit-bn", str(tmp_path / "x.npy"), *args, "-o", str(tmp_path / "s.npz"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: the ")
+    assert f" state for {what} of rows shaped (4,) needs " in result.stderr
+    assert f"; {remedy} (or more memory)" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "s.npz").exists()
