@@ -68,6 +68,11 @@ def fit_grid_options(ctx: click.Context, mode: str, inputs: tuple[str, ...], dat
     return options
 
 
+def boundaries_file(spec: Optional[str]) -> Optional[str]:
+    """The file a --batch-boundaries value reads (None for none or 'sequences')."""
+    return None if spec is None or spec == SEQUENCES else spec
+
+
 def _boundaries(spec: str, inputs: tuple[str, ...], dataset: Optional[str], allow_external: bool) -> Any:
     if spec != SEQUENCES:
         return read_boundaries(spec)

@@ -28,7 +28,8 @@ from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS
 from normstats.writers.h5_collection import COMPRESSIONS
 
 from .app import cli
-from .batches import APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_stats_normalizer, fit_grid_options
+from .batches import (APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_stats_normalizer, boundaries_file,
+                      fit_grid_options)
 from .files import KeepsSpec, given_file, guard
 from .bn_options import channels_last_hint, check_initial_files, fit_axes
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, ChannelAxis, StorageOption,
@@ -371,7 +372,8 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
                                "spk2utt=FILE with a sequence collection)")
     axes = fit_axes(axes, channel_axis)
     guard(ctx, _fit_files(ctx, inputs, output, groups=keyed.file if keyed else groups, init=init)
-          .reads("--mean file", given_file(ctx, "mean")).reads("--inv-std file", given_file(ctx, "inv_std")),
+          .reads("--mean file", given_file(ctx, "mean")).reads("--inv-std file", given_file(ctx, "inv_std"))
+          .reads("--batch-boundaries file", boundaries_file(ctx.params.get("batch_boundaries"))),
           force=force)
     start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)

@@ -263,3 +263,19 @@ def test_continuing_a_boundaries_fit_needs_a_batch_grid(run, tmp_path: Path) -> 
     assert "was fitted with --batch-boundaries b.npy; give --batch-boundaries (or --batch-size) again" in result.stderr
     again = run("fit-bn", "x.npy", "-o", "t.npz", "--init", "s.npz", "--batch-size", "4", "-q")
     assert again.exit_code == 0, again.stderr
+
+
+@pytest.mark.parametrize("target", ["output", "link", "checkpoint"])
+def test_the_boundaries_file_is_an_input_no_output_may_overwrite(run, tmp_path: Path, target) -> None:
+    np.save(tmp_path / "x.npy", np.arange(40, dtype=np.float32).reshape(20, 2))
+    bounds = tmp_path / "bounds.json"  # a text file of offsets; its name is also a stats format
+    bounds.write_text("0\n5\n12\n")
+    before = bounds.read_bytes()
+    (tmp_path / "link.json").symlink_to(bounds)
+    out = {"output": ["-o", bounds], "link": ["-o", tmp_path / "link.json"],
+           "checkpoint": ["-o", tmp_path / "s.npz", "--checkpoint", bounds]}[target]
+    result = run("fit-bn", tmp_path / "x.npy", *out, "--batch-boundaries", bounds, "--force", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert "the --batch-boundaries file" in result.stderr and "write to another path" in result.stderr
+    assert bounds.read_bytes() == before and not (tmp_path / "s.npz").exists()
