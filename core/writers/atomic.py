@@ -254,27 +254,24 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 def held_signals() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM for the block; a signal that came meanwhile arrives at its end.
 
-    In the main thread the signals' handlers are swapped for ones that note them: a
-    thread mask would not do, as the kernel hands a process's signal to any thread
-    that does not block it (a reader thread), and Python then runs the handler in
-    the main thread at once. Elsewhere the calling thread's mask holds them.
+    The calling thread's mask holds the signals sent to it (and a process forked
+    inside starts with them held). In the main thread the handlers are also
+    swapped for ones that note them: the kernel hands a process's signal to any
+    thread not blocking it (a reader thread), and Python would then run the
+    handler in the main thread at once.
     """
-    if threading.current_thread() is not threading.main_thread():
-        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
-            yield
-            return
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(HELD))
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        return
+    masks = hasattr(signal, "pthread_sigmask")  # (not on Windows)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(HELD)) if masks else None
     pending: list[int] = []
-    handlers = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in HELD}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in HELD}
     try:
         yield
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if pending:
             signal.raise_signal(pending[0])  # as if it came now, to the handler it would have met
