@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from .axes import broadcastable, kept_shape
-from .errors import DataError, NonFiniteError, RowError, UsageError
+from .errors import RowError, UsageError
 from .kernels import Layout, accumulate
 from .normalize import Affine, Normalizer, affine_array
 from .pooling import BatchPool
@@ -100,25 +100,20 @@ class BatchStatsNormalizer(Normalizer):
         x = np.asarray(x)
         self.check(x.shape[1:], x.dtype)
         which = np.arange(x.shape[0], dtype=np.int64) // self.batch_size
-        self._batch_terms = self._terms_of(x, int(which[-1]) + 1 if x.shape[0] else 0)
+        self._batch_terms = self._terms_of(x, which, int(which[-1]) + 1 if x.shape[0] else 0)
         self._batch_cast: dict = {}
         return super().__call__(x, which)
 
-    def _terms_of(self, x: np.ndarray, batches: int) -> dict[str, Optional[np.ndarray]]:
-        """Each batch's mean and scale (float64, stacked), shaped to broadcast over a row."""
+    def _terms_of(self, x: np.ndarray, which: np.ndarray, batches: int) -> dict[str, Optional[np.ndarray]]:
+        """Each batch's mean and scale (float64, stacked), shaped to broadcast over a row
+        (`which`: each row's batch)."""
         if not batches:
             return {"mean": None, "scale": None}
-        slots = np.arange(x.shape[0], dtype=np.int64) // self.batch_size
-        try:
-            sums = accumulate(x, self.layout, slots, np.arange(batches, dtype=np.int64), None,
-                              np.ones(batches, bool), omit=True)
-        except NonFiniteError as error:  # (omit leaves NaN out; kept for safety)
-            raise DataError(str(error)) from None
-        per_stat = self.layout.per_stat
+        # omit: NaN values are left out of their batch's statistics (never an error here)
+        sums = accumulate(x, self.layout, which, np.arange(batches, dtype=np.int64), None,
+                          np.ones(batches, bool), omit=True)
         stacked = (batches,) + self.shape
-        n = sums.counts(per_stat).reshape(stacked)
-        mean = sums.means(per_stat).reshape(stacked)
-        m2 = sums.m2(per_stat).reshape(stacked)
+        n, mean, m2 = sums.moments(self.layout.per_stat, self.shape)
         if self.pool is not None:
             n, mean, m2 = self.pool.take(n, mean, m2)
         short = np.flatnonzero((n <= self.ddof).reshape(batches, -1).any(axis=1))
@@ -130,7 +125,7 @@ class BatchStatsNormalizer(Normalizer):
                            "use a larger --batch-size (or --pool-batches) or fit the stats with --ddof 0")
         terms: dict[str, Optional[np.ndarray]] = {"mean": None, "scale": None}
         if self.use_mean:
-            terms["mean"] = np.stack([broadcastable(m, self.axes, self.row_shape)[0] for m in mean])
+            terms["mean"] = mean.reshape(self._stacked_terms(batches))
         scale = None
         if self.use_inv_std:
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -138,8 +133,12 @@ class BatchStatsNormalizer(Normalizer):
         if self._gamma is not None:
             scale = np.broadcast_to(self._gamma, stacked) if scale is None else scale * self._gamma
         if scale is not None:
-            terms["scale"] = np.stack([broadcastable(v, self.axes, self.row_shape)[0] for v in scale])
+            terms["scale"] = np.reshape(scale, self._stacked_terms(batches))
         return terms
+
+    def _stacked_terms(self, batches: int) -> tuple[int, ...]:
+        """The shape of `batches` stacked terms, each broadcastable over a row."""
+        return (batches,) + broadcastable(np.zeros(self.shape), self.axes, self.row_shape).shape[1:]
 
     def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,
                    name: str) -> np.ndarray:

@@ -355,8 +355,7 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         per_stat = self.layout.per_stat
         if self.boundaries is not None:
             self.batch_elements.extend(int(rows) * per_stat for rows in sums.rows)
-        self._fold(sums.counts(per_stat).reshape(stacked), sums.means(per_stat).reshape(stacked),
-                   sums.m2(per_stat).reshape(stacked))
+        self._fold(*sums.moments(per_stat, self.shape))
 
     @property
     def open_rows(self) -> int:

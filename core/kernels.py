@@ -175,6 +175,12 @@ class Sums:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, np.maximum(self.s2 - self.s1 * (self.s1 / n), 0.0), 0.0)
 
+    def moments(self, per_stat: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Counts, means and M2 per slot, each shaped ``(slots,) + shape`` (the statistics' shape)."""
+        stacked = (len(self.keys),) + tuple(shape)
+        return (self.counts(per_stat).reshape(stacked), self.means(per_stat).reshape(stacked),
+                self.m2(per_stat).reshape(stacked))
+
 
 def _integer_range(dtype: np.dtype) -> tuple[float, float]:
     info = np.iinfo(dtype)
