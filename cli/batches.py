@@ -12,7 +12,7 @@ import normstats as ns
 from normstats.batch_stats import BatchStatsNormalizer
 from normstats.boundaries import SEQUENCES, read_boundaries, sequence_boundaries
 
-from .params import option, positive_int
+from .params import given, option, positive_int
 
 POOL = (
     option("--pool-batches", type=int, callback=positive_int, metavar="K",
@@ -37,8 +37,13 @@ APPLY_BATCH_SIZE = option("--batch-size", type=int, callback=positive_int, metav
                           help="Rows per batch of --batch-stats  [default: the stats file's batch size]")
 
 
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+def _pool_options(params: dict[str, Any]) -> dict[str, Any]:
+    """``pool_batches`` / ``pool_below`` as given (empty without --pool-batches)."""
+    if params.get("pool_batches") is None:
+        if params.get("pool_below") is not None:
+            raise click.UsageError("--pool-below needs --pool-batches K")
+        return {}
+    return {"pool_batches": params["pool_batches"], "pool_below": params.get("pool_below")}
 
 
 def fit_grid_options(ctx: click.Context, mode: str, inputs: tuple[str, ...], dataset: Optional[str],
@@ -46,23 +51,19 @@ def fit_grid_options(ctx: click.Context, mode: str, inputs: tuple[str, ...], dat
     """The state options of fit-bn's --pool-batches, --pool-below and --batch-boundaries
     (empty when none is given); the boundaries are read and checked here."""
     params = ctx.params
-    given = [f"--{name.replace('_', '-')}" for name in ("pool_batches", "pool_below", "batch_boundaries")
+    named = [f"--{name.replace('_', '-')}" for name in ("pool_batches", "pool_below", "batch_boundaries")
              if params.get(name) is not None]
-    if not given:
+    if not named:
         return {}
     if mode != "ema":
-        raise click.UsageError(f"{given[0]} needs --mode ema")
+        raise click.UsageError(f"{named[0]} needs --mode ema")
     if params.get("batch_boundaries") is not None and (params.get("jobs", 1) > 1 or params.get("engine") == "dask"):
         raise click.UsageError("--batch-boundaries runs in one process (a row range would need its batches cut "
                                "from the boundaries); use --jobs 1 and --engine local")
-    options: dict[str, Any] = {}
-    if params.get("pool_batches") is not None or params.get("pool_below") is not None:
-        if params.get("pool_batches") is None:
-            raise click.UsageError("--pool-below needs --pool-batches K")
-        options.update(pool_batches=params["pool_batches"], pool_below=params.get("pool_below"))
+    options = _pool_options(params)
     spec = params.get("batch_boundaries")
     if spec is not None:
-        if _given(ctx, "batch_size"):
+        if given(ctx, "batch_size"):
             raise click.UsageError("--batch-boundaries replaces --batch-size; give one of them")
         options.update(boundaries=_boundaries(spec, inputs, dataset, allow_external), batch_size=None)
     return options
@@ -94,10 +95,8 @@ def batch_stats_normalizer(ctx: click.Context, stats: ns.Stats, stats_path: str,
                                "before it); leave --engine dask out")
     if groups is not None:
         raise click.UsageError("--batch-stats normalizes each batch with its own statistics; leave --groups out")
-    if params.get("pool_below") is not None and params.get("pool_batches") is None:
-        raise click.UsageError("--pool-below needs --pool-batches K")
+    pool = _pool_options(params)  # (checked before the batch size: the order of the errors)
     batch_size = params.get("batch_size") or stats.meta.get("batch_size")
     if not batch_size:
         raise click.UsageError(f"--batch-stats needs --batch-size B ({stats_path} records no batch size)")
-    return BatchStatsNormalizer(stats, batch_size=int(batch_size), gamma=gamma, beta=beta, dtype=dtype,
-                                pool_batches=params.get("pool_batches"), pool_below=params.get("pool_below"))
+    return BatchStatsNormalizer(stats, batch_size=int(batch_size), gamma=gamma, beta=beta, dtype=dtype, **pool)

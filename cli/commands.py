@@ -33,7 +33,7 @@ from .batches import (APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_sta
 from .files import KeepsSpec, given_file, guard
 from .bn_options import channels_last_hint, check_initial_files, fit_axes
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, ChannelAxis, StorageOption,
-                     ValueOrFile, option, positive_int)
+                     ValueOrFile, given, option, positive_int)
 from .references import reference_option, referenced
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
@@ -45,10 +45,6 @@ def _options(*decorators: Callable) -> Callable:
             function = decorator(function)
         return function
     return apply
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
 COMMON = _options(
@@ -255,7 +251,7 @@ def _continued_mode(ctx: click.Context, mode: str, start: Optional[ns.Stats],
     resumed one must keep it."""
     if start is None:
         return mode
-    if not _given(ctx, "mode"):
+    if not given(ctx, "mode"):
         return start.mode
     if resume is not None and mode != resume.mode:
         raise click.UsageError(f"the checkpoint was made with --mode {resume.mode}; resume with the same mode")
@@ -266,7 +262,7 @@ def _given_only(ctx: click.Context, options: dict[str, Any], also: set = frozens
     """The options typed on the command line (or set by --reference: `also`); a continued
     fit takes the rest from its file."""
     cli_name = {"use_mean": "mean", "use_inv_std": "inv_std"}
-    return {k: v for k, v in options.items() if k in also or _given(ctx, cli_name.get(k, k))}
+    return {k: v for k, v in options.items() if k in also or given(ctx, cli_name.get(k, k))}
 
 
 def _check_parallel(start: Optional[ns.Stats], checkpoint_path: Optional[str]) -> None:
@@ -389,15 +385,15 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
         options.update(alpha=alpha, mean=mean, inv_std=inv_std)
     else:
         for name, value in (("mean", mean), ("inv_std", inv_std)):
-            if value is not None and _given(ctx, name):
+            if value is not None and given(ctx, name):
                 flag = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{flag} VALUE sets an ema starting value; with --mode exact "
                                        f"only {flag} none applies")
         options.update(use_mean=mean is not None, use_inv_std=inv_std is not None,
                        num_groups=num_groups)
     if start:
-        if _given(ctx, "axes") or channel_axis is not None:
-            flag = "--axes" if _given(ctx, "axes") else "--channel-axis"
+        if given(ctx, "axes") or channel_axis is not None:
+            flag = "--axes" if given(ctx, "axes") else "--channel-axis"
             raise click.UsageError(f"{flag} cannot change when continuing a fit; the file fixes the axes")
         options = _given_only(ctx, options, preset)
     options.update(fit_grid_options(ctx, mode, inputs, dataset, allow_external))
@@ -411,7 +407,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
              checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, jobs=jobs, engine=engine,
              scheduler=scheduler, task_rows=task_rows, dataset=dataset, allow_external=allow_external,
              quiet=quiet, meta=meta)
-    hint = None if start or _given(ctx, "axes") or channel_axis is not None else channels_last_hint(stats)
+    hint = None if start or given(ctx, "axes") or channel_axis is not None else channels_last_hint(stats)
     if hint:
         click.echo(hint, err=True)
 
@@ -484,9 +480,9 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
         options.update(alpha=alpha, rule=rule, seed=seed)
     else:
         for name in ("alpha", "rule", "seed", "reference"):
-            if _given(ctx, name):
+            if given(ctx, name):
                 raise click.UsageError(f"--{name} applies to --mode ema only")
-    if mode == "exact" and _given(ctx, "init") and continued is None:
+    if mode == "exact" and given(ctx, "init") and continued is None:
         raise click.UsageError("--init random|zeros|first|FILE of centers applies to --mode ema only")
     init = resume or continued or (init if mode == "ema" else None)
     if isinstance(init, ns.Stats):

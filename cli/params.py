@@ -198,6 +198,11 @@ class ShapeType(click.ParamType):
         return shape
 
 
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option `name` was set by the user (not left at its default)."""
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
 def positive_int(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
     if value is not None and value < 1:
         raise click.BadParameter(f"must be a positive integer, got {value}")

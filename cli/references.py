@@ -8,7 +8,7 @@ import click
 
 from normstats.references import REFERENCES, help_text, with_reference
 
-from .params import option
+from .params import given, option
 
 
 def reference_option(kind: str, what: str, note: str = "") -> Any:
@@ -24,6 +24,6 @@ def referenced(ctx: click.Context, name: Optional[str], kind: str, **values: Any
     on the command line; and the names it set, which a continued fit takes as given."""
     if name is None:
         return values, set()
-    typed = {key for key in values if ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT}
+    typed = {key for key in values if given(ctx, key)}
     chosen = with_reference(name, kind, values, typed)
     return chosen, {key for key in chosen if key not in typed and key in REFERENCES[name].options(kind)}

@@ -36,10 +36,9 @@ class FitState:
     def batches_in(self, rows: int) -> int:
         """Logical batches that `rows` more rows complete or start, counted on the
         stream's batch grid (so the blocks the rows came in do not matter)."""
-        batch = self.batch_size or rows
         if not self.batch_size:
             return 1 if rows else 0
-        start = self.position
+        batch, start = self.batch_size, self.position
         return -(-(start + rows) // batch) - -(-start // batch)
 
     def _meta(self) -> dict:

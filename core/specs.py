@@ -24,10 +24,9 @@ import re
 from typing import Optional
 
 from .errors import UsageError
-from .readers.remote import RemotePath
+from .readers.remote import URL, RemotePath
 
 KALDI = ("scp", "ark")
-URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 REMOTE_KINDS = ("array", "zarr", "parquet", "arrow")
 KALDI_PREFIX = re.compile(r"^(scp|ark)((?:,[a-z]+)*):(.*)$", flags=re.S)
 ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")

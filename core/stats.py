@@ -128,8 +128,9 @@ def _check_consistent(stats: Stats) -> None:
         axes = tuple(int(a) for a in meta["axes"])
         if resolve_axes(axes, len(row_shape) + 1) != axes:
             raise _bad(stats, f"the metadata axes {list(axes)} are not sorted, distinct and non-negative")
-        if check_channel_meta(meta):
-            raise _bad(stats, check_channel_meta(meta))
+        problem = check_channel_meta(meta)
+        if problem:
+            raise _bad(stats, problem)
         shape = kept_shape(row_shape, axes)
         shapes = {}
         if meta.get("groups") is not None:

@@ -6,6 +6,7 @@ import os
 from typing import Optional
 
 from ..errors import DataError, UsageError
+from ..file_signatures import is_hdf5
 from ..limits import require_regular_file
 from ..specs import KALDI, parse_spec
 from .base import ArraySource
@@ -44,8 +45,6 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
     DataError
         The file is not of its kind, is truncated, or holds no numeric array.
     """
-    import h5py
-
     parsed = parse_spec(spec, dataset)
     path, name = parsed.path, parsed.name
     if is_url(path):
@@ -82,7 +81,7 @@ def open_source(spec: str, dataset: Optional[str] = None, *, allow_external: boo
         if name is not None:
             raise UsageError(f"{path} is a .npy file; it has no dataset {name!r}")
         return NpySource(path)
-    if h5py.is_hdf5(path):
+    if is_hdf5(path):
         from .h5collection import H5Collection, is_collection
 
         if name is not None and is_collection(path, name, allow_external):

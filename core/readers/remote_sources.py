@@ -23,10 +23,10 @@ from .npy import NPY_MAGIC, NpySource
 from ..specs import InputSpec
 from .arrow_column import ArrowColumn
 from .base import require
+from ..file_signatures import HDF5_SIGNATURE
 from .remote import RemoteObject, failures
 from .zarr_array import ZarrSource
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 HEADER_BYTES = 1 << 16  # a .npy header is at most 64 KiB (format version 2 allows 4 GiB; none seen)
 
 
