@@ -18,7 +18,6 @@ from normstats.keygroups import KeyGroups, group_stream, parse_groups, short_gro
 from normstats.resume import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, check_unread, identities
-from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
@@ -134,7 +133,6 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
                                            allow_external=allow_external, quiet=quiet), None
         else:
             recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes)  # before anything is allocated
-            load_kernels(stream.dtype)
             stats, checkpoint = _run(command, make_state(recipe), stream, side, quiet=quiet,
                                      resume=resume, resume_path=resume_path,
                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)

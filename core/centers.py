@@ -278,8 +278,6 @@ class CentersEMA(KeepsScratch, _CentersBase):
         rows = flat.shape[0]
         if rows == 0:
             return self
-        if self.nan_policy == "omit" and flat.dtype.kind == "f":
-            keep &= np.isfinite(flat).all(axis=1)  # a row holding NaN / Inf is skipped whole
         if self._lookup is None:
             self._lookup = np.full(self.num_classes, -1, dtype=np.int64)
         batch = self.batch_size or rows
@@ -310,13 +308,20 @@ class CentersEMA(KeepsScratch, _CentersBase):
         """The kernel's sums per (batch, class) pair present; the rows start `first`
         rows into the current update (for the row of an error)."""
         # The kernel's slots are the (batch, class) pairs present, numbered batch by batch.
-        slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
-        try:
+        def sums() -> Sums:
+            slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
             return accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
                               squares=False, scratch=self._workspace)
+        try:
+            return sums()
         except NonFiniteError as error:
-            raise NonFiniteError(self.position + first + error.row,
-                                 np.unravel_index(error.index[0], self.row_shape), error.value) from None
+            if self.nan_policy != "omit":
+                raise NonFiniteError(self.position + first + error.row,
+                                     np.unravel_index(error.index[0], self.row_shape), error.value) from None
+        # Under omit, a row holding NaN / Inf is skipped whole: found only in a block that has one.
+        # `keep` is the caller's (a view of the update's mask), so the rows skipped are counted so.
+        keep &= np.isfinite(flat).all(axis=1)
+        return sums()
 
     def _add_open(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, first: int) -> None:
         """Add rows to the open batch: per class, its sum around the class's first row."""

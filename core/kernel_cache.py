@@ -24,6 +24,11 @@ signatures of one kernel at once can leave the index naming a data file the
 other wrote, and a later process would load machine code compiled for other
 argument types. Saves therefore hold an exclusive ``flock`` on a lock file in
 the cache folder, and loads a shared one.
+
+:class:`HeldFirstCalls` wraps a module's kernels so that the one call of
+each that loads it (from the cache, else compiling it) runs with Ctrl-C and
+SIGTERM held: a command loads only the kernels, and the variants of them,
+that its data take, when it first takes them.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Iterable, Iterator
+from types import ModuleType
+from typing import Any, Callable, ContextManager, Iterable, Iterator
+
+import numpy as np
 
 try:
     import fcntl
@@ -56,6 +64,14 @@ def load_cached_quickly(dispatchers: Iterable[Any]) -> None:
             continue  # caching disabled, or numba's cache is built differently
         cache.load_overload = functools.partial(_load_overload, cache, rtsys)
         cache.save_overload = functools.partial(_save_overload, cache)
+        if hasattr(dispatcher, "_compilation_chain_init_hook"):
+            # The hook scans every installed package's entry points for numba extensions
+            # (~20 ms): these kernels use none, and other numba code still runs it itself.
+            dispatcher._compilation_chain_init_hook = _no_extensions
+
+
+def _no_extensions() -> None:
+    pass
 
 
 def _load_overload(cache: Any, rtsys: Any, sig: Any, target_context: Any) -> Any:
@@ -96,3 +112,49 @@ def locked(folder: str, *, exclusive: bool, create: bool = False) -> Iterator[No
     finally:
         if fd >= 0:
             os.close(fd)  # releases the lock
+
+
+def argument_types(args: tuple) -> tuple:
+    """What numba tells the variants of a kernel by, for `args`: an array's dtype,
+    dimensions, layout, writability and alignment; any other value's type."""
+    key = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            flags = a.flags
+            key.append((a.dtype, a.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+class _HeldFirstCall:
+    """A kernel whose first call with new argument types runs inside `hold`."""
+
+    __slots__ = ("kernel", "hold", "seen")
+
+    def __init__(self, kernel: Callable, hold: Callable[[], ContextManager]) -> None:
+        self.kernel = kernel
+        self.hold = hold
+        self.seen: set = set()
+
+    def __call__(self, *args: Any) -> Any:
+        key = argument_types(args)
+        if key in self.seen:
+            return self.kernel(*args)
+        with self.hold():  # this call may load (or compile) the variant
+            result = self.kernel(*args)
+        self.seen.add(key)
+        return result
+
+
+class HeldFirstCalls:
+    """The numba kernels of `module` as attributes, each call that may load a
+    kernel's variant (its argument types new in this process) run inside
+    `hold` (e.g. signals held); later calls go straight to the kernel."""
+
+    def __init__(self, module: ModuleType, hold: Callable[[], ContextManager]) -> None:
+        from numba.core.dispatcher import Dispatcher
+
+        for name, value in vars(module).items():
+            if isinstance(value, Dispatcher):
+                setattr(self, name, _HeldFirstCall(value, hold))

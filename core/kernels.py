@@ -56,11 +56,25 @@ CALL_ELEMENTS = 1 << 24  # elements per kernel call (64 MB of float32): bounds t
 FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def _compiled():
-    """The compiled loops (imported on first use: numba's start-up is paid by fits only)."""
-    from . import compiled
+_kernels = None
 
-    return compiled
+
+def _compiled():
+    """The compiled loops, imported on first use (numba's start-up is paid by the
+    commands that compute only), each loaded on its first call with given
+    argument types, with Ctrl-C and SIGTERM held: a signal landing inside
+    numba's compiler or cache loader (llvmlite callbacks) would be printed as
+    an ignored exception's traceback; held, it arrives right after, as a clean
+    interrupt."""
+    global _kernels
+    if _kernels is None:
+        from .kernel_cache import HeldFirstCalls
+        from .writers.atomic import held_signals
+
+        with held_signals():
+            from . import compiled
+        _kernels = HeldFirstCalls(compiled, held_signals)
+    return _kernels
 
 
 @dataclass(frozen=True)
@@ -304,14 +318,18 @@ def accumulate(
     else:
         _kernel(flat, table, first_element, layout, slots, weights, sums, fresh, count0, omit, squares)
     if not omit and not (np.isfinite(sums.s1).all() and (not squares or np.isfinite(sums.s2).all())):
-        where = first_nonfinite_row(x, slots)
-        if where is None:
-            raise DataError(
-                "the sum of squares overflows float64; the data are too large in magnitude to have a "
-                "variance, scale them down"
-            )
-        raise NonFiniteError(where[0], where[1:], x[where])
+        raise _not_finite(x, slots, look=True)
     return sums
+
+
+def _not_finite(x: np.ndarray, slots: np.ndarray, *, look: bool) -> Exception:
+    """The error for sums of the rows of `x` (slot >= 0) that are not finite: the first
+    NaN / Inf (when `look`, i.e. none was left out), else float64's overflow."""
+    where = first_nonfinite_row(x, slots) if look else None
+    if where is None:
+        return DataError("the sum of squares overflows float64; the data are too large in magnitude to have a "
+                         "variance, scale them down")
+    return NonFiniteError(where[0], where[1:], x[where])
 
 
 def _kernel(flat: np.ndarray, table: Optional[np.ndarray], first_element: int, layout: Layout, slots: np.ndarray,
@@ -355,9 +373,17 @@ def _channels_last(flat: np.ndarray, table: Optional[np.ndarray], slots: np.ndar
     layout = Layout.of((width,), (0,))
     if K < CHANNELS_LAST_RUN and not omit and 3 * 8 * P * width <= CHANNELS_LAST_SCRATCH:
         _set_fresh_shifts(flat, table, slots, sums.shift, fresh)
-        shift = np.tile(sums.shift, (1, width // K))  # every element around its channel's shift
-        s1 = np.zeros((P, width))
-        s2 = np.zeros((P, width)) if squares else None
+
+        def scratch_array(name: str, dtype: np.dtype) -> np.ndarray:
+            return np.empty((P, width), dtype) if scratch is None else scratch.array(name, (P, width), dtype)
+
+        shift = scratch_array("pixel_shift", sums.shift.dtype)
+        shift.reshape(P, -1, K)[...] = sums.shift[:, None, :]  # every element around its channel's shift
+        s1 = scratch_array("pixel_s1", np.dtype(np.float64))
+        s1.fill(0)
+        s2 = scratch_array("pixel_s2", np.dtype(np.float64)) if squares else None
+        if squares:
+            s2.fill(0)
         _kernel(flat, table, 0, layout, slots, weights, sums, np.zeros(P, np.bool_), None, False, squares,
                 s1=s1, s2=s2, shift=shift)
         sums.s1 += s1.reshape(P, -1, K).sum(axis=1)
@@ -443,13 +469,7 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
         check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
                                            weight, count, scratch[0], scratch[1], scratch[2], None)
     if not np.isfinite(check):
-        where = None if count is not None else first_nonfinite_row(x, groups)
-        if where is None:
-            raise DataError(
-                "the sum of squares overflows float64; the data are too large in magnitude to have a "
-                "variance, scale them down"
-            )
-        raise NonFiniteError(where[0], where[1:], x[where])
+        raise _not_finite(x, groups, look=count is None)
 
 
 PARALLEL_ELEMENTS = 1 << 18  # a block at least this large is folded in two column halves, in threads,
@@ -517,14 +537,11 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
 
 
 def load_kernels(dtype: np.dtype) -> None:
-    """:func:`warm_up` with Ctrl-C and SIGTERM held: a signal landing inside numba's
-    compiler or cache loader (llvmlite callbacks) would be printed as an ignored
-    exception's traceback; held, it arrives right after, as a clean interrupt."""
-    from .writers.atomic import held_signals
-
-    with held_signals():
-        # float16 blocks reach the kernels through a lookup table, not as float16 arrays
-        warm_up(np.dtype(np.float32) if np.dtype(dtype) == np.float16 else dtype)
+    """Load every kernel the fits use for data of `dtype` (:func:`warm_up`), each
+    with Ctrl-C and SIGTERM held (see :func:`_compiled`): what a process about
+    to fork workers does, so that they share the loaded code."""
+    # float16 blocks reach the kernels through a lookup table, not as float16 arrays
+    warm_up(np.dtype(np.float32) if np.dtype(dtype) == np.float16 else dtype)
 
 
 def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
