@@ -15,7 +15,7 @@ import numpy as np
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
-from .kernels import Layout, Sums, accumulate, fold_centers_ema, slot_rows
+from .kernels import Layout, Sums, accumulate, fold_centers_ema, fold_ema_batches, kernel_dtype, slot_rows
 from .stats import CENTERS, Stats
 from .workspace import KeepsScratch, Workspace
 from .validate import (
@@ -121,6 +121,9 @@ class _CentersBase(FitState):
 
 
 CONTINUED = ("ignore_label", "nan_policy", "batch_size")  # options a continued fit takes from its file
+
+
+FUSED_PAIRS_BYTES = 1 << 20  # (batch, class) sums of a block beyond this: folded batch by batch, in cache
 
 
 class CentersEMA(KeepsScratch, _CentersBase):
@@ -290,11 +293,10 @@ class CentersEMA(KeepsScratch, _CentersBase):
                 self.close()
         whole = rows - done if not more else (rows - done) - (rows - done) % batch
         if whole:
-            sums = self._sums(flat[done:done + whole], labels[done:done + whole], keep[done:done + whole],
-                              batch, done)
             # Per class, in batch order: C <- (1 - a) C + a C_batch (a class not yet
             # initialized, init='first', takes its first batch mean as it is).
-            self._fold(sums)
+            self._fold_batches(flat[done:done + whole], labels[done:done + whole], keep[done:done + whole],
+                               batch, done)
         if done + whole < rows:
             self._add_open(flat[done + whole:], labels[done + whole:], keep[done + whole:], done + whole)
         self._count(labels, keep, batches)
@@ -303,6 +305,35 @@ class CentersEMA(KeepsScratch, _CentersBase):
     def _fold(self, sums: Sums) -> None:
         fold_centers_ema(sums, self.num_classes, self.alpha, self.centers, self.initialized, self.decay,
                          self.first_mean, self.first_seen, per_row=self.rule == "per-sample")
+
+    def _fold_batches(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> None:
+        """Fold whole batches of rows in (`first` rows into the update, for an error's row)."""
+        omit = self.nan_policy == "omit"
+        masked = -1  # the row from which NaN / Inf rows were left out
+        while len(flat):
+            slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
+            if kernel_dtype(flat.dtype).kind != "f" or len(keys) * flat.shape[1] * 8 <= FUSED_PAIRS_BYTES:
+                # integers (shifted in integer arithmetic), or few pairs: sums of the block, then the fold
+                self._fold(self._sums(flat, labels, keep, batch, first))
+                return
+            try:
+                stop = fold_ema_batches(flat, slots, keys, batch, self.num_classes, self.alpha, self.centers,
+                                        self.initialized, self.decay, self.first_mean, self.first_seen,
+                                        per_row=self.rule == "per-sample", omit=omit and masked != 0,
+                                        scratch=self._workspace)
+            except NonFiniteError as error:
+                raise self._located(error, first) from None
+            if stop < 0:
+                return
+            # Under omit a row holding NaN / Inf is skipped whole: looked for only from the batch that
+            # has one. `keep` is a view of the update's mask, so the rows skipped are counted so.
+            keep[stop:] &= np.isfinite(flat[stop:]).all(axis=1)
+            flat, labels, keep, first, masked = flat[stop:], labels[stop:], keep[stop:], first + stop, 0
+
+    def _located(self, error: NonFiniteError, first: int) -> NonFiniteError:
+        """`error` of rows `first` rows into the current update, located in the stream."""
+        return NonFiniteError(self.position + first + error.row, np.unravel_index(error.index[0], self.row_shape),
+                              error.value)
 
     def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> Sums:
         """The kernel's sums per (batch, class) pair present; the rows start `first`
@@ -316,8 +347,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
             return sums()
         except NonFiniteError as error:
             if self.nan_policy != "omit":
-                raise NonFiniteError(self.position + first + error.row,
-                                     np.unravel_index(error.index[0], self.row_shape), error.value) from None
+                raise self._located(error, first) from None
         # Under omit, a row holding NaN / Inf is skipped whole: found only in a block that has one.
         # `keep` is the caller's (a view of the update's mask), so the rows skipped are counted so.
         keep &= np.isfinite(flat).all(axis=1)

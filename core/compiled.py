@@ -333,8 +333,10 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
     """Chan–Golub–LeVeque merge of block sums into the state rows `keys`, then
     each mean is re-centred: its shift becomes the rounded mean (an integer for
     integer data), its offset the exact remainder (TwoSum), so the next block's
-    deviations are taken around the mean itself."""
+    deviations are taken around the mean itself. `residual` (what float64 dropped
+    from integer shifts) is empty for float data."""
     elementwise = state_count.shape[0] > 0
+    rounded = residual.shape[0] > 0
     for p in range(keys.shape[0]):
         g = keys[p]
         for k in range(s1.shape[1]):
@@ -344,7 +346,8 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
             n_a = state_count[g, k] if elementwise else state_weight[g] * per_stat
             off_b = s1[p, k] / n_b
             m2_b = max(s2[p, k] - s1[p, k] * off_b, 0.0)
-            off_b += residual[p, k]
+            if rounded:
+                off_b += residual[p, k]
             if n_a > 0.0:
                 # The kernel's shift is the state's, unless integer arithmetic rounded it
                 # (a restored non-integer mean): then the difference is small and exact.
@@ -378,40 +381,119 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
 # --- Python side -----------------------------------------------------------------------
 
 
+EMA_SKIP, EMA_BLEND, EMA_SET, EMA_FIRST = 0, 1, 2, 4  # what a (batch, class) pair does (see _ema_plan)
+
+
 @numba.njit(nogil=True, cache=True)
-def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, per_row, centers, initialized,
-                      decay, first_mean, first_seen):
-    """The moving average of every (batch, class) mean, in batch order (`keys` are
-    ``batch * K + class``, batch-major): ``C <- (1 - a) C + a mean``, a class
-    not yet initialized taking its first mean as it is; ``a`` is `alpha`, or
-    with `per_row` ``alpha * n`` for the n rows of the class in the batch (each
-    row adding ``alpha * (x - C_old)``); ``decay`` of each class is multiplied
-    by ``1 - a`` per batch, and (when `first_mean` has rows) the first mean of
-    each class seen here is kept."""
-    keep_first = first_mean.shape[0] > 0
+def _ema_plan(keys, num_classes, weight, alpha, per_row, initialized, decay, first_seen, keep_first, plan):
+    """The per-class bookkeeping of :func:`_fold_centers_ema`, in batch order, and
+    what each (batch, class) pair does there: skipped (no weight), blended into
+    its class's center, or setting it (a class not yet initialized), plus
+    EMA_FIRST when it is the first mean of its class to keep (`keep_first`).
+    ``decay`` of each class is multiplied by ``1 - a`` per pair."""
     for p in range(keys.shape[0]):
         j = keys[p] % num_classes
         n = weight[p]
         if not n > 0.0:
+            plan[p] = EMA_SKIP
             continue
         a = alpha * n if per_row else alpha
-        c = centers[j]
-        b = base[p]
-        r = residual[p]
-        t = s1[p]
-        if initialized[j]:
-            for e in range(c.shape[0]):
-                c[e] = (1.0 - a) * c[e] + a * (b[e] + (t[e] / n + r[e]))
-        else:
-            for e in range(c.shape[0]):
-                c[e] = b[e] + (t[e] / n + r[e])
-            initialized[j] = True
+        plan[p] = EMA_BLEND if initialized[j] else EMA_SET
+        initialized[j] = True
         decay[j] *= 1.0 - a
         if keep_first and not first_seen[j]:
-            f = first_mean[j]
-            for e in range(c.shape[0]):
-                f[e] = b[e] + (t[e] / n + r[e])
+            plan[p] |= EMA_FIRST
             first_seen[j] = True
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, per_row, plan, lo, hi, centers,
+                      first_mean):
+    """The moving average of every (batch, class) mean, in batch order (`keys` are
+    ``batch * K + class``, batch-major), columns ``lo:hi`` only, as `plan` says
+    (:func:`_ema_plan`): ``C <- (1 - a) C + a mean``, or ``C <- mean`` for a
+    class not yet initialized; ``a`` is `alpha`, or with `per_row` ``alpha * n``
+    for the n rows of the class in the batch (each row adding ``alpha * (x -
+    C_old)``). Column ranges touch disjoint memory: they may run in threads.
+    `residual` (what float64 dropped from integer shifts) is empty for floats."""
+    rounded = residual.shape[0] > 0
+    for p in range(keys.shape[0]):
+        step = plan[p]
+        if step == EMA_SKIP:
+            continue
+        j = keys[p] % num_classes
+        n = weight[p]
+        a = alpha * n if per_row else alpha
+        c = centers[j, lo:hi]  # row views: see _accumulate
+        b = base[p, lo:hi]
+        t = s1[p, lo:hi]
+        r = residual[p, lo:hi] if rounded else b  # (not read unless rounded)
+        if step & EMA_BLEND:
+            for e in range(hi - lo):
+                c[e] = (1.0 - a) * c[e] + a * (b[e] + (t[e] / n + (r[e] if rounded else 0.0)))
+        else:
+            for e in range(hi - lo):
+                c[e] = b[e] + (t[e] / n + (r[e] if rounded else 0.0))
+        if step & EMA_FIRST:
+            f = first_mean[j, lo:hi]
+            for e in range(hi - lo):
+                f[e] = b[e] + (t[e] / n + (r[e] if rounded else 0.0))
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row, kfirst, no_residual, centers,
+                      initialized, decay, first_mean, first_seen, shift, s1, fresh, local, rows, weight, plan,
+                      check):
+    """Moving-average centers of the consecutive batches of `x`, each batch's
+    (batch, class) sums taken (:func:`_accumulate`) into scratch the size of one
+    batch, which stays in the cache, and folded at once (:func:`_ema_plan`,
+    :func:`_fold_centers_ema`); float data only (shifts in float64). `slots`
+    and `keys` are :func:`_slot_rows`' numbering (pairs batch by batch).
+    Returns -1 when every batch was folded, else the first row of the first
+    batch whose sums are not finite (a NaN / Inf, or float64's overflow): it
+    and the batches after it are left out, the state holds those before.
+    The other arguments are scratch of one batch (`check`: one row)."""
+    nrows, width = x.shape
+    pairs = keys.shape[0]
+    keep_first = first_mean.shape[0] > 0
+    p0 = 0
+    for b0 in range(0, nrows, batch):
+        b1 = min(nrows, b0 + batch)
+        b = b0 // batch
+        p1 = p0
+        while p1 < pairs and keys[p1] // num_classes == b:
+            p1 += 1
+        n = p1 - p0
+        if n == 0:
+            continue
+        for i in range(b0, b1):
+            local[i - b0] = slots[i] - p0 if slots[i] >= 0 else -1
+        for q in range(n):
+            fresh[q] = True
+            rows[q] = 0
+            weight[q] = 0.0
+            r = s1[q]
+            for e in range(width):
+                r[e] = 0.0
+        _accumulate(x[b0:b1], table, 0, 1, None, kfirst, local[:b1 - b0], None, shift[:n], fresh[:n], None,
+                    rows[:n], weight[:n], None, s1[:n], None)
+        for e in range(width):
+            check[e] = 0.0
+        for q in range(n):
+            r = s1[q]
+            for e in range(width):
+                check[e] += r[e] * 0.0  # stays 0 unless a sum is NaN / Inf (per element: vectorized)
+        total = 0.0
+        for e in range(width):
+            total += check[e]
+        if total != 0.0:  # (NaN)
+            return b0
+        _ema_plan(keys[p0:p1], num_classes, weight[:n], alpha, per_row, initialized, decay, first_seen,
+                  keep_first, plan[:n])
+        _fold_centers_ema(keys[p0:p1], num_classes, shift[:n], no_residual, s1[:n], weight[:n], alpha, per_row,
+                          plan[:n], 0, width, centers, first_mean)
+        p0 = p1
+    return -1
 
 
 @numba.njit(nogil=True, cache=True)

@@ -163,10 +163,11 @@ class Sums:
                     self.s1[part].copy(), cut(self.s2), self.shift[part].copy(), self.integer)
 
     def centers(self) -> tuple[np.ndarray, np.ndarray]:
-        """The shift as float64 and what float64 rounding dropped from it (0 for floats)."""
-        base = self.shift.astype(np.float64)
+        """The shift as float64 and what float64 rounding dropped from it (for float
+        data: the shift itself, not a copy, and a (1, 1) zero that broadcasts)."""
         if not self.integer:
-            return base, np.zeros_like(base)
+            return self.shift, NO_RESIDUAL
+        base = self.shift.astype(np.float64)
         back = np.clip(base, *_integer_range(self.shift.dtype)).astype(self.shift.dtype)
         return base, (self.shift - back).astype(np.int64).astype(np.float64)
 
@@ -223,6 +224,9 @@ def _as_rows(x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 EMPTY_F = np.empty(0)
 EMPTY_2D = np.empty((0, 0))
+EMPTY_BOOL = np.empty(0, np.bool_)
+NO_RESIDUAL = np.zeros((1, 1))
+NO_RESIDUAL.flags.writeable = False
 
 
 def accumulate(
@@ -290,15 +294,19 @@ def accumulate(
     if start is not None:
         sums = start
     else:
-        def zeros(name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+        def zeros(name: str, shape: tuple, dtype=np.float64, *, fill: bool = True) -> np.ndarray:
             if scratch is None:
                 return np.zeros(shape, dtype)
-            array = scratch.array(name, shape, dtype)
-            array.fill(0)
+            # Room for the next power of two of slots: the slots present vary from block to block, and
+            # a buffer grown by a few slots each time would be fresh pages each time (~0.4 GB/s here).
+            room = 1 << max(shape[0] - 1, 0).bit_length()
+            array = scratch.array(name, (room,) + shape[1:], dtype)[:shape[0]]
+            if fill:
+                array.fill(0)
             return array
 
-        if shift is None:
-            kshift = zeros("shift", (P, K), kdtype)  # every slot is fresh: the kernel sets it
+        if shift is None:  # every slot is fresh: the kernel sets the shift of every statistic met
+            kshift = zeros("shift", (P, K), kdtype, fill=omit)  # (unless left out: NaN / Inf)
         elif integer:
             kshift = np.clip(np.nan_to_num(shift), *_integer_range(kdtype)).astype(kdtype)
         else:
@@ -317,6 +325,8 @@ def accumulate(
         _channels_last(flat, table, slots, weights, sums, fresh, count0, omit, squares, scratch)
     else:
         _kernel(flat, table, first_element, layout, slots, weights, sums, fresh, count0, omit, squares)
+    if start is None and shift is None and not omit:
+        sums.shift[sums.rows == 0] = 0  # slots without rows: their shift was never set
     if not omit and not (np.isfinite(sums.s1).all() and (not squares or np.isfinite(sums.s2).all())):
         raise _not_finite(x, slots, look=True)
     return sums
@@ -440,8 +450,9 @@ def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray,
     """
     base, residual = sums.centers()
     s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
-    _compiled()._fold_exact(sums.keys, base, residual, sums.weight, sums.count, sums.s1, s2, float(per_stat),
-                            sums.integer, shift, offset, m2, weight, EMPTY_2D if count is None else count)
+    _compiled()._fold_exact(sums.keys, base, residual if sums.integer else EMPTY_2D, sums.weight, sums.count,
+                            sums.s1, s2, float(per_stat), sums.integer, shift, offset, m2, weight,
+                            EMPTY_2D if count is None else count)
 
 
 def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.ndarray, offset: np.ndarray,
@@ -518,9 +529,51 @@ def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.nda
     from the batch's starting center (the per-sample rule), still affine in
     ``C_old`` with the factor ``1 - alpha * n`` kept in `decay`."""
     base, residual = sums.centers()
-    _compiled()._fold_centers_ema(sums.keys, num_classes, base, residual, sums.s1, sums.weight, float(alpha),
-                                  bool(per_row), centers, initialized, decay,
-                                  EMPTY_2D if first_mean is None else first_mean, first_seen)
+    compiled = _compiled()
+    plan = np.empty(len(sums.keys), np.int8)
+    keep_first = first_mean is not None
+    compiled._ema_plan(sums.keys, num_classes, sums.weight, float(alpha), bool(per_row), initialized, decay,
+                       first_seen, keep_first, plan)
+    args = (sums.keys, num_classes, base, residual if sums.integer else EMPTY_2D, sums.s1, sums.weight,
+            float(alpha), bool(per_row), plan)
+    compiled._fold_centers_ema(*args, 0, centers.shape[1], centers, first_mean if keep_first else EMPTY_2D)
+
+
+def fold_ema_batches(x: np.ndarray, slots: np.ndarray, keys: np.ndarray, batch: int, num_classes: int,
+                     alpha: float, centers: np.ndarray, initialized: np.ndarray, decay: np.ndarray,
+                     first_mean: Optional[np.ndarray], first_seen: np.ndarray, *, per_row: bool, omit: bool,
+                     scratch: Workspace) -> int:
+    """:func:`accumulate` and :func:`fold_centers_ema` of the consecutive batches of
+    `x` in one pass, batch by batch: each batch's (batch, class) sums stay in the
+    cache (scratch of one batch, not of the block), so a block costs its rows,
+    however many pairs it holds. Float data only (integers: accumulate, then fold).
+
+    `slots` and `keys` are :func:`slot_rows`' (with `batch`). Returns -1 when
+    every batch was folded; under `omit`, the first row of the first batch whose
+    sums are not finite (it and the later batches not folded; the caller leaves
+    rows out and goes on from there).
+
+    Raises
+    ------
+    NonFiniteError, DataError
+        Without `omit`, as :func:`accumulate` (the batches before are folded).
+    """
+    flat, table = _as_rows(x)
+    width = flat.shape[1]
+    rows = min(batch, len(flat))
+
+    def room(name: str, shape: tuple, dtype) -> np.ndarray:
+        return scratch.array(name, shape, dtype)
+
+    stop = _compiled()._fold_ema_batches(
+        flat, table, int(batch), slots, keys, num_classes, float(alpha), bool(per_row), EMPTY_BOOL, EMPTY_2D,
+        centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean, first_seen,
+        room("shift", (rows, width), np.float64), room("s1", (rows, width), np.float64),
+        room("fresh", (rows,), np.bool_), room("local", (rows,), np.int64), room("rows", (rows,), np.int64),
+        room("weight", (rows,), np.float64), room("plan", (rows,), np.int8), room("check", (width,), np.float64))
+    if stop >= 0 and not omit:
+        raise _not_finite(x, slots, look=True)
+    return int(stop)
 
 
 def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch: Optional[int] = None,
@@ -556,7 +609,9 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     fold_exact(sums, 1, *state, None)
     update_groups(x, layout, slots, *state[:3], np.zeros(1, np.int64), state[3], None)
     lookup = np.full(1, -1, np.int64)
-    slot_rows(slots, 1, lookup, batch=2)
+    pairs, pair_keys = slot_rows(slots, 1, lookup, batch=2)
+    fold_ema_batches(x, pairs, pair_keys, 2, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None,
+                     np.zeros(1, bool), per_row=False, omit=False, scratch=Workspace())
     ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
     fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
     before = np.empty(4)
