@@ -453,7 +453,7 @@ def case_fit_bn_groups(data: Data, fmt: str, *, groups: int) -> None:
 
     recipe = ns.Recipe("batchnorm", "exact", {"batch_size": BATCH_SIZE, "axes": "auto", "num_groups": groups})
     with ns.open_stream([data.spec(fmt)]) as stream, ns.open_stream([str(data.labels(groups))]) as labels:
-        ns.run_fit(recipe.build(), stream, side={"groups": labels})
+        ns.run_fit(recipe.build(), stream, side={"groups": labels}, spend=True)  # as the CLI does
 
 
 def case_fit_centers(data: Data, fmt: str, *, mode: str, k: int) -> None:

@@ -98,6 +98,12 @@ class GroupedMoments:
             return self.count_flat
         return np.broadcast_to((self.weight * self.layout.per_stat)[:, None], self.shift.shape)
 
+    def count_view(self) -> np.ndarray:
+        """:attr:`count` counted per row (no values left out) as a read-only view of
+        the weight per group: no (groups, statistics) array."""
+        n = (self.weight * self.layout.per_stat).reshape((self.num_groups,) + (1,) * len(self.kept))
+        return np.broadcast_to(n, (self.num_groups,) + self.kept)
+
     @property
     def count(self) -> Optional[np.ndarray]:
         """Elements (or weight) per group and statistic."""

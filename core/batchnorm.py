@@ -722,23 +722,34 @@ class BatchNormExact(_BatchNormBase):
         self.batches_seen += self.batches_in(rows)
         self.rows_seen += rows
 
-    def result(self) -> Stats:
-        """Population mean, var, inv_std and count (float64) and metadata."""
+    def result(self, *, spend: bool = False) -> Stats:
+        """Population mean, var, inv_std and count (float64) and metadata.
+
+        With `spend`, per-group statistics (counted per row: no ``nan_policy='omit'``)
+        are built in the state's own arrays, and the count is a read-only view of
+        the rows per group: 100 000 groups of 256 statistics take four arrays of
+        theirs at the peak, not eight; the state is unusable after.
+        """
         self._require_updates()
         moments = self.moments
         meta = self._meta()
-        count = moments.count
+        lean = spend and self.num_groups is not None and moments.count_flat is None and moments.started
+        count = moments.count_view() if lean else moments.count
         if count is None:
             raise DataError("no rows were given: the statistics are undefined")
         too_small = self._too_small(count, meta)
-        var = moments.variance(self.ddof)
         near_constant = moments.near_constant() & ~too_small
+        mean_low = moments.mean_low  # mean + mean_low: the digits merges and --init need
+        if lean:
+            mean, var = moments.mean_and_variance(self.ddof, spend=True)
+        else:
+            mean, var = moments.mean, moments.variance(self.ddof)
         var[near_constant] = 0.0  # in place: var is the result's own array (K x D with groups)
         meta["near_constant_count"], meta["near_constant"] = _listed(near_constant)
         meta["weighted"] = self.weighted
         arrays = {"count": count, "var": var}
-        arrays["mean" if self.use_mean else "moment_mean"] = moments.mean
-        arrays["mean_low"] = moments.mean_low  # mean + mean_low: the digits merges and --init need
+        arrays["mean" if self.use_mean else "moment_mean"] = mean
+        arrays["mean_low"] = mean_low
         if self.use_inv_std:
             inv_std = np.array(var, dtype=np.float64)  # one array, filled in place (K x D with groups)
             inv_std += self.eps

@@ -112,8 +112,9 @@ def run_fit(
         allocation.
     spend : bool
         Let the result take over the state's arrays where the state allows
-        it (exact centers: no (classes, features) copies, so 100 000 classes
-        need no more memory than their state); the state is unusable after.
+        it (exact centers, exact per-group BatchNorm: no (classes, features)
+        copies, so 100 000 classes need little more memory than their state);
+        the state is unusable after.
 
     Returns
     -------
@@ -140,7 +141,7 @@ def run_fit(
         feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
     else:
         feed_parallel(state, stream, block_rows, start_row, progress, checkpoint)
-    result = state.result(spend=True) if spend and isinstance(state, CentersExact) else state.result()
+    result = state.result(spend=True) if spend and isinstance(state, (CentersExact, BatchNormExact)) else state.result()
     return with_provenance(result, stream, side, time.perf_counter() - started, stream.rows - start_row)
 
 

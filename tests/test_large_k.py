@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,57 @@ def test_a_fit_loads_only_the_kernels_it_calls(tmp_path) -> None:
     assert done.stdout.split("\n")[-2] == "['_accumulate']"
     stats = ns.read_stats(str(tmp_path / "s.npz"))
     assert stats.meta["rows_seen"] == 300
+
+
+@pytest.mark.parametrize("row_shape, axes", [((6,), "auto"), ((3, 2, 2), "auto"), ((2, 3), (0, 2))])
+def test_spent_group_result_equals_the_kept_one_and_the_reference(row_shape, axes) -> None:
+    """Groups present in one block only, more groups than rows, weights."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(70,) + row_shape) * 4 + 1e3
+    groups = np.r_[rng.integers(0, 5, 40), rng.integers(5, 90, 30)]  # groups >= 5: the second block only
+    weights = rng.uniform(0.5, 2.0, 70)
+    results = []
+    for spend in (False, True):
+        for weighted in (False, True):
+            state = ns.batchnorm_state("exact", num_groups=90, axes=axes)
+            for lo, hi in ((0, 40), (40, 70)):
+                state.update(x[lo:hi], groups[lo:hi], weights[lo:hi] if weighted else None)
+            results.append(state.result(spend=spend))
+    for kept, spent in ((results[0], results[2]), (results[1], results[3])):
+        assert sorted(kept.arrays) == sorted(spent.arrays) and kept.meta == spent.meta
+        for name in kept.arrays:
+            np.testing.assert_array_equal(spent.arrays[name], kept.arrays[name], err_msg=name)
+    reduce = (0,) + tuple(range(2, x.ndim)) if axes == "auto" else (0, 2)
+    got = results[2]
+    for g in (0, 4, 5, 60):
+        rows = x[groups == g]
+        if not len(rows):
+            assert np.isnan(got.arrays["mean"][g]).all() and (got.arrays["count"][g] == 0).all()
+            continue
+        n = rows.size // got.arrays["mean"][g].size
+        np.testing.assert_allclose(got.arrays["mean"][g].reshape(-1), rows.mean(axis=reduce).reshape(-1),
+                                   rtol=1e-14)
+        assert (got.arrays["count"][g] == n).all()
+        if n > 1:
+            np.testing.assert_allclose(got.arrays["var"][g].reshape(-1),
+                                       rows.var(axis=reduce, ddof=1).reshape(-1), rtol=1e-11)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".json", ".safetensors"])
+def test_the_cli_writes_a_spent_group_result_whole(tmp_path, suffix) -> None:
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    groups = rng.integers(0, 200, 120)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "g.npy", groups)
+    out = tmp_path / f"s{suffix}"
+    script = Path(sys.executable).with_name("normstats")
+    done = subprocess.run([str(script), "fit-bn", str(tmp_path / "x.npy"), "--groups", str(tmp_path / "g.npy"),
+                           "--num-groups", "200", "--mode", "exact", "-o", str(out), "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stored = ns.read_stats(str(out))
+    state = ns.batchnorm_state("exact", num_groups=200)
+    want = state.update(x, groups).result()
+    for name in ("count", "mean", "var", "inv_std", "mean_low"):
+        np.testing.assert_array_equal(stored.arrays[name], want.arrays[name], err_msg=name)
