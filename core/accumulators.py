@@ -109,15 +109,19 @@ class GroupedMoments:
         """Elements (or weight) per group and statistic."""
         return None if self.layout is None else self._shaped(np.array(self.count_2d))
 
-    def _sliced(self, part, dtype=np.float64) -> np.ndarray:
+    def _sliced(self, part, dtype=np.float64, *, mostly_zero: bool = False) -> np.ndarray:
         """``part(rows)`` for slices of RESULT_GROUPS groups, into one new (groups,
         statistics) array: a result of many groups costs its own array, not
-        several temporaries of the state's size."""
-        out = np.empty(self.shift.shape, dtype)
+        several temporaries of the state's size. `mostly_zero`: only slices that
+        hold a non-zero value are written into a zeroed array, whose pages the
+        others then never touch (no memory for them)."""
+        out = np.zeros(self.shift.shape, dtype) if mostly_zero else np.empty(self.shift.shape, dtype)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for lo in range(0, self.num_groups, RESULT_GROUPS):
                 rows = slice(lo, lo + RESULT_GROUPS)
-                out[rows] = part(rows)
+                value = part(rows)
+                if not mostly_zero or value.any():
+                    out[rows] = value
         return out
 
     @property
@@ -145,7 +149,7 @@ class GroupedMoments:
             spread = np.sqrt(np.where(n[r] > 0, self.m2_flat[r] / n[r], 0.0))
             low = _two_sum(self.shift[r], self.offset[r])[1]
             return np.where((n[r] > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0)
-        return self._shaped(self._sliced(part))
+        return self._shaped(self._sliced(part, mostly_zero=True))
 
     @property
     def m2(self) -> Optional[np.ndarray]:

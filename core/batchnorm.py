@@ -740,7 +740,9 @@ class BatchNormExact(_BatchNormBase):
         too_small = self._too_small(count, meta)
         near_constant = moments.near_constant() & ~too_small
         mean_low = moments.mean_low  # mean + mean_low: the digits merges and --init need
+        spare = None
         if lean:
+            spare = moments.offset  # free once the mean is built: the inv_std goes there (no fresh pages)
             mean, var = moments.mean_and_variance(self.ddof, spend=True)
         else:
             mean, var = moments.mean, moments.variance(self.ddof)
@@ -751,8 +753,9 @@ class BatchNormExact(_BatchNormBase):
         arrays["mean" if self.use_mean else "moment_mean"] = mean
         arrays["mean_low"] = mean_low
         if self.use_inv_std:
-            inv_std = np.array(var, dtype=np.float64)  # one array, filled in place (K x D with groups)
-            inv_std += self.eps
+            # one array, filled in place (K x D with groups)
+            inv_std = np.empty_like(var) if spare is None else spare.reshape(var.shape)
+            np.add(var, self.eps, out=inv_std)
             with np.errstate(invalid="ignore"):
                 np.sqrt(inv_std, out=inv_std)
             arrays["inv_std"] = np.divide(1.0, inv_std, out=inv_std)
