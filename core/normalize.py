@@ -174,14 +174,19 @@ class Normalizer:
     def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,
                    name: str) -> np.ndarray:
         """The formula in `compute` precision, into the scratch array `name`."""
+        terms = self._terms_in(compute)
+        if self.num_groups is not None:
+            terms = self._per_row(terms, groups, x.shape[0])
+        return self._formula(x, terms, compute, name)
+
+    def _terms_in(self, compute: np.dtype) -> dict[str, Optional[np.ndarray]]:
+        """The terms in `compute` precision, broadcastable over a batch (kept)."""
         terms = self._cast.get(compute)
         if terms is None:
             with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
                 terms = {k: None if v is None else v.astype(compute) for k, v in self._terms.items()}
             self._cast[compute] = terms
-        if self.num_groups is not None:
-            terms = self._per_row(terms, groups, x.shape[0])
-        return self._formula(x, terms, compute, name)
+        return terms
 
     def _formula(self, x: np.ndarray, terms: dict, compute: np.dtype, name: str) -> np.ndarray:
         """``(x - mean) * scale + beta`` with the terms given, into the scratch array `name`."""
@@ -207,8 +212,13 @@ class Normalizer:
         row, *index = (int(i) for i in np.argwhere(made)[0])
         one = None if groups is None else np.asarray(groups)[row:row + 1]
         exact = self._normalize(x[row:row + 1], one, np.dtype(np.float64), "row")[(0, *index)]
+        raise RowError(row, self._problem(index, x[(row, *index)], exact, out.dtype, one))
+
+    def _problem(self, index: list, value: object, exact: float, target: np.dtype,
+                 one: Optional[np.ndarray]) -> str:
+        """Why the finite input `value` at row element `index` (of group ``one[0]``) gave
+        a non-finite `target` output, `exact` being its float64 result, and the remedy."""
         column = f"column {', '.join(map(str, index))}" if index else "its value"
-        target = out.dtype
         if np.isfinite(exact) and abs(exact) > np.finfo(target).max:
             wider = "float32" if target == np.float16 else "float64"
             problem = (f"{column} normalizes to {exact:.6g}, beyond the largest {target} "
@@ -221,9 +231,9 @@ class Normalizer:
             problem = (f"{column} meets a statistic that the fit left undefined (NaN: it saw no data "
                        "there); fit statistics on data that has values there")
         else:
-            problem = (f"{column} ({x[(row, *index)]}) normalizes beyond the float64 range; the "
+            problem = (f"{column} ({value}) normalizes beyond the float64 range; the "
                        "statistics (mean, inv_std, gamma, beta) do not fit this data")
-        raise RowError(row, problem)
+        return problem
 
     def _undefined_at(self, index: list, groups: Optional[np.ndarray]) -> bool:
         """Whether a statistic term is NaN at element `index` of a row (of group `groups[0]`)."""
