@@ -127,17 +127,21 @@ class Normalizer:
         compute = np.promote_types(target, np.float32)  # float16 is computed in float32
         fused = self._fused(x, compute) if groups is None else None
         y, finite = fused if fused is not None else (self._normalize(x, groups, compute, "y"), False)
-        if target == compute:
-            out = y
-        else:
-            out = self._workspace.array("out", x.shape, target)
-            with np.errstate(over="ignore"):
-                np.copyto(out, y, casting="unsafe")
+        out = self._in_dtype(y, target)
         # One cheap pass over the block (max and min run at memory speed and
         # propagate NaN); only a block that fails it is searched value by value.
         limit = np.finfo(target).max
         if y.size and not (finite and target == compute) and not (y.max() <= limit and y.min() >= -limit):
             self._check_finite(x, groups, out)
+        return out
+
+    def _in_dtype(self, y: np.ndarray, target: np.dtype) -> np.ndarray:
+        """`y` in the output dtype `target` (a reused scratch array unless it is one)."""
+        if y.dtype == target:
+            return y
+        out = self._workspace.array("out", y.shape, target)
+        with np.errstate(over="ignore"):
+            np.copyto(out, y, casting="unsafe")
         return out
 
     def _fused(self, x: np.ndarray, compute: np.dtype) -> Optional[tuple[np.ndarray, bool]]:

@@ -16,7 +16,6 @@ import numpy as np
 from .errors import RowError, UsageError
 from .normalize import Normalizer
 from .row_pieces import piece_shape, piece_slices
-from .workspace import Workspace
 
 
 class PieceNormalizer:
@@ -29,7 +28,6 @@ class PieceNormalizer:
                 "fit the statistics (fit-bn) and apply them without --batch-stats"
             )
         self.normalizer = normalizer
-        self._workspace = Workspace()
 
     def __call__(self, piece: np.ndarray, e0: int, group: Optional[np.ndarray] = None) -> np.ndarray:
         """The normalized elements ``e0:e0+piece.size`` of one row (1-D, a reused buffer).
@@ -48,12 +46,7 @@ class PieceNormalizer:
         compute = np.promote_types(target, np.float32)  # float16 is computed in float32
         terms = self._terms(compute, index, group)
         y = normalizer._formula(x, terms, compute, "piece")
-        if target == compute:
-            out = y
-        else:
-            out = self._workspace.array("out", x.shape, target)
-            with np.errstate(over="ignore"):
-                np.copyto(out, y, casting="unsafe")
+        out = normalizer._in_dtype(y, target)
         limit = np.finfo(target).max
         if y.size and not (y.max() <= limit and y.min() >= -limit):
             self._check_finite(x, e0, out, index, group)

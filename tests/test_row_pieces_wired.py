@@ -20,18 +20,11 @@ import pytest
 
 import normstats as ns
 import normstats.stream as read_blocks
+from tests.batch_reference import data
 from tests.cli_checks import error_line
 from tests.reference import ref_apply, ref_bn_ema, ref_bn_exact, ref_centers_exact, ref_nearest
 
 SMALL = 4096  # bytes per read block in these tests: every row below is cut in pieces
-
-
-def _data(shape, dtype, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=shape) * 3 + 50
-    if np.dtype(dtype).kind in "iu":
-        return np.rint(x * 10).astype(dtype)
-    return x.astype(dtype)
 
 
 def _both(run, monkeypatch, *args, out: str) -> tuple[dict, dict]:
@@ -78,7 +71,7 @@ SHAPES = [  # rows of 16 KB and more; ranks 2-5, auto and custom axes
 @pytest.mark.parametrize("shape, axes", SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int16"])
 def test_fit_bn_exact_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, shape, axes, dtype) -> None:
-    x = _data(shape, dtype, seed=len(shape))
+    x = data(shape, dtype, seed=len(shape))
     np.save(tmp_path / "x.npy", x)
     whole, cut = _both(run, monkeypatch, "fit-bn", "x.npy", "--mode", "exact", "--axes", axes, out="OUT.npz")
     _same(whole, cut, 1e-12)
@@ -91,7 +84,7 @@ def test_fit_bn_exact_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch
 @pytest.mark.parametrize("batch", [1, 2, 6, 7])  # n = 6 rows: 1, 2, n, n + 1
 @pytest.mark.parametrize("fmt", ["npy", "h5"])
 def test_fit_bn_ema_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, batch, fmt) -> None:
-    x = _data((6, 3, 64, 64), "float32", seed=batch)
+    x = data((6, 3, 64, 64), "float32", seed=batch)
     source = "x.npy" if fmt == "npy" else "x.h5:x"
     if fmt == "npy":
         np.save(tmp_path / "x.npy", x)
@@ -107,7 +100,7 @@ def test_fit_bn_ema_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, 
 
 
 def test_fit_bn_pooled_channel_axis_and_groups_in_pieces(run, tmp_path, monkeypatch) -> None:
-    x = _data((9, 64, 32, 3), "float32", seed=5)
+    x = data((9, 64, 32, 3), "float32", seed=5)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "g.npy", np.array([0, 2, 1, 0, 2, 2, 1, 0, 0]))
     whole, cut = _both(run, monkeypatch, "fit-bn", "x.npy", "--channel-axis", "-1", "--batch-size", "2",
@@ -122,7 +115,7 @@ def test_fit_bn_pooled_channel_axis_and_groups_in_pieces(run, tmp_path, monkeypa
 
 
 def test_fit_bn_weights_and_omitted_values_in_pieces(run, tmp_path, monkeypatch) -> None:
-    x = _data((7, 2, 64, 64), "float64", seed=6)
+    x = data((7, 2, 64, 64), "float64", seed=6)
     x[3, 1, 40, 7] = np.nan
     x[5, 0, 2, 2:9] = np.inf
     np.save(tmp_path / "x.npy", x)
@@ -144,7 +137,7 @@ def test_fit_bn_weights_and_omitted_values_in_pieces(run, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("mode", ["ema", "exact"])
 def test_fit_centers_in_pieces(run, tmp_path, monkeypatch, mode) -> None:
-    x = _data((11, 4, 32, 32), "float32", seed=7)
+    x = data((11, 4, 32, 32), "float32", seed=7)
     labels = np.array([0, 1, 2, 1, 0, 0, 2, 1, 1, 0, 2])
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "l.npy", labels)
@@ -158,7 +151,7 @@ def test_fit_centers_in_pieces(run, tmp_path, monkeypatch, mode) -> None:
 @pytest.mark.parametrize("fmt", ["npy", "h5"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int16"])
 def test_apply_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, fmt, dtype) -> None:
-    x = _data((5, 3, 64, 64), dtype, seed=8)
+    x = data((5, 3, 64, 64), dtype, seed=8)
     np.save(tmp_path / "x.npy", x)
     assert run("fit-bn", "x.npy", "--mode", "exact", "-o", "s.npz", "-q").exit_code == 0
     whole, cut = _both(run, monkeypatch, "apply", "s.npz", "x.npy", "--gamma", "2", "--beta", "0.5",
@@ -171,7 +164,7 @@ def test_apply_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, fmt, 
 
 
 def test_apply_groups_in_pieces_and_batch_stats_refused(run, tmp_path, monkeypatch) -> None:
-    x = _data((6, 2, 64, 64), "float64", seed=9)
+    x = data((6, 2, 64, 64), "float64", seed=9)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "g.npy", np.array([1, 0, 1, 1, 0, 0]))
     assert run("fit-bn", "x.npy", "--mode", "exact", "--groups", "g.npy", "--num-groups", "2",
@@ -199,7 +192,7 @@ def test_apply_overflow_in_a_later_piece_names_the_row_and_column(run, tmp_path,
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_assign_sums_distances_over_pieces(run, tmp_path, monkeypatch, metric) -> None:
-    x = _data((9, 2, 64, 64), "float32", seed=10)
+    x = data((9, 2, 64, 64), "float32", seed=10)
     labels = np.arange(9) % 4
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "l.npy", labels)
@@ -216,7 +209,7 @@ def test_assign_sums_distances_over_pieces(run, tmp_path, monkeypatch, metric) -
 
 
 def test_a_nan_in_a_wide_row_names_its_row_and_place(run, tmp_path, monkeypatch) -> None:
-    x = _data((4, 3, 64, 64), "float32", seed=11)
+    x = data((4, 3, 64, 64), "float32", seed=11)
     x[2, 2, 60, 1] = np.nan
     np.save(tmp_path / "x.npy", x)
     monkeypatch.setattr(read_blocks, "BLOCK_BYTES", SMALL)
@@ -226,7 +219,7 @@ def test_a_nan_in_a_wide_row_names_its_row_and_place(run, tmp_path, monkeypatch)
 
 
 def test_a_file_cut_inside_a_row_is_one_error(run, tmp_path, monkeypatch) -> None:
-    x = _data((4, 3, 64, 64), "float32", seed=12)
+    x = data((4, 3, 64, 64), "float32", seed=12)
     np.save(tmp_path / "x.npy", x)
     monkeypatch.setattr(read_blocks, "BLOCK_BYTES", SMALL)
     original = ns.BatchNormExact.update_row
@@ -244,10 +237,40 @@ def test_a_file_cut_inside_a_row_is_one_error(run, tmp_path, monkeypatch) -> Non
 
 
 def test_fortran_order_rows_are_read_whole_with_the_same_numbers(run, tmp_path, monkeypatch) -> None:
-    x = np.asfortranarray(_data((5, 3, 64, 64), "float32", seed=13))
+    x = np.asfortranarray(data((5, 3, 64, 64), "float32", seed=13))
     np.save(tmp_path / "x.npy", x)
     whole, cut = _both(run, monkeypatch, "fit-bn", "x.npy", "--mode", "exact", out="OUT.npz")
     _same(whole, cut, 1e-12)
+
+
+@pytest.mark.parametrize("saved", ["stored", "compressed"])
+def test_npz_members_in_pieces_or_whole_rows(run, tmp_path, monkeypatch, saved) -> None:
+    # a stored member is read at its offset in pieces; a deflated one a whole row at a time
+    x = data((5, 3, 64, 64), "float32", seed=14)
+    (np.savez if saved == "stored" else np.savez_compressed)(tmp_path / "x.npz", x=x)
+    whole, cut = _both(run, monkeypatch, "fit-bn", "x.npz:x", "--mode", "exact", out="OUT.npz")
+    _same(whole, cut, 1e-12)
+    np.testing.assert_allclose(cut["mean"], ref_bn_exact(x)[0], rtol=1e-12)
+
+
+def test_batch_boundaries_and_jobs_in_pieces(run, tmp_path, monkeypatch) -> None:
+    x = data((9, 2, 64, 64), "float32", seed=15)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "b.npy", np.array([0, 1, 4, 5, 8]))
+    whole, cut = _both(run, monkeypatch, "fit-bn", "x.npy", "--batch-boundaries", "b.npy", "--alpha", "0.4",
+                       out="OUT.npz")
+    _same(whole, cut, 1e-13)
+    mean, inv_std = 0.0, 1.0
+    for a, b in [(0, 1), (1, 4), (4, 5), (5, 8), (8, 9)]:
+        batch = x[a:b].astype(np.float64)
+        mean = 0.6 * mean + 0.4 * batch.mean(axis=(0, 2, 3))
+        inv_std = 0.6 * inv_std + 0.4 / np.sqrt(batch.var(axis=(0, 2, 3), ddof=1) + 1e-5)
+    np.testing.assert_allclose(cut["mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(cut["inv_std"], inv_std, rtol=1e-12)
+    # --jobs 2: forked workers read their rows in pieces too (the patched block is inherited)
+    whole, cut = _both(run, monkeypatch, "fit-bn", "x.npy", "--mode", "exact", "--jobs", "2", out="OUT.npz")
+    _same(whole, cut, 1e-12)
+    np.testing.assert_allclose(cut["mean"], ref_bn_exact(x)[0], rtol=1e-12)
 
 
 CHILD = textwrap.dedent("""
