@@ -21,7 +21,7 @@ from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
 from .normalize_pieces import PieceNormalizer
 from .readers.parallel import ordered_map, parallel_stream
-from .row_pieces import row_template
+from .row_pieces import piece_shape, row_template
 from .stream import Stream, block_rows_for, rows_per_block
 from .stats import BATCHNORM, Stats, check_values
 from .writers.h5_chunked import CompressedArrayWriter
@@ -404,10 +404,12 @@ def apply_stats(
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
     dtype = normalizer.result_dtype(stream.dtype)
+    # Rows larger than a block are written in pieces; compressed, one chunk per piece.
+    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if stream.wide else None
     writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
-        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression)
+        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression, chunks=chunks)
     with writer:
-        if stream.wide and compression is None:
+        if stream.wide:
             for _, pieces in normalized_rows(normalizer, stream, side):
                 for e0, piece in pieces:
                     writer.write_piece(e0, piece)

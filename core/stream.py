@@ -155,6 +155,10 @@ class Stream:
         """Whether a row is larger than a read block (then read in pieces: :meth:`wide_rows`)."""
         return self.row_bytes > BLOCK_BYTES
 
+    def piece_ranges(self) -> list[tuple[int, int]]:
+        """The element ranges :meth:`wide_rows` reads each row in."""
+        return piece_ranges(self.row_shape, self.dtype.itemsize, BLOCK_BYTES)
+
     def wide_rows(self, start_row: int = 0, stop_row: Optional[int] = None
                   ) -> Iterator[tuple[int, Iterator[tuple[int, np.ndarray]]]]:
         """Yield ``(row, pieces)`` for rows ``start_row:stop_row``: `pieces` yields the
@@ -166,7 +170,7 @@ class Stream:
         :attr:`ArraySource.reads_pieces`) is read a whole row at a time.
         """
         stop_row = self.rows if stop_row is None else min(stop_row, self.rows)
-        ranges = piece_ranges(self.row_shape, self.dtype.itemsize, BLOCK_BYTES)
+        ranges = self.piece_ranges()
         buffer = np.empty(max((e1 - e0 for e0, e1 in ranges), default=0), self.dtype)
         whole: Optional[np.ndarray] = None
         first = 0

@@ -148,14 +148,18 @@ def test_fit_centers_in_pieces(run, tmp_path, monkeypatch, mode) -> None:
         np.testing.assert_allclose(cut["centers"], ref_centers_exact(x, labels, 3)[0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("fmt", ["npy", "h5"])
+@pytest.mark.parametrize("fmt", ["npy", "h5", "h5-gzip"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int16"])
 def test_apply_in_pieces_equals_the_whole_rows(run, tmp_path, monkeypatch, fmt, dtype) -> None:
     x = data((5, 3, 64, 64), dtype, seed=8)
     np.save(tmp_path / "x.npy", x)
     assert run("fit-bn", "x.npy", "--mode", "exact", "-o", "s.npz", "-q").exit_code == 0
-    whole, cut = _both(run, monkeypatch, "apply", "s.npz", "x.npy", "--gamma", "2", "--beta", "0.5",
-                       out=f"OUT.{fmt}" if fmt == "npy" else "OUT.h5:y")
+    gzip = ("--compression", "gzip") if fmt == "h5-gzip" else ()
+    whole, cut = _both(run, monkeypatch, "apply", "s.npz", "x.npy", "--gamma", "2", "--beta", "0.5", *gzip,
+                       out="OUT.npy" if fmt == "npy" else "OUT.h5:y")
+    if gzip:  # one chunk per piece: each compressed once
+        with h5py.File(tmp_path / "cut.h5") as f:
+            assert f["y"].chunks == (1, 1, 4096 // x.itemsize // 64, 64) and f["y"].compression == "gzip"
     _same(whole, cut, 0)  # the same formula in the same precision: identical
     with np.load(tmp_path / "s.npz") as s:
         expected = ref_apply(x, s["mean"], s["inv_std"], gamma=2.0, beta=0.5)
