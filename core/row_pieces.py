@@ -10,7 +10,7 @@ is one piece plus the row's statistics (which any fit of such rows holds).
 
 :func:`piece_slices` gives a range as the index of its hyperslab in the row
 (readers of HDF5 select it; apply normalizes and writes it). The read path
-(:meth:`normstats.stream.Stream.row_pieces`), the estimators'
+(:meth:`normstats.stream.Stream.wide_rows`), the estimators'
 ``update_row`` and apply / assign take rows larger than a block this way.
 """
 

@@ -102,13 +102,19 @@ def block_rows_for(row_bytes: int, batch_size: Optional[int], rows: Optional[int
 
 
 class RowPieces:
-    """The pieces of one row: iterating reads them (again), one reused buffer."""
+    """The pieces of one row: iterating reads them (again) into one reused buffer,
+    or gives views of the row when `whole` holds it (a reader that cannot read part
+    of a row)."""
 
-    def __init__(self, read, ranges: list[tuple[int, int]], dtype: np.dtype, buffer: np.ndarray) -> None:
-        self._read, self._ranges, self._dtype, self._buffer = read, ranges, dtype, buffer
+    def __init__(self, ranges: list[tuple[int, int]], buffer: np.ndarray, read=None,
+                 whole: Optional[np.ndarray] = None) -> None:
+        self._ranges, self._buffer, self._read, self._whole = ranges, buffer, read, whole
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        return row_pieces(self._read, self._ranges, self._dtype, self._buffer)
+        if self._whole is not None:
+            flat = self._whole.reshape(-1)
+            return ((e0, flat[e0:e1]) for e0, e1 in self._ranges)
+        return row_pieces(self._read, self._ranges, self._buffer.dtype, self._buffer)
 
 
 class Stream:
@@ -178,15 +184,14 @@ class Stream:
             begin, end = max(start_row - first, 0), min(stop_row - first, source.rows)
             first += source.rows
             for local in range(begin, end):
+                row = first - source.rows + local
                 if source.reads_pieces:
-                    yield first - source.rows + local, RowPieces(
-                        lambda e0, e1, out, s=source, r=local: s.read_piece(r, e0, out), ranges, self.dtype, buffer)
+                    yield row, RowPieces(ranges, buffer,
+                                         read=lambda e0, e1, out, s=source, r=local: s.read_piece(r, e0, out))
                 else:
                     whole = np.empty((1,) + self.row_shape, self.dtype) if whole is None else whole
                     source.read_into(local, whole)
-                    flat = whole.reshape(-1)
-                    yield first - source.rows + local, RowPieces(
-                        lambda e0, e1, out: out.__setitem__(slice(None), flat[e0:e1]), ranges, self.dtype, buffer)
+                    yield row, RowPieces(ranges, buffer, whole=whole)
             if end >= source.rows and begin < end:
                 source.close()  # one shard open at a time: its rows are all read
 
