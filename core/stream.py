@@ -32,6 +32,11 @@ def rows_per_block(row_bytes: int) -> int:
     return max(1, BLOCK_BYTES // max(row_bytes, 1))
 
 
+def wider_than_block(row_bytes: int) -> bool:
+    """Whether a row of `row_bytes` is larger than a read block (then read in pieces)."""
+    return row_bytes > BLOCK_BYTES
+
+
 class RowSlice(ArraySource):
     """Rows ``start:stop`` of another source: one task's share of a shard."""
 
@@ -159,7 +164,7 @@ class Stream:
     @property
     def wide(self) -> bool:
         """Whether a row is larger than a read block (then read in pieces: :meth:`wide_rows`)."""
-        return self.row_bytes > BLOCK_BYTES
+        return wider_than_block(self.row_bytes)
 
     def piece_ranges(self) -> list[tuple[int, int]]:
         """The element ranges :meth:`wide_rows` reads each row in."""
