@@ -317,6 +317,21 @@ def test_batch_boundaries_and_jobs_in_pieces(run, tmp_path, monkeypatch) -> None
     np.testing.assert_allclose(cut["mean"], ref_bn_exact(x)[0], rtol=1e-12)
 
 
+def test_zarr_rows_are_read_whole_with_the_same_numbers(run, tmp_path, monkeypatch) -> None:
+    zarr = pytest.importorskip("zarr")
+    x = data((5, 3, 64, 64), "float32", seed=18)
+    labels = np.array([1, 0, 1, 1, 0])
+    zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, chunks=(2, 3, 64, 64), dtype="f4")[:] = x
+    np.save(tmp_path / "l.npy", labels)
+    whole, cut = _both(run, monkeypatch, "fit-bn", "x.zarr", "--mode", "exact", out="OUT.npz")
+    _same(whole, cut, 1e-12)
+    whole, cut = _both(run, monkeypatch, "fit-centers", "x.zarr", "--labels", "l.npy", "--num-classes", "2",
+                       "--mode", "exact", out="OUT.npz")
+    _same(whole, cut, 1e-12)
+    np.testing.assert_allclose(cut["centers"][1], x[labels == 1].astype(np.float64).mean(axis=0), rtol=1e-12,
+                               atol=1e-12 * np.abs(x).max())
+
+
 CHILD = textwrap.dedent("""
     import json, re, sys
     from pathlib import Path
