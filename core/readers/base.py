@@ -68,6 +68,18 @@ class ArraySource:
         """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
         raise NotImplementedError
 
+    @property
+    def reads_pieces(self) -> bool:
+        """Whether :meth:`read_piece` reads part of a row without the rest (else a
+        row larger than a read block is read whole: see README, "Errors and guarantees")."""
+        return False
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        """Fill `out` (1-D, C-contiguous) with elements ``e0:e0+len(out)`` of row `row`
+        in C order, a range of :func:`normstats.row_pieces.piece_ranges`; only where
+        :attr:`reads_pieces`."""
+        raise NotImplementedError
+
     def locate_row(self, row: int) -> tuple[str, int]:
         """Row `row` of this source for messages: (what holds it, its row there)."""
         return self.name, self.first_row + row

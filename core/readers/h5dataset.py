@@ -78,14 +78,27 @@ class H5Source(ArraySource):
         return names[0]
 
     def read_into(self, start: int, out: np.ndarray) -> None:
+        self._read(np.s_[start : start + out.shape[0]], out, f"rows {start}..{start + out.shape[0] - 1}")
+
+    reads_pieces = True  # a piece is a hyperslab
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        from ..row_pieces import piece_shape, piece_slices
+
+        e1 = e0 + out.shape[0]
+        index = (slice(row, row + 1),) + piece_slices(self.row_shape, e0, e1)
+        self._read(index, out.reshape((1,) + piece_shape(self.row_shape, e0, e1)),
+                   f"row {row} (elements {e0}..{e1 - 1})")
+
+    def _read(self, selection: tuple, out: np.ndarray, what: str) -> None:
         if self._handles is None:
             self._handles = hdf5_policy.open_dataset(self._located, cache=self._cache)
         file, dataset = self._handles
         try:
-            dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
+            dataset.read_direct(out, source_sel=selection)
         except (OSError, RuntimeError, ValueError) as error:
             raise DataError(
-                f"{self.name}: rows {start}..{start + out.shape[0] - 1} cannot be read ({error}); "
+                f"{self.name}: {what} cannot be read ({error}); "
                 "the file is damaged or its external data is missing"
             ) from None
         # checked after the read: HDF5 returns zeros for what a truncation cut off
