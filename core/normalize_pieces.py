@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import RowError, UsageError
+from .errors import RowError
 from .normalize import Normalizer
 from .row_pieces import piece_shape, piece_slices
 
@@ -22,11 +22,6 @@ class PieceNormalizer:
     """Normalize the pieces of rows of `normalizer`'s shape, one at a time."""
 
     def __init__(self, normalizer: Normalizer) -> None:
-        if getattr(normalizer, "batch_size", None) is not None:
-            raise UsageError(
-                "--batch-stats holds each batch whole, and these rows are larger than a read block; "
-                "fit the statistics (fit-bn) and apply them without --batch-stats"
-            )
         self.normalizer = normalizer
 
     def __call__(self, piece: np.ndarray, e0: int, group: Optional[np.ndarray] = None) -> np.ndarray:

@@ -65,6 +65,13 @@ def normalized_rows(normalizer: Normalizer, stream: Stream, side: dict[str, Stre
         yield row, _normalized_pieces(pieces_of, pieces, extras.get("groups"), stream, side, row)
 
 
+def in_pieces(normalizer: Normalizer, stream: Stream) -> bool:
+    """Whether apply takes `stream`'s rows in pieces: rows larger than a read block,
+    unless the normalizer holds whole batches (``--batch-stats``, under its own
+    memory limit), whose statistics need every row of the batch at once."""
+    return stream.wide and getattr(normalizer, "batch_size", None) is None
+
+
 def _normalized_pieces(pieces_of: PieceNormalizer, pieces: Iterator[tuple[int, np.ndarray]],
                        group: Optional[np.ndarray], stream: Stream, side: dict[str, Stream],
                        row: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -405,11 +412,12 @@ def apply_stats(
     started = time.perf_counter()
     dtype = normalizer.result_dtype(stream.dtype)
     # Rows larger than a block are written in pieces; compressed, one chunk per piece.
-    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if stream.wide else None
+    pieces = in_pieces(normalizer, stream)
+    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if pieces else None
     writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
         CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression, chunks=chunks)
     with writer:
-        if stream.wide:
+        if pieces:
             for _, pieces in normalized_rows(normalizer, stream, side):
                 for e0, piece in pieces:
                     writer.write_piece(e0, piece)

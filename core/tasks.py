@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .normalize import Normalizer
-from .pipeline import feed, normalized_blocks, normalized_rows
+from .pipeline import feed, in_pieces, normalized_blocks, normalized_rows
 from .readers.remote import absolute as absolute_path
 from .recipe import Recipe, State
 from .stream import Stream, open_window
@@ -145,7 +145,7 @@ class ApplyTask:
     def __call__(self) -> int:
         row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            if stream.wide:  # rows larger than a read block: written in pieces
+            if in_pieces(self.normalizer, stream):  # rows larger than a read block: written in pieces
                 for local, pieces in normalized_rows(self.normalizer, stream, side):
                     for e0, piece in pieces:
                         self.target.write_piece(self.start + local, e0, piece)
