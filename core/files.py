@@ -87,10 +87,12 @@ class CommandFiles:
         problems = []
         for i, output in enumerate(self._outputs):
             for other in self.inputs + [o.use for o in self._outputs[:i]]:
-                if other.role == output.may_be or not same_file(output.use.path, other.path):
+                if other.role == output.may_be or not overwrites(output.use.path, other.path):
                     continue
-                how = "" if os.path.abspath(output.use.path) == os.path.abspath(other.path) else " (through a link)"
-                problems.append(f"{output.use.role} {output.use.path!r} is the same file as the {other.role} "
+                linked = os.path.abspath(output.use.path) != os.path.abspath(other.path)
+                what, how = ("is inside", "") if os.path.isdir(other.path) else \
+                    ("is the same file as", " (through a link)" if linked else "")
+                problems.append(f"{output.use.role} {output.use.path!r} {what} the {other.role} "
                                 f"{other.spec!r}{how}; write to another path")
         # An input given twice comes after the collisions that would destroy a file
         for i, use in enumerate(self.inputs):
@@ -130,6 +132,17 @@ def same_file(a: str, b: str) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
+def overwrites(output: str, path: str) -> bool:
+    """Whether writing `output` would replace the file `path`, or one inside the
+    folder `path` (a Zarr store: its metadata and chunks are files there)."""
+    if same_file(output, path):
+        return True
+    if is_url(output) or is_url(path) or not os.path.isdir(path):
+        return False
+    folder = os.path.realpath(path)
+    return os.path.commonpath([folder, os.path.realpath(output)]) == folder
+
+
 def check_unread(outputs: CommandFiles, stream: Stream) -> None:
     """Refuse outputs that are files the opened `stream` reads beyond its specs (the
     archives an scp points into, the files an HDF5 collection links to).
@@ -141,7 +154,7 @@ def check_unread(outputs: CommandFiles, stream: Stream) -> None:
     for output in outputs.outputs:
         for source in stream.sources:
             for path in source.files():
-                if not is_url(path) and same_file(output.path, path):
+                if not is_url(path) and overwrites(output.path, path):
                     raise UsageError(f"{output.role} {output.path!r} is the same file as {path!r}, which the input "
                                      f"{source.name} reads; write to another path")
 

@@ -62,6 +62,7 @@ class Located:
     file: str
     name: str
     is_dataset: bool
+    files: tuple = ()  # every file the resolution met: link holders, virtual sources, external storage
 
 
 @dataclasses.dataclass
@@ -75,6 +76,12 @@ class _Walk:
     checked: set = dataclasses.field(default_factory=set)  # (file, name) of datasets checked or being checked
     active: set = dataclasses.field(default_factory=set)  # ... of the virtual datasets being checked
     handles: Optional[dict] = None  # file -> open h5py.File, kept across names by locate_many
+    met: dict = dataclasses.field(default_factory=dict)  # every file met, in order (the keys)
+
+
+def _located(walk: _Walk, found: Located) -> Located:
+    """`found` with the files `walk` met on its way (an output must be none of them)."""
+    return dataclasses.replace(found, files=tuple(walk.met))
 
 
 def locate(path: str, name: str, *, allow_external: bool = False, display: Optional[str] = None) -> Located:
@@ -96,7 +103,7 @@ def locate(path: str, name: str, *, allow_external: bool = False, display: Optio
     """
     walk = _Walk(os.path.realpath(os.path.dirname(os.path.abspath(path))), path,
                  display or f"{path}:{name}", allow_external)
-    return _follow(walk, path, name, 0)
+    return _located(walk, _follow(walk, path, name, 0))
 
 
 def locate_many(path: str, names: list[str], *, allow_external: bool = False,
@@ -116,7 +123,7 @@ def locate_many(path: str, names: list[str], *, allow_external: bool = False,
         found = []
         for name in names:
             walk.display = f"{shown} (dataset {name.lstrip('/')!r})"
-            found.append(_follow(walk, path, name, 0))
+            found.append(_located(walk, _follow(walk, path, name, 0)))
         return found
     finally:
         for handle in walk.handles.values():
@@ -126,6 +133,7 @@ def locate_many(path: str, names: list[str], *, allow_external: bool = False,
 @contextlib.contextmanager
 def _opened(file: str, walk: _Walk) -> Iterator[Any]:
     """`file` opened for `walk`: kept open for the next name when the walk keeps handles."""
+    walk.met[file] = None
     if walk.handles is None:
         with open_file(file, walk) as f:
             yield f
@@ -244,6 +252,7 @@ def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -
                              f"storage{via} (raw data in other files); pass --allow-external if you trust them")
         for entry in external:
             target = os.path.join(os.path.dirname(file), os.fsdecode(entry[0]))
+            walk.met[target] = None
             if not os.path.isfile(target):
                 raise DataError(f"{walk.display}: its HDF5 external storage{via} names "
                                 f"{os.fsdecode(entry[0])!r}, and {target} does not exist")

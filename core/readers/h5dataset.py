@@ -77,6 +77,10 @@ class H5Source(ArraySource):
             )
         return names[0]
 
+    def files(self) -> list[str]:
+        """The file named, and every file its links, virtual sources and external storage lead to."""
+        return list(dict.fromkeys([self.path, *self._located.files]))
+
     def read_into(self, start: int, out: np.ndarray) -> None:
         if self._handles is None:
             self._handles = hdf5_policy.open_dataset(self._located, cache=self._cache)

@@ -1,0 +1,97 @@
+"""Outputs that would replace an input reached another way than by its name: a
+file an HDF5 link or virtual dataset leads to, a file inside a Zarr store."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.cli_checks import error_line
+
+zarr = pytest.importorskip("zarr")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _parts(tmp_path: Path) -> np.ndarray:
+    """part.h5 holding two datasets, linked into coll.h5:/train and one.h5:x."""
+    values = np.random.default_rng(5).normal(1.0, 2.0, size=(50, 4))
+    with h5py.File(tmp_path / "part.h5", "w") as f:
+        f["a"], f["b"], f["all"] = values[:30], values[30:], values
+        f["labels"] = np.arange(50) % 3
+    with h5py.File(tmp_path / "coll.h5", "w") as f:
+        f["train/a"] = h5py.ExternalLink("part.h5", "/a")
+        f["train/b"] = h5py.ExternalLink("part.h5", "/b")
+        f["x"] = h5py.ExternalLink("part.h5", "/all")
+        f["labels"] = h5py.ExternalLink("part.h5", "/labels")
+    return values
+
+
+@pytest.mark.parametrize("args", [
+    ["fit-bn", "coll.h5:/train", "--mode", "exact", "-o", "part.h5"],
+    ["fit-bn", "coll.h5:/train", "--mode", "exact", "-o", "s.npz", "--checkpoint", "part.h5"],
+    ["fit-bn", "coll.h5:x", "--mode", "exact", "-o", "part.h5"],
+    ["fit-centers", "coll.h5:/train", "--labels", "coll.h5:labels", "--num-classes", "3", "-o", "c.npz",
+     "--checkpoint", "part.h5"],
+    ["apply", "s0.npz", "coll.h5:x", "-o", "part.h5"],
+    ["assign", "c0.npz", "coll.h5:x", "-o", "part.h5"],
+], ids=["fit-bn-collection", "checkpoint-collection", "fit-bn-linked-dataset", "fit-centers-checkpoint",
+        "apply-linked-dataset", "assign-linked-dataset"])
+def test_an_output_onto_the_file_an_hdf5_link_reads_is_refused_with_force(run, tmp_path, args):
+    _parts(tmp_path)
+    assert run("fit-bn", "coll.h5:x", "--mode", "exact", "-o", "s0.npz").exit_code == 0
+    assert run("fit-centers", "coll.h5:x", "--labels", "coll.h5:labels", "--num-classes", "3",
+               "-o", "c0.npz").exit_code == 0
+    before = _digest(tmp_path / "part.h5")
+    result = run(*args, "--force")
+    assert result.exit_code == 2, result.output
+    assert "'part.h5', which the input" in error_line(result)
+    assert _digest(tmp_path / "part.h5") == before
+
+
+def test_labels_reached_through_a_link_are_an_input_too(run, tmp_path):
+    np.save(tmp_path / "x.npy", _parts(tmp_path))
+    before = _digest(tmp_path / "part.h5")
+    result = run("fit-centers", "x.npy", "--labels", "coll.h5:labels", "--num-classes", "3",
+                 "-o", "part.h5", "--force")
+    assert result.exit_code == 2
+    assert "'part.h5', which the input coll.h5:labels reads" in error_line(result)
+    assert _digest(tmp_path / "part.h5") == before
+
+
+def test_a_virtual_source_file_is_an_input(run, tmp_path):
+    values = _parts(tmp_path)
+    layout = h5py.VirtualLayout(shape=(30, 4), dtype=values.dtype)
+    layout[:] = h5py.VirtualSource("part.h5", "a", shape=(30, 4))
+    with h5py.File(tmp_path / "vds.h5", "w") as f:
+        f.create_virtual_dataset("x", layout)
+    before = _digest(tmp_path / "part.h5")
+    result = run("fit-bn", "vds.h5:x", "--mode", "exact", "-o", "part.h5", "--force")
+    assert result.exit_code == 2
+    assert "'part.h5', which the input vds.h5:x reads" in error_line(result)
+    assert _digest(tmp_path / "part.h5") == before
+    # and away from it the virtual dataset reads the source's numbers
+    assert run("fit-bn", "vds.h5:x", "--mode", "exact", "-o", "s.npz").exit_code == 0
+    assert np.allclose(np.load(tmp_path / "s.npz")["mean"], values[:30].mean(axis=0))
+
+
+@pytest.mark.parametrize("command", ["fit-bn", "apply"])
+def test_an_output_inside_a_zarr_store_input_is_refused(run, tmp_path, command):
+    values = np.random.default_rng(6).normal(size=(40, 4)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "x.zarr"), shape=values.shape, chunks=(16, 4), dtype=values.dtype)[:] = values
+    assert run("fit-bn", "x.zarr", "--mode", "exact", "-o", "s.npz").exit_code == 0
+    meta = tmp_path / "x.zarr" / "zarr.json"
+    before = _digest(meta)
+    args = (["fit-bn", "x.zarr", "--mode", "exact", "-o", "x.zarr/zarr.json"] if command == "fit-bn"
+            else ["apply", "s.npz", "x.zarr", "-o", "x.zarr/c/extra.npy"])
+    result = run(*args, "--force")
+    assert result.exit_code == 2
+    assert "is inside the input 'x.zarr'" in error_line(result)
+    assert _digest(meta) == before
+    assert not (tmp_path / "x.zarr" / "c" / "extra.npy").exists()
