@@ -78,7 +78,8 @@ def test_a_virtual_source_file_is_an_input(run, tmp_path):
     assert _digest(tmp_path / "part.h5") == before
     # and away from it the virtual dataset reads the source's numbers
     assert run("fit-bn", "vds.h5:x", "--mode", "exact", "-o", "s.npz").exit_code == 0
-    assert np.allclose(np.load(tmp_path / "s.npz")["mean"], values[:30].mean(axis=0))
+    with np.load(tmp_path / "s.npz") as stats:
+        assert np.allclose(stats["mean"], values[:30].mean(axis=0))
 
 
 @pytest.mark.parametrize("command", ["fit-bn", "apply"])

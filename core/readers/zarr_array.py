@@ -9,6 +9,7 @@ each read: a store rewritten under a run is an error.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Optional
 
@@ -52,6 +53,10 @@ class ZarrSource(ArraySource):
         self.shape, self.dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
         self.chunks = tuple(int(n) for n in node.chunks)
         self._meta = self._metadata_file()
+        # the chunk (shard) grid and how zarr names a chunk's file (zarr 3; older zarr: not checked)
+        metadata = getattr(getattr(node, "_async_array", None), "metadata", None)
+        self._chunk_key = None if metadata is None else (
+            tuple(int(n) for n in (getattr(node, "shards", None) or self.chunks)), metadata.encode_chunk_key)
         self._identity = self._current_identity(self._meta)
         self._validate()
         check_fits_memory(elements(self.chunks) * self.dtype.itemsize, f"{self.name}: one of its chunks")
@@ -105,10 +110,30 @@ class ZarrSource(ArraySource):
         except Exception as error:  # a damaged chunk: zarr and its codecs raise many kinds
             raise DataError(f"{self.name}: rows {start}..{stop - 1} cannot be read "
                             f"({type(error).__name__}: {error}); the store is damaged") from None
+        self._check_chunks_kept(start, stop)
         if out is None:
             return rows
         out[...] = rows
         return out
+
+    def _check_chunks_kept(self, start: int, stop: int) -> None:
+        """Refuse rows ``start:stop`` if a chunk (shard) file they span is gone: zarr reads a
+        missing chunk as the fill value, silently. Checked after the read, so a chunk removed
+        while it was read is seen too (a local store; an object store's chunks are its own)."""
+        if not os.path.isdir(self.path):
+            return
+        if self._chunk_key is None:
+            return
+        grid, encode = self._chunk_key
+        folder = os.path.join(self.path, *(self.dataset or "").split("/"))
+        across = [range(-(-int(n) // g)) for n, g in zip(self.shape[1:], grid[1:])]
+        for band in range(start // grid[0], -(-stop // grid[0])):
+            for rest in itertools.product(*across):
+                key = encode((band, *rest))
+                if not os.path.isfile(os.path.join(folder, *key.split("/"))):
+                    raise DataError(f"{self.name}: chunk {key!r} (rows {band * grid[0]}..) is gone from the "
+                                    "store, which changed while it was read; nothing was written: run again "
+                                    "once no other program writes to it")
 
     def close(self) -> None:
         self._band = None
