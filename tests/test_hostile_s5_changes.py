@@ -4,6 +4,7 @@ out: an Arrow IPC file cut (was SIGBUS: it was memory-mapped), a Zarr chunk remo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
+from tests.cli_checks import error_line
 
 ROWS, COLUMNS, BLOCK = 4000, 8, 500
 
@@ -74,3 +76,20 @@ def test_a_sharded_zarr_group_member_still_reads_every_row(run, tmp_path: Path) 
     with np.load(tmp_path / "s.npz") as stats:
         assert np.allclose(stats["mean"], values.astype(np.float64).mean(axis=0))
         assert np.allclose(stats["var"], values.astype(np.float64).var(axis=0, ddof=1))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"shape": [10**12, 10**6]}, "has at most 1 of its 2500000000000000 chunks written"),
+    ({"chunks": [0, 4]}, "declares chunks of shape (0, 4)"),
+], ids=["trillions-of-chunks", "chunk-side-zero"])
+def test_a_zarr_header_declaring_a_hostile_chunk_grid_is_one_line(run, tmp_path: Path, edit, message) -> None:
+    """zarr counts written chunks by walking the declared grid: 10^15 keys exhaust memory (or
+    loop for hours); a chunk side of 0 divided by zero (a traceback)."""
+    zarr = pytest.importorskip("zarr")
+    zarr.create_array(str(tmp_path / "x.zarr"), shape=(100, 4), chunks=(100, 4), dtype="f4",
+                      zarr_format=2)[:] = np.ones((100, 4), np.float32)
+    header = tmp_path / "x.zarr" / ".zarray"
+    header.write_text(json.dumps({**json.loads(header.read_text()), **edit}))
+    result = run("fit-bn", "x.zarr", "--mode", "exact", "-o", "s.npz")
+    assert result.exit_code == 1
+    assert message in error_line(result)

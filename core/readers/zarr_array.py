@@ -10,6 +10,7 @@ each read: a store rewritten under a run is an error.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ from .base import ArraySource
 from .base import require
 
 METADATA = ("zarr.json", ".zarray")
+STORE_NOT_CHUNKS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
 
 
 class ZarrSource(ArraySource):
@@ -60,10 +62,31 @@ class ZarrSource(ArraySource):
         self._identity = self._current_identity(self._meta)
         self._validate()
         check_fits_memory(elements(self.chunks) * self.dtype.itemsize, f"{self.name}: one of its chunks")
+        self._check_grid(node)
         written, expected = node.nchunks_initialized, node.nchunks
         if written < expected:
             raise DataError(f"{self.name} has {written} of its {expected} chunks written; the rest would read as "
                             "the fill value, not data: re-create or re-copy it")
+
+    def _check_grid(self, node: Any) -> None:
+        """Refuse a chunk grid the store cannot hold before zarr walks it: zarr counts the
+        written chunks by visiting every key of the declared grid (a 1 KB metadata file can
+        declare 10^15 of them), and a chunk side of 0 divides by zero."""
+        grid = tuple(int(n) for n in (getattr(node, "shards", None) or self.chunks))
+        if len(grid) != len(self.shape) or any(n <= 0 for n in grid):
+            raise DataError(f"{self.name} declares chunks of shape {grid} for its shape {self.shape}; "
+                            "its metadata is damaged: re-create or re-copy it")
+        folder = os.path.join(self.path, *(self.dataset or "").split("/"))
+        if not os.path.isdir(folder):
+            return
+        expected = math.prod(-(-n // g) for n, g in zip(self.shape, grid))
+        stored = 0
+        for _, _, names in os.walk(folder):
+            stored += sum(name not in STORE_NOT_CHUNKS for name in names)
+            if stored >= expected:
+                return
+        raise DataError(f"{self.name} has at most {stored} of its {expected} chunks written (the files in its "
+                        "folder); the rest would read as the fill value, not data: re-create or re-copy it")
 
     def _arrays(self, group: Any) -> list[str]:
         found: list[str] = []
