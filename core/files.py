@@ -162,7 +162,8 @@ def check_unread(outputs: CommandFiles, stream: Stream) -> None:
 def identities(streams: dict[str, Stream]) -> list[dict]:
     """What identifies each file read by `streams` (role -> stream): role,
     absolute path, dataset, size and modification time in nanoseconds (for an
-    object by URL: the URL, its size and its version, ETag and last change)."""
+    object by URL: the URL, its size and its version, ETag and last change);
+    after each source, the other files it reads (dataset None)."""
     found = []
     for role, stream in streams.items():
         for source in stream.sources:
@@ -174,6 +175,12 @@ def identities(streams: dict[str, Stream]) -> list[dict]:
             info = os.stat(source.path)
             found.append({"role": role, "path": os.path.abspath(source.path), "dataset": source.dataset,
                           "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+            # the data files behind an index: the archives an scp names, the files HDF5 links lead to
+            for path in dict.fromkeys(source.files()):
+                if path != source.path and not is_url(path):
+                    info = os.stat(path)
+                    found.append({"role": role, "path": os.path.abspath(path), "dataset": None,
+                                  "size": info.st_size, "mtime_ns": info.st_mtime_ns})
     return found
 
 
