@@ -20,10 +20,17 @@ import os
 from typing import Optional, Sequence
 
 from .errors import UsageError
+from .file_signatures import is_hdf5
+from .hdf5_policy import linked_files
 from .readers.remote import is_url
 from .specs import split_spec
 from .stream import Stream
 from .writers.base import check_output, split_output
+
+
+# Inputs opened as streams: the files they read through links are checked once they are
+# open (check_unread); the others (stats, centers, --gamma, --init ...) are small and read whole.
+STREAM_ROLES = {"input", "--labels file", "--weights file", "--groups file"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,15 @@ class CommandFiles:
                     ("is the same file as", " (through a link)" if linked else "")
                 problems.append(f"{output.use.role} {output.use.path!r} {what} the {other.role} "
                                 f"{other.spec!r}{how}; write to another path")
+        for output in self._outputs:
+            for use in self.inputs:
+                if use.role in STREAM_ROLES or use.role == output.may_be:
+                    continue
+                for path in _linked(use.path):
+                    if overwrites(output.use.path, path):
+                        problems.append(f"{output.use.role} {output.use.path!r} is the same file as {path!r}, "
+                                        f"which the {use.role} {use.spec!r} reads through an HDF5 link; "
+                                        "write to another path")
         # An input given twice comes after the collisions that would destroy a file
         for i, use in enumerate(self.inputs):
             for other in self.inputs[:i]:
@@ -117,6 +133,13 @@ class CommandFiles:
             resumed = any(use.role == output.may_be and same_file(output.use.path, use.path)
                           for use in self.inputs)
             check_output(output.use.spec, force=force or resumed, formats=output.formats)
+
+
+def _linked(path: str) -> list[str]:
+    """The files an HDF5 input `path` reads through its links (none for other files)."""
+    if is_url(path) or not os.path.isfile(path) or not is_hdf5(path):
+        return []
+    return linked_files(path)
 
 
 def same_file(a: str, b: str) -> bool:

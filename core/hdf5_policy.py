@@ -29,6 +29,7 @@ import re
 from typing import Any, Iterator, Optional
 
 from .errors import DataError, UsageError
+from .file_signatures import is_hdf5
 from .limits import check_fits_memory, elements
 
 MAX_HOPS = 40  # links followed for one name; beyond it, a loop
@@ -189,6 +190,46 @@ def _follow(walk: _Walk, file: str, name: str, hops: int) -> Located:
                 return Located(file, group, is_dataset)
         file, name = step
         hops += 1
+
+
+def linked_files(path: str, limit: int = 1000) -> list[str]:
+    """Every other existing file the HDF5 file `path` names, recursively: the files of
+    its external links, virtual dataset sources and external storage (relative names
+    against the folder of the file naming them). What an output must not replace, since
+    reading `path` reads them too; at most `limit` files are visited."""
+    import h5py
+
+    found: dict[str, None] = {}
+    pending = [path]
+    while pending and len(found) < limit:
+        holder = pending.pop()
+        names: list[str] = []
+
+        def link(name: str, info: Any, f: Any = None) -> None:
+            target = f.get(name, getlink=True)
+            if isinstance(target, h5py.ExternalLink):
+                names.append(target.filename)
+
+        def dataset(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                names.extend(entry[0] for entry in obj.external or ())
+                if obj.is_virtual:
+                    names.extend(source.file_name for source in obj.virtual_sources() if source.file_name != ".")
+
+        try:
+            with h5py.File(holder, "r") as f:
+                if hasattr(f, "visit_links"):  # h5py >= 3.11; before it, external links are not listed
+                    f.visit_links(lambda name, info=None: link(name, info, f))
+                f.visititems(dataset)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError):
+            continue  # not readable here: the reader itself says so
+        for name in names:
+            target = os.path.join(os.path.dirname(holder), os.fsdecode(name))
+            if os.path.isfile(target) and target not in found and not os.path.samefile(target, path):
+                found[target] = None
+                if is_hdf5(target):
+                    pending.append(target)
+    return list(found)
 
 
 @contextlib.contextmanager

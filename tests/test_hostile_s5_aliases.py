@@ -10,6 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
+import normstats as ns
+
 from tests.cli_checks import error_line
 
 zarr = pytest.importorskip("zarr")
@@ -96,3 +98,40 @@ def test_an_output_inside_a_zarr_store_input_is_refused(run, tmp_path, command):
     assert "is inside the input 'x.zarr'" in error_line(result)
     assert _digest(meta) == before
     assert not (tmp_path / "x.zarr" / "c" / "extra.npy").exists()
+
+
+def _linked_stats(tmp_path: Path) -> None:
+    """st.h5 whose mean is an external link into held.h5 (in the same folder, so allowed);
+    gam.h5:g a link into gval.h5."""
+    values = np.random.default_rng(7).normal(size=(40, 4))
+    np.save(tmp_path / "x.npy", values)
+    ns.write_stats(ns.BatchNormExact().update(values).result(), str(tmp_path / "st.h5"))
+    with h5py.File(tmp_path / "st.h5", "r+") as f:
+        mean = f["mean"][()]
+        del f["mean"]
+        f["mean"] = h5py.ExternalLink("held.h5", "/mean")
+    with h5py.File(tmp_path / "held.h5", "w") as f:
+        f["mean"] = mean
+    with h5py.File(tmp_path / "gam.h5", "w") as f:
+        f["g"] = h5py.ExternalLink("gval.h5", "/g")
+    with h5py.File(tmp_path / "gval.h5", "w") as f:
+        f["g"] = np.full(4, 2.0)
+
+
+@pytest.mark.parametrize("args, target", [
+    (["apply", "st.h5", "x.npy", "-o", "held.h5"], "held.h5"),
+    (["export", "st.h5", "--to", "espnet", "-o", "held.h5"], "held.h5"),
+    (["fit-bn", "x.npy", "--mode", "exact", "--init", "st.h5", "-o", "held.h5"], "held.h5"),
+    (["merge", "st.h5", "other.npz", "-o", "held.h5"], "held.h5"),
+    (["apply", "other.npz", "x.npy", "--gamma", "gam.h5:g", "-o", "gval.h5"], "gval.h5"),
+], ids=["apply-stats", "export-stats", "init", "merge", "gamma"])
+def test_an_output_onto_the_file_a_stats_or_gamma_file_links_to_is_refused(run, tmp_path, args, target):
+    """The stats file would be left with a dangling link (its mean gone)."""
+    _linked_stats(tmp_path)
+    assert run("fit-bn", "x.npy", "--mode", "exact", "-o", "other.npz").exit_code == 0
+    before = _digest(tmp_path / target)
+    result = run(*args, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"'{target}', which the " in error_line(result) and "reads through an HDF5 link" in error_line(result)
+    assert _digest(tmp_path / target) == before
+    assert run("apply", "st.h5", "x.npy", "-o", "ok.npy").exit_code == 0  # still whole
