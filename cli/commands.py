@@ -590,7 +590,7 @@ def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) 
       normstats fit-bn part2.npy -o b.npz --mode exact
       normstats merge a.npz b.npz -o all.npz
     """
-    guard(ctx, CommandFiles().reads("stats file", *parts, distinct=True).writes("output", output, STATS_FORMATS),
+    guard(ctx, CommandFiles().reads("input", *parts, distinct=True, whole=True).writes("output", output, STATS_FORMATS),
           force=force)
     stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
     ns.write_stats(stats, output)

@@ -65,15 +65,19 @@ class CommandFiles:
         self.inputs: list[FileUse] = []
         self._outputs: list[_Output] = []
         self._distinct: set[str] = set()
+        self._whole: set[str] = set()
 
-    def reads(self, role: str, *specs: Optional[str], distinct: bool = False) -> "CommandFiles":
+    def reads(self, role: str, *specs: Optional[str], distinct: bool = False, whole: bool = False) -> "CommandFiles":
         """Declare input `specs` (None and empty ones are skipped); with `distinct`,
-        no two of them may be one file (each is counted once, like the parts of a merge)."""
+        no two of them may be one file (each is counted once, like the parts of a merge);
+        `whole`: files read whole, not streamed, whatever the role (the parts of a merge)."""
         for spec in specs:
             if spec:
                 self.inputs.append(FileUse(role, str(spec), split_spec(str(spec))[0]))
         if distinct:
             self._distinct.add(role)
+        if whole:
+            self._whole.add(role)
         return self
 
     def writes(self, role: str, spec: Optional[str], formats: Sequence[str], *,
@@ -103,7 +107,7 @@ class CommandFiles:
                                 f"{other.spec!r}{how}; write to another path")
         for output in self._outputs:
             for use in self.inputs:
-                if use.role in STREAM_ROLES or use.role == output.may_be:
+                if (use.role in STREAM_ROLES and use.role not in self._whole) or use.role == output.may_be:
                     continue
                 for path in _linked(use.path):
                     if overwrites(output.use.path, path):
