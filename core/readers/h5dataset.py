@@ -77,6 +77,10 @@ class H5Source(ArraySource):
             )
         return names[0]
 
+    def files(self) -> list[str]:
+        """The file named, and every file its links, virtual sources and external storage lead to."""
+        return list(dict.fromkeys([self.path, *self._located.files]))
+
     def read_into(self, start: int, out: np.ndarray) -> None:
         self._read(np.s_[start : start + out.shape[0]], out, f"rows {start}..{start + out.shape[0] - 1}")
 
