@@ -19,6 +19,7 @@ from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
+from .flush_ahead import flush_ahead
 from .readers.parallel import ordered_map, parallel_stream
 from .stream import BLOCK_BYTES, Stream, block_rows_for
 from .stats import BATCHNORM, Stats, check_values
@@ -335,9 +336,10 @@ def apply_stats(
     dtype = normalizer.result_dtype(stream.dtype)
     writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
         CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression)
-    with writer:
+    with writer, flush_ahead(getattr(writer, "temporary", None)) as flushing:
         for block in normalized_blocks(normalizer, stream, side, block_rows):
             writer.write(block)
+            flushing.written(block.nbytes)
             if progress:
                 progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}
