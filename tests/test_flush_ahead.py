@@ -42,12 +42,17 @@ def test_no_path_is_a_no_op():
     assert not _flushers()
 
 
-def test_apply_with_early_flushes_writes_the_same_rows(tmp_path, monkeypatch):
-    x = make_data((5000, 8), "float32", seed=1)
+def _input_and_stats(tmp_path, x: np.ndarray):
+    """`x` saved as x.npy, and its exact statistics."""
     source = tmp_path / "x.npy"
     np.save(source, x)
     with ns.open_stream([str(source)]) as stream:
-        stats = ns.run_fit(ns.batchnorm_state("exact"), stream)
+        return source, ns.run_fit(ns.batchnorm_state("exact"), stream)
+
+
+def test_apply_with_early_flushes_writes_the_same_rows(tmp_path, monkeypatch):
+    x = make_data((5000, 8), "float32", seed=1)
+    source, stats = _input_and_stats(tmp_path, x)
     flushed = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(fd), real(fd)))
@@ -66,11 +71,7 @@ def test_apply_with_early_flushes_writes_the_same_rows(tmp_path, monkeypatch):
 
 
 def test_apply_failing_midway_leaves_no_output_and_no_thread(tmp_path, monkeypatch):
-    x = make_data((3000, 4), "float64", seed=2)
-    source = tmp_path / "x.npy"
-    np.save(source, x)
-    with ns.open_stream([str(source)]) as stream:
-        stats = ns.run_fit(ns.batchnorm_state("exact"), stream)
+    source, stats = _input_and_stats(tmp_path, make_data((3000, 4), "float64", seed=2))
     monkeypatch.setattr(flush_ahead, "FLUSH_BYTES", 1024)
     out = tmp_path / "y.npy"
     calls = []

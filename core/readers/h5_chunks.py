@@ -1,15 +1,18 @@
 """Chunked HDF5 datasets (plain, gzip or shuffle + gzip) read chunk by chunk, decoded on both cores.
 
 HDF5 runs its filters inside the library, one chunk after another under
-h5py's lock. Here the raw chunks are fetched with ``read_direct_chunk`` (a
-short call under the lock) and decoded in a pool of threads: zlib releases
-the GIL while it inflates, and the shuffle filter is undone by a compiled
-loop (which releases it too). Only the layouts this handles exactly are
-taken (chunks of whole rows, no filter, deflate or shuffle + deflate, native
-byte order); any other dataset keeps h5py's own read, and so does a chunk
-stored with a filter skipped. The dataset was opened through :mod:`normstats.hdf5_policy`
-by its :class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
-virtual data, chunks all written and inside the file) stand; after every
+h5py's lock. Here each chunk is located in the dataset's chunk index (a
+short look-up under the lock), and a pool of threads reads its stored bytes
+with ``pread`` into a reused buffer and decodes them: zlib releases the GIL
+while it inflates, and the shuffle filter is undone by a compiled loop
+(which releases it too). Only the layouts this handles exactly are taken
+(chunks of whole rows, no filter, deflate or shuffle + deflate, native byte
+order; known from the storage the source read); any other dataset keeps
+h5py's own read, and so does a chunk stored with a filter skipped. The
+dataset was opened through :mod:`normstats.hdf5_policy` by its
+:class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
+virtual data, chunks all written and inside the file) stand; a short read
+is an error, a chunk never inflates past its declared size, and after every
 read the file must still be the one opened.
 """
 
@@ -40,7 +43,7 @@ def _threads() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ChunkReader:
-    """Rows of one chunked dataset of an H5Source, its chunks fetched raw and decoded in threads.
+    """Rows of one chunked dataset of an H5Source, its chunks read raw and decoded in threads.
 
     Safe to call from several threads at once (each call decodes its own chunks).
     """
