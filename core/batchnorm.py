@@ -381,7 +381,28 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         per_stat = self.layout.per_stat
         if self.boundaries is not None:
             self.batch_elements.extend(int(rows) * per_stat for rows in sums.rows)
-        self._fold(*sums.moments(per_stat, self.shape))
+        if self._pool is None and not self._priming:
+            self._fold_compiled(sums, per_stat)
+        else:
+            self._fold(*sums.moments(per_stat, self.shape))
+
+    def _fold_compiled(self, sums: Sums, per_stat: int) -> None:
+        """:meth:`_fold` of the moments of `sums` in one compiled loop, the same bits
+        (see :mod:`normstats.compiled_fold`): the fold of every block of a fit."""
+        from .compiled_fold import _ema_fold
+
+        batches = len(sums.keys)
+        base, residual = sums.centers() if sums.integer else (sums.shift, None)
+        for name in ("mean", "inv_std", "count", "decay"):  # folded in place, as flat views
+            value = getattr(self, name)
+            if value is not None and not (value.flags.c_contiguous and value.dtype == np.float64):
+                setattr(self, name, np.ascontiguousarray(value, dtype=np.float64))
+        flat = [None if a is None else a.reshape(-1) for a in (self.mean, self.inv_std, self.count, self.decay)]
+        used = _ema_fold(sums.s1, sums.s2, base, residual, sums.count if sums.count.shape[0] else None, sums.weight,
+                         per_stat, self.ddof, self.eps, self.alpha, (1.0 - self.alpha) ** np.arange(batches + 1),
+                         *flat)
+        self.batches_seen += batches
+        self.batches_skipped += batches - used
 
     @property
     def open_rows(self) -> int:

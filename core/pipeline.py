@@ -19,6 +19,7 @@ from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
+from .flush_ahead import flush_ahead
 from .normalize_pieces import PieceNormalizer
 from .readers.parallel import ordered_map, parallel_stream
 from .row_pieces import piece_shape, row_template
@@ -412,21 +413,23 @@ def apply_stats(
     started = time.perf_counter()
     dtype = normalizer.result_dtype(stream.dtype)
     # Rows larger than a block are written in pieces; compressed, one chunk per piece.
-    pieces = in_pieces(normalizer, stream)
-    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if pieces else None
+    wide = in_pieces(normalizer, stream)
+    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if wide else None
     writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
         CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression, chunks=chunks)
-    with writer:
-        if pieces:
+    with writer, flush_ahead(getattr(writer, "temporary", None)) as flushing:
+        if wide:
             for _, pieces in normalized_rows(normalizer, stream, side):
                 for e0, piece in pieces:
                     writer.write_piece(e0, piece)
+                    flushing.written(piece.nbytes)
                 writer.end_row()
                 if progress:
                     progress(1)
         else:
             for block in normalized_blocks(normalizer, stream, side, block_rows):
                 writer.write(block)
+                flushing.written(block.nbytes)
                 if progress:
                     progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}

@@ -11,6 +11,7 @@ from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
 from ..limits import available_memory
 from .base import ArraySource, _identity
+from .h5_storage import storage_of
 
 
 class H5Source(ArraySource):
@@ -54,6 +55,7 @@ class H5Source(ArraySource):
                 raise DataError(f"{self.name} is an empty dataset (no shape)")
             self.shape, self.dtype = tuple(obj.shape), obj.dtype
             self._cache = hdf5_policy.chunk_cache(obj, available_memory())
+            self.storage = storage_of(obj)  # what the readers around h5py need (never opened again)
             self._identity = _identity(os.stat(located.file))
         finally:
             file.close()

@@ -126,6 +126,11 @@ class _RowsWriter:
                 raise
         return self
 
+    @property
+    def temporary(self) -> str:
+        """The file being written (placed at `path` on a clean exit)."""
+        return next(iter(self._regions.values())).path
+
     def _put(self, blocks: dict[str, np.ndarray]) -> None:
         rows = {block.shape[0] for block in blocks.values()}
         if len(rows) != 1:
