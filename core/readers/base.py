@@ -3,6 +3,7 @@ sequences of rows with keys."""
 
 from __future__ import annotations
 
+import array
 import importlib
 import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -108,6 +109,9 @@ class ArraySource:
                             "run again once no other program writes to it")
 
 
+SORT_BYTES_LIMIT = 64 << 20  # keys sorted by numpy as one fixed-width array up to this size
+
+
 class KeyTable:
     """Many short strings in one bytes buffer and an offsets array: a read-only sequence of str.
 
@@ -120,10 +124,44 @@ class KeyTable:
     keys : iterable of str
     """
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        encoded = [key.encode("utf-8", "surrogateescape") for key in keys]
-        self._ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
-        self._buffer = b"".join(encoded)
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self._set((key.encode("utf-8", "surrogateescape") for key in keys))
+
+    @classmethod
+    def from_bytes(cls, keys: Iterable[bytes]) -> "KeyTable":
+        """A table of keys given UTF-8 encoded (no str made on the way)."""
+        table = cls()
+        table._set(keys)
+        return table
+
+    @classmethod
+    def from_parts(cls, buffer: bytes, ends: Sequence[int]) -> "KeyTable":
+        """A table of the keys ``buffer[ends[i-1]:ends[i]]`` (UTF-8), as a reader that
+        appends keys to one buffer builds it."""
+        table = cls()
+        table._buffer = bytes(buffer)
+        table._ends = np.array(ends, dtype=np.int64)
+        return table
+
+    def _set(self, encoded: Iterable[bytes]) -> None:
+        buffer, ends = bytearray(), array.array("q")
+        for key in encoded:
+            buffer += key
+            ends.append(len(buffer))
+        self._buffer, self._ends = bytes(buffer), np.array(ends, dtype=np.int64)
+
+    def sorted_order(self) -> np.ndarray:
+        """The permutation that sorts the keys (as ``sorted`` sorts str: UTF-8 bytes sort the same),
+        by numpy over fixed-width bytes when that array is small, else by Python."""
+        width = int(np.max(np.diff(self._ends, prepend=0), initial=1)) or 1
+        if len(self) * width <= SORT_BYTES_LIMIT:
+            fixed = np.fromiter((self._bytes(i) for i in range(len(self))), dtype=f"S{width}", count=len(self))
+            return np.argsort(fixed, kind="stable")
+        return np.asarray(sorted(range(len(self)), key=self._bytes), dtype=np.int64)
+
+    def take(self, order: np.ndarray) -> "KeyTable":
+        """The keys in the order `order` gives."""
+        return KeyTable.from_bytes(self._bytes(int(i)) for i in order)
 
     def __len__(self) -> int:
         return len(self._ends)

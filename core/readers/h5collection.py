@@ -79,10 +79,9 @@ class H5Collection(SequenceSource):
             raise UsageError(f"{self.name} matches no dataset of {self.path}" if pattern is not None else
                              f"{self.name} is a group without datasets")
         check_index_memory(len(scan.keys), self.name)
-        order = sorted(range(len(scan.keys)), key=scan.keys.__getitem__)
-        keys = KeyTable(scan.keys[i] for i in order)
+        permute = scan.keys.sorted_order()
+        keys = scan.keys.take(permute)
         del scan.keys
-        permute = np.asarray(order, dtype=np.int64)
         arrays = {field: np.frombuffer(getattr(scan, field), dtype)[permute] for field, dtype in
                   (("lengths", np.int64), ("offsets", np.int64), ("shape_of", np.int32), ("dtype_of", np.int32))}
         self._offsets, self._dtype_of = arrays["offsets"], arrays["dtype_of"]
@@ -205,7 +204,6 @@ class _Scan:
     def __init__(self, file: Any, group: str, pattern: Optional[str], size: int) -> None:
         import h5py
 
-        self.keys: list[str] = []
         self.lengths, self.offsets = array.array("q"), array.array("q")
         self.shape_of, self.dtype_of = array.array("i"), array.array("i")
         self.shapes: list[tuple[int, ...]] = []
@@ -213,9 +211,12 @@ class _Scan:
         self._size, self.pattern = size, pattern
         self._gid = h5py.h5g.open(file.id, group.encode())
         self._error: Optional[BaseException] = None
+        self._keys, self._ends = bytearray(), array.array("q")
         self._gid.links.visit(self._visit, info=True)
         if self._error is not None:
             raise self._error
+        self.keys = KeyTable.from_parts(self._keys, self._ends)
+        del self._keys, self._ends
 
     def shape_number(self, shape: tuple[int, ...]) -> int:
         if shape not in self.shapes:
@@ -238,14 +239,16 @@ class _Scan:
     def _member(self, raw: bytes, info: Any) -> None:
         import h5py
 
-        key = raw.decode("utf-8", "surrogateescape")
-        if self._pattern_misses(key):
+        if self._pattern_misses(raw):
             return
         length, shape_number, dtype_number, offset = 0, 0, 0, -1
         if info.type == h5py.h5l.TYPE_HARD:
-            if h5py.h5o.get_info(self._gid, raw).type != h5py.h5o.TYPE_DATASET:
-                return  # a group: its members are visited too
-            dataset = h5py.h5d.open(self._gid, raw)
+            try:
+                dataset = h5py.h5d.open(self._gid, raw)
+            except (KeyError, ValueError, RuntimeError, OSError):
+                if h5py.h5o.get_info(self._gid, raw).type == h5py.h5o.TYPE_GROUP:
+                    return  # its members are visited too
+                raise
             shape, dtype = dataset.shape, dataset.dtype
             at = dataset.get_offset()
             if shape and at is not None:
@@ -254,14 +257,16 @@ class _Scan:
                     offset = int(at)
                     length, shape_number, dtype_number = shape[0], self.shape_number(shape[1:]), \
                         self.dtype_number(dtype)
-        self.keys.append(key)
+        self._keys += raw
+        self._ends.append(len(self._keys))
         self.lengths.append(length)
         self.offsets.append(offset)
         self.shape_of.append(shape_number)
         self.dtype_of.append(dtype_number)
 
-    def _pattern_misses(self, key: str) -> bool:
-        return self.pattern is not None and not fnmatch.fnmatchcase(key, self.pattern)
+    def _pattern_misses(self, raw: bytes) -> bool:
+        return self.pattern is not None and not fnmatch.fnmatchcase(raw.decode("utf-8", "surrogateescape"),
+                                                                    self.pattern)
 
 
 def is_collection(path: str, name: str, allow_external: bool) -> bool:

@@ -96,10 +96,12 @@ class KaldiSource(SequenceSource):
 
     def _index_scp(self) -> tuple[KeyTable, list[str], np.ndarray, np.ndarray]:
         """The keys, archives, each entry's archive and offset, from the scp's lines."""
+        lines, last = 0, b"\n"
         with open(self.path, "rb") as f:
-            check_index_memory(sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")) + 1,
-                               self.name)
-        keys, arks, ark_of, offsets = [], {}, array.array("i"), array.array("q")
+            for block in iter(lambda: f.read(1 << 20), b""):
+                lines, last = lines + block.count(b"\n"), block[-1:]
+        check_index_memory(lines + (last != b"\n"), self.name)
+        keys, ends, arks, ark_of, offsets = bytearray(), array.array("q"), {}, array.array("i"), array.array("q")
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 line = raw.decode("utf-8", "replace").strip()
@@ -116,11 +118,11 @@ class KaldiSource(SequenceSource):
                                     "(copy-feats)")
                 match = _OFFSET.match(target)
                 ark, offset = (match.group(1), int(match.group(2))) if match else (target, 0)
-                keys.append(key)
+                keys += key.encode("utf-8", "surrogateescape")
+                ends.append(len(keys))
                 ark_of.append(arks.setdefault(ark, len(arks)))
                 offsets.append(offset)
-        return KeyTable(keys), list(arks), np.frombuffer(ark_of, np.int32).copy(), \
-            np.frombuffer(offsets, np.int64).copy()
+        return KeyTable.from_parts(keys, ends), list(arks), np.array(ark_of, np.int32), np.array(offsets, np.int64)
 
     def _line(self, number: int, key: str) -> str:
         return f"{self.path} line {number} (utterance {key!r})"
@@ -192,7 +194,7 @@ class KaldiSource(SequenceSource):
             tokens.append(TOKENS.index(token))
             if len(keys) % SCP_BATCH == 0:
                 check_index_memory(len(keys) * max(1, size // max(position, 1)), self.name)
-        arrays = [np.frombuffer(a, dtype).copy() if len(a) else np.zeros(0, dtype) for a, dtype in
+        arrays = [np.array(a, dtype) for a, dtype in
                   ((offsets, np.int64), (rows, np.int64), (cols, np.int64), (tokens, np.int8))]
         return (KeyTable(keys), [self.path], np.zeros(len(keys), np.int32), *arrays)
 
