@@ -153,14 +153,23 @@ def test_a_bad_header_among_many_names_its_line_and_key(tmp_path: Path) -> None:
         ns.open_source(f"scp:{tmp_path / 'bad.scp'}")
 
 
-def test_index_too_large_for_memory_is_one_error_naming_the_figure(tmp_path: Path, run, monkeypatch) -> None:
-    kaldiio.save_ark(str(tmp_path / "f.ark"), {f"k{i}": np.ones((1, 2), np.float32) for i in range(50)},
-                     scp=str(tmp_path / "f.scp"))
+@pytest.mark.parametrize("layout", ["scp", "h5"])
+def test_index_too_large_for_memory_is_one_error_naming_the_figure(tmp_path: Path, run, monkeypatch,
+                                                                   layout) -> None:
+    members = {f"k{i}": np.ones((1, 2), np.float32) for i in range(50)}
+    if layout == "scp":
+        kaldiio.save_ark(str(tmp_path / "f.ark"), members, scp=str(tmp_path / "f.scp"))
+        spec = "scp:f.scp"
+    else:
+        with h5py.File(tmp_path / "f.h5", "w") as f:
+            for key, value in members.items():
+                f[f"g/{key}"] = value
+        spec = "f.h5:/g"
     monkeypatch.setattr("normstats.readers.base.available_memory", lambda: 20_000)
-    result = run("fit-bn", "scp:f.scp", "--mode", "exact", "-o", "s.npz")
+    result = run("fit-bn", spec, "--mode", "exact", "-o", "s.npz")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
-    assert "scp:f.scp holds 50 sequences, whose index takes about 20.0 KB" in result.stderr and "merge" in result.stderr
-    assert not (tmp_path / "s.npz").exists()
+    assert f"{spec} holds 50 sequences, whose index takes about 20.0 KB" in result.stderr
+    assert "merge" in result.stderr and not (tmp_path / "s.npz").exists()
 
 
 # --- index bytes per member, measured in a fresh process -------------------------------------

@@ -74,11 +74,10 @@ class H5Collection(SequenceSource):
         self._files = {file: _identity(os.stat(file))}
         self._identity = self._files[file]
         with hdf5_policy.open_file(file) as f:
-            scan = _Scan(f, group, pattern, os.path.getsize(file))
+            scan = _Scan(f, group, pattern, os.path.getsize(file), self.name)
         if not scan.keys:
             raise UsageError(f"{self.name} matches no dataset of {self.path}" if pattern is not None else
                              f"{self.name} is a group without datasets")
-        check_index_memory(len(scan.keys), self.name)
         permute = scan.keys.sorted_order()
         keys = scan.keys.take(permute)
         del scan.keys
@@ -201,7 +200,7 @@ class _Scan:
     which also gives the message for a member the policy refuses.
     """
 
-    def __init__(self, file: Any, group: str, pattern: Optional[str], size: int) -> None:
+    def __init__(self, file: Any, group: str, pattern: Optional[str], size: int, display: str) -> None:
         import h5py
 
         self.lengths, self.offsets = array.array("q"), array.array("q")
@@ -210,6 +209,7 @@ class _Scan:
         self.dtypes: list[np.dtype] = []
         self._size, self.pattern = size, pattern
         self._gid = h5py.h5g.open(file.id, group.encode())
+        check_index_memory(self._gid.get_num_objs(), display)  # the group's own links, before the walk
         self._error: Optional[BaseException] = None
         self._keys, self._ends = bytearray(), array.array("q")
         self._gid.links.visit(self._visit, info=True)
