@@ -2,9 +2,12 @@
 
 ESPnet1 and many feature extractors write one dataset per utterance. Here
 the datasets are sequences in sorted key order, their first axis the
-frames. Every dataset is reached through :mod:`normstats.hdf5_policy` (its
-links, virtual sources and declared size checked, as for a single dataset);
-the file is opened once per read, each sequence's dataset in it.
+frames. The file is walked once and each member opened once while indexing
+(see :class:`H5Collection`): a contiguous member stored in the file itself
+is then read by ``pread`` at its offset, with no HDF5 call per read; every
+other member is reached through :mod:`normstats.hdf5_policy` (its links,
+virtual sources and declared size checked, as for a single dataset) and
+read with h5py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The frames of the utterances are the rows, in the order of the scp (or the
 archive). Only an index is kept: for an scp, each entry's archive and byte
-offset, and the matrix shape read from the few header bytes there; for an
+offset, and the matrix shape read from the few header bytes there (archive
+by archive in offset order, checked in batches); for an
 ark without scp, one scan over the headers builds the same index (each
 matrix's data is skipped, not read). Reading loads one utterance at a time
 with kaldiio (uncompressed ``FM``/``DM`` and compressed ``CM``/``CM2``/``CM3``
