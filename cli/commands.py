@@ -20,6 +20,7 @@ from normstats.tasks import make_state
 from normstats.files import CommandFiles, check_unread, identities
 from normstats.kernels import load_kernels
 from normstats.normalize import OUTPUT_DTYPES
+from normstats.opened_inputs import opened_once
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
 from normstats.apply_collections import apply_output, collection_for
@@ -337,6 +338,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @ENGINE
 @COMMON
 @click.pass_context
+@opened_once()  # the checks before the fit and the fit share one opening of INPUT
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
            channel_axis: Optional[int], alpha: float, eps: float, ddof: int, reference: Optional[str], mode: str,
            mean: Any, inv_std: Any, init: Optional[str], groups: Optional[str],

@@ -323,8 +323,12 @@ class _Stopped(Exception):
 def open_stream(
     specs: Sequence[str], dataset: Optional[str] = None, *, allow_external: bool = False
 ) -> Stream:
-    """Open every shard in `specs` (closing those opened if one fails)."""
-    return _stream_of(open_source(spec, dataset, allow_external=allow_external) for spec in specs)
+    """Open every shard in `specs` (closing those opened if one fails); within
+    :func:`normstats.opened_inputs.opened_once`, once for the same shards."""
+    from .opened_inputs import reused
+
+    return reused(("stream", tuple(specs), dataset, allow_external),
+                  lambda: _stream_of(open_source(spec, dataset, allow_external=allow_external) for spec in specs))
 
 
 def _stream_of(opening: Iterator[ArraySource], dtype: Optional[np.dtype] = None) -> Stream:
