@@ -84,6 +84,24 @@ def test_a_virtual_source_file_is_an_input(run, tmp_path):
         assert np.allclose(stats["mean"], values[:30].mean(axis=0))
 
 
+def test_a_virtual_source_of_a_collection_member_is_an_input(run, tmp_path):
+    values = _parts(tmp_path)
+    layout = h5py.VirtualLayout(shape=(30, 4), dtype=values.dtype)
+    layout[:] = h5py.VirtualSource("part.h5", "a", shape=(30, 4))
+    with h5py.File(tmp_path / "vcoll.h5", "w") as f:
+        f.create_virtual_dataset("t/v", layout)
+        f["t/w"] = values[30:]
+    before = _digest(tmp_path / "part.h5")
+    for extra in (["-o", "part.h5"], ["-o", "s.npz", "--checkpoint", "part.h5"]):
+        result = run("fit-bn", "vcoll.h5:/t", "--mode", "exact", *extra, "--force")
+        assert result.exit_code == 2, result.output
+        assert "'part.h5', which the input vcoll.h5:/t reads" in error_line(result)
+        assert _digest(tmp_path / "part.h5") == before
+    assert run("fit-bn", "vcoll.h5:/t", "--mode", "exact", "-o", "s.npz").exit_code == 0
+    with np.load(tmp_path / "s.npz") as stats:
+        assert np.allclose(stats["mean"], values.mean(axis=0))
+
+
 @pytest.mark.parametrize("command", ["fit-bn", "apply"])
 def test_an_output_inside_a_zarr_store_input_is_refused(run, tmp_path, command):
     values = np.random.default_rng(6).normal(size=(40, 4)).astype(np.float32)

@@ -115,7 +115,10 @@ class H5Collection(SequenceSource):
                     raise DataError(f"{display} is a link to a group; a collection's members must be datasets")
                 if located.file not in handles:
                     handles[located.file] = stack.enter_context(hdf5_policy.open_file(located.file))
-                    self._files.setdefault(located.file, _identity(os.stat(located.file)))
+                # every file the member's resolution met (virtual sources, link holders) is read too
+                for file in (located.file, *located.files):
+                    if file not in self._files:
+                        self._files[file] = _identity(os.stat(file))
                 dataset = hdf5_policy.open_in(handles[located.file], located)
                 shape = tuple(dataset.shape or ())
                 if not shape:
