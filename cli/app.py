@@ -60,6 +60,9 @@ class NormstatsGroup(click.Group):
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:
             raise CommandError(INTERRUPTED_MESSAGE, INTERRUPTED) from None
+        except BrokenPipeError:  # --help / --version into a closed pipe (click would exit 1)
+            silence_stdout()
+            raise click.exceptions.Exit(PIPE_CLOSED) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         start_clock()

@@ -19,6 +19,7 @@ from normstats.resume import resume_row
 from normstats.tasks import make_state
 from normstats.files import CommandFiles, check_unread, identities
 from normstats.normalize import OUTPUT_DTYPES
+from normstats.opened_inputs import opened_once
 from normstats.readers.remote import with_options
 from normstats.stats import check_values
 from normstats.apply_collections import apply_output, collection_for
@@ -29,7 +30,7 @@ from normstats.writers.h5_collection import COMPRESSIONS
 from .app import cli
 from .batches import (APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_stats_normalizer, boundaries_file,
                       fit_grid_options)
-from .files import KeepsSpec, given_file, guard
+from .files import KeepsSpec, given_file, guard, guarded_files
 from .bn_options import channels_last_hint, check_initial_files, fit_axes
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, ChannelAxis, StorageOption,
                      ValueOrFile, given, option, positive_int)
@@ -164,6 +165,9 @@ def _fit_inputs(inputs: tuple[str, ...], dataset: Optional[str], allow_external:
         side = {name: stack.enter_context(ns.open_stream(specs, allow_external=allow_external))
                 for name, specs in _side_specs(**{n: v for n, v in side_specs.items() if n not in keyed}).items()}
         side.update({name: stack.enter_context(group_stream(value, stream)) for name, value in keyed.items()})
+        files = guarded_files()
+        for opened in (stream, *side.values()) if files is not None else ():
+            check_unread(files, opened)  # the files links and scp entries lead to are inputs too
         yield stream, side
 
 
@@ -332,6 +336,7 @@ def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
 @ENGINE
 @COMMON
 @click.pass_context
+@opened_once()  # the checks before the fit and the fit share one opening of INPUT
 def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size: int, axes: Any,
            channel_axis: Optional[int], alpha: float, eps: float, ddof: int, reference: Optional[str], mode: str,
            mean: Any, inv_std: Any, init: Optional[str], groups: Optional[str],
@@ -548,7 +553,6 @@ def apply(ctx: click.Context, stats_path: str, input_spec: str, output: str, com
     normalizer = (batch_stats_normalizer(ctx, stats, stats_path, gamma=gamma, beta=beta, dtype=dtype, engine=engine,
                                          groups=groups) or ns.Normalizer(stats, gamma=gamma, beta=beta, dtype=dtype))
     with _fit_inputs((input_spec,), dataset, allow_external, groups=keyed or groups) as (stream, side):
-        check_unread(files, stream)
         collection = collection_for(collection, stream)
         if engine == "dask":
             with ns.dask_client(scheduler) as client, \
@@ -586,7 +590,7 @@ def merge(ctx: click.Context, parts: tuple[str, ...], output: str, force: bool) 
       normstats fit-bn part2.npy -o b.npz --mode exact
       normstats merge a.npz b.npz -o all.npz
     """
-    guard(ctx, CommandFiles().reads("input", *parts, distinct=True).writes("output", output, STATS_FORMATS),
+    guard(ctx, CommandFiles().reads("input", *parts, distinct=True, whole=True).writes("output", output, STATS_FORMATS),
           force=force)
     stats = ns.merge_stats([ns.read_stats(part) for part in parts], names=parts)
     ns.write_stats(stats, output)

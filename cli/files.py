@@ -15,6 +15,7 @@ from normstats.files import CommandFiles
 from normstats.writers.atomic import overwriting
 
 SPECS = "normstats.file_specs"  # ctx.meta key: parameter name -> the file spec it was given
+FILES = "normstats.command_files"  # ctx.meta key: the command's CommandFiles, once guarded
 
 
 class KeepsSpec(click.ParamType):
@@ -43,4 +44,11 @@ def guard(ctx: click.Context, files: CommandFiles, *, force: bool) -> None:
     """Check `files` before any work; for the rest of the command, outputs replace an
     existing file only with --force (not one that appeared while the command ran)."""
     files.check(force=force)
+    ctx.meta[FILES] = files
     ctx.with_resource(overwriting(force))
+
+
+def guarded_files() -> Optional[CommandFiles]:
+    """The files the running command declared to :func:`guard` (None outside a guarded command)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(FILES) if ctx is not None else None

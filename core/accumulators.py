@@ -237,6 +237,22 @@ class GroupedMoments:
         self.fold(self.block_sums(x, weights=weights, pilot=self.weight[0] == 0 and not self.omit))
         return self
 
+    def update_row(self, pieces, group: int = 0, weight: Optional[float] = None) -> "GroupedMoments":
+        """Add one row, given as the ``(e0, piece)`` pairs of
+        :func:`normstats.row_pieces.accumulate_row`, to `group`: the moments
+        :meth:`update` gives that row (to rounding), one piece in memory at a time."""
+        from .row_pieces import accumulate_row
+
+        self.require_unspent()
+        g = slice(group, group + 1)
+        # Around the group's shift once it has one; a first row takes its shifts from its data.
+        fresh = np.full(1, self.omit or self.weight[group] == 0)
+        sums = accumulate_row(pieces, self.layout, 0, np.array([group], np.int64), self.shift[g].copy(), fresh,
+                              weight=weight, omit=self.omit,
+                              count0=None if not self.omit else self.count_flat[g].copy())
+        self.fold(sums)
+        return self
+
     def block_sums(self, x: np.ndarray, *, weights: Optional[np.ndarray] = None, pilot: bool = False,
                    around: Optional[tuple] = None) -> Sums:
         """The kernel's sums of the rows of `x` (one group) around the state's shift, or

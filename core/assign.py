@@ -31,7 +31,7 @@ plus O(K D) whatever K.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -46,6 +46,7 @@ CENTER_CHUNK = 8192  # centers per tile; more rows per tile keep the product BLA
 ROW_CHUNK = 2048  # rows per tile at most (their float32/float64 copies stay ~2-4 MB)
 # float32 screening is safe while no squared norm comes near float32's largest value
 FLOAT32_SAFE = 1e36
+PIECE_BYTES = 2 << 20  # the differences of part of a wide row to every center, at once
 
 
 def _rounded_up(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -253,6 +254,63 @@ class NearestCenters(KeepsScratch):
             return labels[:, 0], distances[:, 0]
         return labels, distances
 
+    def nearest_in_pieces(self, pieces: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`__call__` for one row larger than a read block, given as ``(e0, piece)``
+        pairs (iterated twice for the cosine metric: the row's norm comes first).
+
+        The float64 distance to every usable center is summed piece by piece from
+        differences (no screening: a row this wide costs more to read than to
+        compare); memory is a piece and a few MB of differences.
+
+        Raises
+        ------
+        RowError
+            At row 0, as :meth:`__call__`.
+        """
+        scale = 1.0
+        if self.metric == "cosine":
+            norm2 = 0.0
+            for e0, piece in pieces:
+                self._check_piece(e0, piece)
+                part = piece.astype(np.float64)
+                norm2 += float(np.dot(part, part))
+            scale = 1.0 / np.sqrt(norm2) if norm2 > 0 else 0.0
+        total = np.zeros(self.classes.size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for e0, piece in pieces:
+                self._check_piece(e0, piece)
+                step = max(1, PIECE_BYTES // (8 * self.classes.size))
+                for a in range(0, piece.size, step):
+                    part = piece[a:a + step]
+                    x = self._workspace.array("x", part.shape, np.float64)
+                    np.multiply(part, scale, out=x, casting="unsafe")
+                    diff = self._workspace.array("piece diff", (self.classes.size, part.size), np.float64)
+                    np.subtract(x, self._exact[:, e0 + a:e0 + a + part.size], out=diff)
+                    total += np.einsum("ij,ij->i", diff, diff)
+        if not np.isfinite(total).all():
+            raise RowError(0, "its distances to the centers overflow float64; rescale the features")
+        if self.metric == "cosine":
+            total *= 0.5  # |a - b|^2 / 2 = 1 - a.b for unit vectors, without cancellation
+            if scale == 0.0:
+                total[:] = 1.0
+            total[self._zero_centers] = 1.0
+        order = np.lexsort((np.arange(total.size), total))[:self.top_k]
+        distances = total[order]
+        if self.metric == "euclidean":
+            np.sqrt(distances, out=distances)
+        labels = self.classes[order]
+        if self.max_distance is not None:
+            labels[distances > self.max_distance] = -1
+        shape = (1,) + self.output_shape  # one row, as __call__ gives a block
+        return labels.reshape(shape), distances.reshape(shape)
+
+    def _check_piece(self, e0: int, piece: np.ndarray) -> None:
+        """A NaN / Inf value is named as :meth:`_raise_for_row` names it."""
+        if piece.dtype.kind == "f" and not np.isfinite(piece).all():
+            bad = int(np.flatnonzero(~np.isfinite(piece))[0])
+            raise RowError(0, f"column {e0 + bad} holds {piece[bad]}; nearest centers need "
+                              "finite features; clean the data first")
+
     # --- one tile of rows -----------------------------------------------------------
 
     def _nearest(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -403,9 +461,8 @@ class NearestCenters(KeepsScratch):
 
     def _raise_for_row(self, x: np.ndarray, row: int) -> None:
         """Say what is wrong with row `row` of `x` (its distances are not finite)."""
-        values = x[row]
-        bad = np.flatnonzero(~np.isfinite(values)) if values.dtype.kind == "f" else np.array([], int)
-        if bad.size:
-            raise RowError(row, f"column {int(bad[0])} holds {values[bad[0]]}; nearest centers need "
-                                "finite features; clean the data first")
+        try:
+            self._check_piece(0, x[row].reshape(-1))
+        except RowError as error:
+            raise error.shifted(row) from None
         raise RowError(row, "its distances to the centers overflow float64; rescale the features")

@@ -18,6 +18,7 @@ from .boundaries import BatchBoundaries
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .kernels import Layout, Sums, accumulate
+from .row_pieces import accumulate_row
 from .pooling import BatchPool, check_pool
 from .accumulators import GroupedMoments, Moments
 from .stats import BATCHNORM, Stats
@@ -307,6 +308,31 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         self.rows_seen += rows
         return self
 
+    def update_row(self, pieces: Iterator[tuple[int, np.ndarray]], template: np.ndarray) -> "BatchNormEMA":
+        """Add one row given as ``(e0, piece)`` pairs (a row larger than a read block:
+        see :meth:`normstats.stream.Stream.wide_rows`) to its batch, as
+        ``update(row, more=True)`` would; `template` is a one-row array of the row's
+        shape and dtype (:func:`normstats.row_pieces.row_template`)."""
+        self._check(template)
+        starts, complete = self._grid(1, True)
+        if self._open is not None and starts.size:  # this row starts a batch: the open one ended
+            self._fold_sums(self._open)
+            self._open = None
+        omit = self.nan_policy == "omit"
+        try:
+            if self._open is not None:
+                self._open = accumulate_row(pieces, self.layout, 0, self._open.keys, self._open.shift,
+                                            np.zeros(1, bool), omit=omit, start=self._open)
+            else:
+                self._open = accumulate_row(pieces, self.layout, 0, np.zeros(1, np.int64), None, np.ones(1, bool),
+                                            omit=omit)
+        except NonFiniteError as error:
+            raise error.shifted(self.position) from None
+        if complete:
+            self.close()
+        self.rows_seen += 1
+        return self
+
     def last_start(self, rows: int) -> int:
         """The offset ``0 < k < rows`` of the last batch starting among the next `rows`
         rows, else 0: after an update with the rows before it, no batch is open (a
@@ -355,7 +381,28 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         per_stat = self.layout.per_stat
         if self.boundaries is not None:
             self.batch_elements.extend(int(rows) * per_stat for rows in sums.rows)
-        self._fold(*sums.moments(per_stat, self.shape))
+        if self._pool is None and not self._priming:
+            self._fold_compiled(sums, per_stat)
+        else:
+            self._fold(*sums.moments(per_stat, self.shape))
+
+    def _fold_compiled(self, sums: Sums, per_stat: int) -> None:
+        """:meth:`_fold` of the moments of `sums` in one compiled loop, the same bits
+        (see :mod:`normstats.compiled_fold`): the fold of every block of a fit."""
+        from .compiled_fold import _ema_fold
+
+        batches = len(sums.keys)
+        base, residual = sums.centers() if sums.integer else (sums.shift, None)
+        for name in ("mean", "inv_std", "count", "decay"):  # folded in place, as flat views
+            value = getattr(self, name)
+            if value is not None and not (value.flags.c_contiguous and value.dtype == np.float64):
+                setattr(self, name, np.ascontiguousarray(value, dtype=np.float64))
+        flat = [None if a is None else a.reshape(-1) for a in (self.mean, self.inv_std, self.count, self.decay)]
+        used = _ema_fold(sums.s1, sums.s2, base, residual, sums.count if sums.count.shape[0] else None, sums.weight,
+                         per_stat, self.ddof, self.eps, self.alpha, (1.0 - self.alpha) ** np.arange(batches + 1),
+                         *flat)
+        self.batches_seen += batches
+        self.batches_skipped += batches - used
 
     @property
     def open_rows(self) -> int:
@@ -635,25 +682,53 @@ class BatchNormExact(_BatchNormBase):
             weights); the count becomes the weight sum.
         """
         x = np.asarray(x)
-        self._check(x)
-        if weights is not None:
-            weights = check_weights(weights, x.shape[0], self.position)
-            self.weighted = True
+        groups, weights = self._side(x, groups, weights)
         if x.shape[0] == 0:
             return self
         try:
             if self.num_groups is None:
-                if groups is not None:
-                    raise UsageError("groups were given but the state has no num_groups")
                 self.moments.update(x, weights)
             else:
-                groups = check_groups(groups, x.shape[0], self.num_groups, self.position, "group")
                 self.moments.update(x, groups, weights)
         except NonFiniteError as error:
             raise error.shifted(self.position) from None
-        self.batches_seen += self.batches_in(x.shape[0])
-        self.rows_seen += x.shape[0]
+        self._count(x.shape[0])
         return self
+
+    def update_row(self, pieces: Iterator[tuple[int, np.ndarray]], template: np.ndarray,
+                   groups: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None) -> "BatchNormExact":
+        """Add one row given as ``(e0, piece)`` pairs (a row larger than a read block:
+        see :meth:`normstats.stream.Stream.wide_rows`), as :meth:`update` adds it;
+        `template` is a one-row array of its shape and dtype
+        (:func:`normstats.row_pieces.row_template`), `groups` and `weights` hold one value."""
+        groups, weights = self._side(template, groups, weights)
+        try:
+            self.moments.update_row(pieces, 0 if groups is None else int(groups[0]),
+                                    None if weights is None else float(weights[0]))
+        except NonFiniteError as error:
+            raise error.shifted(self.position) from None
+        self._count(1)
+        return self
+
+    def _side(self, x: np.ndarray, groups: Optional[np.ndarray],
+              weights: Optional[np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """Check the rows `x` and their groups and weights (validated as int64 / float64)."""
+        self._check(x)
+        if weights is not None:
+            weights = check_weights(weights, x.shape[0], self.position)
+            self.weighted = True
+        if not x.shape[0]:
+            return groups, weights
+        if self.num_groups is None:
+            if groups is not None:
+                raise UsageError("groups were given but the state has no num_groups")
+        else:
+            groups = check_groups(groups, x.shape[0], self.num_groups, self.position, "group")
+        return groups, weights
+
+    def _count(self, rows: int) -> None:
+        self.batches_seen += self.batches_in(rows)
+        self.rows_seen += rows
 
     def _too_small(self, count: np.ndarray, meta: dict) -> np.ndarray:
         """Statistics with ``count <= ddof`` (no variance): reported in `meta` like

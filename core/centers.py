@@ -8,7 +8,7 @@ centers have shape ``(num_classes,) + row_shape``.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
 from .kernels import Layout, Sums, accumulate, fold_centers_ema, fold_ema_batches, kernel_dtype, slot_rows
+from .row_pieces import accumulate_row
 from .stats import CENTERS, Stats
 from .workspace import KeepsScratch, Workspace
 from .validate import (
@@ -353,13 +354,43 @@ class CentersEMA(KeepsScratch, _CentersBase):
         keep &= np.isfinite(flat).all(axis=1)
         return sums()
 
+    def update_row(self, pieces: Iterator[tuple[int, np.ndarray]], template: np.ndarray,
+                   labels: np.ndarray) -> "CentersEMA":
+        """Add one row given as ``(e0, piece)`` pairs (a row larger than a read block:
+        see :meth:`normstats.stream.Stream.wide_rows`) to its batch, as
+        ``update(row, labels, more=True)`` would; `template` is a one-row array of
+        its shape and dtype (:func:`normstats.row_pieces.row_template`)."""
+        _, labels, keep = self._check(template, labels)
+        batches = self.batches_in(1)
+        sums = None
+        if keep[0]:
+            try:
+                sums = accumulate_row(pieces, _flat_layout(self.feature_dim), 0, labels[:1].astype(np.int64), None,
+                                      np.ones(1, bool), squares=False)
+            except NonFiniteError as error:
+                if self.nan_policy != "omit":
+                    raise NonFiniteError(self.position, np.unravel_index(error.index[-1], self.row_shape),
+                                         error.value) from None
+                keep[0] = False  # a row holding NaN / Inf is skipped whole
+        self._open_sums(sums, 1)
+        if self.open_rows == (self.batch_size or 1):
+            self.close()
+        self._count(labels, keep, batches)
+        return self
+
     def _add_open(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, first: int) -> None:
         """Add rows to the open batch: per class, its sum around the class's first row."""
+        self._open_sums(self._sums(flat, labels, keep, len(flat), first), len(flat))
+
+    def _open_sums(self, sums: Optional[Sums], rows: int) -> None:
+        """Add the sums of `rows` rows (None: rows left out) to the open batch."""
         if self._open is None:
             shape = (self.num_classes, self.feature_dim)
             self._open = (np.zeros(self.num_classes), np.zeros(shape), np.zeros(shape))
+        if sums is None:
+            self.open_rows += rows
+            return
         weight, shift, total = self._open
-        sums = self._sums(flat, labels, keep, len(flat), first)
         classes = sums.keys % self.num_classes
         base, residual = sums.centers()
         part = sums.s1 + sums.weight[:, None] * residual  # around `base`
@@ -370,7 +401,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
         total[classes[new]] = part[new]
         total[classes[old]] += part[old] + sums.weight[old, None] * (base[old] - shift[classes[old]])
         weight[classes] += sums.weight
-        self.open_rows += len(flat)
+        self.open_rows += rows
 
     def close(self) -> "CentersEMA":
         """Fold in a batch left open by ``update(..., more=True)``."""
@@ -535,6 +566,25 @@ class CentersExact(_CentersBase):
         except NonFiniteError as error:
             raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
                                  error.value) from None
+        self._count(labels, keep)
+        return self
+
+    def update_row(self, pieces: Iterator[tuple[int, np.ndarray]], template: np.ndarray, labels: np.ndarray,
+                   weights: Optional[np.ndarray] = None) -> "CentersExact":
+        """Add one row given as ``(e0, piece)`` pairs (a row larger than a read block:
+        see :meth:`normstats.stream.Stream.wide_rows`), as :meth:`update` adds it;
+        `template` is a one-row array of its shape and dtype, `labels` and `weights`
+        hold one value."""
+        _, labels, keep = self._check(template, labels)
+        if weights is not None:
+            weights = check_weights(weights, 1, self.position)
+            self.weighted = True
+        if keep[0]:
+            try:
+                self.moments.update_row(pieces, int(labels[0]), None if weights is None else float(weights[0]))
+            except NonFiniteError as error:
+                raise NonFiniteError(self.position, np.unravel_index(error.index[-1], self.row_shape),
+                                     error.value) from None
         self._count(labels, keep)
         return self
 

@@ -20,10 +20,17 @@ import os
 from typing import Optional, Sequence
 
 from .errors import UsageError
+from .file_signatures import is_hdf5
+from .hdf5_policy import linked_files
 from .readers.remote import is_url
 from .specs import split_spec
 from .stream import Stream
 from .writers.base import check_output, split_output
+
+
+# Inputs opened as streams: the files they read through links are checked once they are
+# open (check_unread); the others (stats, centers, --gamma, --init ...) are small and read whole.
+STREAM_ROLES = {"input", "--labels file", "--weights file", "--groups file"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +65,19 @@ class CommandFiles:
         self.inputs: list[FileUse] = []
         self._outputs: list[_Output] = []
         self._distinct: set[str] = set()
+        self._whole: set[str] = set()
 
-    def reads(self, role: str, *specs: Optional[str], distinct: bool = False) -> "CommandFiles":
+    def reads(self, role: str, *specs: Optional[str], distinct: bool = False, whole: bool = False) -> "CommandFiles":
         """Declare input `specs` (None and empty ones are skipped); with `distinct`,
-        no two of them may be one file (each is counted once, like the parts of a merge)."""
+        no two of them may be one file (each is counted once, like the parts of a merge);
+        `whole`: files read whole, not streamed, whatever the role (the parts of a merge)."""
         for spec in specs:
             if spec:
                 self.inputs.append(FileUse(role, str(spec), split_spec(str(spec))[0]))
         if distinct:
             self._distinct.add(role)
+        if whole:
+            self._whole.add(role)
         return self
 
     def writes(self, role: str, spec: Optional[str], formats: Sequence[str], *,
@@ -87,11 +98,22 @@ class CommandFiles:
         problems = []
         for i, output in enumerate(self._outputs):
             for other in self.inputs + [o.use for o in self._outputs[:i]]:
-                if other.role == output.may_be or not same_file(output.use.path, other.path):
+                if other.role == output.may_be or not overwrites(output.use.path, other.path):
                     continue
-                how = "" if os.path.abspath(output.use.path) == os.path.abspath(other.path) else " (through a link)"
-                problems.append(f"{output.use.role} {output.use.path!r} is the same file as the {other.role} "
+                linked = os.path.abspath(output.use.path) != os.path.abspath(other.path)
+                what, how = ("is inside", "") if os.path.isdir(other.path) else \
+                    ("is the same file as", " (through a link)" if linked else "")
+                problems.append(f"{output.use.role} {output.use.path!r} {what} the {other.role} "
                                 f"{other.spec!r}{how}; write to another path")
+        for output in self._outputs:
+            for use in self.inputs:
+                if (use.role in STREAM_ROLES and use.role not in self._whole) or use.role == output.may_be:
+                    continue
+                for path in _linked(use.path):
+                    if overwrites(output.use.path, path):
+                        problems.append(f"{output.use.role} {output.use.path!r} is the same file as {path!r}, "
+                                        f"which the {use.role} {use.spec!r} reads through an HDF5 link; "
+                                        "write to another path")
         # An input given twice comes after the collisions that would destroy a file
         for i, use in enumerate(self.inputs):
             for other in self.inputs[:i]:
@@ -117,6 +139,13 @@ class CommandFiles:
             check_output(output.use.spec, force=force or resumed, formats=output.formats)
 
 
+def _linked(path: str) -> list[str]:
+    """The files an HDF5 input `path` reads through its links (none for other files)."""
+    if is_url(path) or not os.path.isfile(path) or not is_hdf5(path):
+        return []
+    return linked_files(path)
+
+
 def same_file(a: str, b: str) -> bool:
     """Whether paths `a` and `b` name one file: the same device and inode if both
     exist (so links count), else the same resolved path (a file yet to be made).
@@ -130,6 +159,17 @@ def same_file(a: str, b: str) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
+def overwrites(output: str, path: str) -> bool:
+    """Whether writing `output` would replace the file `path`, or one inside the
+    folder `path` (a Zarr store: its metadata and chunks are files there)."""
+    if same_file(output, path):
+        return True
+    if is_url(output) or is_url(path) or not os.path.isdir(path):
+        return False
+    folder = os.path.realpath(path)
+    return os.path.commonpath([folder, os.path.realpath(output)]) == folder
+
+
 def check_unread(outputs: CommandFiles, stream: Stream) -> None:
     """Refuse outputs that are files the opened `stream` reads beyond its specs (the
     archives an scp points into, the files an HDF5 collection links to).
@@ -141,7 +181,7 @@ def check_unread(outputs: CommandFiles, stream: Stream) -> None:
     for output in outputs.outputs:
         for source in stream.sources:
             for path in source.files():
-                if not is_url(path) and same_file(output.path, path):
+                if not is_url(path) and overwrites(output.path, path):
                     raise UsageError(f"{output.role} {output.path!r} is the same file as {path!r}, which the input "
                                      f"{source.name} reads; write to another path")
 
@@ -149,7 +189,8 @@ def check_unread(outputs: CommandFiles, stream: Stream) -> None:
 def identities(streams: dict[str, Stream]) -> list[dict]:
     """What identifies each file read by `streams` (role -> stream): role,
     absolute path, dataset, size and modification time in nanoseconds (for an
-    object by URL: the URL, its size and its version, ETag and last change)."""
+    object by URL: the URL, its size and its version, ETag and last change);
+    after each source, the other files it reads (dataset None)."""
     found = []
     for role, stream in streams.items():
         for source in stream.sources:
@@ -161,6 +202,12 @@ def identities(streams: dict[str, Stream]) -> list[dict]:
             info = os.stat(source.path)
             found.append({"role": role, "path": os.path.abspath(source.path), "dataset": source.dataset,
                           "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+            # the data files behind an index: the archives an scp names, the files HDF5 links lead to
+            for path in dict.fromkeys(source.files()):
+                if path != source.path and not is_url(path):
+                    info = os.stat(path)
+                    found.append({"role": role, "path": os.path.abspath(path), "dataset": None,
+                                  "size": info.st_size, "mtime_ns": info.st_mtime_ns})
     return found
 
 

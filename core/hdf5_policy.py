@@ -29,6 +29,7 @@ import re
 from typing import Any, Iterator, Optional
 
 from .errors import DataError, UsageError
+from .file_signatures import is_hdf5
 from .limits import check_fits_memory, elements
 
 MAX_HOPS = 40  # links followed for one name; beyond it, a loop
@@ -62,6 +63,7 @@ class Located:
     file: str
     name: str
     is_dataset: bool
+    files: tuple = ()  # every file the resolution met: link holders, virtual sources, external storage
 
 
 @dataclasses.dataclass
@@ -75,6 +77,12 @@ class _Walk:
     checked: set = dataclasses.field(default_factory=set)  # (file, name) of datasets checked or being checked
     active: set = dataclasses.field(default_factory=set)  # ... of the virtual datasets being checked
     handles: Optional[dict] = None  # file -> open h5py.File, kept across names by locate_many
+    met: dict = dataclasses.field(default_factory=dict)  # every file met, in order (the keys)
+
+
+def _located(walk: _Walk, found: Located) -> Located:
+    """`found` with the files `walk` met on its way (an output must be none of them)."""
+    return dataclasses.replace(found, files=tuple(walk.met))
 
 
 def locate(path: str, name: str, *, allow_external: bool = False, display: Optional[str] = None) -> Located:
@@ -96,7 +104,7 @@ def locate(path: str, name: str, *, allow_external: bool = False, display: Optio
     """
     walk = _Walk(os.path.realpath(os.path.dirname(os.path.abspath(path))), path,
                  display or f"{path}:{name}", allow_external)
-    return _follow(walk, path, name, 0)
+    return _located(walk, _follow(walk, path, name, 0))
 
 
 def locate_many(path: str, names: list[str], *, allow_external: bool = False,
@@ -116,7 +124,7 @@ def locate_many(path: str, names: list[str], *, allow_external: bool = False,
         found = []
         for name in names:
             walk.display = f"{shown} (dataset {name.lstrip('/')!r})"
-            found.append(_follow(walk, path, name, 0))
+            found.append(_located(walk, _follow(walk, path, name, 0)))
         return found
     finally:
         for handle in walk.handles.values():
@@ -126,6 +134,7 @@ def locate_many(path: str, names: list[str], *, allow_external: bool = False,
 @contextlib.contextmanager
 def _opened(file: str, walk: _Walk) -> Iterator[Any]:
     """`file` opened for `walk`: kept open for the next name when the walk keeps handles."""
+    walk.met[file] = None
     if walk.handles is None:
         with open_file(file, walk) as f:
             yield f
@@ -181,6 +190,46 @@ def _follow(walk: _Walk, file: str, name: str, hops: int) -> Located:
                 return Located(file, group, is_dataset)
         file, name = step
         hops += 1
+
+
+def linked_files(path: str, limit: int = 1000) -> list[str]:
+    """Every other existing file the HDF5 file `path` names, recursively: the files of
+    its external links, virtual dataset sources and external storage (relative names
+    against the folder of the file naming them). What an output must not replace, since
+    reading `path` reads them too; at most `limit` files are visited."""
+    import h5py
+
+    found: dict[str, None] = {}
+    pending = [path]
+    while pending and len(found) < limit:
+        holder = pending.pop()
+        names: list[str] = []
+
+        def link(name: str, info: Any, f: Any = None) -> None:
+            target = f.get(name, getlink=True)
+            if isinstance(target, h5py.ExternalLink):
+                names.append(target.filename)
+
+        def dataset(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                names.extend(entry[0] for entry in obj.external or ())
+                if obj.is_virtual:
+                    names.extend(source.file_name for source in obj.virtual_sources() if source.file_name != ".")
+
+        try:
+            with h5py.File(holder, "r") as f:
+                if hasattr(f, "visit_links"):  # h5py >= 3.11; before it, external links are not listed
+                    f.visit_links(lambda name, info=None: link(name, info, f))
+                f.visititems(dataset)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError):
+            continue  # not readable here: the reader itself says so
+        for name in names:
+            target = os.path.join(os.path.dirname(holder), os.fsdecode(name))
+            if os.path.isfile(target) and target not in found and not os.path.samefile(target, path):
+                found[target] = None
+                if is_hdf5(target):
+                    pending.append(target)
+    return list(found)
 
 
 @contextlib.contextmanager
@@ -244,6 +293,7 @@ def _check_dataset(walk: _Walk, file: str, name: str, dataset: Any, hops: int) -
                              f"storage{via} (raw data in other files); pass --allow-external if you trust them")
         for entry in external:
             target = os.path.join(os.path.dirname(file), os.fsdecode(entry[0]))
+            walk.met[target] = None
             if not os.path.isfile(target):
                 raise DataError(f"{walk.display}: its HDF5 external storage{via} names "
                                 f"{os.fsdecode(entry[0])!r}, and {target} does not exist")

@@ -618,6 +618,9 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     _compiled()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
                                np.zeros(2), np.zeros(2), np.zeros(2), before)
     _compiled()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
+    from . import compiled_fold
+
+    compiled_fold.warm_up()
     if x.dtype == np.float32:  # what apply and gzip reads use on the same data
         row = np.zeros(2, np.float32)
         _compiled()._normalize_rows(x, row, row, row, np.zeros_like(x), row.copy())

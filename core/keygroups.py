@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -120,9 +121,44 @@ def read_map(groups: KeyGroups) -> dict[str, str]:
     return mapping
 
 
-def group_names(groups: KeyGroups, keys: Sequence[str],
+def sequence_labels(groups: KeyGroups, stream: Stream) -> tuple[list[str], np.ndarray]:
+    """Each sequence's label (its key, or its speaker from the map) and the sequences' lengths.
+
+    Computed once per stream and grouping (a fit asks when it fixes the
+    group names, when it checks them for short groups and when it fits):
+    a map of 100 000 utterances is read once.
+
+    Raises
+    ------
+    DataError
+        A key that the map does not name.
+    """
+    memo = _LABELS.setdefault(stream, {})
+    # the map's identity too: a map edited between two uses is read again
+    seen = _identity(require_regular_file(groups.file, f"--groups {groups.kind} file")) if groups.file else None
+    key = (groups.kind, groups.file, seen)
+    if key not in memo:
+        keys, lengths = sequence_keys(stream)
+        if groups.kind == "utterance":
+            labels = keys
+        else:
+            mapping = read_map(groups)
+            missing = [k for k in keys if k not in mapping]
+            if missing:
+                raise DataError(f"utterance {missing[0]!r} is not in {groups.file}"
+                                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                + "; every utterance of the input needs its speaker there")
+            labels = [mapping[k] for k in keys]
+        memo[key] = (labels, lengths)
+    return memo[key]
+
+
+_LABELS: "weakref.WeakKeyDictionary[Stream, dict]" = weakref.WeakKeyDictionary()
+
+
+def group_names(groups: KeyGroups, labels: Sequence[str],
                 names: Optional[Sequence[str]] = None) -> tuple[list[str], np.ndarray]:
-    """The group names and each sequence's group index.
+    """The group names and each sequence's group index, from the sequences' `labels`.
 
     `names` (e.g. a stats file's ``group_names``) fixes the names and their
     order; otherwise: utterances in input order, speakers sorted.
@@ -130,25 +166,16 @@ def group_names(groups: KeyGroups, keys: Sequence[str],
     Raises
     ------
     DataError
-        A key that the map does not name, or a group not among `names`.
+        A group not among `names`.
     """
-    if groups.kind == "utterance":
-        labels = list(keys)
-    else:
-        mapping = read_map(groups)
-        missing = [k for k in keys if k not in mapping]
-        if missing:
-            raise DataError(f"utterance {missing[0]!r} is not in {groups.file}"
-                            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
-                            + "; every utterance of the input needs its speaker there")
-        labels = [mapping[k] for k in keys]
-    order = list(names) if names is not None else (labels if groups.kind == "utterance" else sorted(set(labels)))
+    order = list(names) if names is not None else (list(labels) if groups.kind == "utterance"
+                                                    else sorted(set(labels)))
     index = {name: i for i, name in enumerate(order)}
     unknown = [label for label in labels if label not in index]
     if unknown:
         raise DataError(f"group {unknown[0]!r} is not among the statistics' {len(order)} groups; fit them "
                         "on data with these keys")
-    return order, np.array([index[label] for label in labels], dtype=np.int64)
+    return order, np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
 
 
 class GroupIndexSource(ArraySource):
@@ -156,8 +183,8 @@ class GroupIndexSource(ArraySource):
     after opening; the map file, if any, is the identity recorded)."""
 
     def __init__(self, groups: KeyGroups, stream: Stream, names: Optional[Sequence[str]] = None) -> None:
-        keys, lengths = sequence_keys(stream)
-        self.names, self._groups = group_names(groups, keys, names)
+        labels, lengths = sequence_labels(groups, stream)
+        self.names, self._groups = group_names(groups, labels, names)
         self._ends = np.cumsum(lengths)
         self.path = groups.file or stream.sources[0].path
         self.name = f"--groups {groups.spec}"

@@ -127,17 +127,21 @@ class Normalizer:
         compute = np.promote_types(target, np.float32)  # float16 is computed in float32
         fused = self._fused(x, compute) if groups is None else None
         y, finite = fused if fused is not None else (self._normalize(x, groups, compute, "y"), False)
-        if target == compute:
-            out = y
-        else:
-            out = self._workspace.array("out", x.shape, target)
-            with np.errstate(over="ignore"):
-                np.copyto(out, y, casting="unsafe")
+        out = self._in_dtype(y, target)
         # One cheap pass over the block (max and min run at memory speed and
         # propagate NaN); only a block that fails it is searched value by value.
         limit = np.finfo(target).max
         if y.size and not (finite and target == compute) and not (y.max() <= limit and y.min() >= -limit):
             self._check_finite(x, groups, out)
+        return out
+
+    def _in_dtype(self, y: np.ndarray, target: np.dtype) -> np.ndarray:
+        """`y` in the output dtype `target` (a reused scratch array unless it is one)."""
+        if y.dtype == target:
+            return y
+        out = self._workspace.array("out", y.shape, target)
+        with np.errstate(over="ignore"):
+            np.copyto(out, y, casting="unsafe")
         return out
 
     def _fused(self, x: np.ndarray, compute: np.dtype) -> Optional[tuple[np.ndarray, bool]]:
@@ -174,14 +178,19 @@ class Normalizer:
     def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,
                    name: str) -> np.ndarray:
         """The formula in `compute` precision, into the scratch array `name`."""
+        terms = self._terms_in(compute)
+        if self.num_groups is not None:
+            terms = self._per_row(terms, groups, x.shape[0])
+        return self._formula(x, terms, compute, name)
+
+    def _terms_in(self, compute: np.dtype) -> dict[str, Optional[np.ndarray]]:
+        """The terms in `compute` precision, broadcastable over a batch (kept)."""
         terms = self._cast.get(compute)
         if terms is None:
             with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
                 terms = {k: None if v is None else v.astype(compute) for k, v in self._terms.items()}
             self._cast[compute] = terms
-        if self.num_groups is not None:
-            terms = self._per_row(terms, groups, x.shape[0])
-        return self._formula(x, terms, compute, name)
+        return terms
 
     def _formula(self, x: np.ndarray, terms: dict, compute: np.dtype, name: str) -> np.ndarray:
         """``(x - mean) * scale + beta`` with the terms given, into the scratch array `name`."""
@@ -207,8 +216,13 @@ class Normalizer:
         row, *index = (int(i) for i in np.argwhere(made)[0])
         one = None if groups is None else np.asarray(groups)[row:row + 1]
         exact = self._normalize(x[row:row + 1], one, np.dtype(np.float64), "row")[(0, *index)]
+        raise RowError(row, self._problem(index, x[(row, *index)], exact, out.dtype, one))
+
+    def _problem(self, index: list, value: object, exact: float, target: np.dtype,
+                 one: Optional[np.ndarray]) -> str:
+        """Why the finite input `value` at row element `index` (of group ``one[0]``) gave
+        a non-finite `target` output, `exact` being its float64 result, and the remedy."""
         column = f"column {', '.join(map(str, index))}" if index else "its value"
-        target = out.dtype
         if np.isfinite(exact) and abs(exact) > np.finfo(target).max:
             wider = "float32" if target == np.float16 else "float64"
             problem = (f"{column} normalizes to {exact:.6g}, beyond the largest {target} "
@@ -221,9 +235,9 @@ class Normalizer:
             problem = (f"{column} meets a statistic that the fit left undefined (NaN: it saw no data "
                        "there); fit statistics on data that has values there")
         else:
-            problem = (f"{column} ({x[(row, *index)]}) normalizes beyond the float64 range; the "
+            problem = (f"{column} ({value}) normalizes beyond the float64 range; the "
                        "statistics (mean, inv_std, gamma, beta) do not fit this data")
-        raise RowError(row, problem)
+        return problem
 
     def _undefined_at(self, index: list, groups: Optional[np.ndarray]) -> bool:
         """Whether a statistic term is NaN at element `index` of a row (of group `groups[0]`)."""

@@ -19,8 +19,11 @@ from .centers import CentersEMA, CentersExact, centers_state
 from .recipe import Recipe, State
 from .errors import DataError, RowError, UsageError
 from .normalize import Normalizer
+from .flush_ahead import flush_ahead
+from .normalize_pieces import PieceNormalizer
 from .readers.parallel import ordered_map, parallel_stream
-from .stream import BLOCK_BYTES, Stream, block_rows_for
+from .row_pieces import piece_shape, row_template
+from .stream import Stream, block_rows_for, rows_per_block
 from .stats import BATCHNORM, Stats, check_values
 from .writers.h5_chunked import CompressedArrayWriter
 from .writers.rows import ArrayWriter, DatasetsWriter
@@ -51,6 +54,33 @@ def normalized_blocks(normalizer: Normalizer, stream: Stream, side: dict[str, St
             raise _located(error, stream, side, done + error.row) from None
         yield normalized
         done += block.shape[0]
+
+
+def normalized_rows(normalizer: Normalizer, stream: Stream, side: dict[str, Stream]
+                    ) -> Iterator[tuple[int, Iterator[tuple[int, np.ndarray]]]]:
+    """apply for rows larger than a read block: ``(row, pieces)`` per row, `pieces`
+    yielding ``(e0, normalized)`` for pieces of at most a block (each a reused
+    buffer, to be written at its place before the next; an error names file and row)."""
+    pieces_of = PieceNormalizer(normalizer)
+    for (row, pieces), extras in zip(stream.wide_rows(), side_rows(stream, side, 0, None)):
+        yield row, _normalized_pieces(pieces_of, pieces, extras.get("groups"), stream, side, row)
+
+
+def in_pieces(normalizer: Normalizer, stream: Stream) -> bool:
+    """Whether apply takes `stream`'s rows in pieces: rows larger than a read block,
+    unless the normalizer holds whole batches (``--batch-stats``, under its own
+    memory limit), whose statistics need every row of the batch at once."""
+    return stream.wide and getattr(normalizer, "batch_size", None) is None
+
+
+def _normalized_pieces(pieces_of: PieceNormalizer, pieces: Iterator[tuple[int, np.ndarray]],
+                       group: Optional[np.ndarray], stream: Stream, side: dict[str, Stream],
+                       row: int) -> Iterator[tuple[int, np.ndarray]]:
+    try:
+        for e0, piece in pieces:
+            yield e0, pieces_of(piece, e0, group)
+    except RowError as error:
+        raise _located(error, stream, side, row + error.row) from None
 
 
 def _located(error: RowError, stream: Stream, side: dict[str, Stream], row: int) -> RowError:
@@ -137,7 +167,7 @@ def run_fit(
         recipe.check_memory(stream.row_shape, row_bytes=stream.row_bytes, max_memory=max_memory)
     block_rows, open_batches = read_plan(stream.row_bytes, recipe, block_rows)
     started = time.perf_counter()
-    if side or open_batches or not parallel_stream(stream):
+    if side or open_batches or stream.wide or not parallel_stream(stream):
         feed(state, stream, side, block_rows, start_row, None, progress, checkpoint, open_batches=open_batches)
     else:
         feed_parallel(state, stream, block_rows, start_row, progress, checkpoint)
@@ -152,7 +182,7 @@ def read_plan(row_bytes: int, recipe: Recipe, block_rows: Optional[int] = None) 
     larger than a block, the state accumulates it across blocks instead
     (memory stays bounded by the block), so the block keeps its size.
     """
-    rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
+    rows = block_rows or rows_per_block(row_bytes)
     if recipe.spans(rows):
         return rows, True
     return block_rows_for(row_bytes, recipe.row_unit, rows=rows), False
@@ -189,6 +219,9 @@ def feed(
     With `open_batches` (see :func:`read_plan`) a batch spans blocks and a
     checkpoint is taken only between batches.
     """
+    if stream.wide:
+        feed_rows(state, stream, side, start_row, stop_row, progress, checkpoint)
+        return
     done = start_row
     more = {"more": True} if open_batches else {}
     cuts = checkpoint is not None and open_batches and hasattr(state, "last_start")
@@ -209,6 +242,52 @@ def feed(
             progress(rows)
     if open_batches:
         state.close()
+
+
+def feed_rows(
+    state: State,
+    stream: Stream,
+    side: dict[str, Stream],
+    start_row: int,
+    stop_row: Optional[int],
+    progress: Progress = None,
+    checkpoint: Checkpoint = None,
+) -> None:
+    """:func:`feed` for rows larger than a read block: each row read in pieces of
+    at most a block (:meth:`Stream.wide_rows`) into the state's ``update_row``,
+    which folds once per row or batch as ``update`` does. A batch stays open
+    across rows; a checkpoint is taken only between batches."""
+    template = row_template(stream.row_shape, stream.dtype)
+    done = start_row
+    for (row, pieces), extras in zip(stream.wide_rows(start_row, stop_row),
+                                     side_rows(stream, side, start_row, stop_row)):
+        try:
+            state.update_row(pieces, template, **extras)
+        except RowError as error:
+            raise _located(error, stream, side, error.row - state.first_row) from None
+        done += 1
+        if checkpoint and not getattr(state, "open_rows", 0):
+            checkpoint(state, done)
+        if progress:
+            progress(1)
+    if hasattr(state, "close"):
+        state.close()
+
+
+def side_rows(stream: Stream, side: dict[str, Stream], start_row: int,
+              stop_row: Optional[int]) -> Iterator[dict[str, np.ndarray]]:
+    """The per-row side data of rows ``start_row:stop_row``, one row at a time (each
+    value an array of one row), read in blocks; endless without side streams."""
+    check_side(stream, side)
+    if not side:
+        while True:
+            yield {}
+    names = list(side)
+    rows = min(rows_per_block(other.row_bytes) for other in side.values())  # the same rows in each block
+    blocks = [side[name].blocks(rows, start_row, stop_row) for name in names]
+    for parts in zip(*blocks):
+        for i in range(parts[0].shape[0]):
+            yield {name: part[i:i + 1] for name, part in zip(names, parts)}
 
 
 def feed_parallel(state: State, stream: Stream, block_rows: int, start_row: int, progress: Progress = None,
@@ -334,13 +413,26 @@ def apply_stats(
     side = {} if groups is None else {"groups": groups}
     started = time.perf_counter()
     dtype = normalizer.result_dtype(stream.dtype)
+    # Rows larger than a block are written in pieces; compressed, one chunk per piece.
+    wide = in_pieces(normalizer, stream)
+    chunks = (1,) + piece_shape(stream.row_shape, *stream.piece_ranges()[0]) if wide else None
     writer = ArrayWriter(output, stream.shape, dtype, dataset=dataset) if compression is None else \
-        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression)
-    with writer:
-        for block in normalized_blocks(normalizer, stream, side, block_rows):
-            writer.write(block)
-            if progress:
-                progress(block.shape[0])
+        CompressedArrayWriter(output, stream.shape, dtype, dataset=dataset, compression=compression, chunks=chunks)
+    with writer, flush_ahead(getattr(writer, "temporary", None)) as flushing:
+        if wide:
+            for _, pieces in normalized_rows(normalizer, stream, side):
+                for e0, piece in pieces:
+                    writer.write_piece(e0, piece)
+                    flushing.written(piece.nbytes)
+                writer.end_row()
+                if progress:
+                    progress(1)
+        else:
+            for block in normalized_blocks(normalizer, stream, side, block_rows):
+                writer.write(block)
+                flushing.written(block.nbytes)
+                if progress:
+                    progress(block.shape[0])
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started}
 
 
@@ -398,17 +490,20 @@ def assign_rows(
     arrays = {"labels": (shape, np.int64), "distances": (shape, np.float64)}
     started = time.perf_counter()
     done = rejected = 0
+    # Rows larger than a read block are compared piece by piece, one row at a time.
+    blocks = ((pieces, 1) for _, pieces in stream.wide_rows()) if stream.wide else \
+        ((block, block.shape[0]) for block in stream.blocks(block_rows))
     with DatasetsWriter(output, arrays, attrs) as writer:
-        for block in stream.blocks(block_rows):
+        for block, rows in blocks:
             try:
-                labels, distances = nearest(block)
+                labels, distances = nearest.nearest_in_pieces(block) if stream.wide else nearest(block)
             except RowError as error:
                 raise error.located(*stream.locate(done + error.row)) from None
             writer.write(labels=labels, distances=distances)
             rejected += int(np.count_nonzero(labels.reshape(len(labels), -1)[:, 0] < 0))
-            done += block.shape[0]
+            done += rows
             if progress:
-                progress(block.shape[0])
+                progress(rows)
     return {"rows": stream.rows, "bytes_read": stream.nbytes, "seconds": time.perf_counter() - started,
             "rejected": rejected, "classes": int(nearest.classes.size),
             "excluded": int(nearest.excluded.size)}

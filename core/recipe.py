@@ -20,7 +20,7 @@ from .batchnorm import BatchNormEMA, BatchNormExact, batchnorm_state
 from .boundaries import BatchBoundaries
 from .centers import CentersEMA, CentersExact, centers_state
 from .errors import UsageError
-from .stream import BLOCK_BYTES
+from .stream import rows_per_block, wider_than_block
 from .stats import BATCHNORM, CENTERS, Stats
 
 State = Union[BatchNormEMA, BatchNormExact, CentersEMA, CentersExact]
@@ -176,8 +176,10 @@ class Recipe:
 
     def open_batch_bytes(self, row_shape: tuple[int, ...], row_bytes: int) -> int:
         """Bytes an ema centers state adds for a batch larger than a read block, which it
-        accumulates across blocks: per class a weight, a shift and a sum per feature."""
-        if self.kind != CENTERS or not self.spans(max(1, BLOCK_BYTES // max(row_bytes, 1))):
+        accumulates across blocks (or rows larger than a block, which it takes one by
+        one): per class a weight, a shift and a sum per feature."""
+        opens = self.spans(rows_per_block(row_bytes)) or (self.mode == "ema" and wider_than_block(row_bytes))
+        if self.kind != CENTERS or not opens:
             return 0
         features = int(np.prod(row_shape, dtype=object))
         return 8 * int(self.options["num_classes"]) * (2 * features + 1)

@@ -8,8 +8,10 @@ as :func:`normstats.kernels.accumulate` adds the whole row: the same
 counts and moments (to rounding; the shifts may differ), so a fit's numbers do not depend on the cut. Memory
 is one piece plus the row's statistics (which any fit of such rows holds).
 
-Not yet wired into the read path or the estimators (see the module's tests for
-what holds today).
+:func:`piece_slices` gives a range as the index of its hyperslab in the row
+(readers of HDF5 select it; apply normalizes and writes it). The read path
+(:meth:`normstats.stream.Stream.wide_rows`), the estimators'
+``update_row`` and apply / assign take rows larger than a block this way.
 """
 
 from __future__ import annotations
@@ -50,6 +52,25 @@ def piece_ranges(row_shape: tuple, itemsize: int, block_bytes: int) -> list[tupl
     return ranges
 
 
+def piece_slices(row_shape: tuple, e0: int, e1: int) -> tuple[slice, ...]:
+    """The index into a row of `row_shape` of the piece ``[e0, e1)`` of
+    :func:`piece_ranges`: fixed indices before one axis, a range along it,
+    whole axes after it (``row[index]`` is the piece, C order)."""
+    row_shape = tuple(int(n) for n in row_shape)
+    if not row_shape:
+        return ()
+    first = np.unravel_index(e0, row_shape)
+    last = np.unravel_index(e1 - 1, row_shape)
+    axis = next((a for a in range(len(row_shape)) if first[a] != last[a]), len(row_shape) - 1)
+    index = tuple(slice(int(i), int(i) + 1) for i in first[:axis])
+    return index + (slice(int(first[axis]), int(last[axis]) + 1),) + (slice(None),) * (len(row_shape) - axis - 1)
+
+
+def piece_shape(row_shape: tuple, e0: int, e1: int) -> tuple[int, ...]:
+    """The shape of ``row[piece_slices(row_shape, e0, e1)]``."""
+    return tuple(len(range(*s.indices(int(n)))) for s, n in zip(piece_slices(row_shape, e0, e1), row_shape))
+
+
 def accumulate_row(
     pieces: Iterator[tuple[int, np.ndarray]],
     layout: Layout,
@@ -62,6 +83,7 @@ def accumulate_row(
     omit: bool = False,
     squares: bool = True,
     count0: Optional[np.ndarray] = None,
+    start: Optional[Sums] = None,
 ) -> Sums:
     """The sums of one row given as ``(e0, piece)`` pairs, equal to
     :func:`~normstats.kernels.accumulate` of the whole row in slot `slot`.
@@ -75,6 +97,9 @@ def accumulate_row(
         As for :func:`~normstats.kernels.accumulate`.
     slot : int
         The row's slot in ``[0, len(keys))``.
+    start : Sums, optional
+        Sums to continue (same slots), as for ``accumulate``: the row joins
+        a batch or group open across rows.
     weight : float, optional
         The row's weight (default 1).
 
@@ -86,7 +111,7 @@ def accumulate_row(
     """
     slots = np.array([slot], np.int64)
     weights = None if weight is None else np.array([weight], np.float64)
-    sums: Optional[Sums] = None
+    sums: Optional[Sums] = start
     calls = 0
     for e0, piece in pieces:
         flat = np.ascontiguousarray(piece).reshape(1, -1)
@@ -99,7 +124,7 @@ def accumulate_row(
             index = np.unravel_index(int(e0) + error.index[-1], layout.row_shape)
             raise NonFiniteError(0, tuple(int(i) for i in index), error.value) from None
         calls += 1
-    if sums is None:
+    if calls == 0:
         raise ValueError("a row needs at least one piece")
     # The row was counted once per call: count it once.
     sums.rows[slot] -= calls - 1
@@ -107,12 +132,20 @@ def accumulate_row(
     return sums
 
 
+def row_template(row_shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A one-row array of `row_shape` and `dtype` that takes no memory (a read-only
+    broadcast of one value): what an estimator's shape and dtype checks read
+    when its row comes in pieces."""
+    return np.broadcast_to(np.zeros((), dtype), (1,) + tuple(row_shape))
+
+
 def row_pieces(read: Callable[[int, int, np.ndarray], None], ranges: list[tuple[int, int]],
-               dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+               dtype: np.dtype, buffer: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(e0, piece)`` for `ranges`, each read by ``read(e0, e1, out)`` into one
-    reused buffer of the largest range (valid until the next piece)."""
+    reused buffer of the largest range (`buffer` if given; valid until the next piece)."""
     width = max((e1 - e0 for e0, e1 in ranges), default=0)
-    buffer = np.empty(width, dtype)
+    if buffer is None or buffer.dtype != dtype or buffer.size < width:
+        buffer = np.empty(width, dtype)
     for e0, e1 in ranges:
         out = buffer[: e1 - e0]
         read(e0, e1, out)

@@ -19,9 +19,22 @@ from .errors import DataError, UsageError
 from .limits import elements
 from .readers.api import open_source
 from .readers.base import ArraySource
+from .row_pieces import piece_ranges, row_pieces
 
 
 BLOCK_BYTES = 8 << 20  # 4-8 MB blocks stay in cache; 64 MB ones run 30-40 % slower
+
+
+def rows_per_block(row_bytes: int) -> int:
+    """Rows of `row_bytes` in a read block of :data:`BLOCK_BYTES` (at least one; a
+    wider row is read in pieces where its reader can). The one place the block
+    size is read, so tests patch ``stream.BLOCK_BYTES`` alone."""
+    return max(1, BLOCK_BYTES // max(row_bytes, 1))
+
+
+def wider_than_block(row_bytes: int) -> bool:
+    """Whether a row of `row_bytes` is larger than a read block (then read in pieces)."""
+    return row_bytes > BLOCK_BYTES
 
 
 class RowSlice(ArraySource):
@@ -36,6 +49,13 @@ class RowSlice(ArraySource):
 
     def read_into(self, start: int, out: np.ndarray) -> None:
         self.source.read_into(self.first_row + start, out)
+
+    @property
+    def reads_pieces(self) -> bool:
+        return self.source.reads_pieces
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        self.source.read_piece(self.first_row + row, e0, out)
 
     def locate_row(self, row: int) -> tuple[str, int]:
         return self.source.locate_row(self.first_row + row)
@@ -77,15 +97,29 @@ def _window_sources(shards: Sequence[tuple[str, Optional[str], int]], start: int
         yield source if (begin, end) == (0, rows) else RowSlice(source, begin, end)
 
 
-def block_rows_for(
-    row_bytes: int, batch_size: Optional[int], target: int = BLOCK_BYTES, rows: Optional[int] = None
-) -> int:
-    """Rows per read block: `rows`, or about `target` bytes; then rounded down
+def block_rows_for(row_bytes: int, batch_size: Optional[int], rows: Optional[int] = None) -> int:
+    """Rows per read block: `rows`, or about :data:`BLOCK_BYTES`; then rounded down
     to a whole number of batches (at least one batch)."""
-    rows = rows or max(1, target // max(row_bytes, 1))
+    rows = rows or rows_per_block(row_bytes)
     if batch_size:
         rows = max(batch_size, rows - rows % batch_size)
     return rows
+
+
+class RowPieces:
+    """The pieces of one row: iterating reads them (again) into one reused buffer,
+    or gives views of the row when `whole` holds it (a reader that cannot read part
+    of a row)."""
+
+    def __init__(self, ranges: list[tuple[int, int]], buffer: np.ndarray, read=None,
+                 whole: Optional[np.ndarray] = None) -> None:
+        self._ranges, self._buffer, self._read, self._whole = ranges, buffer, read, whole
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self._whole is not None:
+            flat = self._whole.reshape(-1)
+            return ((e0, flat[e0:e1]) for e0, e1 in self._ranges)
+        return row_pieces(self._read, self._ranges, self._buffer.dtype, self._buffer)
 
 
 class Stream:
@@ -126,6 +160,45 @@ class Stream:
     @property
     def nbytes(self) -> int:
         return self.rows * self.row_bytes
+
+    @property
+    def wide(self) -> bool:
+        """Whether a row is larger than a read block (then read in pieces: :meth:`wide_rows`)."""
+        return wider_than_block(self.row_bytes)
+
+    def piece_ranges(self) -> list[tuple[int, int]]:
+        """The element ranges :meth:`wide_rows` reads each row in."""
+        return piece_ranges(self.row_shape, self.dtype.itemsize, BLOCK_BYTES)
+
+    def wide_rows(self, start_row: int = 0, stop_row: Optional[int] = None
+                  ) -> Iterator[tuple[int, Iterator[tuple[int, np.ndarray]]]]:
+        """Yield ``(row, pieces)`` for rows ``start_row:stop_row``: `pieces` yields the
+        row's ``(e0, piece)`` of :func:`~normstats.row_pieces.piece_ranges` (each at most
+        a block, a view of one reused buffer), read again at each iteration (a second
+        pass over the row), valid until the next row is requested.
+
+        A shard whose reader cannot read part of a row (see
+        :attr:`ArraySource.reads_pieces`) is read a whole row at a time.
+        """
+        stop_row = self.rows if stop_row is None else min(stop_row, self.rows)
+        ranges = self.piece_ranges()
+        buffer = np.empty(max((e1 - e0 for e0, e1 in ranges), default=0), self.dtype)
+        whole: Optional[np.ndarray] = None
+        first = 0
+        for source in self.sources:
+            begin, end = max(start_row - first, 0), min(stop_row - first, source.rows)
+            first += source.rows
+            for local in range(begin, end):
+                row = first - source.rows + local
+                if source.reads_pieces:
+                    yield row, RowPieces(ranges, buffer,
+                                         read=lambda e0, e1, out, s=source, r=local: s.read_piece(r, e0, out))
+                else:
+                    whole = np.empty((1,) + self.row_shape, self.dtype) if whole is None else whole
+                    source.read_into(local, whole)
+                    yield row, RowPieces(ranges, buffer, whole=whole)
+            if end >= source.rows and begin < end:
+                source.close()  # one shard open at a time: its rows are all read
 
     def locate(self, row: int) -> tuple[str, int]:
         """The shard holding `row` of the stream, and the row's index within it."""
@@ -250,8 +323,12 @@ class _Stopped(Exception):
 def open_stream(
     specs: Sequence[str], dataset: Optional[str] = None, *, allow_external: bool = False
 ) -> Stream:
-    """Open every shard in `specs` (closing those opened if one fails)."""
-    return _stream_of(open_source(spec, dataset, allow_external=allow_external) for spec in specs)
+    """Open every shard in `specs` (closing those opened if one fails); within
+    :func:`normstats.opened_inputs.opened_once`, once for the same shards."""
+    from .opened_inputs import reused
+
+    return reused(("stream", tuple(specs), dataset, allow_external),
+                  lambda: _stream_of(open_source(spec, dataset, allow_external=allow_external) for spec in specs))
 
 
 def _stream_of(opening: Iterator[ArraySource], dtype: Optional[np.dtype] = None) -> Stream:

@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from .normalize import Normalizer
-from .pipeline import feed, normalized_blocks
+from .pipeline import feed, in_pieces, normalized_blocks, normalized_rows
 from .readers.remote import absolute as absolute_path
 from .recipe import Recipe, State
 from .stream import Stream, open_window
@@ -145,9 +145,15 @@ class ApplyTask:
     def __call__(self) -> int:
         row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            for block in normalized_blocks(self.normalizer, stream, side, self.block_rows):
-                self.target.write(row, block)
-                row += block.shape[0]
+            if in_pieces(self.normalizer, stream):  # rows larger than a read block: written in pieces
+                for local, pieces in normalized_rows(self.normalizer, stream, side):
+                    for e0, piece in pieces:
+                        self.target.write_piece(self.start + local, e0, piece)
+                row = self.stop
+            else:
+                for block in normalized_blocks(self.normalizer, stream, side, self.block_rows):
+                    self.target.write(row, block)
+                    row += block.shape[0]
         self.target.sync()
         return row - self.start
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-import normstats.pipeline as pipeline
+import normstats.stream as read_blocks
 from normstats.boundaries import checked_boundaries, read_boundaries
 from normstats.files import identities
 from normstats.resume import Checkpointer
@@ -44,7 +44,7 @@ def test_boundaries_file_equals_the_reference(run, tmp_path: Path, monkeypatch, 
         np.save(tmp_path / "b.npy", np.array(STARTS))
     else:
         (tmp_path / "b.txt").write_text("\n".join(map(str, STARTS)) + "\n")
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 * x[0].nbytes)  # 4-row blocks
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", 4 * x[0].nbytes)  # 4-row blocks
     stats = _fit(run, "x.npy", f"--batch-boundaries=b.{fmt}", "--alpha", "0.3", "--ddof", "0")
     mean, inv_std = ref_pooled_ema(cut(x, STARTS), alpha=0.3, ddof=0)
     close(stats.arrays["mean"], mean)
@@ -73,7 +73,7 @@ def test_boundaries_with_pooling(tmp_path: Path, monkeypatch) -> None:
     x = data((90, 2, 5), "float32", seed=3)
     np.save(tmp_path / "x.npy", x)
     starts = [0, 1, 5, 6, 30, 31, 32, 70]
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 7 * x[0].nbytes)
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", 7 * x[0].nbytes)
     state = ns.BatchNormEMA(alpha=0.2, boundaries=checked_boundaries(np.array(starts), "b"),
                             pool_batches=3, pool_below=50)
     with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
@@ -129,7 +129,7 @@ def test_init_and_resume_count_the_offsets_of_their_input(run, tmp_path: Path, m
                             inputs=identities({"features": stream}))
         save._last = -1e9
         save(state, 20)
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 4 * x[0].nbytes)
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", 4 * x[0].nbytes)
     resumed = _fit(run, "x.npy", "--batch-boundaries", "all.npy", "--resume", "ck.npz")
     for stats in (continued, resumed):
         close(stats.arrays["mean"], expected[0])
@@ -209,7 +209,7 @@ def test_random_boundaries_and_blocks(tmp_path: Path, monkeypatch, seed: int) ->
     x = data((rows, 2, 3), "float64" if seed % 2 else "int16", seed=seed)
     np.save(tmp_path / "x.npy", x)
     starts = np.unique(np.r_[0, rng.integers(0, rows, size=int(rng.integers(0, rows + 1)))])
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", int(rng.integers(1, 12)) * x[0].nbytes)
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", int(rng.integers(1, 12)) * x[0].nbytes)
     pool = int(rng.integers(1, 4))
     state = ns.BatchNormEMA(alpha=0.3, ddof=0, pool_batches=pool, boundaries=checked_boundaries(starts, "b"))
     with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
@@ -226,7 +226,7 @@ def test_checkpoints_fall_between_batches_and_resume_exactly(tmp_path: Path, mon
     # batch starts, so checkpoints are taken, and each resumes to the uninterrupted result.
     x = data((100, 3), "float64", seed=11)
     np.save(tmp_path / "x.npy", x)
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 7 * x[0].nbytes)
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", 7 * x[0].nbytes)
     starts = [0, 2, 3, 15, 16, 30, 44, 45, 60, 88]
     options = (dict(boundaries=checked_boundaries(np.array(starts), "b")) if grid == "boundaries"
                else dict(batch_size=9))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-import normstats.pipeline
+import normstats.stream
 from tests.reference import ref_centers_ema
 from tests.test_exact import _interrupt_after, _small_blocks  # the checkpoint tests' interruption
 
@@ -207,7 +207,7 @@ def test_cli_jobs_equal_the_chained_fit(run, files):
 
 def test_cli_batches_larger_than_a_read_block(run, files, data, monkeypatch):
     x, labels = data
-    monkeypatch.setattr(normstats.pipeline, "BLOCK_BYTES", 5 * 6 * 4)  # 5-row blocks, 32-row batches
+    monkeypatch.setattr(normstats.stream, "BLOCK_BYTES", 5 * 6 * 4)  # 5-row blocks, 32-row batches
     seen = []
     original = ns.CentersEMA.update
 

@@ -260,11 +260,11 @@ def test_an_ema_batch_spanning_updates_equals_one_batch():
 
 
 def test_a_fit_with_batches_larger_than_a_block_reads_blocks_not_batches(tmp_path, monkeypatch):
-    import normstats.pipeline as pipeline
+    import normstats.stream as read_blocks
 
     x = make_data((300, 40), "float32", seed=22)
     np.save(tmp_path / "x.npy", x)
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 16 * 40 * 4)  # 16-row blocks, 64-row batches
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", 16 * 40 * 4)  # 16-row blocks, 64-row batches
     seen = []
     original = ns.BatchNormEMA.update
 

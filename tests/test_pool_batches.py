@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
-import normstats.pipeline as pipeline
+import normstats.stream as read_blocks
 from normstats.files import identities
 from normstats.pooling import BatchPool
 from normstats.resume import Checkpointer
@@ -73,7 +73,7 @@ def test_batch_pool_against_the_union_of_elements() -> None:
 def test_pools_cross_read_blocks(tmp_path: Path, monkeypatch, block_rows: int) -> None:
     x = data((150, 4), "float32", seed=4)
     np.save(tmp_path / "x.npy", x)
-    monkeypatch.setattr(pipeline, "BLOCK_BYTES", block_rows * 4 * 4)  # blocks smaller and larger than a batch
+    monkeypatch.setattr(read_blocks, "BLOCK_BYTES", block_rows * 4 * 4)  # blocks smaller and larger than a batch
     with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
         stats = ns.run_fit(ns.BatchNormEMA(alpha=0.25, batch_size=8, pool_batches=3), stream)
     mean, inv_std = ref_pooled_ema(fixed_batches(x, 8), alpha=0.25, pool=3)

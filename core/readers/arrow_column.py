@@ -67,7 +67,8 @@ class ArrowColumn(ArraySource):
             else:
                 import pyarrow as pa
 
-                self._file = pa.ipc.open_file(pa.memory_map(self.path))
+                # read, not memory-mapped: a file cut under a mapping would end the process in SIGBUS
+                self._file = pa.ipc.open_file(pa.OSFile(self.path))
         return self._file
 
     def _layout(self, pa: Any, field: Any, reader: Any, sizes: list[int]) -> tuple[tuple[int, ...], Any]:

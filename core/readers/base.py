@@ -3,14 +3,15 @@ sequences of rows with keys."""
 
 from __future__ import annotations
 
+import array
 import importlib
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DataError, UsageError
-from ..limits import elements
+from ..limits import MEMORY_SHARE, _size, available_memory, elements
 from ..validate import check_numeric_dtype
 
 # module -> (the package to install, the normstats extra that brings it)
@@ -68,6 +69,18 @@ class ArraySource:
         """Fill `out` (C-contiguous, any numeric dtype) with rows ``start:start+len(out)``."""
         raise NotImplementedError
 
+    @property
+    def reads_pieces(self) -> bool:
+        """Whether :meth:`read_piece` reads part of a row without the rest (else a
+        row larger than a read block is read whole: see README, "Errors and guarantees")."""
+        return False
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        """Fill `out` (1-D, C-contiguous) with elements ``e0:e0+len(out)`` of row `row`
+        in C order, a range of :func:`normstats.row_pieces.piece_ranges`; only where
+        :attr:`reads_pieces`."""
+        raise NotImplementedError
+
     def locate_row(self, row: int) -> tuple[str, int]:
         """Row `row` of this source for messages: (what holds it, its row there)."""
         return self.name, self.first_row + row
@@ -108,32 +121,163 @@ class ArraySource:
                             "run again once no other program writes to it")
 
 
+SORT_BYTES_LIMIT = 64 << 20  # keys sorted by numpy as one fixed-width array up to this size
+
+
+class KeyTable:
+    """Many short strings in one bytes buffer and an offsets array: a read-only sequence of str.
+
+    A million keys as Python strings in a list take ~80 bytes each; here
+    they take their UTF-8 bytes and 8 more, and pickle as two arrays (to
+    workers too).
+
+    Parameters
+    ----------
+    keys : iterable of str
+    """
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self._set((key.encode("utf-8", "surrogateescape") for key in keys))
+
+    @classmethod
+    def from_bytes(cls, keys: Iterable[bytes]) -> "KeyTable":
+        """A table of keys given UTF-8 encoded (no str made on the way)."""
+        table = cls()
+        table._set(keys)
+        return table
+
+    @classmethod
+    def from_parts(cls, buffer: bytes, ends: Sequence[int]) -> "KeyTable":
+        """A table of the keys ``buffer[ends[i-1]:ends[i]]`` (UTF-8), as a reader that
+        appends keys to one buffer builds it."""
+        table = cls()
+        table._buffer = bytes(buffer)
+        table._ends = np.array(ends, dtype=np.int64)
+        return table
+
+    def _set(self, encoded: Iterable[bytes]) -> None:
+        buffer, ends = bytearray(), array.array("q")
+        for key in encoded:
+            buffer += key
+            ends.append(len(buffer))
+        self._buffer, self._ends = bytes(buffer), np.array(ends, dtype=np.int64)
+
+    def sorted_order(self) -> np.ndarray:
+        """The permutation that sorts the keys (as ``sorted`` sorts str: UTF-8 bytes sort the same),
+        by numpy over fixed-width bytes when that array is small, else by Python."""
+        width = int(np.max(np.diff(self._ends, prepend=0), initial=1)) or 1
+        if len(self) * width <= SORT_BYTES_LIMIT:
+            fixed = np.fromiter((self._bytes(i) for i in range(len(self))), dtype=f"S{width}", count=len(self))
+            return np.argsort(fixed, kind="stable")
+        return np.asarray(sorted(range(len(self)), key=self._bytes), dtype=np.int64)
+
+    def take(self, order: np.ndarray) -> "KeyTable":
+        """The keys in the order `order` gives."""
+        return KeyTable.from_bytes(self._bytes(int(i)) for i in order)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _bytes(self, index: int) -> bytes:
+        begin = int(self._ends[index - 1]) if index else 0
+        return self._buffer[begin:int(self._ends[index])]
+
+    def __getitem__(self, index: int) -> str:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._bytes(index).decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        begin = 0
+        buffer = self._buffer
+        for end in self._ends.tolist():
+            yield buffer[begin:end].decode("utf-8", "surrogateescape")
+            begin = end
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyTable):
+            return self._buffer == other._buffer and np.array_equal(self._ends, other._ends)
+        try:
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"KeyTable({len(self)} keys)"
+
+    def nbytes(self) -> int:
+        """Bytes held (the buffer and its offsets)."""
+        return len(self._buffer) + self._ends.nbytes
+
+    def first_repeated(self) -> Optional[str]:
+        """A key that appears twice, or None: by hashes sorted in numpy, equal hashes compared."""
+        hashes = np.fromiter((hash(self._bytes(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        for at in same.tolist():
+            first, second = int(order[at]), int(order[at + 1])
+            if self._bytes(first) == self._bytes(second):
+                return self[max(first, second)]
+        return None
+
+
+# Bytes one sequence's index takes while it is built (keys and names as Python objects for a
+# moment; kept, it is ~50 bytes and the key): what the estimate before indexing assumes.
+INDEX_BYTES_PER_SEQUENCE = 400
+
+
+def check_index_memory(count: int, what: str) -> None:
+    """Refuse to index `count` sequences of `what` when their index would not fit in memory.
+
+    Raises
+    ------
+    DataError
+        Naming the collection, the count and the figure.
+    """
+    need = count * INDEX_BYTES_PER_SEQUENCE
+    limit = int(available_memory() * MEMORY_SHARE)
+    if need > limit:
+        raise DataError(f"{what} holds {count} sequences, whose index takes about {_size(need)}, more than the "
+                        f"{_size(limit)} of memory normstats may take; split it into several collections, fit "
+                        "each and combine them with normstats merge")
+
+
 class SequenceSource(ArraySource):
     """A collection of variable-length sequences (T_i, ...) read as one array of rows.
 
     The frames of the sequences are the rows, in the collection's order;
     ``keys[i]`` names sequence i and ``lengths[i]`` is its T_i. Subclasses
     set them with :meth:`_set_sequences` and implement :meth:`read_sequence`.
+    The index is numpy arrays and one :class:`KeyTable`, never an object per
+    sequence: a million sequences index in tens of MB.
     """
 
-    keys: list[str]
+    keys: KeyTable
     lengths: np.ndarray
 
-    def _set_sequences(self, keys: Sequence[str], lengths: Sequence[int], row_shape: tuple[int, ...],
+    def _set_sequences(self, keys: Iterable[str], lengths: Sequence[int], row_shape: tuple[int, ...],
                        dtype: np.dtype) -> None:
-        if not keys:
+        self.keys = keys if isinstance(keys, KeyTable) else KeyTable(keys)
+        if not len(self.keys):
             raise DataError(f"{self.name} holds no sequences; there is nothing to read")
-        seen: set[str] = set()
-        for key in keys:
-            if key in seen:
-                raise DataError(f"{self.name} holds the key {key!r} twice; keys must be unique")
-            seen.add(key)
-        self.keys = list(keys)
+        twice = self.keys.first_repeated()
+        if twice is not None:
+            raise DataError(f"{self.name} holds the key {twice!r} twice; keys must be unique")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.ends = np.cumsum(self.lengths)
         self.shape = (int(self.ends[-1]),) + tuple(row_shape)
         self.dtype = np.dtype(dtype)
         self._validate()
+
+    def index_bytes(self) -> int:
+        """Bytes the per-sequence index holds (keys, lengths, ends and the subclass's arrays)."""
+        arrays = [value for value in vars(self).values() if isinstance(value, np.ndarray)]
+        tables = [value for value in vars(self).values() if isinstance(value, KeyTable)]
+        return sum(a.nbytes for a in arrays) + sum(t.nbytes() for t in tables)
 
     def spans(self, start: int, rows: int) -> Iterator[tuple[int, int, int, int]]:
         """(sequence, first frame, last frame + 1, offset in the block) of rows ``start:start+rows``."""

@@ -1,15 +1,18 @@
 """Chunked HDF5 datasets (plain, gzip or shuffle + gzip) read chunk by chunk, decoded on both cores.
 
 HDF5 runs its filters inside the library, one chunk after another under
-h5py's lock. Here the raw chunks are fetched with ``read_direct_chunk`` (a
-short call under the lock) and decoded in a pool of threads: zlib releases
-the GIL while it inflates, and the shuffle filter is undone by a compiled
-loop (which releases it too). Only the layouts this handles exactly are
-taken (chunks of whole rows, no filter, deflate or shuffle + deflate, native
-byte order); any other dataset keeps h5py's own read, and so does a chunk
-stored with a filter skipped. The dataset was opened through :mod:`normstats.hdf5_policy`
-by its :class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
-virtual data, chunks all written and inside the file) stand; after every
+h5py's lock. Here each chunk is located in the dataset's chunk index (a
+short look-up under the lock), and a pool of threads reads its stored bytes
+with ``pread`` into a reused buffer and decodes them: zlib releases the GIL
+while it inflates, and the shuffle filter is undone by a compiled loop
+(which releases it too). Only the layouts this handles exactly are taken
+(chunks of whole rows, no filter, deflate or shuffle + deflate, native byte
+order; known from the storage the source read); any other dataset keeps
+h5py's own read, and so does a chunk stored with a filter skipped. The
+dataset was opened through :mod:`normstats.hdf5_policy` by its
+:class:`~normstats.readers.h5dataset.H5Source`, whose checks (external and
+virtual data, chunks all written and inside the file) stand; a short read
+is an error, a chunk never inflates past its declared size, and after every
 read the file must still be the one opened.
 """
 
@@ -40,7 +43,7 @@ def _threads() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ChunkReader:
-    """Rows of one chunked dataset of an H5Source, its chunks fetched raw and decoded in threads.
+    """Rows of one chunked dataset of an H5Source, its chunks read raw and decoded in threads.
 
     Safe to call from several threads at once (each call decodes its own chunks).
     """
@@ -54,61 +57,63 @@ class ChunkReader:
         self.dtype = source.dtype
         self._lock = threading.Lock()  # h5py's calls and the handles: one thread at a time
         self._handles = None
+        self._fd: Optional[int] = None
 
     @classmethod
     def of(cls, source, dtype: np.dtype) -> Optional["ChunkReader"]:
         """A reader for `source` if it is a dataset of whole-row chunks, unfiltered or gzip
-        (+ shuffle), read as `dtype` without conversion; else None."""
-        import h5py
-
+        (+ shuffle), read as `dtype` without conversion; else None (from what the source
+        read of its storage when it opened the dataset: the file is not opened again)."""
         from .h5dataset import H5Source
 
         if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
             return None
-        from .. import hdf5_policy
-
-        file, dataset = hdf5_policy.open_dataset(source._located)
-        try:
-            plist = dataset.id.get_create_plist()
-            if plist.get_layout() != h5py.h5d.CHUNKED:
-                return None
-            chunk = tuple(plist.get_chunk())
-            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-            if chunk[1:] != tuple(source.shape[1:]) or filters not in ([], [DEFLATE], [SHUFFLE, DEFLATE]):
-                return None
-            return cls(source, int(chunk[0]), filters[:1] == [SHUFFLE], bool(filters))
-        finally:
-            file.close()
+        storage = getattr(source, "storage", None)
+        if storage is None or storage.layout != "chunked" or storage.chunk[1:] != tuple(source.shape[1:]):
+            return None
+        filters = list(storage.filters)
+        if filters not in ([], [DEFLATE], [SHUFFLE, DEFLATE]):
+            return None
+        return cls(source, storage.chunk[0], filters[:1] == [SHUFFLE], bool(filters))
 
     def read_into(self, start: int, out: np.ndarray) -> None:
-        """Fill `out` with rows ``start:start+len(out)``, its chunks inflated in threads."""
+        """Fill `out` with rows ``start:start+len(out)``, its chunks read and inflated in threads."""
         from .. import hdf5_policy
 
         rows = out.shape[0]
         if rows == 0:
             return
         first, last = start // self.chunk_rows, (start + rows - 1) // self.chunk_rows
-        with self._lock:
+        with self._lock:  # only the look-ups in the chunk index take turns; the reads do not
             if self._handles is None:
                 self._handles = hdf5_policy.open_dataset(self.source._located)
-            raw = [self._raw(c) for c in range(first, last + 1)]
-        jobs = [_threads().submit(self._decode, data, mask, c, start, out)
-                for c, (mask, data) in zip(range(first, last + 1), raw)]
+                self._fd = os.open(self.source._located.file, os.O_RDONLY)
+            where = [self._where(c) for c in range(first, last + 1)]
+            fd = self._fd
+        jobs = [_threads().submit(self._decode, fd, place, c, start, out)
+                for c, place in zip(range(first, last + 1), where)]
         for job in jobs:
             job.result()
-        with self._lock:
-            self.source._check_unchanged(os.fstat(self._handles[0].id.get_vfd_handle()), self.source._located.file)
+        self.source._check_unchanged(os.fstat(fd), self.source._located.file)
 
-    def _raw(self, chunk: int) -> tuple[int, bytes]:
+    def _where(self, chunk: int) -> tuple[int, int, int]:
+        """(filter mask, byte offset, stored bytes) of a chunk, from the dataset's chunk index."""
         offsets = (chunk * self.chunk_rows,) + (0,) * (len(self.source.shape) - 1)
         try:
-            return self._handles[1].id.read_direct_chunk(offsets)
+            info = self._handles[1].id.get_chunk_info_by_coord(offsets)
         except (OSError, RuntimeError, ValueError) as error:
             raise DataError(f"{self.source.name}: the chunk at row {offsets[0]} cannot be read ({error}); "
                             "the file is damaged or was cut") from None
+        if info.byte_offset is None:
+            raise DataError(f"{self.source.name}: the chunk at row {offsets[0]} was never written; the file "
+                            "is damaged or was not fully written")
+        return int(info.filter_mask), int(info.byte_offset), int(info.size)
 
-    def _decode(self, data: bytes, mask: int, chunk: int, start: int, out: np.ndarray) -> None:
-        """Inflate one chunk (and undo the shuffle) into the rows of `out` it holds."""
+    def _decode(self, fd: int, place: tuple[int, int, int], chunk: int, start: int, out: np.ndarray) -> None:
+        """Read one chunk, inflate it (and undo the shuffle) into the rows of `out` it holds."""
+        from .npy import _pread_exact
+
+        mask, offset, size = place
         lo = chunk * self.chunk_rows
         rows = min(self.chunk_rows, self.rows - lo)  # stored chunks are whole; the data may end earlier
         begin, end = max(lo, start), min(lo + rows, start + out.shape[0])
@@ -117,11 +122,15 @@ class ChunkReader:
             with self._lock:
                 self._handles[1].read_direct(target, source_sel=np.s_[begin:end])
             return
+        raw = _stored(size)
+        if _pread_exact(fd, raw, offset) != size:
+            raise DataError(f"{self.source.name} ended early, in the chunk at row {lo}; it was cut while "
+                            "being read")
         row_items = target[0].size
         item = self.dtype.itemsize
         full = self.chunk_rows * row_items
-        try:
-            flat = zlib.decompress(data) if self.deflate else data
+        try:  # one byte more than declared at most: a chunk that inflates further takes no more memory
+            flat = zlib.decompressobj().decompress(raw, full * item + 1) if self.deflate else raw
         except zlib.error:
             flat = b""
         if len(flat) != full * item:
@@ -141,4 +150,17 @@ class ChunkReader:
         with self._lock:
             if self._handles is not None:
                 self._handles[0].close()
-                self._handles = None
+                os.close(self._fd)
+                self._handles = self._fd = None
+
+
+_buffers = threading.local()
+
+
+def _stored(size: int) -> memoryview:
+    """`size` bytes of this thread's reused buffer for stored chunks (fresh pages for
+    every chunk cost more than reading it)."""
+    buffer = getattr(_buffers, "raw", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _buffers.raw = bytearray(max(size, 2 * len(buffer or b"")))
+    return memoryview(buffer)[:size]

@@ -34,23 +34,16 @@ class ContiguousReader:
     @classmethod
     def of(cls, source, dtype: np.dtype) -> Optional["ContiguousReader"]:
         """A reader for `source` if it is a contiguous, unfiltered, non-external dataset
-        read as `dtype` without conversion; else None."""
-        import h5py
-
-        from .. import hdf5_policy
+        read as `dtype` without conversion; else None (from what the source read of its
+        storage when it opened the dataset: the file is not opened again)."""
         from .h5dataset import H5Source
 
         if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
             return None
-        file, dataset = hdf5_policy.open_dataset(source._located)
-        try:
-            plist = dataset.id.get_create_plist()
-            if (plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count()
-                    or dataset.id.get_offset() is None):
-                return None
-            return cls(source, int(dataset.id.get_offset()))
-        finally:
-            file.close()
+        storage = getattr(source, "storage", None)
+        if storage is None or storage.layout != "contiguous" or storage.offset is None:
+            return None
+        return cls(source, storage.offset)
 
     def _handle(self) -> int:
         with self._lock:

@@ -2,13 +2,17 @@
 
 ESPnet1 and many feature extractors write one dataset per utterance. Here
 the datasets are sequences in sorted key order, their first axis the
-frames. Every dataset is reached through :mod:`normstats.hdf5_policy` (its
-links, virtual sources and declared size checked, as for a single dataset);
-the file is opened once per read, each sequence's dataset in it.
+frames. The file is walked once and each member opened once while indexing
+(see :class:`H5Collection`): a contiguous member stored in the file itself
+is then read by ``pread`` at its offset, with no HDF5 call per read; every
+other member is reached through :mod:`normstats.hdf5_policy` (its links,
+virtual sources and declared size checked, as for a single dataset) and
+read with h5py.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fnmatch
 import os
@@ -18,10 +22,9 @@ import numpy as np
 
 from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
-from ..limits import available_memory
-from .base import _identity
+from ..limits import available_memory, elements
+from .base import KeyTable, SequenceSource, _identity, check_index_memory
 from .h5dataset import _h5_stat
-from .base import SequenceSource
 
 GLOB = set("*?[")
 
@@ -32,6 +35,16 @@ def is_glob(name: str) -> bool:
 
 class H5Collection(SequenceSource):
     """The datasets of an HDF5 group or glob as one sequence collection.
+
+    The file is walked once with h5py's low-level calls (each dataset opened
+    once, its shape, type and file offset noted), and the index is arrays:
+    keys in a :class:`KeyTable`, lengths, offsets, type numbers. A member
+    hard-linked in the file, contiguous and stored whole inside it (HDF5
+    has no file offset for chunked, compact, virtual or externally stored
+    data) holds nothing the outside-data policy refuses: it is read by
+    ``pread`` at its offset, as a `.npy` file is. Every other member (a
+    link, chunked or filtered data, a virtual dataset, external storage) is
+    reached through :mod:`normstats.hdf5_policy` and read with h5py.
 
     Parameters
     ----------
@@ -44,111 +57,222 @@ class H5Collection(SequenceSource):
 
     def __init__(self, path: str, name: str, *, allow_external: bool = False) -> None:
         self.path, self.dataset, self.name = path, name, f"{path}:{name}"
-        self._open: Optional[Any] = None  # (file path, h5py.File) being read
-        self._current: Optional[tuple[int, Any]] = None  # (sequence, dataset) being read
+        self._open: Optional[Any] = None  # (file path, h5py.File) being read by h5py
+        self._current: Optional[tuple[int, Any]] = None  # (sequence, dataset) being read by h5py
+        self._fd: Optional[int] = None  # the group's file, for members read by pread
         try:
-            members = self._members(name, allow_external)
-            self._index(members, allow_external)
+            self._index(name, allow_external)
         except (RuntimeError, KeyError, ValueError, OSError) as error:
             if isinstance(error, NormstatsError):
                 raise
             raise DataError(f"{path} is a damaged HDF5 file ({error})") from None
 
-    def _members(self, name: str, allow_external: bool) -> list[tuple[str, str]]:
-        """(key, name in the file) of the collection's datasets, sorted by key."""
+    def _index(self, name: str, allow_external: bool) -> None:
         if is_glob(name):
-            pattern = name.lstrip("/")
-            found = [(n, "/" + n) for n in self._walk(self.path, "/") if fnmatch.fnmatchcase(n, pattern)]
-            if not found:
-                raise UsageError(f"{self.name} matches no dataset of {self.path}")
-            return sorted(found)
-        located = hdf5_policy.locate(self.path, name, allow_external=allow_external, display=self.name)
-        prefix = located.name.rstrip("/")
-        found = [(n, f"{prefix}/{n}") for n in self._walk(located.file, located.name)]
-        if not found:
-            raise UsageError(f"{self.name} is a group without datasets")
-        self._group_file = located.file
-        return sorted(found)
-
-    def _walk(self, file: str, group: str) -> list[str]:
-        """Paths (relative to `group`) of what may be datasets under it: hard-linked
-        datasets, and links, which :meth:`_index` follows under the policy."""
-        import h5py
-
-        names: list[str] = []
+            file, group, pattern = self.path, "/", name.lstrip("/")
+        else:
+            located = hdf5_policy.locate(self.path, name, allow_external=allow_external, display=self.name)
+            file, group, pattern = located.file, located.name, None
+        self._group_file, self._prefix = file, group.rstrip("/") + "/"
+        self._files = {file: _identity(os.stat(file))}
+        self._identity = self._files[file]
         with hdf5_policy.open_file(file) as f:
-            def walk(node: Any, prefix: str) -> None:
-                for member in node:
-                    link = node.get(member, getlink=True)
-                    if isinstance(link, h5py.HardLink):
-                        obj = node[member]
-                        if isinstance(obj, h5py.Group):
-                            walk(obj, f"{prefix}{member}/")
-                            continue
-                    names.append(f"{prefix}{member}")
-            walk(f[group], "")
-        return names
+            scan = _Scan(f, group, pattern, os.path.getsize(file), self.name)
+        if not scan.keys:
+            raise UsageError(f"{self.name} matches no dataset of {self.path}" if pattern is not None else
+                             f"{self.name} is a group without datasets")
+        permute = scan.keys.sorted_order()
+        keys = scan.keys.take(permute)
+        del scan.keys
+        arrays = {field: np.frombuffer(getattr(scan, field), dtype)[permute] for field, dtype in
+                  (("lengths", np.int64), ("offsets", np.int64), ("shape_of", np.int32), ("dtype_of", np.int32))}
+        self._offsets, self._dtype_of = arrays["offsets"], arrays["dtype_of"]
+        self._dtypes, shapes = scan.dtypes, arrays["shape_of"]
+        self._linked: dict[int, tuple[hdf5_policy.Located, tuple[int, int]]] = {}
+        slow = np.flatnonzero(self._offsets < 0)
+        if len(slow):
+            self._locate(keys, slow, arrays["lengths"], shapes, scan, allow_external)
+        mismatch = np.flatnonzero(shapes != shapes[0])
+        if len(mismatch):
+            bad = int(mismatch[0])
+            raise DataError(f"{self.name} (dataset {keys[bad]!r}) has frames of shape "
+                            f"{scan.shapes[shapes[bad]]} but {keys[0]!r} has {scan.shapes[shapes[0]]}; every "
+                            "sequence of a collection must agree")
+        self._set_sequences(keys, arrays["lengths"], scan.shapes[shapes[0]], np.result_type(*self._dtypes))
+        self._row_elements = elements(self.row_shape)
 
-    def _index(self, members: list[tuple[str, str]], allow_external: bool) -> None:
-        """Locate every member under the policy, each file opened once, and record its shape."""
-        file = getattr(self, "_group_file", self.path)
-        found = hdf5_policy.locate_many(file, [member for _, member in members], allow_external=allow_external,
-                                        display=self.name)
-        self._located, self._caches, self._files = [], [], {}
-        keys, lengths, dtypes, row_shape = [], [], [], None
+    def _locate(self, keys: KeyTable, slow: np.ndarray, lengths: np.ndarray, shapes: np.ndarray, scan: "_Scan",
+                allow_external: bool) -> None:
+        """The members not read by pread: found under the policy, each file opened once."""
+        found = hdf5_policy.locate_many(self._group_file, [self._prefix + keys[int(i)] for i in slow],
+                                        allow_external=allow_external, display=self.name)
         memory = available_memory()
         with contextlib.ExitStack() as stack:
             handles: dict = {}
-            for (key, _), located in zip(members, found):
-                display = f"{self.name} (dataset {key!r})"
+            for index, located in zip(slow.tolist(), found):
+                display = f"{self.name} (dataset {keys[index]!r})"
                 if not located.is_dataset:
                     raise DataError(f"{display} is a link to a group; a collection's members must be datasets")
                 if located.file not in handles:
                     handles[located.file] = stack.enter_context(hdf5_policy.open_file(located.file))
-                    self._files[located.file] = _identity(os.stat(located.file))
+                # every file the member's resolution met (virtual sources, link holders) is read too
+                for file in (located.file, *located.files):
+                    if file not in self._files:
+                        self._files[file] = _identity(os.stat(file))
                 dataset = hdf5_policy.open_in(handles[located.file], located)
                 shape = tuple(dataset.shape or ())
                 if not shape:
                     raise DataError(f"{display} is a scalar; each sequence needs a frame axis")
-                if row_shape is not None and shape[1:] != row_shape:
-                    raise DataError(f"{display} has frames of shape {shape[1:]} but {keys[0]!r} has "
-                                    f"{row_shape}; every sequence of a collection must agree")
-                row_shape = shape[1:]
-                self._caches.append(hdf5_policy.chunk_cache(dataset, memory))
-                self._located.append(located)
-                keys.append(key)
-                lengths.append(shape[0])
-                dtypes.append(dataset.dtype)
-        self._identity = self._files[self._located[0].file]
-        self._set_sequences(keys, lengths, row_shape, np.result_type(*dtypes))
+                lengths[index], shapes[index] = shape[0], scan.shape_number(shape[1:])
+                self._dtype_of[index] = scan.dtype_number(dataset.dtype)
+                self._linked[index] = (located, hdf5_policy.chunk_cache(dataset, memory))
 
     def read_sequence(self, index: int, begin: int, end: int, out: np.ndarray) -> None:
-        located = self._located[index]
+        offset = int(self._offsets[index])
+        if offset >= 0:
+            self._pread(index, offset, begin, end, out)
+            return
+        located, cache = self._linked[index]
         if self._current is None or self._current[0] != index:
             if self._open is None or self._open[0] != located.file:
-                self.close()
+                self._close_h5()
                 with hdf5_policy._h5_errors(located):
                     import h5py
 
                     self._open = (located.file, h5py.File(located.file, "r"))
-            self._current = (index, hdf5_policy.open_in(self._open[1], located, cache=self._caches[index]))
+            self._current = (index, hdf5_policy.open_in(self._open[1], located, cache=cache))
         try:
             self._current[1].read_direct(out, source_sel=np.s_[begin:end])
         except (OSError, RuntimeError, ValueError) as error:
             raise DataError(f"{self.where(index)}: frames {begin}..{end - 1} cannot be read ({error}); the file "
                             "is damaged or its external data is missing") from None
-        if _identity(_h5_stat(self._open[1], located.file)) != self._files[located.file]:
-            raise DataError(f"{located.file} changed while it was read ({self.where(index)}); nothing was "
+        self._check_file(_h5_stat(self._open[1], located.file), located.file, index)
+
+    def _pread(self, index: int, offset: int, begin: int, end: int, out: np.ndarray) -> None:
+        """Frames of a contiguous member, read at their offset in the group's file."""
+        from .npy import _pread_exact
+
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._group_file, os.O_RDONLY)
+            except OSError as error:
+                raise DataError(f"{self._group_file} cannot be opened again ({error.strerror}) to read "
+                                f"{self.where(index)}; it was removed or replaced while the run went on") from None
+        dtype = self._dtypes[self._dtype_of[index]]
+        into = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
+        view = memoryview(into.reshape(-1).view(np.uint8))
+        got = _pread_exact(self._fd, view, offset + begin * self._row_elements * dtype.itemsize)
+        self._check_file(os.fstat(self._fd), self._group_file, index)
+        if got != len(view):
+            raise DataError(f"{self.where(index)} ends early, before frame {end}; {self._group_file} was cut "
+                            "while being read")
+        if into is not out:
+            out[...] = into
+
+    def _check_file(self, info: os.stat_result, file: str, index: int) -> None:
+        if _identity(info) != self._files[file]:
+            raise DataError(f"{file} changed while it was read ({self.where(index)}); nothing was "
                             "written: run again once no other program writes to it")
 
     def where(self, index: int) -> str:
         return f"dataset {self.keys[index]!r} of {self.name}"
 
-    def close(self) -> None:
+    def _close_h5(self) -> None:
         self._current = None
         if self._open is not None:
             self._open[1].close()
             self._open = None
+
+    def close(self) -> None:
+        self._close_h5()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __getstate__(self) -> dict:
+        # open handles stay with this process; a copy opens its own at its first read
+        return {**vars(self), "_open": None, "_current": None, "_fd": None}
+
+
+class _Scan:
+    """One walk over a group with h5py's low-level calls: the members' keys (paths
+    under the group), lengths, offsets (-1: read with h5py under the policy), and
+    numbers into the frame shapes and dtypes seen.
+
+    A member gets an offset only if it is a hard link to a dataset of this
+    file whose data HDF5 places at one offset (contiguous: never filtered,
+    never external, never virtual), with its declared bytes inside the
+    file; anything else is left to :func:`normstats.hdf5_policy.locate_many`,
+    which also gives the message for a member the policy refuses.
+    """
+
+    def __init__(self, file: Any, group: str, pattern: Optional[str], size: int, display: str) -> None:
+        import h5py
+
+        self.lengths, self.offsets = array.array("q"), array.array("q")
+        self.shape_of, self.dtype_of = array.array("i"), array.array("i")
+        self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[np.dtype] = []
+        self._size, self.pattern = size, pattern
+        self._gid = h5py.h5g.open(file.id, group.encode())
+        check_index_memory(self._gid.get_num_objs(), display)  # the group's own links, before the walk
+        self._error: Optional[BaseException] = None
+        self._keys, self._ends = bytearray(), array.array("q")
+        self._gid.links.visit(self._visit, info=True)
+        if self._error is not None:
+            raise self._error
+        self.keys = KeyTable.from_parts(self._keys, self._ends)
+        del self._keys, self._ends
+
+    def shape_number(self, shape: tuple[int, ...]) -> int:
+        if shape not in self.shapes:
+            self.shapes.append(shape)
+        return self.shapes.index(shape)
+
+    def dtype_number(self, dtype: np.dtype) -> int:
+        if dtype not in self.dtypes:
+            self.dtypes.append(dtype)
+        return self.dtypes.index(dtype)
+
+    def _visit(self, raw: bytes, info: Any) -> Optional[int]:
+        try:
+            self._member(raw, info)
+        except BaseException as error:  # h5py would swallow it inside its C callback
+            self._error = error
+            return 1
+        return None
+
+    def _member(self, raw: bytes, info: Any) -> None:
+        import h5py
+
+        if self._pattern_misses(raw):
+            return
+        length, shape_number, dtype_number, offset = 0, 0, 0, -1
+        if info.type == h5py.h5l.TYPE_HARD:
+            try:
+                dataset = h5py.h5d.open(self._gid, raw)
+            except (KeyError, ValueError, RuntimeError, OSError):
+                if h5py.h5o.get_info(self._gid, raw).type == h5py.h5o.TYPE_GROUP:
+                    return  # its members are visited too
+                raise
+            shape, dtype = dataset.shape, dataset.dtype
+            at = dataset.get_offset()
+            if shape and at is not None:
+                declared = elements(shape) * dtype.itemsize
+                if dataset.get_storage_size() >= declared and at + declared <= self._size:
+                    offset = int(at)
+                    length, shape_number, dtype_number = shape[0], self.shape_number(shape[1:]), \
+                        self.dtype_number(dtype)
+        self._keys += raw
+        self._ends.append(len(self._keys))
+        self.lengths.append(length)
+        self.offsets.append(offset)
+        self.shape_of.append(shape_number)
+        self.dtype_of.append(dtype_number)
+
+    def _pattern_misses(self, raw: bytes) -> bool:
+        return self.pattern is not None and not fnmatch.fnmatchcase(raw.decode("utf-8", "surrogateescape"),
+                                                                    self.pattern)
 
 
 def is_collection(path: str, name: str, allow_external: bool) -> bool:

@@ -11,6 +11,7 @@ from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
 from ..limits import available_memory
 from .base import ArraySource, _identity
+from .h5_storage import storage_of
 
 
 class H5Source(ArraySource):
@@ -54,6 +55,7 @@ class H5Source(ArraySource):
                 raise DataError(f"{self.name} is an empty dataset (no shape)")
             self.shape, self.dtype = tuple(obj.shape), obj.dtype
             self._cache = hdf5_policy.chunk_cache(obj, available_memory())
+            self.storage = storage_of(obj)  # what the readers around h5py need (never opened again)
             self._identity = _identity(os.stat(located.file))
         finally:
             file.close()
@@ -77,15 +79,32 @@ class H5Source(ArraySource):
             )
         return names[0]
 
+    def files(self) -> list[str]:
+        """The file named, and every file its links, virtual sources and external storage lead to."""
+        return list(dict.fromkeys([self.path, *self._located.files]))
+
     def read_into(self, start: int, out: np.ndarray) -> None:
+        self._read(np.s_[start : start + out.shape[0]], out, f"rows {start}..{start + out.shape[0] - 1}")
+
+    reads_pieces = True  # a piece is a hyperslab
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        from ..row_pieces import piece_shape, piece_slices
+
+        e1 = e0 + out.shape[0]
+        index = (slice(row, row + 1),) + piece_slices(self.row_shape, e0, e1)
+        self._read(index, out.reshape((1,) + piece_shape(self.row_shape, e0, e1)),
+                   f"row {row} (elements {e0}..{e1 - 1})")
+
+    def _read(self, selection: tuple, out: np.ndarray, what: str) -> None:
         if self._handles is None:
             self._handles = hdf5_policy.open_dataset(self._located, cache=self._cache)
         file, dataset = self._handles
         try:
-            dataset.read_direct(out, source_sel=np.s_[start : start + out.shape[0]])
+            dataset.read_direct(out, source_sel=selection)
         except (OSError, RuntimeError, ValueError) as error:
             raise DataError(
-                f"{self.name}: rows {start}..{start + out.shape[0] - 1} cannot be read ({error}); "
+                f"{self.name}: {what} cannot be read ({error}); "
                 "the file is damaged or its external data is missing"
             ) from None
         # checked after the read: HDF5 returns zeros for what a truncation cut off

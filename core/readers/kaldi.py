@@ -2,7 +2,8 @@
 
 The frames of the utterances are the rows, in the order of the scp (or the
 archive). Only an index is kept: for an scp, each entry's archive and byte
-offset, and the matrix shape read from the few header bytes there; for an
+offset, and the matrix shape read from the few header bytes there (archive
+by archive in offset order, checked in batches); for an
 ark without scp, one scan over the headers builds the same index (each
 matrix's data is skipped, not read). Reading loads one utterance at a time
 with kaldiio (uncompressed ``FM``/``DM`` and compressed ``CM``/``CM2``/``CM3``
@@ -11,22 +12,24 @@ matrices), so memory is bounded by the read block and the longest utterance.
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import struct
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory, check_stored, elements, require_regular_file
-from .base import SequenceSource, _identity, require
+from .base import KeyTable, SequenceSource, _identity, check_index_memory, require
 
 # token -> (dtype read, bytes of the header after the token, bytes per element, per-column bytes)
 MATRICES = {"FM": (np.float32, 10, 4, 0), "DM": (np.float64, 10, 8, 0), "CM": (np.float32, 16, 1, 8),
             "CM2": (np.float32, 16, 2, 0), "CM3": (np.float32, 16, 1, 0)}
 KEY_LIMIT = 4096  # bytes of one key; longer is not a Kaldi archive
 _OFFSET = re.compile(r"^(.*):(\d+)$", flags=re.S)
+TOKENS = list(MATRICES)  # a token's number in the index
 
 
 def looks_like_ark(path: str) -> bool:
@@ -38,8 +41,17 @@ def looks_like_ark(path: str) -> bool:
         any(rest.startswith(b"\0B" + token.encode() + b" ") for token in MATRICES)
 
 
+HEADER_BYTES = 22  # '\0B', the longest token and its space, and the longest header after it
+SCP_BATCH = 1 << 16  # headers read and checked together
+
+
 class KaldiSource(SequenceSource):
     """The matrices of a Kaldi scp or ark, frames as rows (see the module's docstring).
+
+    The index is arrays: each utterance's archive (a number into ``_arks``),
+    byte offset and length, and the keys in one :class:`KeyTable`. The
+    headers an scp points to are read archive by archive in offset order,
+    one handle per archive, and checked together.
 
     Parameters
     ----------
@@ -62,23 +74,35 @@ class KaldiSource(SequenceSource):
             self.close()  # opened again at the first read
 
     def _build_index(self) -> None:
-        entries = self._index_scp() if self.kind == "scp" else self._scan_ark()
-        self._entries = [(ark, offset) for _, ark, offset, _ in entries]
-        keys = [key for key, *_ in entries]
-        lengths, dims, dtypes = [], None, set()
-        for key, ark, offset, (rows, cols, token) in entries:
-            if dims is not None and cols != dims[1]:
-                raise DataError(f"utterance {key!r} of {self.name} has {cols} dims but utterance {dims[0]!r} "
-                                f"has {dims[1]}; every matrix of an archive must have the same dims")
-            dims = dims or (key, cols)
-            lengths.append(rows)
-            dtypes.add(MATRICES[token][0])
-        self._set_sequences(keys, lengths, (dims[1],), np.result_type(*dtypes))
+        if self.kind == "scp":
+            keys, arks, ark_of, offsets = self._index_scp()
+            rows, cols, tokens = self._headers(keys, arks, ark_of, offsets)
+        else:
+            keys, arks, ark_of, offsets, rows, cols, tokens = self._scan_ark()
+        self._arks, self._ark_of, self._offsets = arks, ark_of, offsets
+        if len(keys) and np.any(cols != cols[0]):
+            other = int(np.flatnonzero(cols != cols[0])[0])
+            raise DataError(f"utterance {keys[other]!r} of {self.name} has {int(cols[other])} dims but utterance "
+                            f"{keys[0]!r} has {int(cols[0])}; every matrix of an archive must have the same dims")
+        if len(keys):
+            largest = int(np.argmax(rows))
+            check_fits_memory(elements((int(rows[largest]), int(cols[0]))) * 8, self.where_key(keys[largest]))
+        dtypes = [MATRICES[token][0] for token in TOKENS if np.any(tokens == TOKENS.index(token))]
+        self._set_sequences(keys, rows, (int(cols[0]),) if len(keys) else (), np.result_type(*dtypes or [np.float32]))
+
+    def where_key(self, key: str) -> str:
+        return f"utterance {key!r} of {self.name}"
 
     # --- the index --------------------------------------------------------------------------
 
-    def _index_scp(self) -> list[tuple]:
-        entries = []
+    def _index_scp(self) -> tuple[KeyTable, list[str], np.ndarray, np.ndarray]:
+        """The keys, archives, each entry's archive and offset, from the scp's lines."""
+        lines, last = 0, b"\n"
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                lines, last = lines + block.count(b"\n"), block[-1:]
+        check_index_memory(lines + (last != b"\n"), self.name)
+        keys, ends, arks, ark_of, offsets = bytearray(), array.array("q"), {}, array.array("i"), array.array("q")
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 line = raw.decode("utf-8", "replace").strip()
@@ -86,20 +110,69 @@ class KaldiSource(SequenceSource):
                     continue
                 key, _, target = line.partition(" ")
                 target = target.strip()
-                where = f"{self.path} line {number} (utterance {key!r})"
                 if not target:
-                    raise DataError(f"{where} names no archive; an scp line is 'KEY ARCHIVE:OFFSET'")
+                    raise DataError(f"{self._line(number, key)} names no archive; an scp line is "
+                                    "'KEY ARCHIVE:OFFSET'")
                 if target.endswith("|") or target.startswith("|") or target.endswith("]"):
-                    raise DataError(f"{where} reads {target!r} through a pipe or a slice, which normstats "
-                                    "does not run; copy the features to an archive first (copy-feats)")
+                    raise DataError(f"{self._line(number, key)} reads {target!r} through a pipe or a slice, "
+                                    "which normstats does not run; copy the features to an archive first "
+                                    "(copy-feats)")
                 match = _OFFSET.match(target)
                 ark, offset = (match.group(1), int(match.group(2))) if match else (target, 0)
-                entries.append((key, ark, offset, self._header(ark, offset, key, where)))
-        return entries
+                keys += key.encode("utf-8", "surrogateescape")
+                ends.append(len(keys))
+                ark_of.append(arks.setdefault(ark, len(arks)))
+                offsets.append(offset)
+        return KeyTable.from_parts(keys, ends), list(arks), np.array(ark_of, np.int32), np.array(offsets, np.int64)
 
-    def _scan_ark(self) -> list[tuple]:
+    def _line(self, number: int, key: str) -> str:
+        return f"{self.path} line {number} (utterance {key!r})"
+
+    def _where_entry(self, index: int, key: str) -> str:
+        """An scp entry for messages: its line (found again only for the message)."""
+        if self.kind != "scp":
+            return self.where_key(key)
+        with open(self.path, "rb") as f:
+            seen = -1
+            for number, raw in enumerate(f, 1):
+                if raw.strip():
+                    seen += 1
+                    if seen == index:
+                        return self._line(number, key)
+        return self.where_key(key)
+
+    def _headers(self, keys: KeyTable, arks: list[str], ark_of: np.ndarray,
+                 offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, token number) of every entry: each archive's headers read in offset order
+        with one handle, in batches, and checked together (one bad entry is then read alone
+        for its message)."""
+        rows = np.zeros(len(keys), np.int64)
+        cols = np.zeros(len(keys), np.int64)
+        tokens = np.zeros(len(keys), np.int8)
+        for number, ark in enumerate(arks):
+            entries = np.flatnonzero(ark_of == number)
+            entries = entries[np.argsort(offsets[entries], kind="stable")]
+            first = int(entries[0])
+            f = self._file(ark, lambda: self._where_entry(first, keys[first]))
+            fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+            for begin in range(0, len(entries), SCP_BATCH):
+                batch = entries[begin:begin + SCP_BATCH]
+                heads = b"".join(os.pread(fd, HEADER_BYTES, offset).ljust(HEADER_BYTES, b"\xff")
+                                 for offset in offsets[batch].tolist())
+                parsed = _parse_headers(np.frombuffer(heads, np.uint8).reshape(-1, HEADER_BYTES),
+                                        offsets[batch], size)
+                if isinstance(parsed, int):
+                    bad = int(batch[parsed])
+                    self._header(ark, int(offsets[bad]), self._where_entry(bad, keys[bad]))
+                    raise DataError(f"{self._where_entry(bad, keys[bad])}: {ark} has a damaged matrix header at "
+                                    f"byte {int(offsets[bad])}")
+                rows[batch], cols[batch], tokens[batch] = parsed
+        return rows, cols, tokens
+
+    def _scan_ark(self) -> tuple:
         """One pass over the archive's headers (no scp given): each key, its offset and shape."""
-        entries = []
+        keys, offsets, rows, cols, tokens = [], array.array("q"), array.array("q"), array.array("q"), \
+            array.array("b")
         size = os.path.getsize(self.path)
         position = 0
         f = self._file(self.path, f"{self.name}")
@@ -112,14 +185,21 @@ class KaldiSource(SequenceSource):
                                 "does; the file is damaged or not a Kaldi archive")
             key = head[:space].decode("utf-8", "replace")
             offset = position + space + 1
-            header = self._header(self.path, offset, key, f"utterance {key!r} of {self.name}")
-            rows, cols, token = header
+            count, dims, token = self._header(self.path, offset, self.where_key(key), head[space + 1:], size)
             _, extra, item, per_column = MATRICES[token]
-            position = offset + 2 + len(token) + 1 + extra + cols * per_column + rows * cols * item
-            entries.append((key, self.path, offset, header))
-        return entries
+            position = offset + 2 + len(token) + 1 + extra + dims * per_column + count * dims * item
+            keys.append(key)
+            offsets.append(offset)
+            rows.append(count)
+            cols.append(dims)
+            tokens.append(TOKENS.index(token))
+            if len(keys) % SCP_BATCH == 0:
+                check_index_memory(len(keys) * max(1, size // max(position, 1)), self.name)
+        arrays = [np.array(a, dtype) for a, dtype in
+                  ((offsets, np.int64), (rows, np.int64), (cols, np.int64), (tokens, np.int8))]
+        return (KeyTable(keys), [self.path], np.zeros(len(keys), np.int32), *arrays)
 
-    def _file(self, ark: str, where: str) -> Any:
+    def _file(self, ark: str, where: Union[str, Callable[[], str]]) -> Any:
         if ark not in self._fds:
             try:
                 require_regular_file(ark, "archive")
@@ -128,19 +208,24 @@ class KaldiSource(SequenceSource):
                 relative = "" if os.path.isabs(ark) else (
                     f" (an scp's relative paths are read from the working directory, {os.getcwd()}, "
                     "as Kaldi reads them)")
-                raise DataError(f"{where}: {error}{relative}") from None
+                raise DataError(f"{where() if callable(where) else where}: {error}{relative}") from None
             self._files.setdefault(ark, _identity(os.fstat(self._fds[ark].fileno())))
         return self._fds[ark]
 
-    def _header(self, ark: str, offset: int, key: str, where: str) -> tuple[int, int, str]:
-        """(rows, cols, token) of the matrix at `offset`, its declared size checked."""
+    def _header(self, ark: str, offset: int, where: str, head: Optional[bytes] = None,
+                size: Optional[int] = None) -> tuple[int, int, str]:
+        """(rows, cols, token) of the matrix at `offset` (its first bytes `head`, if read
+        already), its declared size checked against the archive's `size`."""
         f = self._file(ark, where)
-        f.seek(offset)
-        head = f.read(2 + 4 + 16)
+        if head is None or len(head) < HEADER_BYTES:
+            f.seek(offset)
+            head = f.read(HEADER_BYTES)
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
         if head[:2] != b"\0B":
             raise DataError(f"{where}: {ark} holds no binary Kaldi matrix at byte {offset} (text-mode "
                             "archives are not read; convert with copy-feats ark,t:... ark:...)")
-        token, _, rest = head[2:].partition(b" ")
+        token, _, rest = head[2:HEADER_BYTES].partition(b" ")
         token = token.decode("ascii", "replace")
         if token not in MATRICES:
             raise DataError(f"{where}: {ark} holds a Kaldi {token!r} object at byte {offset}, not a feature "
@@ -157,8 +242,7 @@ class KaldiSource(SequenceSource):
         if rows < 0 or cols <= 0:
             raise DataError(f"{where}: {ark} declares a {rows} x {cols} matrix at byte {offset}; it is damaged")
         data = 2 + len(token) + 1 + extra + cols * per_column + rows * cols * item
-        check_stored(offset + data, os.fstat(f.fileno()).st_size, f"{where} ({ark} at byte {offset})")
-        check_fits_memory(elements((rows, cols)) * 8, where)
+        check_stored(offset + data, size, f"{where} ({ark} at byte {offset})")
         return rows, cols, token
 
     # --- reading ----------------------------------------------------------------------------
@@ -172,7 +256,7 @@ class KaldiSource(SequenceSource):
     def _load(self, index: int) -> np.ndarray:
         import kaldiio
 
-        ark, offset = self._entries[index]
+        ark, offset = self._arks[int(self._ark_of[index])], int(self._offsets[index])
         where = self.where(index)
         fd = self._file(ark, where)
         try:
@@ -194,3 +278,33 @@ class KaldiSource(SequenceSource):
             f.close()
         self._fds = {}
         self._cached = None
+
+
+def _parse_headers(heads: np.ndarray, offsets: np.ndarray, size: int) -> Any:
+    """(rows, cols, token numbers) of matrix headers, one row of `heads` (HEADER_BYTES
+    each, padded with 0xff past the end of the file) per matrix at `offsets`; or the
+    position of the first header that is not a sound feature matrix inside `size` bytes."""
+    token = np.full(len(heads), -1, np.int64)
+    start = np.zeros(len(heads), np.int64)  # where the rows/cols fields begin
+    for number, name in enumerate(TOKENS):
+        spelled = np.frombuffer(b"\0B" + name.encode() + b" ", np.uint8)
+        match = np.all(heads[:, :len(spelled)] == spelled, axis=1)
+        token[match] = number
+        start[match] = len(spelled) + (1 if name in ("FM", "DM") else 8)
+    known = token >= 0
+    at = np.where(known, start, 0)[:, None] + np.arange(4)
+    fields = np.take_along_axis(heads, np.clip(np.concatenate([at, at + 4 + (token[:, None] < 2)], axis=1),
+                                               0, HEADER_BYTES - 1), axis=1)
+    rows = fields[:, :4].copy().view("<i4")[:, 0].astype(np.int64)
+    cols = fields[:, 4:].copy().view("<i4")[:, 0].astype(np.int64)
+    plain = token < 2  # FM, DM: a size byte 4 before each field
+    marks = np.take_along_axis(heads, np.clip(np.stack([start - 1, start + 4], axis=1), 0, HEADER_BYTES - 1), 1)
+    sound = known & (~plain | np.all(marks == 4, axis=1)) & (rows >= 0) & (cols > 0)
+    header = np.array([2 + len(t) + 1 + MATRICES[t][1] for t in TOKENS])[np.where(known, token, 0)]
+    item = np.array([MATRICES[t][2] for t in TOKENS])[np.where(known, token, 0)]
+    per_column = np.array([MATRICES[t][3] for t in TOKENS])[np.where(known, token, 0)]
+    # in floats: rows * cols * item of two int32 fields may pass int64
+    sound &= offsets + (header + cols * per_column).astype(np.float64) + rows.astype(np.float64) * cols * item <= size
+    if not sound.all():
+        return int(np.flatnonzero(~sound)[0])
+    return rows, cols, token.astype(np.int8)

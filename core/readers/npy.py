@@ -110,10 +110,27 @@ class NpySource(ArraySource):
         if not got:
             raise DataError(f"{self.path} ended early, before row {start + rows}; it was cut while being read")
 
+    @property
+    def reads_pieces(self) -> bool:
+        # A C-order row is one run of bytes; a Fortran-order row is strided by the
+        # number of rows, so part of it costs reading every row: read whole.
+        return not self._fortran or elements(self.row_shape) <= 1
+
+    def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
+        target = out if out.dtype == self.dtype else self._staged(out.shape)
+        view = memoryview(target.view(np.uint8))
+        got = self._pread(view, self._offset + row * self._row_bytes + e0 * self.dtype.itemsize) == len(view)
+        if got and target is not out:
+            out[...] = target
+        self._check_current()
+        if not got:
+            raise DataError(f"{self.path} ended early, inside row {row}; it was cut while being read")
+
     def _staged(self, shape: tuple[int, ...]) -> np.ndarray:
-        if self._staging is None or self._staging.shape != shape:
-            self._staging = np.empty(shape, self.dtype)
-        return self._staging
+        size = elements(shape)
+        if self._staging is None or self._staging.size < size:  # pieces of a row reuse one
+            self._staging = np.empty(size, self.dtype)
+        return self._staging[:size].reshape(shape)
 
     def _read_columns(self, start: int, out: np.ndarray) -> bool:
         """Rows of a Fortran-order file: column c's rows are contiguous at c * rows."""

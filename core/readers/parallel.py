@@ -38,8 +38,10 @@ class _Shard:
         self.shared = _reads_in_parallel(source) and source.dtype == dtype
         self.lock = threading.Lock()
         self.opened = False
-        self.reader = None if self.shared else ContiguousReader.of(source, dtype) or ChunkReader.of(source, dtype)
-        if self.reader is not None:  # HDF5 read by pread, or gzip chunks fetched in turn and inflated side by side
+        self.reader = None
+        if pieces and not self.shared:  # (a shard a resume skips is never probed)
+            self.reader = ContiguousReader.of(source, dtype) or ChunkReader.of(source, dtype)
+        if self.reader is not None:  # HDF5 read by pread, or gzip chunks located in turn, read and inflated side by side
             self.shared = True
 
     def read_into(self, start: int, out: np.ndarray) -> None:

@@ -9,6 +9,8 @@ each read: a store rewritten under a run is an error.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from typing import Any, Optional
 
@@ -20,6 +22,7 @@ from .base import ArraySource
 from .base import require
 
 METADATA = ("zarr.json", ".zarray")
+STORE_NOT_CHUNKS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
 
 
 class ZarrSource(ArraySource):
@@ -52,13 +55,38 @@ class ZarrSource(ArraySource):
         self.shape, self.dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
         self.chunks = tuple(int(n) for n in node.chunks)
         self._meta = self._metadata_file()
+        # the chunk (shard) grid and how zarr names a chunk's file (zarr 3; older zarr: not checked)
+        metadata = getattr(getattr(node, "_async_array", None), "metadata", None)
+        self._chunk_key = None if metadata is None else (
+            tuple(int(n) for n in (getattr(node, "shards", None) or self.chunks)), metadata.encode_chunk_key)
         self._identity = self._current_identity(self._meta)
         self._validate()
         check_fits_memory(elements(self.chunks) * self.dtype.itemsize, f"{self.name}: one of its chunks")
+        self._check_grid(node)
         written, expected = node.nchunks_initialized, node.nchunks
         if written < expected:
             raise DataError(f"{self.name} has {written} of its {expected} chunks written; the rest would read as "
                             "the fill value, not data: re-create or re-copy it")
+
+    def _check_grid(self, node: Any) -> None:
+        """Refuse a chunk grid the store cannot hold before zarr walks it: zarr counts the
+        written chunks by visiting every key of the declared grid (a 1 KB metadata file can
+        declare 10^15 of them), and a chunk side of 0 divides by zero."""
+        grid = tuple(int(n) for n in (getattr(node, "shards", None) or self.chunks))
+        if len(grid) != len(self.shape) or any(n <= 0 for n in grid):
+            raise DataError(f"{self.name} declares chunks of shape {grid} for its shape {self.shape}; "
+                            "its metadata is damaged: re-create or re-copy it")
+        folder = os.path.join(self.path, *(self.dataset or "").split("/"))
+        if not os.path.isdir(folder):
+            return
+        expected = math.prod(-(-n // g) for n, g in zip(self.shape, grid))
+        stored = 0
+        for _, _, names in os.walk(folder):
+            stored += sum(name not in STORE_NOT_CHUNKS for name in names)
+            if stored >= expected:
+                return
+        raise DataError(f"{self.name} has at most {stored} of its {expected} chunks written (the files in its "
+                        "folder); the rest would read as the fill value, not data: re-create or re-copy it")
 
     def _arrays(self, group: Any) -> list[str]:
         found: list[str] = []
@@ -105,10 +133,30 @@ class ZarrSource(ArraySource):
         except Exception as error:  # a damaged chunk: zarr and its codecs raise many kinds
             raise DataError(f"{self.name}: rows {start}..{stop - 1} cannot be read "
                             f"({type(error).__name__}: {error}); the store is damaged") from None
+        self._check_chunks_kept(start, stop)
         if out is None:
             return rows
         out[...] = rows
         return out
+
+    def _check_chunks_kept(self, start: int, stop: int) -> None:
+        """Refuse rows ``start:stop`` if a chunk (shard) file they span is gone: zarr reads a
+        missing chunk as the fill value, silently. Checked after the read, so a chunk removed
+        while it was read is seen too (a local store; an object store's chunks are its own)."""
+        if not os.path.isdir(self.path):
+            return
+        if self._chunk_key is None:
+            return
+        grid, encode = self._chunk_key
+        folder = os.path.join(self.path, *(self.dataset or "").split("/"))
+        across = [range(-(-int(n) // g)) for n, g in zip(self.shape[1:], grid[1:])]
+        for band in range(start // grid[0], -(-stop // grid[0])):
+            for rest in itertools.product(*across):
+                key = encode((band, *rest))
+                if not os.path.isfile(os.path.join(folder, *key.split("/"))):
+                    raise DataError(f"{self.name}: chunk {key!r} (rows {band * grid[0]}..) is gone from the "
+                                    "store, which changed while it was read; nothing was written: run again "
+                                    "once no other program writes to it")
 
     def close(self) -> None:
         self._band = None

@@ -3,6 +3,8 @@ a Kaldi matrix or archive."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from ..errors import UsageError
@@ -38,8 +40,12 @@ def write_export(container: str, arrays: dict[str, np.ndarray], metadata: dict[s
                 np.savez(f, **arrays)
         elif container == "npy":
             (array,) = arrays.values()
+            # np.save to a real file writes with ndarray.tofile, whose short write is an OSError
+            # without errno ("N requested and M written"); a plain write keeps ENOSPC / EFBIG
+            encoded = io.BytesIO()
+            np.save(encoded, array)
             with open(temporary, "wb") as f:
-                np.save(f, array)
+                f.write(encoded.getbuffer())
         elif container == "hdf5":
             stats_h5._write_stats_h5(arrays, {}, temporary)
         else:

@@ -120,12 +120,13 @@ def open_for_writing(path: str, attrs: Optional[dict[str, Any]] = None) -> H5Out
     return H5Output(path, attrs)
 
 
-def chunked_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, compression: str) -> Any:
-    """A dataset compressed in chunks of whole rows (an empty one needs no chunks)."""
+def chunked_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, compression: str,
+                    chunks: Optional[tuple[int, ...]] = None) -> Any:
+    """A dataset compressed in chunks of whole rows, or of `chunks` (an empty one needs no chunks)."""
     if not shape[0]:
         return file.create_dataset(name, shape=shape, dtype=dtype)
     rows = max(1, min(shape[0], CHUNK_BYTES // max(1, elements(shape[1:]) * np.dtype(dtype).itemsize)))
-    return file.create_dataset(name, shape=shape, dtype=dtype, chunks=(rows,) + tuple(shape[1:]),
+    return file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks or (rows,) + tuple(shape[1:]),
                                compression=compression, shuffle=compression == "gzip")
 
 
@@ -143,10 +144,11 @@ class CompressedArrayWriter:
     """
 
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, dataset: str = "data", *,
-                 compression: str) -> None:
+                 compression: str, chunks: Optional[tuple[int, ...]] = None) -> None:
         path, name = split_output(path)
         self.path, self.dataset, self.compression = path, name or dataset, compression
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.chunks = chunks  # rows written in pieces: the pieces' shape (one chunk each)
         self._rows_written = 0
 
     def __enter__(self) -> "CompressedArrayWriter":
@@ -154,7 +156,8 @@ class CompressedArrayWriter:
         self._temporary = self._context.__enter__()
         try:
             self._file = open_for_writing(self._temporary)
-            self._data = chunked_dataset(self._file.file, self.dataset, self.shape, self.dtype, self.compression)
+            self._data = chunked_dataset(self._file.file, self.dataset, self.shape, self.dtype, self.compression,
+                                         self.chunks)
         except BaseException as error:
             if getattr(self, "_file", None) is not None:
                 self._file.close()
@@ -164,12 +167,28 @@ class CompressedArrayWriter:
 
     def write(self, block: np.ndarray) -> None:
         """Append the next rows."""
+        self._store(slice(self._rows_written, self._rows_written + block.shape[0]), block)
+        self._rows_written += block.shape[0]
+
+    def write_piece(self, e0: int, piece: np.ndarray) -> None:
+        """As :meth:`normstats.writers.rows.ArrayWriter.write_piece` (with `chunks`
+        the pieces' shape, each piece is one chunk, compressed once)."""
+        from ..row_pieces import piece_shape, piece_slices
+
+        e1 = e0 + piece.size
+        index = (slice(self._rows_written, self._rows_written + 1),) + piece_slices(self.shape[1:], e0, e1)
+        self._store(index, piece.reshape((1,) + piece_shape(self.shape[1:], e0, e1)))
+
+    def end_row(self) -> None:
+        """The next row is written (in pieces, by :meth:`write_piece`)."""
+        self._rows_written += 1
+
+    def _store(self, index: Any, values: np.ndarray) -> None:
         try:
-            self._data[self._rows_written:self._rows_written + block.shape[0]] = block
+            self._data[index] = values
         except (OSError, RuntimeError, ValueError) as error:
             raise h5_write_error(error, self._temporary) from None
         self._file.check()
-        self._rows_written += block.shape[0]
 
     def __exit__(self, exc_type, exc, tb) -> None:
         short = None if self._rows_written == self.shape[0] else \

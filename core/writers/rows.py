@@ -36,8 +36,15 @@ class RowRegion:
 
     def write(self, row: int, block: np.ndarray) -> None:
         """Write `block` as rows ``row:row + len(block)``."""
+        self.write_at(self.offset + row * self.row_bytes, block)
+
+    def write_piece(self, row: int, e0: int, piece: np.ndarray) -> None:
+        """Write `piece` as elements ``e0:e0 + piece.size`` of row `row` (C order)."""
+        self.write_at(self.offset + row * self.row_bytes + e0 * np.dtype(self.dtype).itemsize, piece)
+
+    def write_at(self, position: int, block: np.ndarray) -> None:
+        """Write the bytes of `block` at byte `position` of the file."""
         data = memoryview(np.ascontiguousarray(block, dtype=self.dtype)).cast("B")
-        position = self.offset + row * self.row_bytes
         fd = os.open(self.path, os.O_WRONLY)
         try:
             while data:  # pwrite may write less than asked
@@ -119,6 +126,11 @@ class _RowsWriter:
                 raise
         return self
 
+    @property
+    def temporary(self) -> str:
+        """The file being written (placed at `path` on a clean exit)."""
+        return next(iter(self._regions.values())).path
+
     def _put(self, blocks: dict[str, np.ndarray]) -> None:
         rows = {block.shape[0] for block in blocks.values()}
         if len(rows) != 1:
@@ -162,6 +174,15 @@ class ArrayWriter(_RowsWriter):
     def write(self, block: np.ndarray) -> None:
         """Append the next rows."""
         self._put({self.dataset: block})
+
+    def write_piece(self, e0: int, piece: np.ndarray) -> None:
+        """Write elements ``e0:e0 + piece.size`` of the next row (a row larger than a
+        read block, written in pieces); :meth:`end_row` then moves to the row after."""
+        self._regions[self.dataset].write_piece(self._rows_written, e0, piece)
+
+    def end_row(self) -> None:
+        """The next row is written (in pieces, by :meth:`write_piece`)."""
+        self._rows_written += 1
 
 
 class DatasetsWriter(_RowsWriter):
