@@ -23,7 +23,7 @@ from .compiled import numba  # imported there once numba's cache folder is chose
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in NumPy
 def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha, powers, mean, inv_std, count,
-              decay):
+              decay, later, totals):
     """Fold the batches of one block (rows of `s1`) into `mean`, `inv_std`, `count`
     and `decay` (flat, one value per statistic; `mean` / `inv_std` None when not
     fitted), in place; returns how many batches had a statistic with more than
@@ -31,28 +31,28 @@ def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha
 
     `counts` is the elements per (batch, statistic), or None when they are
     ``weight[b] * per_stat``; `residual` None for float data; ``powers[j] = (1 -
-    alpha) ** j``.
+    alpha) ** j``. `later` (batches, statistics) int64 and `totals` (4, statistics)
+    float64 are scratch (allocating here would load numba's array library with
+    the kernel, some 0.1 s of every fit's start-up).
     """
     batches, stats = s1.shape
-    used = np.zeros(batches, np.bool_)
+    used = 0
     for b in range(batches):
         for k in range(stats):
             if (counts[b, k] if counts is not None else weight[b] * per_stat) > ddof:
-                used[b] = True
+                used += 1
                 break
-    if not used.any():  # as the NumPy fold: nothing is touched
+    if used == 0:  # as the NumPy fold: nothing is touched
         return 0
     # per statistic, the valid batches after each (they set its weight), counted from the last
-    later = np.empty((batches, stats), np.int64)
-    valid_after = np.zeros(stats, np.int64)
+    sum_mean, sum_inv, sum_n, valid_after = totals[0], totals[1], totals[2], totals[3]
+    for k in range(stats):
+        valid_after[k] = 0.0
     for b in range(batches - 1, -1, -1):
         for k in range(stats):
-            later[b, k] = valid_after[k]
+            later[b, k] = int(valid_after[k])
             if (counts[b, k] if counts is not None else weight[b] * per_stat) > ddof:
-                valid_after[k] += 1
-    sum_mean = np.zeros(stats)
-    sum_inv = np.zeros(stats)
-    sum_n = np.zeros(stats)
+                valid_after[k] += 1.0
     for b in range(batches):  # batches outer, statistics inner: the inner loop vectorizes
         for k in range(stats):
             n = counts[b, k] if counts is not None else weight[b] * per_stat
@@ -79,14 +79,14 @@ def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha
                 sum_inv[k] += term_inv
                 sum_n[k] += term_n
     for k in range(stats):
-        step = powers[valid_after[k]]
+        step = powers[int(valid_after[k])]
         decay[k] = decay[k] * step
         count[k] += sum_n[k]
         if mean is not None:
             mean[k] = step * mean[k] + sum_mean[k]
         if inv_std is not None:
             inv_std[k] = step * inv_std[k] + sum_inv[k]
-    return int(used.sum())
+    return used
 
 
 from .kernel_cache import load_cached_quickly  # noqa: E402
@@ -98,4 +98,4 @@ def warm_up() -> None:
     """Load (or compile) the fold of a fit-bn's EMA without omissions, on a tiny input."""
     one, zero = np.ones((1, 1)), np.zeros((1, 1))
     _ema_fold(zero, one, zero, None, None, np.ones(1), 2, 1, 1e-5, 0.5, np.ones(2), np.zeros(1), np.ones(1),
-              np.zeros(1), np.ones(1))
+              np.zeros(1), np.ones(1), np.empty((1, 1), np.int64), np.empty((4, 1)))

@@ -148,13 +148,14 @@ class _HeldFirstCall:
 
 
 class HeldFirstCalls:
-    """The numba kernels of `module` as attributes, each call that may load a
+    """The numba kernels of `modules` as attributes, each call that may load a
     kernel's variant (its argument types new in this process) run inside
     `hold` (e.g. signals held); later calls go straight to the kernel."""
 
-    def __init__(self, module: ModuleType, hold: Callable[[], ContextManager]) -> None:
+    def __init__(self, modules: tuple[ModuleType, ...], hold: Callable[[], ContextManager]) -> None:
         from numba.core.dispatcher import Dispatcher
 
-        for name, value in vars(module).items():
-            if isinstance(value, Dispatcher):
-                setattr(self, name, _HeldFirstCall(value, hold))
+        for module in modules:
+            for name, value in vars(module).items():
+                if isinstance(value, Dispatcher):
+                    setattr(self, name, _HeldFirstCall(value, hold))

@@ -59,7 +59,7 @@ FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.
 _kernels = None
 
 
-def _compiled():
+def compiled_kernels():
     """The compiled loops, imported on first use (numba's start-up is paid by the
     commands that compute only), each loaded on its first call with given
     argument types, with Ctrl-C and SIGTERM held: a signal landing inside
@@ -72,8 +72,8 @@ def _compiled():
         from .writers.atomic import held_signals
 
         with held_signals():
-            from . import compiled
-        _kernels = HeldFirstCalls(compiled, held_signals)
+            from . import compiled, compiled_fold
+        _kernels = HeldFirstCalls((compiled, compiled_fold), held_signals)
     return _kernels
 
 
@@ -353,7 +353,7 @@ def _kernel(flat: np.ndarray, table: Optional[np.ndarray], first_element: int, l
     step = max(1, CALL_ELEMENTS // max(flat.shape[1], 1))
     for begin in range(0, flat.shape[0], step):
         end = min(flat.shape[0], begin + step)
-        _compiled()._accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
+        compiled_kernels()._accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
                                 slots[begin:end], None if weights is None else weights[begin:end],
                                 sums.shift if shift is None else shift, fresh, count0, rows_out, weight_out,
                                 sums.count if omit else None, sums.s1 if s1 is None else s1,
@@ -450,7 +450,7 @@ def fold_exact(sums: Sums, per_stat: int, shift: np.ndarray, offset: np.ndarray,
     """
     base, residual = sums.centers()
     s2 = sums.s2 if sums.s2.shape[0] else np.zeros_like(sums.s1)
-    _compiled()._fold_exact(sums.keys, base, residual if sums.integer else EMPTY_2D, sums.weight, sums.count,
+    compiled_kernels()._fold_exact(sums.keys, base, residual if sums.integer else EMPTY_2D, sums.weight, sums.count,
                             sums.s1, s2, float(per_stat), sums.integer, shift, offset, m2, weight,
                             EMPTY_2D if count is None else count)
 
@@ -477,7 +477,7 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
     if kmap is None and count is None and _columns_in_threads(flat, shift):
         check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
     else:
-        check = _compiled()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
+        check = compiled_kernels()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
                                            weight, count, scratch[0], scratch[1], scratch[2], None)
     if not np.isfinite(check):
         raise _not_finite(x, groups, look=count is None)
@@ -506,7 +506,7 @@ def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, we
     """The group updates of a block, its columns split in two halves folded in two
     threads: the state rows a block touches are scattered (many classes), so two
     cores wait on memory in parallel; no state is duplicated."""
-    compiled = _compiled()
+    compiled = compiled_kernels()
     before = np.empty(len(groups))
     compiled._update_groups(flat, table, 1, None, groups, weights, shift, offset, m2, rows, weight, None,
                             scratch, scratch, scratch, before)  # counts the rows only
@@ -529,7 +529,7 @@ def fold_centers_ema(sums: Sums, num_classes: int, alpha: float, centers: np.nda
     from the batch's starting center (the per-sample rule), still affine in
     ``C_old`` with the factor ``1 - alpha * n`` kept in `decay`."""
     base, residual = sums.centers()
-    compiled = _compiled()
+    compiled = compiled_kernels()
     plan = np.empty(len(sums.keys), np.int8)
     keep_first = first_mean is not None
     compiled._ema_plan(sums.keys, num_classes, sums.weight, float(alpha), bool(per_row), initialized, decay,
@@ -565,7 +565,7 @@ def fold_ema_batches(x: np.ndarray, slots: np.ndarray, keys: np.ndarray, batch: 
     def room(name: str, shape: tuple, dtype) -> np.ndarray:
         return scratch.array(name, shape, dtype)
 
-    stop = _compiled()._fold_ema_batches(
+    stop = compiled_kernels()._fold_ema_batches(
         flat, table, int(batch), slots, keys, num_classes, float(alpha), bool(per_row), EMPTY_BOOL, EMPTY_2D,
         centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean, first_seen,
         room("shift", (rows, width), np.float64), room("s1", (rows, width), np.float64),
@@ -584,7 +584,7 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
     rows = len(groups)
     slots = np.empty(rows, np.int64)
     keys = np.empty(rows, np.int64)
-    present = _compiled()._slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
+    present = compiled_kernels()._slot_rows(np.ascontiguousarray(groups, dtype=np.int64), batch or max(rows, 1),
                                      first_batch, num_groups, lookup, slots, keys)
     return slots, keys[:present]
 
@@ -615,14 +615,14 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
     fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
     before = np.empty(4)
-    _compiled()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
+    compiled_kernels()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
                                np.zeros(2), np.zeros(2), np.zeros(2), before)
-    _compiled()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
+    compiled_kernels()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
     from . import compiled_fold
 
     compiled_fold.warm_up()
     if x.dtype == np.float32:  # what apply and gzip reads use on the same data
         row = np.zeros(2, np.float32)
-        _compiled()._normalize_rows(x, row, row, row, np.zeros_like(x), row.copy())
-        _compiled()._unshuffle(np.zeros((4, 4), np.uint8), 0, np.zeros(4, np.uint32))
+        compiled_kernels()._normalize_rows(x, row, row, row, np.zeros_like(x), row.copy())
+        compiled_kernels()._unshuffle(np.zeros((4, 4), np.uint8), 0, np.zeros(4, np.uint32))
 

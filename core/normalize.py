@@ -86,7 +86,6 @@ class Normalizer:
         self._terms["beta"] = None if beta is None else self._broadcastable(beta, False)
         self._group_rows = stats.arrays.get("group_rows")
         self._cast: dict[object, dict[str, Optional[np.ndarray]]] = {}
-        self._loaded: set = set()  # (input, compute) dtypes whose compiled pass is loaded
         self._workspace = Workspace()
 
     def _broadcastable(self, value: np.ndarray, grouped: bool) -> np.ndarray:
@@ -160,19 +159,13 @@ class Normalizer:
                     np.broadcast_to(v[0], self.row_shape).reshape(-1), dtype=compute)
                     for k, v in self._terms.items()}
             self._cast[("rows", compute)] = terms
-        from . import compiled
-        from .writers.atomic import held_signals
+        from .kernels import compiled_kernels
 
         rows = x.reshape(x.shape[0], -1)
         y = self._workspace.array("y", x.shape, compute)
         seen = np.zeros(rows.shape[1], compute)
         args = (rows, terms["mean"], terms["scale"], terms["beta"], y.reshape(rows.shape), seen)
-        if (x.dtype, compute) in self._loaded:
-            compiled._normalize_rows(*args)
-        else:  # the first call loads the kernel from numba's cache: no signal inside it (see load_kernels)
-            with held_signals():
-                compiled._normalize_rows(*args)
-            self._loaded.add((x.dtype, compute))
+        compiled_kernels()._normalize_rows(*args)  # its first call loads it, signals held
         return y, bool(np.isfinite(seen).all())
 
     def _normalize(self, x: np.ndarray, groups: Optional[np.ndarray], compute: np.dtype,

@@ -139,9 +139,9 @@ class ChunkReader:
         target = target.reshape(-1)
         skip, count = (begin - lo) * row_items, (end - begin) * row_items
         if self.shuffle and item > 1:  # byte k of every element is in plane k
-            from .. import compiled
+            from ..kernels import compiled_kernels
 
-            compiled._unshuffle(np.frombuffer(flat, np.uint8).reshape(item, full), skip,
+            compiled_kernels()._unshuffle(np.frombuffer(flat, np.uint8).reshape(item, full), skip,
                                 target.view(np.dtype(f"u{item}")))
         else:
             target[...] = np.frombuffer(flat, self.dtype, count, skip * item)
