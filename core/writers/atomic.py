@@ -120,19 +120,6 @@ def atomic_paths(paths: Sequence[str], *, replace: Optional[bool] = None) -> Ite
         _sync_folder(folder)
 
 
-def _special_kind(path: str) -> Optional[str]:
-    """What `path` is if it exists as neither a regular file nor a link (None otherwise)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return kind
-    return None
-
-
 def _refused(path: str, error: OSError) -> OutputError:
     """The system refused to store `path`'s bytes (its temporary is gone already)."""
     kept = f"the previous {path} is intact" if os.path.lexists(path) else "no output was left"
