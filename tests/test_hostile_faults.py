@@ -177,9 +177,17 @@ def test_kills_leave_no_output_or_the_previous_one_and_the_next_run_cleans_up(da
     out.write_bytes(b"previous")
     rng = random.Random(command)
     for sig in (signal.SIGKILL, signal.SIGTERM):
+        stranded = _temporaries(tmp_path)
         process = subprocess.Popen([SCRIPT, *args, "-o", str(out), "--force"], cwd=tmp_path,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.2, 1.0))
+        if stranded and has_proc():  # the SIGTERM run: it must get as far as its sweep, which load delays
+            deadline = time.monotonic() + 60
+            while set(stranded) & set(_temporaries(tmp_path)) and process.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:
+            time.sleep(rng.uniform(0.2, 1.0))
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)
         assert "Traceback" not in stderr
