@@ -16,9 +16,9 @@ import numpy as np
 
 from .errors import NormstatsError
 from .interop import TARGET_FORMATS, torch_key, torch_prefixes
-from .readers.small_arrays import read_array
-from .writers.safetensors_file import SAFETENSORS_META_KEY, safetensors_index
-from .writers.stats_npz import npz_names
+from .writers.safetensors_file import SAFETENSORS_META_KEY, read_safetensors, safetensors_index
+from .writers.base import require_file
+from .writers.stats_npz import _npz as _npz_archive
 
 KALDI_HINT = "pip install kaldiio"  # normstats reads Kaldi's binary matrices through kaldiio only
 
@@ -60,9 +60,10 @@ def _torch(path: str) -> Optional[dict[str, Any]]:
     layers = torch_prefixes(names)
     if SAFETENSORS_META_KEY in metadata or not layers:
         return None
+    means, _ = read_safetensors(path, [torch_key(prefix, "running_mean") for prefix in layers])  # one pass
     shown = {}
     for prefix in layers:
-        mean = read_array(f"{path}:{torch_key(prefix, 'running_mean')}")
+        mean = means[torch_key(prefix, "running_mean")]
         shown[prefix or "(top level)"] = f"{mean.shape[0] if mean.ndim else 1} channels"
     first = layers[0]
     return {
@@ -76,18 +77,20 @@ def _torch(path: str) -> Optional[dict[str, Any]]:
 
 
 def _npz(path: str) -> Optional[dict[str, Any]]:
-    names = set(npz_names(path))
-    if "meta" in names:
-        return None
-    if {"mean", "variance"} <= names:
-        kind = "Keras Normalization weights"
-        load = "z = np.load(FILE); keras.layers.Normalization(axis=tuple(z['axis'].tolist()), mean=z['mean'], variance=z['variance'])"
-    elif {"count", "sum", "sum_square"} <= names:
-        kind = "ESPnet GlobalMVN statistics"
-        load = "espnet2 GlobalMVN(stats_file=FILE) (or np.load(FILE))"
-    else:
-        return None
-    arrays = {name: _shape_text(read_array(f"{path}:{name}")) for name in sorted(names)}
+    require_file(path, "file")
+    with _npz_archive(path) as archive:  # opened once: its names, then the arrays shown
+        names = set(archive.files)
+        if "meta" in names:
+            return None
+        if {"mean", "variance"} <= names:
+            kind = "Keras Normalization weights"
+            load = "z = np.load(FILE); keras.layers.Normalization(axis=tuple(z['axis'].tolist()), mean=z['mean'], variance=z['variance'])"
+        elif {"count", "sum", "sum_square"} <= names:
+            kind = "ESPnet GlobalMVN statistics"
+            load = "espnet2 GlobalMVN(stats_file=FILE) (or np.load(FILE))"
+        else:
+            return None
+        arrays = {name: _shape_text(archive[name]) for name in sorted(names)}
     return {"kind": kind, "written_by": "unknown (an .npz names no writer)", "arrays": arrays, "load": load}
 
 

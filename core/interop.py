@@ -22,6 +22,7 @@ refused with the reason, never approximated:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,13 +41,6 @@ from .writers.safetensors_file import SAFETENSORS_META_KEY, read_safetensors, sa
 from .validate import check_eps
 
 TARGETS = ("torch", "keras", "kaldi", "espnet")
-TARGET_FORMATS = {
-    "torch": (".safetensors",),
-    "keras": (".npz",),
-    "kaldi": (".cmvn", ".mat", ".ark"),  # .ark: per-group statistics, one matrix per key
-    # .npz: ESPnet2's GlobalMVN; .npy / .ark / .h5: ESPnet1's CMVN (utils/compute_cmvn_stats.py)
-    "espnet": (".npz", ".npy", ".ark", ".h5", ".hdf5"),
-}
 GLOBAL_KEY = "global"  # the key of statistics without groups in an archive
 TORCH_DEFAULT_EPS = 1e-5  # torch.nn.BatchNorm*d's default; a state dict does not hold its eps
 LISTED_PREFIXES = 10  # BatchNorm layers named when a state dict holds several
@@ -558,7 +552,31 @@ def to_espnet_cmvn(stats: Stats, extension: str) -> Export:
     return Export("espnet", container, arrays, summary=kaldi.summary.replace("CMVN stats", "ESPnet1 CMVN stats", 1))
 
 
-CONVERSIONS = {"torch": to_torch, "keras": to_keras, "kaldi": to_kaldi, "espnet": to_espnet}
+def _to_kaldi_archive(stats: Stats) -> Export:
+    """:func:`to_kaldi` as a Kaldi archive: per-group matrices by key, global
+    statistics as the archive's one entry, under the key ``global``."""
+    export = to_kaldi(stats)
+    if export.container == "kaldi-ark":
+        return export
+    return Export(export.target, "kaldi-ark", {GLOBAL_KEY: export.arrays["cmvn"]},
+                  summary=f"{export.summary}, key {GLOBAL_KEY!r}")
+
+
+# The conversion behind each (target, output extension): within a target, the extension
+# chooses the layout (ESPnet2's GlobalMVN .npz or ESPnet1's CMVN matrices; a Kaldi matrix
+# or archive). Options (torch's prefix, eps, gamma, beta) are passed on as given.
+CONVERSIONS = {
+    ("torch", ".safetensors"): to_torch,
+    ("keras", ".npz"): to_keras,
+    ("kaldi", ".cmvn"): to_kaldi,
+    ("kaldi", ".mat"): to_kaldi,
+    ("kaldi", ".ark"): _to_kaldi_archive,  # per-group statistics, one matrix per key
+    ("espnet", ".npz"): to_espnet,
+    # ESPnet1's CMVN, as utils/compute_cmvn_stats.py writes it
+    **{("espnet", ext): functools.partial(to_espnet_cmvn, extension=ext) for ext in (".npy", ".ark", ".h5", ".hdf5")},
+}
+# The extensions each target writes, in the order the table gives them.
+TARGET_FORMATS = {target: tuple(ext for t, ext in CONVERSIONS if t == target) for target in TARGETS}
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -594,22 +612,18 @@ def export_stats(stats: Stats, target: str, path: str, **options) -> Export:
         The statistics cannot be represented in the target (see the
         conversion functions).
     """
-    if target not in CONVERSIONS:
+    if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     extension = os.path.splitext(path)[1].lower()
     if extension not in TARGET_FORMATS[target]:
         raise UsageError(f"--to {target} writes {' or '.join(TARGET_FORMATS[target])}, not {path!r}")
     with np.errstate(over="ignore"):  # an overflow leaves inf, refused just below
-        if target == "espnet" and extension != ".npz":
-            export = to_espnet_cmvn(check_values(stats), extension)
-        else:
-            export = CONVERSIONS[target](check_values(stats), **options)
+        export = CONVERSIONS[target, extension](check_values(stats), **options)
     _check_finite_export(export, _name(stats))
+    # Only to_kaldi's result depends on the statistics (a matrix, or an archive per group); the
+    # name -o gives is not known to the conversion, so the remedy is named here.
     if export.container == "kaldi-ark" and extension != ".ark":
         raise UsageError(f"per-group statistics go to a Kaldi archive: write {os.path.splitext(path)[0]}.ark")
-    if export.container == "kaldi-matrix" and extension == ".ark":  # an archive of one matrix
-        export = Export(export.target, "kaldi-ark", {GLOBAL_KEY: export.arrays["cmvn"]},
-                        summary=f"{export.summary}, key {GLOBAL_KEY!r}")
     write_export(export.container, export.arrays, export.metadata, path)
     return export
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .errors import DataError, UsageError
 
@@ -77,6 +77,16 @@ def check_stored(declared: int, stored: int, what: str, remedy: str = "re-create
                         f"it is truncated or was never fully written: {remedy}")
 
 
+def special_kind(mode: int) -> Optional[str]:
+    """What a file of `mode` is when it is a FIFO, a socket or a device; None for
+    anything else (a regular file, a folder, a link)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return None
+
+
 def require_regular_file(path: str, what: str) -> os.stat_result:
     """The stat of `path`, which must be a regular file (after symlinks).
 
@@ -93,10 +103,9 @@ def require_regular_file(path: str, what: str) -> os.stat_result:
     if stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{what} {path!r} is a directory")
     if not stat.S_ISREG(info.st_mode):
-        kind = ("a pipe" if stat.S_ISFIFO(info.st_mode) else "a device"
-                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a regular file")
-        raise UsageError(f"{what} {path!r} is {kind}; normstats reads its files more than once and at "
-                         "offsets: save the data to a file first")
+        raise UsageError(f"{what} {path!r} is {special_kind(info.st_mode) or 'not a regular file'}; normstats "
+                         "reads its files more than once and at offsets, which pipes (FIFOs), sockets and devices do not allow: "
+                         "save the data to a file first")
     return info
 
 

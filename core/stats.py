@@ -168,13 +168,21 @@ def check_values(stats: Stats) -> Stats:
     Counts must be finite and >= 0. Call it on :func:`check_stats`-checked
     stats before applying, exporting, merging or continuing them.
     """
-    for key in _COUNTS:
-        if key in stats.arrays:
-            _check_array(stats, key, ">= 0", None)
+    name = stats.source or "the stats file"
+    check_counts(stats.arrays, name)
     for key, rule in _VALUES.items():
         if key in stats.arrays:
-            _check_array(stats, key, rule, _seen(stats, key))
+            _check_array(stats.arrays[key], key, rule, _seen(stats, key), name)
     return stats
+
+
+def check_counts(arrays: dict[str, np.ndarray], name: str) -> None:
+    """Raise StatsFileError unless every count among `arrays` (``count``,
+    ``counts``, ``weight``, ``group_rows``) is finite and >= 0; `name` is the
+    file, for messages. A stats file's counts are checked as it is read."""
+    for key in _COUNTS:
+        if key in arrays:
+            _check_array(arrays[key], key, ">= 0", None, name)
 
 
 def _seen(stats: Stats, key: str) -> Optional[np.ndarray]:
@@ -196,8 +204,8 @@ def _seen(stats: Stats, key: str) -> Optional[np.ndarray]:
     return seen
 
 
-def _check_array(stats: Stats, key: str, rule: str, seen: Optional[np.ndarray]) -> None:
-    array = np.asarray(stats.arrays[key], dtype=np.float64)
+def _check_array(values: np.ndarray, key: str, rule: str, seen: Optional[np.ndarray], name: str) -> None:
+    array = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(array)
         if rule == ">= 0":
@@ -213,6 +221,6 @@ def _check_array(stats: Stats, key: str, rule: str, seen: Optional[np.ndarray]) 
     need = "finite" if rule == "finite" else f"finite and {rule}"
     context = " where data was seen" if seen is not None else ""
     raise StatsFileError(
-        f"{stats.source or 'the stats file'}: {key} holds {array[where]}{at}; it must be {need}{context} "
+        f"{name}: {key} holds {array[where]}{at}; it must be {need}{context} "
         "(applying or continuing from it would give NaN or infinite numbers); re-create the file"
     )

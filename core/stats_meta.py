@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import StatsFileError
+from .stats import check_counts
 
 
 def _is_int(value: Any) -> bool:
@@ -136,13 +137,7 @@ def check_arrays(arrays: dict[str, np.ndarray], path: str) -> dict[str, np.ndarr
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf":
             raise StatsFileError(f"stats file {path!r}: key {name!r}: holds {array.dtype} values, not numbers")
-        if name in ("counts", "count") and array.size:
-            with np.errstate(invalid="ignore"):
-                bad = np.argwhere(~(np.isfinite(array) & (array >= 0)))
-            if len(bad):
-                where = ", ".join(str(int(i)) for i in bad[0])
-                raise StatsFileError(f"stats file {path!r}: key {name!r}: holds {array[tuple(bad[0])]} at index "
-                                     f"{where}; counts must be finite and >= 0; re-create the file")
+    check_counts(arrays, f"stats file {path!r}")
     return arrays
 
 

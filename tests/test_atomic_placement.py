@@ -79,3 +79,27 @@ def test_signals_are_held_while_another_thread_could_take_them(ctrl_c) -> None:
         stop.set()
         reader.join()
     assert reached == [True]
+
+
+def test_an_interrupt_while_the_signals_are_restored_leaves_nothing_held(monkeypatch) -> None:
+    # A signal another thread took during the block may have its Python handler run only
+    # once restored (a loaded machine schedules that thread late): its KeyboardInterrupt
+    # must not leave the mask blocking or a noting handler installed (later signals lost).
+    real = signal.signal
+    raised = []
+
+    def restore_then_interrupt(signum, handler):
+        previous = real(signum, handler)
+        if not raised:
+            raised.append(signum)
+            raise KeyboardInterrupt  # what the restored handler of the late signal does
+        return previous
+
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.held_signals():
+            monkeypatch.setattr(signal, "signal", restore_then_interrupt)
+    monkeypatch.undo()
+    assert raised and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask

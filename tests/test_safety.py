@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import normstats as ns
+from tests.processes import bytes_read, has_proc, wait_until_normstats_runs, wait_until_read
 
 SCRIPT = str(Path(sys.executable).with_name("normstats"))
 
@@ -39,17 +40,14 @@ def big_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.skipif(not has_proc(), reason="needs Linux /proc to time the kills by the run's progress")
 def test_random_kills_leave_no_file_or_the_previous_one(big_input: Path, tmp_path: Path) -> None:
     rng = random.Random(5)
     previous = tmp_path / "previous.npz"
-    durations = []
-    for _ in range(2):  # the first run may compile and cache the kernels: time the second
-        started = time.perf_counter()
-        subprocess.run([SCRIPT, "fit-bn", str(big_input), "-o", str(previous), "-q", "--mode", "exact", "--force"],
-                       check=True, capture_output=True)
-        durations.append(time.perf_counter() - started)  # start-up included
-    duration = durations[-1]
+    subprocess.run([SCRIPT, "fit-bn", str(big_input), "-o", str(previous), "-q", "--mode", "exact", "--force"],
+                   check=True, capture_output=True)
     old = previous.read_bytes()
+    size = big_input.stat().st_size
     codes = []
     for trial in range(8):
         sig = signal.SIGINT if trial % 2 else signal.SIGTERM
@@ -57,7 +55,13 @@ def test_random_kills_leave_no_file_or_the_previous_one(big_input: Path, tmp_pat
         out = previous if overwrite else tmp_path / f"new{trial}.npz"
         command = [SCRIPT, "fit-bn", str(big_input), "-o", str(out), "--mode", "exact", "-q", "--force"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(duration * rng.uniform(0.5, 0.95))  # mostly mid-fit, sometimes at start-up
+        # Mostly mid-fit, sometimes at start-up: timed by what the run has done (its code
+        # started; a share of the input read), which the machine's load does not shift.
+        wait_until_normstats_runs(process)
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.0, 0.15))
+        else:
+            wait_until_read(process, bytes_read(process.pid) + int(size * rng.uniform(0.05, 0.8)))
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)
         codes.append(process.returncode)

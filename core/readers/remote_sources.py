@@ -107,9 +107,13 @@ class RemoteH5(_Remote, ArraySource):
     def _dataset(self, file: Any, name: Optional[str]) -> Any:
         import h5py
 
-        datasets: list[str] = []
-        file.visititems(lambda key, obj: datasets.append(key) if isinstance(obj, h5py.Dataset) else None)
+        def listing() -> list[str]:  # a walk of the whole remote file: only to choose or to tell
+            datasets: list[str] = []
+            file.visititems(lambda key, obj: datasets.append(key) if isinstance(obj, h5py.Dataset) else None)
+            return datasets
+
         if name is None:
+            datasets = listing()
             if len(datasets) != 1:
                 raise UsageError(f"{self.path} holds {len(datasets)} datasets ({', '.join(datasets) or 'none'}); "
                                  f"name one as {self.path}:NAME or with --dataset")
@@ -119,14 +123,14 @@ class RemoteH5(_Remote, ArraySource):
         for part in [p for p in name.split("/") if p]:
             link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
             if link is None:
-                raise UsageError(f"{self.path} has no dataset {name!r}; it has: {', '.join(datasets) or 'none'}")
+                raise UsageError(f"{self.path} has no dataset {name!r}; it has: {', '.join(listing()) or 'none'}")
             if isinstance(link, h5py.ExternalLink):
                 raise UsageError(f"{shown} is an external link to {link.filename!r}; a remote HDF5 file is read "
                                  "only from its own data: copy the linked data into it")
             node = node[part]
         if not isinstance(node, h5py.Dataset):
             raise UsageError(f"{shown} is a group, not a dataset; HDF5 collections are read from local files "
-                             f"only: name a dataset (it has: {', '.join(datasets) or 'none'})")
+                             f"only: name a dataset (it has: {', '.join(listing()) or 'none'})")
         if node.is_virtual or node.external:
             raise UsageError(f"{shown} is {'a virtual dataset' if node.is_virtual else 'stored externally'}; a remote "
                              "HDF5 file is read only from its own data: copy the data into it")

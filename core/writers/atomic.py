@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import ctypes
 import errno
+import functools
 import os
 import re
 import secrets
@@ -14,7 +15,7 @@ import signal
 import stat
 import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import OutputError, UsageError
 
@@ -118,19 +119,6 @@ def atomic_paths(paths: Sequence[str], *, replace: Optional[bool] = None) -> Ite
         raise
     for folder in dict.fromkeys(folder for folder, _ in places):
         _sync_folder(folder)
-
-
-def _special_kind(path: str) -> Optional[str]:
-    """What `path` is if it exists as neither a regular file nor a link (None otherwise)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return kind
-    return None
 
 
 def _refused(path: str, error: OSError) -> OutputError:
@@ -269,9 +257,32 @@ def held_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        steps = [functools.partial(signal.signal, signum, signal.SIG_DFL if handler is None else handler)
+                 for signum, handler in handlers.items()]  # None: set outside Python
         if masks:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            steps.append(functools.partial(signal.pthread_sigmask, signal.SIG_SETMASK, previous))
+        came = _every_step(steps)
+        if came is not None:
+            raise came
         if pending:
             signal.raise_signal(pending[0])  # as if it came now, to the handler it would have met
+
+
+def _every_step(steps: Sequence[Callable[[], Any]]) -> Optional[KeyboardInterrupt]:
+    """Run every one of `steps` (each may be repeated), whatever interrupts them.
+
+    A signal that another thread took during the held block may have its Python
+    handler run only now, once restored (a loaded machine schedules that thread
+    late): its KeyboardInterrupt, raised between two steps, would leave the rest
+    undone (the mask still blocking, the noting handler installed, so that later
+    signals are lost). It is kept and returned instead, the steps completed.
+    """
+    came = None
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except KeyboardInterrupt as error:
+                came = error
+    return came

@@ -7,8 +7,8 @@ import os
 from typing import Optional, Sequence
 
 from ..errors import UsageError
-from ..limits import require_regular_file
-from .atomic import TAG_CHARS, _special_kind, _temporary_name
+from ..limits import require_regular_file, special_kind
+from .atomic import TAG_CHARS, _temporary_name
 
 
 STATS_FORMATS = (".npz", ".h5", ".hdf5", ".safetensors", ".json")
@@ -52,7 +52,10 @@ def check_output(path: str, *, force: bool, formats: Sequence[str]) -> None:
         raise UsageError(f"output folder {folder!r} is not writable")
     if os.path.isdir(path):
         raise UsageError(f"output {path!r} is a directory")
-    kind = _special_kind(path)
+    try:
+        kind = special_kind(os.lstat(path).st_mode)
+    except OSError:  # no such file (yet)
+        kind = None
     if kind:  # --force replaces a file, never a FIFO, socket or device that has the name
         raise UsageError(f"output {path!r} is {kind}, not a file; write to another path")
     _check_name_length(folder, base)
