@@ -67,12 +67,18 @@ def test_labels_reached_through_a_link_are_an_input_too(run, tmp_path):
     assert _digest(tmp_path / "part.h5") == before
 
 
-def test_a_virtual_source_file_is_an_input(run, tmp_path):
-    values = _parts(tmp_path)
+def _virtual(values: np.ndarray, path: Path, name: str) -> h5py.File:
+    """`path` (open, to add to) holding `name`: a virtual dataset of part.h5's 'a'."""
     layout = h5py.VirtualLayout(shape=(30, 4), dtype=values.dtype)
     layout[:] = h5py.VirtualSource("part.h5", "a", shape=(30, 4))
-    with h5py.File(tmp_path / "vds.h5", "w") as f:
-        f.create_virtual_dataset("x", layout)
+    f = h5py.File(path, "w")
+    f.create_virtual_dataset(name, layout)
+    return f
+
+
+def test_a_virtual_source_file_is_an_input(run, tmp_path):
+    values = _parts(tmp_path)
+    _virtual(values, tmp_path / "vds.h5", "x").close()
     before = _digest(tmp_path / "part.h5")
     result = run("fit-bn", "vds.h5:x", "--mode", "exact", "-o", "part.h5", "--force")
     assert result.exit_code == 2
@@ -86,10 +92,7 @@ def test_a_virtual_source_file_is_an_input(run, tmp_path):
 
 def test_a_virtual_source_of_a_collection_member_is_an_input(run, tmp_path):
     values = _parts(tmp_path)
-    layout = h5py.VirtualLayout(shape=(30, 4), dtype=values.dtype)
-    layout[:] = h5py.VirtualSource("part.h5", "a", shape=(30, 4))
-    with h5py.File(tmp_path / "vcoll.h5", "w") as f:
-        f.create_virtual_dataset("t/v", layout)
+    with _virtual(values, tmp_path / "vcoll.h5", "t/v") as f:
         f["t/w"] = values[30:]
     before = _digest(tmp_path / "part.h5")
     for extra in (["-o", "part.h5"], ["-o", "s.npz", "--checkpoint", "part.h5"]):
