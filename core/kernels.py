@@ -129,7 +129,9 @@ class Layout:
         else:
             index = np.arange(stats, dtype=np.int64).reshape(
                 [n if not r else 1 for n, r in zip(lead, reduced[:trailing])])
-            kmap = np.ascontiguousarray(np.broadcast_to(index, lead).reshape(-1))
+            # a copy, never the read-only broadcast view reshape returns when nothing is broadcast:
+            # read-only and writable arrays are two types to numba, each a variant to compile
+            kmap = np.broadcast_to(index, lead).reshape(-1).copy()
         kfirst = np.zeros(len(kmap), np.bool_)
         kfirst[np.unique(kmap, return_index=True)[1]] = True
         lead_reduced = len(reduced) - len(kept)

@@ -155,7 +155,9 @@ class Normalizer:
             if int(np.prod(self.row_shape)) > FUSED_ROW_ELEMENTS:
                 return None
             with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
-                terms = {k: None if v is None else np.ascontiguousarray(
+                # copies (np.array), never a read-only broadcast view: that would be one more
+                # variant of the kernel for numba to compile
+                terms = {k: None if v is None else np.array(
                     np.broadcast_to(v[0], self.row_shape).reshape(-1), dtype=compute)
                     for k, v in self._terms.items()}
             self._cast[("rows", compute)] = terms
