@@ -1145,7 +1145,7 @@ def test_interrupt_leaves_no_file(run, files, monkeypatch, where):
             counter()
         monkeypatch.setattr(normstats.writers.rows.ArrayWriter, "write", write)
     elif where == "assign-midway":
-        centers = _centers(files.tmp / "centers.npz", files)
+        _centers(files.tmp / "centers.npz", files)
         real_rows = normstats.writers.rows.DatasetsWriter.write
         rows_counter = _interrupt_on_call(3)
 

@@ -8,7 +8,6 @@ toolkit is installed (torch, keras, kaldiio), the real thing loads it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
