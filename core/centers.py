@@ -120,6 +120,12 @@ class _CentersBase(FitState):
     def _shaped(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape((self.num_classes,) + self.row_shape)
 
+    def _located(self, error: NonFiniteError, first: int = 0, *, element: int = 0) -> NonFiniteError:
+        """`error` of rows `first` rows into the current update, located in the stream
+        (its element: ``error.index[element]``, flat in the row)."""
+        return NonFiniteError(self.position + first + error.row,
+                              np.unravel_index(error.index[element], self.row_shape), error.value)
+
 
 CONTINUED = ("ignore_label", "nan_policy", "batch_size")  # options a continued fit takes from its file
 
@@ -331,11 +337,6 @@ class CentersEMA(KeepsScratch, _CentersBase):
             keep[stop:] &= np.isfinite(flat[stop:]).all(axis=1)
             flat, labels, keep, first, masked = flat[stop:], labels[stop:], keep[stop:], first + stop, 0
 
-    def _located(self, error: NonFiniteError, first: int) -> NonFiniteError:
-        """`error` of rows `first` rows into the current update, located in the stream."""
-        return NonFiniteError(self.position + first + error.row, np.unravel_index(error.index[0], self.row_shape),
-                              error.value)
-
     def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> Sums:
         """The kernel's sums per (batch, class) pair present; the rows start `first`
         rows into the current update (for the row of an error)."""
@@ -369,8 +370,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
                                       np.ones(1, bool), squares=False)
             except NonFiniteError as error:
                 if self.nan_policy != "omit":
-                    raise NonFiniteError(self.position, np.unravel_index(error.index[-1], self.row_shape),
-                                         error.value) from None
+                    raise self._located(error, element=-1) from None
                 keep[0] = False  # a row holding NaN / Inf is skipped whole
         self._open_sums(sums, 1)
         if self.open_rows == (self.batch_size or 1):
@@ -564,8 +564,7 @@ class CentersExact(_CentersBase):
         try:
             self.moments.update(flat, np.where(keep, labels, -1), weights)
         except NonFiniteError as error:
-            raise NonFiniteError(self.position + error.row, np.unravel_index(error.index[0], self.row_shape),
-                                 error.value) from None
+            raise self._located(error) from None
         self._count(labels, keep)
         return self
 
@@ -583,8 +582,7 @@ class CentersExact(_CentersBase):
             try:
                 self.moments.update_row(pieces, int(labels[0]), None if weights is None else float(weights[0]))
             except NonFiniteError as error:
-                raise NonFiniteError(self.position, np.unravel_index(error.index[-1], self.row_shape),
-                                     error.value) from None
+                raise self._located(error, element=-1) from None
         self._count(labels, keep)
         return self
 
