@@ -23,6 +23,9 @@ class PieceNormalizer:
 
     def __init__(self, normalizer: Normalizer) -> None:
         self.normalizer = normalizer
+        # The terms of the last row's group: every piece of a row slices the same ones (with
+        # per-group statistics, selecting them copies a row's worth: once per row, not per piece).
+        self._row_terms: Optional[tuple[tuple, dict]] = None
 
     def __call__(self, piece: np.ndarray, e0: int, group: Optional[np.ndarray] = None) -> np.ndarray:
         """The normalized elements ``e0:e0+piece.size`` of one row (1-D, a reused buffer).
@@ -50,9 +53,13 @@ class PieceNormalizer:
     def _terms(self, compute: np.dtype, index: tuple, group: Optional[np.ndarray]) -> dict:
         """The terms over the piece at `index` of a row: views, no copies of the row's size."""
         normalizer = self.normalizer
-        terms = normalizer._terms_in(compute)
-        if normalizer.num_groups is not None:
-            terms = normalizer._per_row(terms, group, 1)
+        key = (compute, None if group is None else int(np.asarray(group).reshape(-1)[0]))
+        if self._row_terms is None or self._row_terms[0] != key:
+            terms = normalizer._terms_in(compute)
+            if normalizer.num_groups is not None:
+                terms = normalizer._per_row(terms, group, 1)
+            self._row_terms = (key, terms)
+        terms = self._row_terms[1]
         full = (1,) + normalizer.row_shape
         return {k: None if v is None else np.broadcast_to(v, full)[index] for k, v in terms.items()}
 
