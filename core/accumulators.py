@@ -101,8 +101,7 @@ class GroupedMoments:
     def count_view(self) -> np.ndarray:
         """:attr:`count` counted per row (no values left out) as a read-only view of
         the weight per group: no (groups, statistics) array."""
-        n = (self.weight * self.layout.per_stat).reshape((self.num_groups,) + (1,) * len(self.kept))
-        return np.broadcast_to(n, (self.num_groups,) + self.kept)
+        return self._shaped(self.count_2d)  # a zero-stride view: reshaping it copies nothing
 
     @property
     def count(self) -> Optional[np.ndarray]:

@@ -794,8 +794,7 @@ class BatchNormExact(_BatchNormBase):
     def take(self, sums: Sums, rows: int) -> None:
         """Fold in the sums of ``block_work()`` for the next `rows` rows."""
         self.moments.fold(sums)
-        self.batches_seen += self.batches_in(rows)
-        self.rows_seen += rows
+        self._count(rows)
 
     def result(self, *, spend: bool = False) -> Stats:
         """Population mean, var, inv_std and count (float64) and metadata.

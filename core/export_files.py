@@ -18,7 +18,7 @@ from .errors import NormstatsError
 from .interop import TARGET_FORMATS, torch_key, torch_prefixes
 from .writers.safetensors_file import SAFETENSORS_META_KEY, read_safetensors, safetensors_index
 from .writers.base import require_file
-from .writers.stats_npz import _npz as _npz_archive
+from .writers.stats_npz import open_npz
 
 KALDI_HINT = "pip install kaldiio"  # normstats reads Kaldi's binary matrices through kaldiio only
 
@@ -78,7 +78,7 @@ def _torch(path: str) -> Optional[dict[str, Any]]:
 
 def _npz(path: str) -> Optional[dict[str, Any]]:
     require_file(path, "file")
-    with _npz_archive(path) as archive:  # opened once: its names, then the arrays shown
+    with open_npz(path) as archive:  # opened once: its names, then the arrays shown
         names = set(archive.files)
         if "meta" in names:
             return None

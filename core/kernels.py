@@ -564,15 +564,12 @@ def fold_ema_batches(x: np.ndarray, slots: np.ndarray, keys: np.ndarray, batch: 
     width = flat.shape[1]
     rows = min(batch, len(flat))
 
-    def room(name: str, shape: tuple, dtype) -> np.ndarray:
-        return scratch.array(name, shape, dtype)
-
     stop = compiled_kernels()._fold_ema_batches(
         flat, table, int(batch), slots, keys, num_classes, float(alpha), bool(per_row), EMPTY_BOOL, EMPTY_2D,
         centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean, first_seen,
-        room("shift", (rows, width), np.float64), room("s1", (rows, width), np.float64),
-        room("fresh", (rows,), np.bool_), room("local", (rows,), np.int64), room("rows", (rows,), np.int64),
-        room("weight", (rows,), np.float64), room("plan", (rows,), np.int8), room("check", (width,), np.float64))
+        scratch.array("shift", (rows, width), np.float64), scratch.array("s1", (rows, width), np.float64),
+        scratch.array("fresh", (rows,), np.bool_), scratch.array("local", (rows,), np.int64), scratch.array("rows", (rows,), np.int64),
+        scratch.array("weight", (rows,), np.float64), scratch.array("plan", (rows,), np.int8), scratch.array("check", (width,), np.float64))
     if stop >= 0 and not omit:
         raise _not_finite(x, slots, look=True)
     return int(stop)
@@ -593,7 +590,7 @@ def slot_rows(groups: np.ndarray, num_groups: int, lookup: np.ndarray, *, batch:
 
 def load_kernels(dtype: np.dtype) -> None:
     """Load every kernel the fits use for data of `dtype` (:func:`warm_up`), each
-    with Ctrl-C and SIGTERM held (see :func:`_compiled`): what a process about
+    with Ctrl-C and SIGTERM held (see :func:`compiled_kernels`): what a process about
     to fork workers does, so that they share the loaded code."""
     # float16 blocks reach the kernels through a lookup table, not as float16 arrays
     warm_up(np.dtype(np.float32) if np.dtype(dtype) == np.float16 else dtype)

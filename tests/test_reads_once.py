@@ -36,8 +36,8 @@ def test_a_state_dict_of_several_layers_is_read_once(tmp_path: Path, monkeypatch
 def test_an_npz_export_is_opened_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.savez(tmp_path / "k.npz", mean=np.zeros(4), variance=np.ones(4), axis=np.array([-1]))
     opened = []
-    real = export_files._npz_archive
-    monkeypatch.setattr(export_files, "_npz_archive", lambda path: opened.append(path) or real(path))
+    real = export_files.open_npz
+    monkeypatch.setattr(export_files, "open_npz", lambda path: opened.append(path) or real(path))
     found = describe_export(str(tmp_path / "k.npz"))
     assert found["arrays"] == {"axis": "int64 (1,)", "mean": "float64 (4,)", "variance": "float64 (4,)"}
     assert len(opened) == 1

@@ -12,7 +12,7 @@ from ..limits import check_fits_memory, elements
 from ..specs import split_spec
 from ..writers.base import _extension, require_file
 from ..writers.safetensors_file import read_safetensors, safetensors_index
-from ..writers.stats_npz import _npz
+from ..writers.stats_npz import open_npz
 from .api import open_source
 
 
@@ -27,7 +27,7 @@ def read_array(spec: str, *, allow_external: bool = False) -> np.ndarray:
         if _extension(path) == ".safetensors":
             key = _array_name(path, safetensors_index(path)[0], name)
             return read_safetensors(path, [key])[0][key]
-        with _npz(path) as archive:
+        with open_npz(path) as archive:
             return archive[_array_name(path, [n for n in archive.files if n != "meta"], name)]
     source = open_source(spec, allow_external=allow_external)
     try:

@@ -12,11 +12,11 @@ import numpy as np
 from ..archives import NpzMembers
 from ..errors import StatsFileError
 from ..readers.npy import NPY_MAGIC
-from .base import _reason, require_file
+from .base import _reason
 
 
 @contextlib.contextmanager
-def _npz(path: str) -> Iterator[NpzMembers]:
+def open_npz(path: str) -> Iterator[NpzMembers]:
     """An `.npz` archive whose members are read within their declared sizes,
     never unpickled; a damaged one is a StatsFileError."""
     with open(path, "rb") as f:
@@ -28,18 +28,11 @@ def _npz(path: str) -> Iterator[NpzMembers]:
             yield NpzMembers(archive, path)
 
 
-def npz_names(path: str) -> list[str]:
-    """The arrays an `.npz` archive holds (member names without ``.npy``)."""
-    require_file(path, "file")
-    with _npz(path) as archive:
-        return list(archive.files)
-
-
 def _read_stats_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as f:
         if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
             raise StatsFileError(f"{path} is a single .npy array, not a normstats stats file")
-    with _npz(path) as archive:
+    with open_npz(path) as archive:
         if "meta" not in archive.files:
             raise StatsFileError(f"{path} has no 'meta' entry; it was not written by normstats")
         arrays = {name: archive[name] for name in archive.files if name != "meta"}
