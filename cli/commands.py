@@ -10,7 +10,6 @@ import click
 
 import normstats as ns
 from normstats.assign import METRICS
-from normstats.centers import RULES as CENTER_RULES
 from normstats.errors import RowError
 from normstats.export_files import describe_export
 from normstats.inspection import describe
@@ -21,7 +20,7 @@ from normstats.files import CommandFiles, check_unread, identities
 from normstats.normalize import OUTPUT_DTYPES
 from normstats.opened_inputs import opened_once
 from normstats.readers.remote import with_options
-from normstats.stats import check_values
+from normstats.stats import CENTER_RULES, check_values
 from normstats.apply_collections import apply_output, collection_for
 from normstats.resume import Checkpointer
 from normstats.writers.base import ARRAY_FORMATS, ASSIGN_FORMATS, STATS_FORMATS

@@ -17,7 +17,7 @@ from .fitstate import FitState, file_options
 from .accumulators import GroupedMoments
 from .kernels import Layout, Sums, accumulate, fold_centers_ema, fold_ema_batches, kernel_dtype, slot_rows
 from .row_pieces import accumulate_row
-from .stats import CENTERS, Stats
+from .stats import CENTER_RULES, CENTERS, Stats
 from .workspace import KeepsScratch, Workspace
 from .validate import (
     check_alpha,
@@ -37,7 +37,6 @@ def _flat_layout(features: int) -> Layout:
     """Every feature of a (flattened) row is its own statistic."""
     return Layout.of((features,), (0,))
 INITS = ("random", "zeros", "first")
-RULES = ("batch-mean", "per-sample")  # how a batch's rows of a class move its center
 
 
 class _CentersBase(FitState):
@@ -212,8 +211,8 @@ class CentersEMA(KeepsScratch, _CentersBase):
         super().__init__(num_classes, batch_size=batch_size, ignore_label=ignore_label,
                          nan_policy=nan_policy)
         self.alpha = check_alpha(alpha)
-        if rule not in RULES:
-            raise UsageError(f"the center rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if rule not in CENTER_RULES:
+            raise UsageError(f"the center rule must be one of {', '.join(CENTER_RULES)}, got {rule!r}")
         self.rule = rule
         if isinstance(init, str) and init not in INITS:
             raise UsageError(f"init must be one of {', '.join(INITS)} or an array, got {init!r}")

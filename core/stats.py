@@ -12,6 +12,7 @@ from .errors import StatsFileError
 
 BATCHNORM = "batchnorm"
 CENTERS = "centers"
+CENTER_RULES = ("batch-mean", "per-sample")  # how a batch's rows of a class move its center
 
 
 @dataclass

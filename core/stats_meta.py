@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import StatsFileError
-from .stats import check_counts
+from .stats import CENTER_RULES, check_counts
 
 
 def _is_int(value: Any) -> bool:
@@ -90,7 +90,7 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ddof": (_count, "a non-negative integer"),
     "eps": (lambda v: _is_number(v) and v >= 0, "a finite non-negative number"),
     "alpha": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "rule": (lambda v: v in ("batch-mean", "per-sample"), "'batch-mean' or 'per-sample'"),
+    "rule": (lambda v: v in CENTER_RULES, " or ".join(f"'{rule}'" for rule in CENTER_RULES)),
     "reference": (lambda v: isinstance(v, str), "a string (the reference layer's name)"),
     "seconds": (lambda v: _is_number(v) and v >= 0, "a finite non-negative number"),
     "seed": (_optional(_is_int), "an integer or null"),
