@@ -99,7 +99,7 @@ def check_channel_meta(meta: dict) -> Optional[str]:
     if meta.get("channel_axis") is None:
         return None
     ndim = len(meta["row_shape"]) + 1
-    kept = [axis for axis in range(ndim) if axis not in meta["axes"]]
+    kept = kept_axes(meta["axes"], ndim)
     if kept != [meta["channel_axis"]]:
         return (f"the metadata channel_axis {meta['channel_axis']!r} is not the one axis its axes "
                 f"{list(meta['axes'])} keep on {ndim}-D input")
@@ -152,6 +152,11 @@ def resolve_axes(axes: AxesSpec, ndim: int) -> tuple[int, ...]:
             "statistics must reduce over it"
         )
     return tuple(sorted(resolved))
+
+
+def kept_axes(axes: Sequence[int], ndim: int) -> list[int]:
+    """The axes of `ndim`-D input (rows at axis 0) a reduction over `axes` keeps."""
+    return [axis for axis in range(ndim) if axis not in axes]
 
 
 def kept_shape(row_shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:

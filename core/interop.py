@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ._version import __version__
-from .axes import kept_shape, resolve_axes
+from .axes import kept_axes, kept_shape, resolve_axes
 from .errors import StatsFileError, UsageError
 from .normalize import affine_array
 from .stats import BATCHNORM, Stats, check_values
@@ -220,7 +220,7 @@ def to_torch(stats: Stats, *, prefix: str = "", eps: Optional[float] = None, gam
     meta = stats.meta
     row_shape, axes = tuple(meta["row_shape"]), tuple(meta["axes"])
     ndim = len(row_shape) + 1
-    kept = [axis for axis in range(ndim) if axis not in axes]
+    kept = kept_axes(axes, ndim)
     if ndim < 2 or len(kept) != 1:
         raise StatsFileError(
             f"{_name(stats)} holds statistics of shape {kept_shape(row_shape, axes)} over axes {axes} "
