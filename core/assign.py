@@ -245,13 +245,20 @@ class NearestCenters(KeepsScratch):
                 labels[part], distances[part] = self._nearest(flat[part])
             except RowError as error:
                 raise error.shifted(start) from None
-        if self.metric == "euclidean":
-            np.sqrt(distances, out=distances)
-        labels = self.classes[labels]
-        if self.max_distance is not None:
-            labels[distances > self.max_distance] = -1
+        labels, distances = self._finish(labels, distances)
         if self.top_k == 1:
             return labels[:, 0], distances[:, 0]
+        return labels, distances
+
+    def _finish(self, nearest: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and distances of (rows, top_k) center indices `nearest` at squared
+        (euclidean) or cosine `distances` (made distances in place), farther than
+        max_distance labelled -1."""
+        if self.metric == "euclidean":
+            np.sqrt(distances, out=distances)
+        labels = self.classes[nearest]
+        if self.max_distance is not None:
+            labels[distances > self.max_distance] = -1
         return labels, distances
 
     def nearest_in_pieces(self, pieces: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -276,10 +283,10 @@ class NearestCenters(KeepsScratch):
                 norm2 += float(np.dot(part, part))
             scale = 1.0 / np.sqrt(norm2) if norm2 > 0 else 0.0
         total = np.zeros(self.classes.size)
+        step = max(1, PIECE_BYTES // (8 * self.classes.size))
         with np.errstate(over="ignore", invalid="ignore"):
             for e0, piece in pieces:
                 self._check_piece(e0, piece)
-                step = max(1, PIECE_BYTES // (8 * self.classes.size))
                 for a in range(0, piece.size, step):
                     part = piece[a:a + step]
                     x = self._workspace.array("x", part.shape, np.float64)
@@ -294,13 +301,8 @@ class NearestCenters(KeepsScratch):
             if scale == 0.0:
                 total[:] = 1.0
             total[self._zero_centers] = 1.0
-        order = np.lexsort((np.arange(total.size), total))[:self.top_k]
-        distances = total[order]
-        if self.metric == "euclidean":
-            np.sqrt(distances, out=distances)
-        labels = self.classes[order]
-        if self.max_distance is not None:
-            labels[distances > self.max_distance] = -1
+        order = np.lexsort((np.arange(total.size), total))[None, :self.top_k]
+        labels, distances = self._finish(order, total[order])
         shape = (1,) + self.output_shape  # one row, as __call__ gives a block
         return labels.reshape(shape), distances.reshape(shape)
 

@@ -491,12 +491,14 @@ def assign_rows(
     started = time.perf_counter()
     done = rejected = 0
     # Rows larger than a read block are compared piece by piece, one row at a time.
-    blocks = ((pieces, 1) for _, pieces in stream.wide_rows()) if stream.wide else \
-        ((block, block.shape[0]) for block in stream.blocks(block_rows))
+    if stream.wide:
+        blocks, find = ((pieces, 1) for _, pieces in stream.wide_rows()), nearest.nearest_in_pieces
+    else:
+        blocks, find = ((block, block.shape[0]) for block in stream.blocks(block_rows)), nearest
     with DatasetsWriter(output, arrays, attrs) as writer:
         for block, rows in blocks:
             try:
-                labels, distances = nearest.nearest_in_pieces(block) if stream.wide else nearest(block)
+                labels, distances = find(block)
             except RowError as error:
                 raise error.located(*stream.locate(done + error.row)) from None
             writer.write(labels=labels, distances=distances)
