@@ -182,8 +182,8 @@ def _key_groups(groups: Optional[str], inputs: tuple[str, ...], dataset: Optiona
         raise ns.UsageError(f"--groups {groups} runs on the local engine with --jobs 1 for now")
     with ns.open_stream(inputs, dataset, allow_external=allow_external) as stream:
         fixed = KeyGroups(keyed.kind, keyed.file, tuple(known) if known else None)
-        names = group_stream(fixed, stream).sources[0].names
-        short = short_groups(fixed, stream, ddof)
+        source = group_stream(fixed, stream).sources[0]  # its labels and names made once
+        names, short = source.names, short_groups(source, ddof)
     if num_groups is not None and num_groups != len(names):
         raise ns.UsageError(f"--groups {groups} makes {len(names)} groups, not --num-groups {num_groups}; "
                                "leave --num-groups out")

@@ -201,9 +201,8 @@ class GroupIndexSource(ArraySource):
         out[...] = self._groups[np.searchsorted(self._ends, rows, side="right")]
 
 
-def short_groups(groups: KeyGroups, stream: Stream, ddof: int) -> list[str]:
-    """The names of the groups with at most `ddof` rows (no variance can be had from them)."""
-    source = GroupIndexSource(groups, stream, groups.names)
+def short_groups(source: GroupIndexSource, ddof: int) -> list[str]:
+    """The names of `source`'s groups with at most `ddof` rows (no variance can be had from them)."""
     return [source.names[g] for g in np.flatnonzero(source.frames() <= ddof)]
 
 
