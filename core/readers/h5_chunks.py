@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from .h5_storage import plain_storage
 
 SHUFFLE, DEFLATE = 2, 1  # HDF5 filter ids (H5Z_FILTER_SHUFFLE, H5Z_FILTER_DEFLATE)
 _pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -64,11 +65,7 @@ class ChunkReader:
         """A reader for `source` if it is a dataset of whole-row chunks, unfiltered or gzip
         (+ shuffle), read as `dtype` without conversion; else None (from what the source
         read of its storage when it opened the dataset: the file is not opened again)."""
-        from .h5dataset import H5Source
-
-        if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
-            return None
-        storage = getattr(source, "storage", None)
+        storage = plain_storage(source, dtype)
         if storage is None or storage.layout != "chunked" or storage.chunk[1:] != tuple(source.shape[1:]):
             return None
         filters = list(storage.filters)

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from .h5_storage import plain_storage
 
 
 class ContiguousReader:
@@ -36,11 +37,7 @@ class ContiguousReader:
         """A reader for `source` if it is a contiguous, unfiltered, non-external dataset
         read as `dtype` without conversion; else None (from what the source read of its
         storage when it opened the dataset: the file is not opened again)."""
-        from .h5dataset import H5Source
-
-        if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
-            return None
-        storage = getattr(source, "storage", None)
+        storage = plain_storage(source, dtype)
         if storage is None or storage.layout != "contiguous" or storage.offset is None:
             return None
         return cls(source, storage.offset)

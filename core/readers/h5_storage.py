@@ -47,3 +47,13 @@ def storage_of(dataset: Any) -> Storage:
     if layout == h5py.h5d.CHUNKED:
         return Storage("chunked", None, tuple(int(n) for n in plist.get_chunk()), filters)
     return Storage("other", None, (), filters)
+
+
+def plain_storage(source: Any, dtype: Any) -> Optional[Storage]:
+    """The storage `source` read when it opened its dataset, if it is a plain HDF5
+    dataset source read as `dtype` (native byte order) without conversion; else None."""
+    from .h5dataset import H5Source
+
+    if type(source) is not H5Source or source.dtype != dtype or not source.dtype.isnative:
+        return None
+    return getattr(source, "storage", None)
