@@ -101,11 +101,7 @@ class NpySource(ArraySource):
         if self._fortran and columns > 1:
             got = self._read_columns(start, out)
         else:
-            target = out if out.dtype == self.dtype else self._staged(out.shape)
-            view = memoryview(target.reshape(-1).view(np.uint8))
-            got = self._pread(view, self._offset + start * self._row_bytes) == len(view)
-            if got and target is not out:
-                out[...] = target
+            got = self._read_at(out, self._offset + start * self._row_bytes)
         self._check_current()
         if not got:
             raise DataError(f"{self.path} ended early, before row {start + rows}; it was cut while being read")
@@ -117,14 +113,20 @@ class NpySource(ArraySource):
         return not self._fortran or elements(self.row_shape) <= 1
 
     def read_piece(self, row: int, e0: int, out: np.ndarray) -> None:
-        target = out if out.dtype == self.dtype else self._staged(out.shape)
-        view = memoryview(target.view(np.uint8))
-        got = self._pread(view, self._offset + row * self._row_bytes + e0 * self.dtype.itemsize) == len(view)
-        if got and target is not out:
-            out[...] = target
+        got = self._read_at(out, self._offset + row * self._row_bytes + e0 * self.dtype.itemsize)
         self._check_current()
         if not got:
             raise DataError(f"{self.path} ended early, inside row {row}; it was cut while being read")
+
+    def _read_at(self, out: np.ndarray, offset: int) -> bool:
+        """Fill `out` (C-contiguous) with the file's bytes at `offset`, through a staging
+        buffer of the file's dtype when `out` has another; False on a short read."""
+        target = out if out.dtype == self.dtype else self._staged(out.shape)
+        view = memoryview(target.reshape(-1).view(np.uint8))
+        got = self._pread(view, offset) == len(view)
+        if got and target is not out:
+            out[...] = target
+        return got
 
     def _staged(self, shape: tuple[int, ...]) -> np.ndarray:
         size = elements(shape)
