@@ -12,7 +12,7 @@ import normstats as ns
 from normstats.batch_stats import BatchStatsNormalizer
 from normstats.boundaries import SEQUENCES, read_boundaries, sequence_boundaries
 
-from .params import given, option, positive_int
+from .params import check_mode_only, given, option, positive_int
 
 POOL = (
     option("--pool-batches", type=int, callback=positive_int, metavar="K",
@@ -51,12 +51,10 @@ def fit_grid_options(ctx: click.Context, mode: str, inputs: tuple[str, ...], dat
     """The state options of fit-bn's --pool-batches, --pool-below and --batch-boundaries
     (empty when none is given); the boundaries are read and checked here."""
     params = ctx.params
-    named = [f"--{name.replace('_', '-')}" for name in ("pool_batches", "pool_below", "batch_boundaries")
-             if params.get(name) is not None]
-    if not named:
+    names = ("pool_batches", "pool_below", "batch_boundaries")
+    if all(params.get(name) is None for name in names):
         return {}
-    if mode != "ema":
-        raise click.UsageError(f"{named[0]} needs --mode ema")
+    check_mode_only(ctx, mode, "ema", *names)
     if params.get("batch_boundaries") is not None and (params.get("jobs", 1) > 1 or params.get("engine") == "dask"):
         raise click.UsageError("--batch-boundaries runs in one process (a row range would need its batches cut "
                                "from the boundaries); use --jobs 1 and --engine local")

@@ -32,7 +32,7 @@ from .batches import (APPLY_BATCH_SIZE, BATCH_STATS, BOUNDARIES, POOL, batch_sta
 from .files import KeepsSpec, given_file, guard, guarded_files
 from .bn_options import channels_last_hint, check_initial_files, fit_axes
 from .params import (ALPHA, DISTANCE, EPS, JOBS, SECONDS, SEED, AxesType, CenterInit, ChannelAxis, StorageOption,
-                     ValueOrFile, given, option, positive_int)
+                     ValueOrFile, check_mode_only, given, option, positive_int)
 from .references import reference_option, referenced
 from .report import progress_bar, show_summary, summarize_apply, summarize_assign, summarize_fit
 
@@ -288,12 +288,6 @@ def _fit_files(ctx: click.Context, inputs: tuple[str, ...], output: str, *, init
             .writes("--checkpoint file", ctx.params.get("checkpoint_path"), STATS_FORMATS, may_be=resume))
 
 
-def _check_exact_only(ctx: click.Context, mode: str, *names: str) -> None:
-    for name in names:
-        if mode != "exact" and ctx.params.get(name) is not None:
-            raise click.UsageError(f"--{name.replace('_', '-')} needs --mode exact")
-
-
 @cli.command("fit-bn")
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @option("-o", "--output", required=True, metavar="STATS",
@@ -375,7 +369,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
           force=force)
     start, resume = _start_from(init, resume_path, allow_external)
     mode = _continued_mode(ctx, mode, start, resume)
-    _check_exact_only(ctx, mode, "groups", "weights")
+    check_mode_only(ctx, mode, "exact", "groups", "weights")
     if keyed is not None:
         known = (start.meta.get("group_names") if start else None)
         keyed = _key_groups(groups, inputs, dataset, allow_external, known, num_groups,
@@ -475,7 +469,7 @@ def fit_centers(ctx: click.Context, inputs: tuple[str, ...], output: str, labels
         raise click.UsageError("--init and --resume exclude each other")
     resume = check_values(ns.read_stats(resume_path, allow_external=allow_external)) if resume_path else None
     mode = _continued_mode(ctx, mode, continued or resume, resume)
-    _check_exact_only(ctx, mode, "weights")
+    check_mode_only(ctx, mode, "exact", "weights")
     options: dict[str, Any] = {"batch_size": batch_size, "ignore_label": ignore_label,
                                "nan_policy": nan_policy}
     if mode == "ema":

@@ -203,6 +203,13 @@ def given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
+def check_mode_only(ctx: click.Context, mode: str, wanted: str, *names: str) -> None:
+    """Options `names` that only mean something with ``--mode wanted``, refused when given without it."""
+    for name in names:
+        if mode != wanted and ctx.params.get(name) is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')} needs --mode {wanted}")
+
+
 def positive_int(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
     if value is not None and value < 1:
         raise click.BadParameter(f"must be a positive integer, got {value}")
