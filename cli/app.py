@@ -12,10 +12,11 @@ Exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -52,17 +53,26 @@ def silence_stdout() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _user_ends() -> Iterator[None]:
+    """A Ctrl-C, or a closed stdout (the reader went away: nothing left to report to),
+    as the command's exit."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        # An output is placed only when complete, so this holds at any moment.
+        raise CommandError(INTERRUPTED_MESSAGE, INTERRUPTED) from None
+    except BrokenPipeError:  # also --help / --version into a closed pipe (click would exit 1)
+        silence_stdout()
+        raise click.exceptions.Exit(PIPE_CLOSED) from None
+
+
 class NormstatsGroup(click.Group):
     """Maps every library error to ``Error: ...`` and its exit code, in one place."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
+        with _user_ends():
             return super().make_context(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise CommandError(INTERRUPTED_MESSAGE, INTERRUPTED) from None
-        except BrokenPipeError:  # --help / --version into a closed pipe (click would exit 1)
-            silence_stdout()
-            raise click.exceptions.Exit(PIPE_CLOSED) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         start_clock()
@@ -72,15 +82,10 @@ class NormstatsGroup(click.Group):
         except ValueError:  # not the main thread: leave signals alone
             previous = None
         try:
-            return super().invoke(ctx)
+            with _user_ends():
+                return super().invoke(ctx)
         except NormstatsError as error:
             raise CommandError(str(error), error.exit_code) from None
-        except KeyboardInterrupt:
-            # An output is placed only when complete, so this holds at any moment.
-            raise CommandError(INTERRUPTED_MESSAGE, INTERRUPTED) from None
-        except BrokenPipeError:
-            silence_stdout()  # the reader went away: nothing left to report to
-            raise click.exceptions.Exit(PIPE_CLOSED) from None
         except MemoryError:
             raise CommandError("out of memory: the work needs more than this machine (or ulimit -v) "
                                "allows; use a smaller --batch-size or fewer classes, or free memory", 1) from None
