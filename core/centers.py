@@ -320,7 +320,7 @@ class CentersEMA(KeepsScratch, _CentersBase):
             slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
             if kernel_dtype(flat.dtype).kind != "f" or len(keys) * flat.shape[1] * 8 <= FUSED_PAIRS_BYTES:
                 # integers (shifted in integer arithmetic), or few pairs: sums of the block, then the fold
-                self._fold(self._sums(flat, labels, keep, batch, first))
+                self._fold(self._sums(flat, labels, keep, batch, first, (slots, keys)))
                 return
             try:
                 stop = fold_ema_batches(flat, slots, keys, batch, self.num_classes, self.alpha, self.centers,
@@ -336,23 +336,26 @@ class CentersEMA(KeepsScratch, _CentersBase):
             keep[stop:] &= np.isfinite(flat[stop:]).all(axis=1)
             flat, labels, keep, first, masked = flat[stop:], labels[stop:], keep[stop:], first + stop, 0
 
-    def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int) -> Sums:
+    def _sums(self, flat: np.ndarray, labels: np.ndarray, keep: np.ndarray, batch: int, first: int,
+              slotted: Optional[tuple[np.ndarray, np.ndarray]] = None) -> Sums:
         """The kernel's sums per (batch, class) pair present; the rows start `first`
-        rows into the current update (for the row of an error)."""
+        rows into the current update (for the row of an error). `slotted`: the
+        :func:`slot_rows` of these rows under `keep`, when the caller has them."""
         # The kernel's slots are the (batch, class) pairs present, numbered batch by batch.
-        def sums() -> Sums:
-            slots, keys = slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup, batch=batch)
+        def sums(slotted: Optional[tuple[np.ndarray, np.ndarray]]) -> Sums:
+            slots, keys = slotted or slot_rows(np.where(keep, labels, -1), self.num_classes, self._lookup,
+                                               batch=batch)
             return accumulate(flat, _flat_layout(self.feature_dim), slots, keys, None, np.ones(len(keys), bool),
                               squares=False, scratch=self._workspace)
         try:
-            return sums()
+            return sums(slotted)
         except NonFiniteError as error:
             if self.nan_policy != "omit":
                 raise self._located(error, first) from None
         # Under omit, a row holding NaN / Inf is skipped whole: found only in a block that has one.
         # `keep` is the caller's (a view of the update's mask), so the rows skipped are counted so.
         keep &= np.isfinite(flat).all(axis=1)
-        return sums()
+        return sums(None)  # the slots again: `keep` has changed
 
     def update_row(self, pieces: Iterator[tuple[int, np.ndarray]], template: np.ndarray,
                    labels: np.ndarray) -> "CentersEMA":
