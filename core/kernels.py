@@ -217,10 +217,10 @@ def _as_rows(x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
     float16 table if it needs one."""
     rows = x.shape[0]
     flat = np.ascontiguousarray(x).reshape(rows, -1) if x.ndim != 2 or not x.flags.c_contiguous else x
+    if not flat.dtype.isnative:  # ('<f4' from HDF5 is native here: byteorder '<', not '=')
+        flat = flat.astype(flat.dtype.newbyteorder("="))
     if flat.dtype == np.float16:
         return flat.view(np.uint16), FLOAT16_VALUES
-    if flat.dtype.byteorder not in "=|":
-        flat = flat.astype(flat.dtype.newbyteorder("="))
     return flat, None
 
 
