@@ -222,7 +222,7 @@ class Stream:
         stop_row = self.rows if stop_row is None else min(stop_row, self.rows)
         rows = min(block_rows, max(stop_row - start_row, 1))
         shape = (rows,) + self.row_shape
-        if not prefetch:
+        if not prefetch or stop_row - start_row <= rows:  # one block: nothing to read ahead
             buffer = np.empty(shape, dtype=self.dtype)
             yield from self._fill(lambda: buffer, rows, start_row, stop_row)
             return
