@@ -87,10 +87,14 @@ class ChunkReader:
                 self._fd = os.open(self.source._located.file, os.O_RDONLY)
             where = [self._where(c) for c in range(first, last + 1)]
             fd = self._fd
-        jobs = [_threads().submit(self._decode, fd, place, c, start, out)
-                for c, place in zip(range(first, last + 1), where)]
-        for job in jobs:
-            job.result()
+        if self.deflate:
+            jobs = [_threads().submit(self._decode, fd, place, c, start, out)
+                    for c, place in zip(range(first, last + 1), where)]
+            for job in jobs:
+                job.result()
+        else:  # nothing to decode: read in this thread, straight into `out` (the readers run side by side)
+            for c, place in zip(range(first, last + 1), where):
+                self._decode(fd, place, c, start, out)
         self.source._check_unchanged(os.fstat(fd), self.source._located.file)
 
     def _where(self, chunk: int) -> tuple[int, int, int]:
@@ -119,15 +123,22 @@ class ChunkReader:
             with self._lock:
                 self._handles[1].read_direct(target, source_sel=np.s_[begin:end])
             return
+        if not self.deflate:  # stored as they are: the rows' bytes, read in place
+            view = memoryview(target.reshape(-1).view(np.uint8))
+            if size != self.chunk_rows * target[0].nbytes:
+                raise DataError(f"{self.source.name}: the chunk at row {lo} is not of its declared size; the "
+                                "file is damaged")
+            if _pread_exact(fd, view, offset + (begin - lo) * target[0].nbytes) != len(view):
+                raise self._cut(lo)
+            return
         raw = _stored(size)
         if _pread_exact(fd, raw, offset) != size:
-            raise DataError(f"{self.source.name} ended early, in the chunk at row {lo}; it was cut while "
-                            "being read")
+            raise self._cut(lo)
         row_items = target[0].size
         item = self.dtype.itemsize
         full = self.chunk_rows * row_items
         try:  # one byte more than declared at most: a chunk that inflates further takes no more memory
-            flat = zlib.decompressobj().decompress(raw, full * item + 1) if self.deflate else raw
+            flat = zlib.decompressobj().decompress(raw, full * item + 1)
         except zlib.error:
             flat = b""
         if len(flat) != full * item:
@@ -142,6 +153,9 @@ class ChunkReader:
                                 target.view(np.dtype(f"u{item}")))
         else:
             target[...] = np.frombuffer(flat, self.dtype, count, skip * item)
+
+    def _cut(self, lo: int) -> DataError:
+        return DataError(f"{self.source.name} ended early, in the chunk at row {lo}; it was cut while being read")
 
     def close(self) -> None:
         with self._lock:
