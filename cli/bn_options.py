@@ -34,7 +34,7 @@ def check_initial_files(ctx: click.Context, inputs: tuple, dataset: Optional[str
     """Refuse a ``--mean`` / ``--inv-std`` file whose array does not have the
     statistics' shape: that of the continued stats file, else the one the
     input's rows give (the input is opened for its shape only)."""
-    given = {name: given_file(ctx, name) for name in INITIAL if given_file(ctx, name)}
+    given = {name: file for name in INITIAL if (file := given_file(ctx, name))}
     if not given:
         return
     if start is not None:

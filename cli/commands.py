@@ -114,6 +114,11 @@ def _check_engine(engine: str, scheduler: Optional[str], task_rows: Optional[int
                                "share the rows")
 
 
+def _splits(jobs: int, engine: str) -> bool:
+    """Whether the fit is cut into row ranges (--jobs processes or Dask tasks)."""
+    return jobs > 1 or engine == "dask"
+
+
 def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, *, side_specs: dict,
          resume: Optional[ns.Stats], resume_path: Optional[str], checkpoint_path: Optional[str],
          checkpoint_every: float, jobs: int, engine: str, scheduler: Optional[str],
@@ -122,7 +127,7 @@ def _fit(command: str, recipe: ns.Recipe, inputs: tuple[str, ...], output: str, 
     """Run the fit `recipe` describes (its options hold the state's ``init``) and write it,
     with `meta` added: in this process with progress, checkpoints and resume, or cut into
     row ranges over --jobs processes or Dask tasks. Returns what it wrote."""
-    split = jobs > 1 or engine == "dask"
+    split = _splits(jobs, engine)
     if split:
         init = recipe.options.get("init")
         _check_parallel(init if isinstance(init, ns.Stats) else None, checkpoint_path)
@@ -373,7 +378,7 @@ def fit_bn(ctx: click.Context, inputs: tuple[str, ...], output: str, batch_size:
     if keyed is not None:
         known = (start.meta.get("group_names") if start else None)
         keyed = _key_groups(groups, inputs, dataset, allow_external, known, num_groups,
-                            parallel=jobs > 1 or engine == "dask", ddof=ddof)
+                            parallel=_splits(jobs, engine), ddof=ddof)
         num_groups = len(keyed.names)
     options: dict[str, Any] = {"eps": eps, "ddof": ddof, "batch_size": batch_size,
                                "nan_policy": nan_policy, "axes": axes}
