@@ -17,7 +17,7 @@ from .axes import AxesSpec, channel_meta, kept_shape, resolve_axes, stored_axes
 from .boundaries import BatchBoundaries
 from .errors import DataError, NonFiniteError, StatsFileError, UsageError
 from .fitstate import FitState, file_options
-from .kernels import Layout, Sums, accumulate, compiled_kernels
+from .kernels import EMPTY_2D, EMPTY_F, Layout, Sums, accumulate, compiled_kernels
 from .row_pieces import accumulate_row
 from .pooling import BatchPool, check_pool
 from .accumulators import GroupedMoments, Moments
@@ -390,13 +390,14 @@ class BatchNormEMA(KeepsScratch, _BatchNormBase):
         """:meth:`_fold` of the moments of `sums` in one compiled loop, the same bits
         (see :mod:`normstats.compiled_fold`): the fold of every block of a fit."""
         batches = len(sums.keys)
-        base, residual = sums.centers() if sums.integer else (sums.shift, None)
+        base, residual = sums.centers() if sums.integer else (sums.shift, EMPTY_2D)
         for name in ("mean", "inv_std", "count", "decay"):  # folded in place, as flat views
             value = getattr(self, name)
             if value is not None and not (value.flags.c_contiguous and value.dtype == np.float64):
                 setattr(self, name, np.ascontiguousarray(value, dtype=np.float64))
-        flat = [None if a is None else a.reshape(-1) for a in (self.mean, self.inv_std, self.count, self.decay)]
-        counts = sums.count if sums.count.shape[0] else None
+        # (empty arrays, not None, for what is not fitted: see the kernel)
+        flat = [EMPTY_F if a is None else a.reshape(-1) for a in (self.mean, self.inv_std, self.count, self.decay)]
+        counts = sums.count
         scratch = np.empty(sums.s1.shape, np.int64), np.empty((4, sums.s1.shape[1]))
         used = compiled_kernels()._ema_fold(sums.s1, sums.s2, base, residual, counts, sums.weight, per_stat,
                                             self.ddof, self.eps, self.alpha,

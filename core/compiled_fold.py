@@ -25,21 +25,27 @@ from .compiled import numba  # imported there once numba's cache folder is chose
 def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha, powers, mean, inv_std, count,
               decay, later, totals):
     """Fold the batches of one block (rows of `s1`) into `mean`, `inv_std`, `count`
-    and `decay` (flat, one value per statistic; `mean` / `inv_std` None when not
+    and `decay` (flat, one value per statistic; `mean` / `inv_std` empty when not
     fitted), in place; returns how many batches had a statistic with more than
     `ddof` elements.
 
-    `counts` is the elements per (batch, statistic), or None when they are
-    ``weight[b] * per_stat``; `residual` None for float data; ``powers[j] = (1 -
+    `counts` is the elements per (batch, statistic), or empty when they are
+    ``weight[b] * per_stat``; `residual` empty for float data; ``powers[j] = (1 -
     alpha) ** j``. `later` (batches, statistics) int64 and `totals` (4, statistics)
     float64 are scratch (allocating here would load numba's array library with
-    the kernel, some 0.1 s of every fit's start-up).
+    the kernel, some 0.1 s of every fit's start-up). Empty arrays, not None, for
+    the parts left out: one variant to compile instead of one per combination
+    (the tests they cost are per value of a fold of some 8 000 values a block).
     """
     batches, stats = s1.shape
+    elementwise = counts.shape[0] > 0
+    rounded = residual.shape[0] > 0
+    fit_mean = mean.shape[0] > 0
+    fit_inv_std = inv_std.shape[0] > 0
     used = 0
     for b in range(batches):
         for k in range(stats):
-            if (counts[b, k] if counts is not None else weight[b] * per_stat) > ddof:
+            if (counts[b, k] if elementwise else weight[b] * per_stat) > ddof:
                 used += 1
                 break
     if used == 0:  # as the NumPy fold: nothing is touched
@@ -51,23 +57,23 @@ def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha
     for b in range(batches - 1, -1, -1):
         for k in range(stats):
             later[b, k] = int(valid_after[k])
-            if (counts[b, k] if counts is not None else weight[b] * per_stat) > ddof:
+            if (counts[b, k] if elementwise else weight[b] * per_stat) > ddof:
                 valid_after[k] += 1.0
     for b in range(batches):  # batches outer, statistics inner: the inner loop vectorizes
         for k in range(stats):
-            n = counts[b, k] if counts is not None else weight[b] * per_stat
+            n = counts[b, k] if elementwise else weight[b] * per_stat
             valid = n > ddof
             w = alpha * powers[later[b, k]]
             term_n = n if valid else 0.0
             term_mean = 0.0
             term_inv = 0.0
-            if mean is not None:
-                if residual is not None:
+            if fit_mean:
+                if rounded:
                     value = w * (base[b, k] + (s1[b, k] / n + residual[b, k]))
                 else:
                     value = w * (base[b, k] + (s1[b, k] / n + 0.0))
                 term_mean = value if valid else 0.0
-            if inv_std is not None:
+            if fit_inv_std:
                 m2 = s2[b, k] - s1[b, k] * (s1[b, k] / n)
                 m2 = m2 if m2 > 0.0 or m2 != m2 else 0.0  # np.maximum(m2, 0): NaN stays NaN
                 value = w * (1.0 / math.sqrt(m2 / (n - ddof) + eps))
@@ -82,9 +88,9 @@ def _ema_fold(s1, s2, base, residual, counts, weight, per_stat, ddof, eps, alpha
         step = powers[int(valid_after[k])]
         decay[k] = decay[k] * step
         count[k] += sum_n[k]
-        if mean is not None:
+        if fit_mean:
             mean[k] = step * mean[k] + sum_mean[k]
-        if inv_std is not None:
+        if fit_inv_std:
             inv_std[k] = step * inv_std[k] + sum_inv[k]
     return used
 
@@ -96,6 +102,6 @@ load_cached_quickly([_ema_fold])
 
 def warm_up() -> None:
     """Load (or compile) the fold of a fit-bn's EMA without omissions, on a tiny input."""
-    one, zero = np.ones((1, 1)), np.zeros((1, 1))
-    _ema_fold(zero, one, zero, None, None, np.ones(1), 2, 1, 1e-5, 0.5, np.ones(2), np.zeros(1), np.ones(1),
+    one, zero, none = np.ones((1, 1)), np.zeros((1, 1)), np.empty((0, 0))
+    _ema_fold(zero, one, zero, none, none, np.ones(1), 2, 1, 1e-5, 0.5, np.ones(2), np.zeros(1), np.ones(1),
               np.zeros(1), np.ones(1), np.empty((1, 1), np.int64), np.empty((4, 1)))
