@@ -124,19 +124,22 @@ def _shift_gap_impl(s, v):
 @numba.njit(nogil=True, cache=True)
 def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, count0,
                 rows, weight, count, s1, s2):
-    """See :func:`accumulate`. The optional parts are None or arrays, so that
-    numba compiles only the variant used (its branches are pruned at compile
-    time): `count` (and `count0`) None = NaN / Inf propagate, else they are
-    left out and counted per element; `kmap` None = each element is its own
-    statistic; `weights` None = weight 1; `s2` None = no squares."""
+    """See :func:`accumulate`. `count` (and `count0`) and `kmap` are None or
+    arrays, so that numba compiles only the variant used (its branches are
+    pruned at compile time), where that changes the inner loop: `count` None
+    = NaN / Inf propagate, else they are left out and counted per element;
+    `kmap` None = each element is its own statistic (the vectorized loop).
+    Where it saves only a test per row, an empty array stands for the missing
+    part instead (one variant fewer to compile for each): `weights` empty =
+    weight 1; `s2` empty = no squares."""
     nrows, width = x.shape
+    weighted = weights.shape[0] > 0
+    squares = s2.shape[0] > 0
     for i in range(nrows):
         p = slots[i]
         if p < 0:
             continue
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
+        w = weights[i] if weighted else 1.0
         rows[p] += 1
         weight[p] += w
         first = fresh[p]
@@ -151,7 +154,7 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
                 if first:
                     for e in range(width):
                         h[e] = _value(x, i, e, table)
-                if s2 is not None:
+                if squares:
                     r2 = s2[p, e0:e0 + width]
                     for e in range(width):
                         d = _deviation(_value(x, i, e, table), h[e])
@@ -170,7 +173,7 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
                         d = _deviation(v, shift[p, k])
                         count[p, k] += w
                         s1[p, k] += w * d
-                        if s2 is not None:
+                        if squares:
                             s2[p, k] += w * d * d
             continue
         e = 0
@@ -201,7 +204,7 @@ def _accumulate(x, table, e0, run, kmap, kfirst, slots, weights, shift, fresh, c
                         t2 += d * d
                 count[p, k] += w * tn
             s1[p, k] += w * t1
-            if s2 is not None:
+            if squares:
                 s2[p, k] += w * t2
             e = stop
 
@@ -218,35 +221,40 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     per statistic this is West's weighted update of the mean and M2. A
     group's first row with weight sets its shift. `count` None: counts are
     ``weight * per_stat``; an array: per element (NaN / Inf are left out).
-    `t1`, `t2`, `tn` are scratch of one row's statistics. With `before` (an
-    array), rows are only counted, each noting its group's weight before it
+    `kmap` empty: each element is its own statistic; `weights` empty: weight 1
+    (empty arrays, not None, where the variant would differ only by a test per
+    row or a loop the compiler unswitches: one variant to compile, not four).
+    `t1`, `t2`, `tn` are scratch of one row's statistics. With `before`
+    non-empty, rows are only counted, each noting its group's weight before it
     (-1: skipped), for :func:`_update_columns`, which folds column ranges of a
     state too large for the caches in threads.
     """
     width = x.shape[1]
     stats = shift.shape[1]
     per_stat = width // stats
+    elementwise = kmap.shape[0] == 0
+    weighted = weights.shape[0] > 0
+    counting = before.shape[0] > 0
+    west = elementwise and count is None  # every element its own statistic, none left out
     check = 0.0  # sum of the squared deviations met: not finite iff a NaN / Inf or an overflow
-    if kmap is None and count is None:
+    if west:
         for e in range(width):  # (loops, not t2[:] = 0 or t2.sum(): those would import numba's
             t2[e] = 0.0         # array library, ~50 ms, when the cached kernel loads)
     for i in range(groups.shape[0]):
-        if before is not None:
+        if counting:
             before[i] = -1.0
         g = groups[i]
         if g < 0:
             continue
         rows[g] += 1
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
+        w = weights[i] if weighted else 1.0
         if not w > 0.0:
             continue
-        if before is not None:  # only count the rows, noting each group's weight before them
+        if counting:  # only count the rows, noting each group's weight before them
             before[i] = weight[g]
             weight[g] += w
             continue
-        if kmap is None and count is None:
+        if west:
             _west_row(x[i], table, weight[g], w, shift[g], offset[g], m2[g], t2)
             weight[g] += w
             continue
@@ -256,7 +264,7 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
             t2[k] = 0.0
             tn[k] = 0.0
         for e in range(width):
-            k = e if kmap is None else kmap[e // run]
+            k = e if elementwise else kmap[e // run]
             v = _value(x, i, e, table)
             if count is None:
                 if fresh and tn[k] == 0.0:
@@ -289,7 +297,7 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
             if count is not None:
                 count[g, k] += n_b
         weight[g] += w
-    if kmap is None and count is None:
+    if west:
         for e in range(width):
             check += t2[e]
     return check
@@ -475,8 +483,10 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
             r = s1[q]
             for e in range(width):
                 r[e] = 0.0
-        _accumulate(x[b0:b1], table, 0, 1, None, kfirst, local[:b1 - b0], None, shift[:n], fresh[:n], None,
-                    rows[:n], weight[:n], None, s1[:n], None)
+        # (int64 scalars: a literal 0 or 1 would be a variant of its own, beside the one
+        # accumulate() calls; weight[:0] and no_residual: no weights, no squares)
+        _accumulate(x[b0:b1], table, np.int64(0), np.int64(1), None, kfirst, local[:b1 - b0], weight[:0], shift[:n],
+                    fresh[:n], None, rows[:n], weight[:n], None, s1[:n], no_residual)
         for e in range(width):
             check[e] = 0.0
         for q in range(n):
@@ -491,7 +501,7 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
         _ema_plan(keys[p0:p1], num_classes, weight[:n], alpha, per_row, initialized, decay, first_seen,
                   keep_first, plan[:n])
         _fold_centers_ema(keys[p0:p1], num_classes, shift[:n], no_residual, s1[:n], weight[:n], alpha, per_row,
-                          plan[:n], 0, width, centers, first_mean)
+                          plan[:n], np.int64(0), width, centers, first_mean)
         p0 = p1
     return -1
 
@@ -499,7 +509,8 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
 @numba.njit(nogil=True, cache=True)
 def _update_columns(x, table, lo, hi, groups, weights, before, shift, offset, m2, t2):
     """West's weighted update of each row's group, columns ``lo:hi`` only (every
-    element its own statistic, no values left out); see :func:`_update_groups`.
+    element its own statistic, no values left out; `weights` empty: weight 1);
+    see :func:`_update_groups`.
     Column ranges touch disjoint memory, so they may run in parallel threads.
     Returns the sum of the squared deviations (not finite iff NaN / Inf / overflow)."""
     for e in range(lo, hi):
@@ -508,9 +519,7 @@ def _update_columns(x, table, lo, hi, groups, weights, before, shift, offset, m2
         n_a = before[i]
         if n_a < 0.0:
             continue
-        w = 1.0
-        if weights is not None:
-            w = weights[i]
+        w = weights[i] if weights.shape[0] > 0 else 1.0
         g = groups[i]
         _west_row(x[i, lo:hi], table, n_a, w, shift[g, lo:hi], offset[g, lo:hi], m2[g, lo:hi], t2[lo:hi])
     total = 0.0
@@ -560,21 +569,19 @@ def _unshuffle(planes, skip, out):
 @numba.njit(nogil=True, cache=True)
 def _normalize_rows(x, mean, scale, beta, out, seen):
     """``out = (x - mean) * scale + beta`` row by row, each term one value per element of a
-    row (None: dropped), in the arithmetic of `out`'s dtype, in one pass. ``seen`` (one
-    value per element, zeros) gathers ``0 * out``, so it stays finite iff every output is
-    finite (an overflow to infinity included), without a branch in the loop."""
+    row, in the arithmetic of `out`'s dtype, in one pass. A term not fitted is given as
+    the identity of its operation (mean +0, scale 1, beta -0: ``v + -0.0`` is `v` for
+    every `v`, -0 included), which gives the same bits as leaving it out; as arrays
+    always, not None, the kernel has one variant per dtype instead of one per
+    combination of terms. ``seen`` (one value per element, zeros) gathers ``0 * out``, so
+    it stays finite iff every output is finite (an overflow to infinity included),
+    without a branch in the loop."""
     t = out.dtype.type
     for i in range(x.shape[0]):
         xi = x[i]
         oi = out[i]
         for e in range(xi.shape[0]):
-            v = t(xi[e])
-            if mean is not None:
-                v = v - mean[e]
-            if scale is not None:
-                v = v * scale[e]
-            if beta is not None:
-                v = v + beta[e]
+            v = (t(xi[e]) - mean[e]) * scale[e] + beta[e]
             oi[e] = v
             seen[e] += v * t(0)
 

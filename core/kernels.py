@@ -213,20 +213,31 @@ def kernel_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def _as_rows(x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """`x` as a C-contiguous (rows, elements) view the kernel reads, and the
-    float16 table if it needs one."""
+    """`x` as a C-contiguous (rows, elements) read-only view the kernel reads, and
+    the float16 table if it needs one."""
     rows = x.shape[0]
     flat = np.ascontiguousarray(x).reshape(rows, -1) if x.ndim != 2 or not x.flags.c_contiguous else x
     if not flat.dtype.isnative:  # ('<f4' from HDF5 is native here: byteorder '<', not '=')
         flat = flat.astype(flat.dtype.newbyteorder("="))
+    table = None
     if flat.dtype == np.float16:
-        return flat.view(np.uint16), FLOAT16_VALUES
-    return flat, None
+        flat, table = flat.view(np.uint16), FLOAT16_VALUES
+    return read_only(flat), table
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of `a`: numba compiles a kernel once for read-only and once
+    for writable arrays, and blocks come as either (a mapped or a reused buffer),
+    so the kernels are always given read-only blocks (one variant, not two)."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 EMPTY_F = np.empty(0)
 EMPTY_2D = np.empty((0, 0))
 EMPTY_BOOL = np.empty(0, np.bool_)
+NO_KMAP = np.empty(0, np.int64)  # (what Layout.kmap is when every element is its own statistic)
 NO_RESIDUAL = np.zeros((1, 1))
 NO_RESIDUAL.flags.writeable = False
 
@@ -355,11 +366,12 @@ def _kernel(flat: np.ndarray, table: Optional[np.ndarray], first_element: int, l
     step = max(1, CALL_ELEMENTS // max(flat.shape[1], 1))
     for begin in range(0, flat.shape[0], step):
         end = min(flat.shape[0], begin + step)
+        # (no weights, no squares: empty arrays, not None; see the kernel)
         compiled_kernels()._accumulate(flat[begin:end], table, first_element, layout.run, kmap, layout.kfirst,
-                                slots[begin:end], None if weights is None else weights[begin:end],
+                                slots[begin:end], EMPTY_F if weights is None else weights[begin:end],
                                 sums.shift if shift is None else shift, fresh, count0, rows_out, weight_out,
                                 sums.count if omit else None, sums.s1 if s1 is None else s1,
-                                (sums.s2 if s2 is None else s2) if squares else None)
+                                (sums.s2 if s2 is None else s2) if squares else EMPTY_2D)
 
 
 CHANNELS_LAST_RUN = 16  # fewer statistics than this per pixel: sums per element, then per channel
@@ -473,14 +485,15 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
     """
     flat, table = _as_rows(x)
     groups = np.ascontiguousarray(groups, dtype=np.int64)
-    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
-    kmap = layout.kmap if layout.kmap.size else None
+    # no weights, every element its own statistic, no counting pass: empty arrays (see the kernel)
+    weights = EMPTY_F if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     scratch = np.empty((3, layout.stats))
-    if kmap is None and count is None and _columns_in_threads(flat, shift):
+    if not layout.kmap.size and count is None and _columns_in_threads(flat, shift):
         check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
     else:
-        check = compiled_kernels()._update_groups(flat, table, layout.run, kmap, groups, weights, shift, offset, m2, rows,
-                                           weight, count, scratch[0], scratch[1], scratch[2], None)
+        check = compiled_kernels()._update_groups(flat, table, layout.run, layout.kmap, groups, weights, shift,
+                                                  offset, m2, rows, weight, count, scratch[0], scratch[1],
+                                                  scratch[2], EMPTY_F)
     if not np.isfinite(check):
         raise _not_finite(x, groups, look=count is None)
 
@@ -510,7 +523,7 @@ def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, we
     cores wait on memory in parallel; no state is duplicated."""
     compiled = compiled_kernels()
     before = np.empty(len(groups))
-    compiled._update_groups(flat, table, 1, None, groups, weights, shift, offset, m2, rows, weight, None,
+    compiled._update_groups(flat, table, 1, NO_KMAP, groups, weights, shift, offset, m2, rows, weight, None,
                             scratch, scratch, scratch, before)  # counts the rows only
     width = flat.shape[1]
     pool = _threads()
@@ -614,14 +627,16 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
     ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
     fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
     before = np.empty(4)
-    compiled_kernels()._update_groups(x, None, 1, None, slots, None, *state[:3], np.zeros(1, np.int64), state[3], None,
-                               np.zeros(2), np.zeros(2), np.zeros(2), before)
-    compiled_kernels()._update_columns(x, None, 0, 2, slots, None, before, *state[:3], np.zeros(2))
+    rows = read_only(x)
+    compiled_kernels()._update_groups(rows, None, 1, NO_KMAP, slots, EMPTY_F, *state[:3], np.zeros(1, np.int64),
+                                      state[3], None, np.zeros(2), np.zeros(2), np.zeros(2), before)
+    compiled_kernels()._update_columns(rows, None, 0, 2, slots, EMPTY_F, before, *state[:3], np.zeros(2))
     from . import compiled_fold
 
     compiled_fold.warm_up()
     if x.dtype == np.float32:  # what apply and gzip reads use on the same data
         row = np.zeros(2, np.float32)
-        compiled_kernels()._normalize_rows(x, row, row, row, np.zeros_like(x), row.copy())
-        compiled_kernels()._unshuffle(np.zeros((4, 4), np.uint8), 0, np.zeros(4, np.uint32))
+        compiled_kernels()._normalize_rows(rows, row, row, row, np.zeros_like(x), row.copy())
+        # (read-only planes, as a chunk decoded from bytes is)
+        compiled_kernels()._unshuffle(read_only(np.zeros((4, 4), np.uint8)), 0, np.zeros(4, np.uint32))
 

@@ -15,6 +15,9 @@ from .workspace import Workspace
 Affine = Union[float, np.ndarray, None]
 OUTPUT_DTYPES = ("float16", "float32", "float64")
 FUSED_ROW_ELEMENTS = 1 << 22  # rows up to this size take the compiled pass (its terms: one row each)
+# What the compiled pass uses for a term not fitted: ``(v - 0) * 1 + -0.0`` is `v`, bit for bit
+# (``v + 0.0`` would turn -0 into +0)
+FUSED_IDENTITY = {"mean": 0.0, "scale": 1.0, "beta": -0.0}
 
 
 def output_dtype(input_dtype: np.dtype) -> np.dtype:
@@ -155,15 +158,16 @@ class Normalizer:
             if int(np.prod(self.row_shape)) > FUSED_ROW_ELEMENTS:
                 return None
             with np.errstate(over="ignore"):  # terms beyond float32: reported where they meet a row
-                # copies (np.array), never a read-only broadcast view: that would be one more
-                # variant of the kernel for numba to compile
-                terms = {k: None if v is None else np.array(
-                    np.broadcast_to(v[0], self.row_shape).reshape(-1), dtype=compute)
-                    for k, v in self._terms.items()}
+                # copies (np.array), never a read-only broadcast view, and a term not fitted as
+                # the identity of its operation (the same bits as leaving it out), never None:
+                # either would be one more variant of the kernel for numba to compile
+                terms = {k: np.array(np.broadcast_to(FUSED_IDENTITY[k] if v is None else v[0], self.row_shape)
+                                     .reshape(-1), dtype=compute)
+                         for k, v in self._terms.items()}
             self._cast[("rows", compute)] = terms
-        from .kernels import compiled_kernels
+        from .kernels import compiled_kernels, read_only
 
-        rows = x.reshape(x.shape[0], -1)
+        rows = read_only(x.reshape(x.shape[0], -1))  # (read-only or writable input: one variant)
         y = self._workspace.array("y", x.shape, compute)
         seen = np.zeros(rows.shape[1], compute)
         args = (rows, terms["mean"], terms["scale"], terms["beta"], y.reshape(rows.shape), seen)
