@@ -330,3 +330,31 @@ def test_column_halves_in_threads_give_the_single_thread_numbers(monkeypatch):
     close(threaded["centers"], centers, rtol=1e-12)
     close(threaded["var"], var, rtol=1e-9)
     close(threaded["centers"], single["centers"], rtol=1e-13)
+
+
+def test_optional_parts_compile_no_variant_of_their_own():
+    """Weights or none, squares or none, a read-only or a writable block, terms or
+    statistics left out: the kernels already loaded for a dtype and layout serve
+    them all (each variant is some 0.4 s of compiling on a cold cache)."""
+    from normstats import compiled, compiled_fold
+
+    kernels = [getattr(compiled, name) for name in ("_accumulate", "_update_groups", "_normalize_rows")]
+    kernels.append(compiled_fold._ema_fold)
+    x = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    labels = np.array([0, 1, 0, 2, 1, 0])
+
+    def run(block, *, weights=None, **options):
+        layout = Layout.of((4,), (0,))
+        accumulate(block, layout, np.zeros(6, np.int64), np.zeros(1, np.int64), None, np.ones(1, bool),
+                   weights=weights, squares=options.get("squares", True))
+        ns.CentersExact(3).update(block, labels, weights)
+        ns.BatchNormEMA(batch_size=3, mean=options.get("mean", 0.0)).update(block)
+        stats = ns.BatchNormExact().update(x).result()
+        ns.Normalizer(stats, beta=options.get("beta", 0.0))(block)
+
+    run(x)
+    before = [set(kernel.signatures) for kernel in kernels]
+    run(frozen, weights=np.full(6, 0.5), squares=False, mean=None, beta=1.0)
+    assert [set(kernel.signatures) for kernel in kernels] == before
