@@ -222,8 +222,8 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
     group's first row with weight sets its shift. `count` None: counts are
     ``weight * per_stat``; an array: per element (NaN / Inf are left out).
     `kmap` empty: each element is its own statistic; `weights` empty: weight 1
-    (empty arrays, not None, where the variant would differ only by a test per
-    row or a loop the compiler unswitches: one variant to compile, not four).
+    (empty arrays, not None, where a variant of its own would save only a test
+    per row or a loop the compiler unswitches: fewer variants to compile).
     `t1`, `t2`, `tn` are scratch of one row's statistics. With `before`
     non-empty, rows are only counted, each noting its group's weight before it
     (-1: skipped), for :func:`_update_columns`, which folds column ranges of a
