@@ -172,6 +172,20 @@ def test_index_too_large_for_memory_is_one_error_naming_the_figure(tmp_path: Pat
     assert "merge" in result.stderr and not (tmp_path / "s.npz").exists()
 
 
+def test_an_hdf5_group_too_large_for_memory_is_refused_while_it_is_walked(tmp_path: Path, monkeypatch) -> None:
+    # The links are counted as the walk goes (counting them first cost HDF5 ~50 MB per
+    # 100 000 members): the index stops growing at the check after the limit.
+    from normstats.readers import h5collection
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        for i in range(50):
+            f[f"g/k{i:02d}"] = np.ones((1, 2), np.float32)
+    monkeypatch.setattr(h5collection, "INDEX_CHECK_EVERY", 8)
+    monkeypatch.setattr("normstats.readers.base.available_memory", lambda: 20_000)
+    with pytest.raises(ns.DataError, match=r"f.h5:/g holds more than 32 sequences, whose index takes about 12.8 KB"):
+        ns.open_source(f"{tmp_path / 'f.h5'}:/g")
+
+
 # --- index bytes per member, measured in a fresh process -------------------------------------
 
 MEASURE = """

@@ -130,6 +130,20 @@ def test_hdf5_group_and_glob_read_in_sorted_key_order(tmp_path: Path) -> None:
         np.testing.assert_array_equal(data, np.concatenate([utts[k.rpartition("/")[2]] for k in keys]))
 
 
+def test_hdf5_group_walk_enters_each_group_once_through_hard_link_loops(tmp_path: Path) -> None:
+    path = tmp_path / "loops.h5"
+    with h5py.File(path, "w") as f:
+        f["g/a/x"] = np.full((2, 3), 1, np.float32)
+        f["g/a/b/y"] = np.full((1, 3), 2, np.float32)
+        f["g/a/b/up"] = f["g/a"]  # a hard link back to an ancestor: a loop for a naive walk
+        f["g/c"] = f["g/a/b"]  # the same group under a second name: its members once
+        f["g/z"] = f["g/a/x"]  # the same dataset under a second name: a member of its own
+    data, stream = _read_all(f"{path}:/g", block_rows=2)
+    assert stream.sources[0].keys == ["a/b/y", "a/x", "z"]
+    np.testing.assert_array_equal(data, np.concatenate([np.full((1, 3), 2), np.full((2, 3), 1),
+                                                        np.full((2, 3), 1)]).astype(np.float32))
+
+
 def test_hdf5_group_without_slash_says_how_to_read_it(tmp_path: Path) -> None:
     _espnet_h5(tmp_path / "f.h5", _utterances(2))
     with pytest.raises(ns.UsageError, match=r"is a group, not a dataset.*give .*f.h5:/train\)"):

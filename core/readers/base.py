@@ -230,8 +230,9 @@ class KeyTable:
 INDEX_BYTES_PER_SEQUENCE = 400
 
 
-def check_index_memory(count: int, what: str) -> None:
-    """Refuse to index `count` sequences of `what` when their index would not fit in memory.
+def check_index_memory(count: int, what: str, *, so_far: bool = False) -> None:
+    """Refuse to index `count` sequences of `what` (with `so_far`, the first `count` of
+    more) when their index would not fit in memory.
 
     Raises
     ------
@@ -241,7 +242,8 @@ def check_index_memory(count: int, what: str) -> None:
     need = count * INDEX_BYTES_PER_SEQUENCE
     limit = int(available_memory() * MEMORY_SHARE)
     if need > limit:
-        raise DataError(f"{what} holds {count} sequences, whose index takes about {_size(need)}, more than the "
+        holds = f"more than {count}" if so_far else f"{count}"
+        raise DataError(f"{what} holds {holds} sequences, whose index takes about {_size(need)}, more than the "
                         f"{_size(limit)} of memory normstats may take; split it into several collections, fit "
                         "each and combine them with normstats merge")
 
