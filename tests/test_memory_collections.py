@@ -58,3 +58,29 @@ def test_a_fit_over_many_utterances_stays_bounded(tmp_path: Path) -> None:
     # the read blocks (two 8 MB buffers and the work on one) and the index of 10 000 entries;
     # a fit that held the data would need 128 MB more
     assert found["growth"] < 0.5 * data_bytes, f"peak grew by {found['growth'] / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_an_hdf5_collection_output_keeps_no_object_per_sequence(tmp_path: Path, compression) -> None:
+    # A name, a shape and a row region per sequence took ~750 B each (75 MB for 100 000
+    # utterances); offsets and lengths in arrays, and the open dataset only, take far less.
+    import tracemalloc
+
+    from normstats.writers.collections import collection_output
+
+    count = 2_000
+    keys = [f"utt{i:06d}" for i in range(count)]
+    tracemalloc.start()
+    try:
+        with collection_output(f"{tmp_path / 'out.h5'}:/").writer(keys, np.ones(count, np.int64), (2,), np.float32,
+                                                                   compression=compression) as writer:
+            for i in range(count):
+                writer.write(i, 0, np.full((1, 2), i, np.float32))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / count < 300, peak / count
+    import h5py
+
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert len(f) == count and f["utt001234"][0, 1] == 1234

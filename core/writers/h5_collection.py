@@ -10,20 +10,20 @@ compressed (``gzip`` / ``lzf``), they are chunked and written by HDF5.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DataError, UsageError
 from .atomic import atomic_path
 from .h5_chunked import chunked_dataset, finish, h5_write_error, open_for_writing
-from .rows import _layout
+from .rows import RowRegion, sequences_layout
 
 COMPRESSIONS = ("gzip", "lzf")
 
 
-def dataset_names(group: str, keys: Sequence[str]) -> list[str]:
-    """The dataset of each key under `group`.
+def dataset_names(group: str, keys: Iterable[str]) -> Iterator[str]:
+    """The dataset of each key under `group`, one at a time.
 
     Raises
     ------
@@ -31,14 +31,12 @@ def dataset_names(group: str, keys: Sequence[str]) -> list[str]:
         A key that is no HDF5 path (empty parts, ``.`` or ``..``).
     """
     prefix = group.strip("/")
-    names = []
     for key in keys:
         parts = key.strip("/").split("/")
         if not key.strip("/") or any(part in ("", ".", "..") for part in parts):
             raise DataError(f"key {key!r} cannot name an HDF5 dataset (an empty, '.' or '..' part); "
                             "write a Kaldi archive (ark,scp:OUT.ark,OUT.scp) instead")
-        names.append("/".join(([prefix] if prefix else []) + parts))
-    return names
+        yield "/".join(([prefix] if prefix else []) + parts)
 
 
 def check_compression(compression: Optional[str]) -> None:
@@ -71,11 +69,14 @@ class H5CollectionWriter:
                  row_shape: tuple[int, ...], dtype: np.dtype, *, compression: Optional[str] = None,
                  attrs: Optional[dict[str, Any]] = None) -> None:
         check_compression(compression)
-        self.path, self.compression = path, compression
-        self.names = dataset_names(group, keys)
-        self.shapes = [(int(n),) + tuple(row_shape) for n in lengths]
+        self.path, self.compression, self.group, self.keys = path, compression, group, keys
+        # Arrays and the keys as given, not a name and shape per sequence (10^5-10^7 of them)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.row_shape = tuple(int(n) for n in row_shape)
         self.dtype = np.dtype(dtype)
         self._attrs = dict(attrs or {})
+        for _ in dataset_names(group, keys):  # every key checked before any file is made
+            pass
 
     def __enter__(self) -> "H5CollectionWriter":
         self._context = atomic_path(self.path)
@@ -83,13 +84,13 @@ class H5CollectionWriter:
         self._file = None
         try:
             if self.compression is None:
-                regions = _layout(self._temporary, ".h5", {name: (shape, self.dtype)
-                                                          for name, shape in zip(self.names, self.shapes)},
-                                  self._attrs)
-                self._regions = [regions[name] for name in self.names]
+                self._offsets, self._row_bytes = sequences_layout(
+                    self._temporary, dataset_names(self.group, self.keys), self.lengths, self.row_shape,
+                    self.dtype, self._attrs)
             else:
                 self._file = open_for_writing(self._temporary, self._attrs)
-                self._datasets: list[Any] = [None] * len(self.names)
+                self._made = np.zeros(len(self.lengths), bool)
+                self._current: Optional[tuple[int, Any]] = None  # the dataset being written, and its index
         except BaseException as error:
             if self._file is not None:
                 self._file.close()
@@ -100,18 +101,26 @@ class H5CollectionWriter:
     def write(self, index: int, begin: int, frames: np.ndarray) -> None:
         """Frames ``begin:begin + len(frames)`` of sequence `index`."""
         if self.compression is None:
-            self._regions[index].write(begin, frames)
+            RowRegion(self._temporary, int(self._offsets[index]), self._row_bytes,
+                      self.dtype.newbyteorder("=").str).write(begin, frames)
             return
         try:
-            if self._datasets[index] is None:
-                self._datasets[index] = self._create(index)
-            self._datasets[index][begin:begin + frames.shape[0]] = frames
+            if self._current is None or self._current[0] != index:
+                self._current = None  # (closes the one before: sequences are written in turn)
+                self._current = (index, self._dataset(index))
+            self._current[1][begin:begin + frames.shape[0]] = frames
         except (OSError, RuntimeError, ValueError) as error:
             raise h5_write_error(error, self._temporary) from None
         self._file.check()
 
-    def _create(self, index: int) -> Any:
-        return chunked_dataset(self._file.file, self.names[index], self.shapes[index], self.dtype, self.compression)
+    def _dataset(self, index: int) -> Any:
+        """Sequence `index`'s dataset, made on its first frames."""
+        name, = dataset_names(self.group, [self.keys[index]])
+        if self._made[index]:
+            return self._file.file[name]
+        self._made[index] = True
+        return chunked_dataset(self._file.file, name, (int(self.lengths[index]),) + self.row_shape, self.dtype,
+                               self.compression)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.compression is None:
@@ -120,8 +129,9 @@ class H5CollectionWriter:
         failure = None
         if exc_type is None:
             try:  # sequences without frames are datasets too
-                for index in [i for i, dataset in enumerate(self._datasets) if dataset is None]:
-                    self._create(index)
+                self._current = None
+                for index in np.flatnonzero(~self._made).tolist():
+                    self._dataset(index)
             except (OSError, RuntimeError, ValueError) as error:
                 failure = h5_write_error(error, self._temporary)
         finish(self, exc_type, exc, tb, failure=failure)

@@ -3,11 +3,12 @@ so that rows are raw bytes at fixed offsets; attributes hold metadata."""
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -22,24 +23,30 @@ def write_attrs(target: Any, meta: dict[str, Any]) -> None:
             target.attrs[key] = "json:" + json.dumps(value)
 
 
-def _h5_skeleton(path: str, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], attrs: dict[str, Any],
-                 values: dict[str, np.ndarray]) -> dict[str, Optional[int]]:
+def _h5_skeleton(path: str, datasets: Iterable[tuple[str, tuple[int, ...], np.dtype]], attrs: dict[str, Any],
+                 values: dict[str, np.ndarray]) -> np.ndarray:
+    """Create the HDF5 file `path` with `datasets` (name, shape, dtype) allocated and
+    unwritten, the whole `values` and `attrs`; each dataset's data offset, in order
+    (-1: none, an empty dataset). The datasets may come one at a time (a collection
+    output of many sequences makes no object per sequence)."""
     import h5py
 
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    offsets = array.array("q")
     try:
         with h5py.File(path, "w") as f:
-            offsets = {name: f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl).id.get_offset()
-                       for name, (shape, dtype) in shapes.items()}
+            for name, shape, dtype in datasets:
+                offset = f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl).id.get_offset()
+                offsets.append(-1 if offset is None else offset)
             for name, value in values.items():
                 f.create_dataset(name, data=value)
             write_attrs(f, attrs)
     except (OSError, RuntimeError) as error:  # HDF5 reports a failed write as either
         code = getattr(error, "errno", None) or _h5_errno(str(error))
         raise OSError(code or errno.EIO, str(error).split("\n")[0], path) from None
-    return offsets
+    return np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
 
 
 def _h5_errno(message: str) -> Optional[int]:

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -95,10 +95,30 @@ def _layout(temporary: str, extension: str, arrays: dict[str, tuple[tuple[int, .
             f.truncate(offset + _nbytes(shape, dtype))
         return {name: region(name, offset)}
     values = values or {}
-    metadata = len(json.dumps(attrs or {}, default=str)) + 256 * (len(shapes) + len(values))
-    _check_file_size(temporary, sum(_nbytes(*v) for v in shapes.values()) + 2 * metadata + (16 << 10))
-    offsets = _h5_skeleton(temporary, shapes, attrs or {}, values)
-    return {name: region(name, offsets[name]) for name in shapes}
+    _check_h5_room(temporary, sum(_nbytes(*v) for v in shapes.values()), len(shapes) + len(values), attrs)
+    offsets = _h5_skeleton(temporary, ((name, shape, dtype) for name, (shape, dtype) in shapes.items()),
+                           attrs or {}, values)
+    return {name: region(name, None if offset < 0 else int(offset)) for name, offset in zip(shapes, offsets)}
+
+
+def sequences_layout(temporary: str, names: Iterable[str], lengths: np.ndarray, row_shape: tuple[int, ...],
+                     dtype: np.dtype, attrs: Optional[dict[str, Any]] = None) -> tuple[np.ndarray, int]:
+    """As :func:`_layout` for an HDF5 file of one dataset per sequence (`names`, each of
+    its `lengths` frames of `row_shape`): each dataset's data offset (int64) and the
+    frame bytes, with no object per sequence."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    row_bytes = _nbytes(row_shape, dtype)
+    _check_h5_room(temporary, int(lengths.sum()) * row_bytes, len(lengths), attrs)
+    offsets = _h5_skeleton(temporary, ((name, (int(n),) + tuple(row_shape), dtype) for name, n in zip(names, lengths)),
+                           attrs or {}, {})
+    if np.any((offsets < 0) & (lengths > 0) & (row_bytes > 0)):
+        raise RuntimeError(f"HDF5 gave a dataset no place in {temporary}")
+    return offsets, row_bytes
+
+
+def _check_h5_room(temporary: str, data_bytes: int, datasets: int, attrs: Optional[dict[str, Any]]) -> None:
+    metadata = len(json.dumps(attrs or {}, default=str)) + 256 * datasets
+    _check_file_size(temporary, data_bytes + 2 * metadata + (16 << 10))
 
 
 class _RowsWriter:
