@@ -299,13 +299,12 @@ def feed_parallel(state: State, stream: Stream, block_rows: int, start_row: int,
     block_work = getattr(state, "block_work", lambda: None)
     done = start_row
     if block_work() is None and done < stream.rows:
-        # The stream's row shape fixes the state's; an exact state takes its shift from a
-        # first batch too (without a batch size a block is a batch: a whole one). Not a
-        # first block read apart, which with its own buffer, thread and serial pass cost
-        # ~15 % of a 1 GB fit.
+        # The stream's row shape is all a moving average needs to start: no first block read
+        # apart (with its own buffer and a serial pass, ~15 % of a 1 GB fit). An exact state
+        # takes its shift from the first block, as one reader does (the same sums to the bit).
         state.update(np.empty((0,) + stream.row_shape, stream.dtype))
         if block_work() is None:
-            done = min(stream.rows, done + min(block_rows, state.batch_size or block_rows))
+            done = min(stream.rows, done + block_rows)
             feed(state, stream, {}, block_rows, start_row, done, progress, checkpoint)
     work = block_work()
     if work is None:
