@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import UsageError
 from .kernels import Layout, Sums, accumulate, fold_exact, update_groups
+from .limits import elements
 from .moments import merge_moments, variance
 
 
@@ -280,11 +281,24 @@ class GroupedMoments:
         if self.spent:
             raise UsageError("these moments were spent on a result (spend=True); fit a new state")
 
+    def pilot_rows(self) -> int:
+        """How many first rows give the first shift of a one-group fit (:meth:`pilot_sums_around`)."""
+        return max(1, min(PILOT_ROWS, PILOT_ELEMENTS // max(elements(self.layout.row_shape), 1)))
+
+    def pilot_sums_around(self, first: np.ndarray) -> Optional[tuple]:
+        """For a fresh one-group state, what :meth:`block_sums` takes as `around` to give
+        any block the sums a first :meth:`update` with these `first` rows (at least
+        :meth:`pilot_rows` of them, or all there are) would give it; None when the
+        first shift does not come from a pilot (values left out, or rows seen)."""
+        if self.omit or self.weight[0] != 0:
+            return None
+        return self._pilot(first), None
+
     def _pilot(self, x: np.ndarray) -> np.ndarray:
         """A first shift for one group: the mean of the first rows (closer to the
         mean than any single row, so the first block's offset, and its rounding,
         is smaller); an integer for integer data, 0 where not finite."""
-        rows = max(1, min(PILOT_ROWS, PILOT_ELEMENTS // max(x[0].size, 1)))
+        rows = self.pilot_rows()
         with np.errstate(invalid="ignore", over="ignore"):
             pilot = np.asarray(x[:rows], dtype=np.float64).mean(axis=self.axes).reshape(1, -1)
         if x.dtype.kind in "iu":

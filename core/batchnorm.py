@@ -778,12 +778,21 @@ class BatchNormExact(_BatchNormBase):
 
     combine = merge
 
-    def block_work(self):
+    def block_work(self, first: Optional[np.ndarray] = None):
         """As :meth:`BatchNormEMA.block_work`: unweighted blocks of one group, their
-        sums taken around the shift of the state now (the fold re-centres them)."""
-        if self.num_groups is not None or self.weighted or self.moments is None or not self.rows_seen:
+        sums taken around the shift of the state now (the fold re-centres them). A
+        state that has seen no rows needs its `first` rows (``pilot_rows()`` of them,
+        or all there are): the shift a first :meth:`update` would take from them."""
+        if self.num_groups is not None or self.weighted or self.moments is None:
             return None
-        around = self.moments.shift_now()
+        if self.rows_seen:
+            around = self.moments.shift_now()
+        elif first is not None and len(first):
+            around = self.moments.pilot_sums_around(first)
+            if around is None:
+                return None
+        else:
+            return None
 
         def work(x: np.ndarray, at: int, scratch: Workspace) -> Sums:
             try:
@@ -791,6 +800,10 @@ class BatchNormExact(_BatchNormBase):
             except NonFiniteError as error:
                 raise error.shifted(at) from None
         return work
+
+    def pilot_rows(self) -> int:
+        """How many first rows :meth:`block_work` needs of a state that has seen none."""
+        return self.moments.pilot_rows()
 
     def take(self, sums: Sums, rows: int) -> None:
         """Fold in the sums of ``block_work()`` for the next `rows` rows."""

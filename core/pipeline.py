@@ -7,6 +7,7 @@ checkpoints, progress and provenance, and nothing else.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -299,10 +300,14 @@ def feed_parallel(state: State, stream: Stream, block_rows: int, start_row: int,
     block_work = getattr(state, "block_work", lambda: None)
     done = start_row
     if block_work() is None and done < stream.rows:
-        # The stream's row shape is all a moving average needs to start: no first block read
-        # apart (with its own buffer and a serial pass, ~15 % of a 1 GB fit). An exact state
-        # takes its shift from the first block, as one reader does (the same sums to the bit).
+        # No first block read apart (with its own buffer and a serial pass, ~15 % of a 1 GB
+        # fit): the stream's row shape starts a moving average, and an exact state takes the
+        # shift a first update would take from the first rows (the same sums to the bit).
         state.update(np.empty((0,) + stream.row_shape, stream.dtype))
+        if block_work() is None and hasattr(state, "pilot_rows"):
+            head = next(stream.blocks(state.pilot_rows(), done, done + state.pilot_rows()))
+            first = head.copy()
+            block_work = functools.partial(state.block_work, first)
         if block_work() is None:
             done = min(stream.rows, done + block_rows)
             feed(state, stream, {}, block_rows, start_row, done, progress, checkpoint)

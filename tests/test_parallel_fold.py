@@ -89,6 +89,32 @@ def test_two_readers_and_one_give_the_same_bits_over_odd_blocks(tmp_path, monkey
         assert results[0][name].tobytes() == results[1][name].tobytes(), name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+@pytest.mark.parametrize("block_rows", [50, 333, 5000])
+def test_exact_two_readers_take_one_readers_first_shift(tmp_path, monkeypatch, dtype, block_rows):
+    # The readers start from the shift a first update takes from the first rows (no first
+    # block read apart): over one block the same sums, hence the same bits, as one reader
+    # (a remote and a local fit agree); over more, the same to rounding (one reader
+    # re-centres its shift as it folds, the readers keep the first).
+    from normstats import pipeline
+
+    x = (make_data((4321, 6), "float64", seed=7) * 50 + 1e4).astype(dtype)
+    path = str(tmp_path / "x.npy")
+    np.save(path, x)
+    results = []
+    for two in (True, False):
+        if not two:
+            monkeypatch.setattr(pipeline, "parallel_stream", lambda stream: False)
+        with ns.open_stream([path]) as stream:
+            results.append(ns.run_fit(ns.batchnorm_state("exact", batch_size=64), stream,
+                                      block_rows=block_rows).arrays)
+    for name in ("mean", "var", "inv_std"):
+        if block_rows >= len(x):
+            assert results[0][name].tobytes() == results[1][name].tobytes(), name
+        np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-13, atol=0)
+    np.testing.assert_allclose(results[0]["var"], x.astype(np.float64).var(axis=0, ddof=1), rtol=1e-12)
+
+
 # --- the storage the source read ---------------------------------------------------------
 
 
