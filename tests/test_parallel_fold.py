@@ -71,11 +71,10 @@ def test_compiled_fold_matches_the_plain_reference():
     np.testing.assert_allclose(got["inv_std"], inv_std, rtol=1e-12)
 
 
-@pytest.mark.parametrize("batch_size, block_rows", [(1, 37), (64, 64), (50, 333), (256, 1000)])
-def test_two_readers_and_one_give_the_same_bits_over_odd_blocks(tmp_path, monkeypatch, batch_size, block_rows):
+def _two_readers_and_one(tmp_path, monkeypatch, x, mode, batch_size, block_rows) -> list[dict]:
+    """The arrays of a fit of `x` (saved as .npy) with two readers, then with one."""
     from normstats import pipeline
 
-    x = make_data((4321, 6), "float32", seed=6)
     path = str(tmp_path / "x.npy")
     np.save(path, x)
     results = []
@@ -83,8 +82,15 @@ def test_two_readers_and_one_give_the_same_bits_over_odd_blocks(tmp_path, monkey
         if not two:
             monkeypatch.setattr(pipeline, "parallel_stream", lambda stream: False)
         with ns.open_stream([path]) as stream:
-            results.append(ns.run_fit(ns.batchnorm_state("ema", batch_size=batch_size), stream,
+            results.append(ns.run_fit(ns.batchnorm_state(mode, batch_size=batch_size), stream,
                                       block_rows=block_rows).arrays)
+    return results
+
+
+@pytest.mark.parametrize("batch_size, block_rows", [(1, 37), (64, 64), (50, 333), (256, 1000)])
+def test_two_readers_and_one_give_the_same_bits_over_odd_blocks(tmp_path, monkeypatch, batch_size, block_rows):
+    results = _two_readers_and_one(tmp_path, monkeypatch, make_data((4321, 6), "float32", seed=6),
+                                   "ema", batch_size, block_rows)
     for name in ("mean", "inv_std"):
         assert results[0][name].tobytes() == results[1][name].tobytes(), name
 
@@ -96,18 +102,8 @@ def test_exact_two_readers_take_one_readers_first_shift(tmp_path, monkeypatch, d
     # block read apart): over one block the same sums, hence the same bits, as one reader
     # (a remote and a local fit agree); over more, the same to rounding (one reader
     # re-centres its shift as it folds, the readers keep the first).
-    from normstats import pipeline
-
     x = (make_data((4321, 6), "float64", seed=7) * 50 + 1e4).astype(dtype)
-    path = str(tmp_path / "x.npy")
-    np.save(path, x)
-    results = []
-    for two in (True, False):
-        if not two:
-            monkeypatch.setattr(pipeline, "parallel_stream", lambda stream: False)
-        with ns.open_stream([path]) as stream:
-            results.append(ns.run_fit(ns.batchnorm_state("exact", batch_size=64), stream,
-                                      block_rows=block_rows).arrays)
+    results = _two_readers_and_one(tmp_path, monkeypatch, x, "exact", 64, block_rows)
     for name in ("mean", "var", "inv_std"):
         if block_rows >= len(x):
             assert results[0][name].tobytes() == results[1][name].tobytes(), name
