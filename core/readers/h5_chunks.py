@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import DataError
 from .h5_storage import plain_storage
+from .reopened_file import ReopenedFile
 
 SHUFFLE, DEFLATE = 2, 1  # HDF5 filter ids (H5Z_FILTER_SHUFFLE, H5Z_FILTER_DEFLATE)
 _pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -58,7 +59,7 @@ class ChunkReader:
         self.dtype = source.dtype
         self._lock = threading.Lock()  # h5py's calls and the handles: one thread at a time
         self._handles = None
-        self._fd: Optional[int] = None
+        self._file = ReopenedFile(source._located.file, source.name)  # read outside the lock
 
     @classmethod
     def of(cls, source, dtype: np.dtype) -> Optional["ChunkReader"]:
@@ -84,18 +85,16 @@ class ChunkReader:
         with self._lock:  # only the look-ups in the chunk index take turns; the reads do not
             if self._handles is None:
                 self._handles = hdf5_policy.open_dataset(self.source._located)
-                self._fd = os.open(self.source._located.file, os.O_RDONLY)
             where = [self._where(c) for c in range(first, last + 1)]
-            fd = self._fd
         if self.deflate:
-            jobs = [_threads().submit(self._decode, fd, place, c, start, out)
+            jobs = [_threads().submit(self._decode, place, c, start, out)
                     for c, place in zip(range(first, last + 1), where)]
             for job in jobs:
                 job.result()
         else:  # nothing to decode: read in this thread, straight into `out` (the readers run side by side)
             for c, place in zip(range(first, last + 1), where):
-                self._decode(fd, place, c, start, out)
-        self.source._check_unchanged(os.fstat(fd), self.source._located.file)
+                self._decode(place, c, start, out)
+        self.source._check_unchanged(self._file.fstat(), self.source._located.file)
 
     def _where(self, chunk: int) -> tuple[int, int, int]:
         """(filter mask, byte offset, stored bytes) of a chunk, from the dataset's chunk index."""
@@ -110,10 +109,8 @@ class ChunkReader:
                             "is damaged or was not fully written")
         return int(info.filter_mask), int(info.byte_offset), int(info.size)
 
-    def _decode(self, fd: int, place: tuple[int, int, int], chunk: int, start: int, out: np.ndarray) -> None:
+    def _decode(self, place: tuple[int, int, int], chunk: int, start: int, out: np.ndarray) -> None:
         """Read one chunk, inflate it (and undo the shuffle) into the rows of `out` it holds."""
-        from .npy import _pread_exact
-
         mask, offset, size = place
         lo = chunk * self.chunk_rows
         rows = min(self.chunk_rows, self.rows - lo)  # stored chunks are whole; the data may end earlier
@@ -128,11 +125,11 @@ class ChunkReader:
             if size != self.chunk_rows * target[0].nbytes:
                 raise DataError(f"{self.source.name}: the chunk at row {lo} is not of its declared size; the "
                                 "file is damaged")
-            if _pread_exact(fd, view, offset + (begin - lo) * target[0].nbytes) != len(view):
+            if self._file.read(view, offset + (begin - lo) * target[0].nbytes) != len(view):
                 raise self._cut(lo)
             return
         raw = _stored(size)
-        if _pread_exact(fd, raw, offset) != size:
+        if self._file.read(raw, offset) != size:
             raise self._cut(lo)
         row_items = target[0].size
         item = self.dtype.itemsize
@@ -161,8 +158,8 @@ class ChunkReader:
         with self._lock:
             if self._handles is not None:
                 self._handles[0].close()
-                os.close(self._fd)
-                self._handles = self._fd = None
+                self._handles = None
+        self._file.close()
 
 
 _buffers = threading.local()

@@ -12,14 +12,13 @@ error: a file cut under the run stops it cleanly.
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Optional
 
 import numpy as np
 
 from ..errors import DataError
 from .h5_storage import plain_storage
+from .reopened_file import ReopenedFile
 
 
 class ContiguousReader:
@@ -29,8 +28,7 @@ class ContiguousReader:
         self.source = source
         self.offset = offset
         self.row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
-        self._fd: Optional[int] = None
-        self._lock = threading.Lock()
+        self._file = ReopenedFile(source._located.file, source.name)
 
     @classmethod
     def of(cls, source, dtype: np.dtype) -> Optional["ContiguousReader"]:
@@ -42,30 +40,14 @@ class ContiguousReader:
             return None
         return cls(source, storage.offset)
 
-    def _handle(self) -> int:
-        with self._lock:
-            if self._fd is None:
-                try:
-                    self._fd = os.open(self.source._located.file, os.O_RDONLY)
-                except OSError as error:
-                    raise DataError(f"{self.source.name} cannot be opened again ({error.strerror}); it was "
-                                    "removed or replaced while the run went on") from None
-            return self._fd
-
     def read_into(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with rows ``start:start+len(out)``."""
-        from .npy import _pread_exact
-
-        fd = self._handle()
         view = memoryview(out.reshape(-1).view(np.uint8))
-        got = _pread_exact(fd, view, self.offset + start * self.row_bytes)
-        self.source._check_unchanged(os.fstat(fd), self.source._located.file)
+        got = self._file.read(view, self.offset + start * self.row_bytes)
+        self.source._check_unchanged(self._file.fstat(), self.source._located.file)
         if got != len(view):
             raise DataError(f"{self.source.name} ended early, before row {start + out.shape[0]}; it was cut "
                             "while being read")
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        self._file.close()

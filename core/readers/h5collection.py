@@ -25,6 +25,7 @@ from ..errors import DataError, NormstatsError, UsageError
 from ..limits import available_memory, elements
 from .base import KeyTable, SequenceSource, _identity, check_index_memory
 from .h5dataset import _h5_stat
+from .reopened_file import ReopenedFile
 
 GLOB = set("*?[")
 
@@ -64,7 +65,6 @@ class H5Collection(SequenceSource):
         self.path, self.dataset, self.name = path, name, f"{path}:{name}"
         self._open: Optional[Any] = None  # (file path, h5py.File) being read by h5py
         self._current: Optional[tuple[int, Any]] = None  # (sequence, dataset) being read by h5py
-        self._fd: Optional[int] = None  # the group's file, for members read by pread
         try:
             self._index(name, allow_external)
         except (RuntimeError, KeyError, ValueError, OSError) as error:
@@ -79,6 +79,7 @@ class H5Collection(SequenceSource):
             located = hdf5_policy.locate(self.path, name, allow_external=allow_external, display=self.name)
             file, group, pattern = located.file, located.name, None
         self._group_file, self._prefix = file, group.rstrip("/") + "/"
+        self._file = ReopenedFile(file)  # the group's file, for members read by pread
         self._files = {file: _identity(os.stat(file))}
         self._identity = self._files[file]
         with hdf5_policy.open_file(file) as f:
@@ -155,19 +156,12 @@ class H5Collection(SequenceSource):
 
     def _pread(self, index: int, offset: int, begin: int, end: int, out: np.ndarray) -> None:
         """Frames of a contiguous member, read at their offset in the group's file."""
-        from .npy import _pread_exact
-
-        if self._fd is None:
-            try:
-                self._fd = os.open(self._group_file, os.O_RDONLY)
-            except OSError as error:
-                raise DataError(f"{self._group_file} cannot be opened again ({error.strerror}) to read "
-                                f"{self.where(index)}; it was removed or replaced while the run went on") from None
         dtype = self._dtypes[self._dtype_of[index]]
         into = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
         view = memoryview(into.reshape(-1).view(np.uint8))
-        got = _pread_exact(self._fd, view, offset + begin * self._row_elements * dtype.itemsize)
-        self._check_file(os.fstat(self._fd), self._group_file, index)
+        got = self._file.read(view, offset + begin * self._row_elements * dtype.itemsize,
+                              lambda: self.where(index))
+        self._check_file(self._file.fstat(), self._group_file, index)
         if got != len(view):
             raise DataError(f"{self.where(index)} ends early, before frame {end}; {self._group_file} was cut "
                             "while being read")
@@ -190,13 +184,12 @@ class H5Collection(SequenceSource):
 
     def close(self) -> None:
         self._close_h5()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()
 
     def __getstate__(self) -> dict:
-        # open handles stay with this process; a copy opens its own at its first read
-        return {**vars(self), "_open": None, "_current": None, "_fd": None}
+        # open handles stay with this process (the pread file drops its descriptor itself); a copy
+        # opens its own at its first read
+        return {**vars(self), "_open": None, "_current": None}
 
 
 class _Scan:

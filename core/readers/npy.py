@@ -11,20 +11,10 @@ import numpy as np
 from ..errors import DataError
 from ..limits import elements
 from .base import ArraySource, _identity
+from .reopened_file import ReopenedFile
 
 
 NPY_MAGIC = b"\x93NUMPY"
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int) -> int:
-    """Read ``len(view)`` bytes at `offset`; return the bytes read (fewer only at the end of the file)."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            break
-        done += got
-    return done
 
 
 class NpySource(ArraySource):
@@ -39,7 +29,7 @@ class NpySource(ArraySource):
 
     def __init__(self, path: str) -> None:
         self.path = self.name = path
-        self._fd: Optional[int] = None
+        self._file = ReopenedFile(path)
         self._strips: Optional[np.ndarray] = None  # Fortran order: the block's columns
         self._staging: Optional[np.ndarray] = None  # a block in the file's dtype, when the stream's differs
         with open(path, "rb") as f:
@@ -80,20 +70,11 @@ class NpySource(ArraySource):
         return _identity(os.fstat(f.fileno()))
 
     def _current_identity(self, file: Optional[str] = None) -> tuple:
-        return _identity(os.fstat(self._handle()))  # the file opened, even if its name now holds another
+        return _identity(self._file.fstat())  # the file opened, even if its name now holds another
 
     def _pread(self, view: memoryview, offset: int) -> int:
         """Read ``len(view)`` bytes at `offset`; return the bytes read (fewer only at the end)."""
-        return _pread_exact(self._handle(), view, offset)
-
-    def _handle(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as error:
-                raise DataError(f"{self.path} cannot be opened again ({error.strerror}); it was removed or "
-                                "replaced while the run went on") from None
-        return self._fd
+        return self._file.read(view, offset)
 
     def read_into(self, start: int, out: np.ndarray) -> None:
         rows = out.shape[0]
@@ -149,6 +130,4 @@ class NpySource(ArraySource):
         return True
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()

@@ -11,6 +11,7 @@ import numpy as np
 from ..limits import check_stored, elements
 from .base import _identity
 from .npy import NpySource
+from .reopened_file import ReopenedFile
 
 
 class RawArraySource(NpySource):
@@ -19,7 +20,7 @@ class RawArraySource(NpySource):
     def __init__(self, path: str, name: str, dataset: Optional[str], offset: int, shape: tuple[int, ...],
                  dtype: np.dtype, *, fortran: bool = False) -> None:
         self.path, self.name, self.dataset = path, name, dataset
-        self._fd = None
+        self._file = ReopenedFile(path)
         self._strips = self._staging = None
         self.shape, self.dtype, self._fortran = tuple(int(n) for n in shape), np.dtype(dtype), fortran
         self._offset = offset

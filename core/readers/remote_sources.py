@@ -50,7 +50,6 @@ class RemoteNpy(_Remote, NpySource):
     def __init__(self, remote: RemoteObject, head: bytes) -> None:
         self._remote = remote
         self.path = self.name = remote.url
-        self._fd = None
         self._strips = self._staging = None
         self._read_header(io.BytesIO(head))
         self._validate()
