@@ -146,21 +146,11 @@ class KeyTable:
         table._set(keys)
         return table
 
-    @classmethod
-    def from_parts(cls, buffer: bytes, ends: Sequence[int]) -> "KeyTable":
-        """A table of the keys ``buffer[ends[i-1]:ends[i]]`` (UTF-8), as a reader that
-        appends keys to one buffer builds it."""
-        table = cls()
-        table._buffer = bytes(buffer)
-        table._ends = np.array(ends, dtype=np.int64)
-        return table
-
     def _set(self, encoded: Iterable[bytes]) -> None:
-        buffer, ends = bytearray(), array.array("q")
+        builder = KeyTableBuilder()
         for key in encoded:
-            buffer += key
-            ends.append(len(buffer))
-        self._buffer, self._ends = bytes(buffer), np.array(ends, dtype=np.int64)
+            builder.append(key)
+        self._buffer, self._ends = builder.parts()
 
     def sorted_order(self) -> np.ndarray:
         """The permutation that sorts the keys (as ``sorted`` sorts str: UTF-8 bytes sort the same),
@@ -223,6 +213,32 @@ class KeyTable:
             if self._bytes(first) == self._bytes(second):
                 return self[max(first, second)]
         return None
+
+
+class KeyTableBuilder:
+    """A :class:`KeyTable` built key by key, as a reader indexing a collection meets them:
+    the keys' UTF-8 bytes appended to one buffer, their ends to an array (no str per key)."""
+
+    def __init__(self) -> None:
+        self._buffer, self._ends = bytearray(), array.array("q")
+
+    def append(self, key: bytes) -> None:
+        """Add the next key, UTF-8 encoded."""
+        self._buffer += key
+        self._ends.append(len(self._buffer))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def parts(self) -> tuple[bytes, np.ndarray]:
+        """The keys' bytes and their ends, as a :class:`KeyTable` holds them."""
+        return bytes(self._buffer), np.array(self._ends, dtype=np.int64)
+
+    def table(self) -> KeyTable:
+        """The keys appended so far, as a table."""
+        table = KeyTable()
+        table._buffer, table._ends = self.parts()
+        return table
 
 
 # Bytes one sequence's index takes while it is built (keys and names as Python objects for a

@@ -23,7 +23,7 @@ import numpy as np
 from .. import hdf5_policy
 from ..errors import DataError, NormstatsError, UsageError
 from ..limits import available_memory, elements
-from .base import KeyTable, SequenceSource, _identity, check_index_memory
+from .base import KeyTable, KeyTableBuilder, SequenceSource, _identity, check_index_memory
 from .h5dataset import _h5_stat
 from .reopened_file import ReopenedFile
 
@@ -215,11 +215,11 @@ class _Scan:
         self._gid = h5py.h5g.open(file.id, group.encode())
         self._display = display
         self._error: Optional[BaseException] = None
-        self._keys, self._ends = bytearray(), array.array("q")
+        self._keys = KeyTableBuilder()
         self._walk(h5py)
         check_index_memory(len(self.lengths), display)
-        self.keys = KeyTable.from_parts(self._keys, self._ends)
-        del self._keys, self._ends
+        self.keys = self._keys.table()
+        del self._keys
 
     def shape_number(self, shape: tuple[int, ...]) -> int:
         if shape not in self.shapes:
@@ -285,8 +285,7 @@ class _Scan:
                     offset = int(at)
                     length, shape_number, dtype_number = shape[0], self.shape_number(shape[1:]), \
                         self.dtype_number(dtype)
-        self._keys += raw
-        self._ends.append(len(self._keys))
+        self._keys.append(raw)
         self.lengths.append(length)
         self.offsets.append(offset)
         self.shape_of.append(shape_number)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ..limits import check_fits_memory, check_stored, elements, require_regular_file
-from .base import KeyTable, SequenceSource, _identity, check_index_memory, require
+from .base import KeyTable, KeyTableBuilder, SequenceSource, _identity, check_index_memory, require
 
 # token -> (dtype read, bytes of the header after the token, bytes per element, per-column bytes)
 MATRICES = {"FM": (np.float32, 10, 4, 0), "DM": (np.float64, 10, 8, 0), "CM": (np.float32, 16, 1, 8),
@@ -102,7 +102,7 @@ class KaldiSource(SequenceSource):
             for block in iter(lambda: f.read(1 << 20), b""):
                 lines, last = lines + block.count(b"\n"), block[-1:]
         check_index_memory(lines + (last != b"\n"), self.name)
-        keys, ends, arks, ark_of, offsets = bytearray(), array.array("q"), {}, array.array("i"), array.array("q")
+        keys, arks, ark_of, offsets = KeyTableBuilder(), {}, array.array("i"), array.array("q")
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 line = raw.decode("utf-8", "replace").strip()
@@ -119,11 +119,10 @@ class KaldiSource(SequenceSource):
                                     "(copy-feats)")
                 match = _OFFSET.match(target)
                 ark, offset = (match.group(1), int(match.group(2))) if match else (target, 0)
-                keys += key.encode("utf-8", "surrogateescape")
-                ends.append(len(keys))
+                keys.append(key.encode("utf-8", "surrogateescape"))
                 ark_of.append(arks.setdefault(ark, len(arks)))
                 offsets.append(offset)
-        return KeyTable.from_parts(keys, ends), list(arks), np.array(ark_of, np.int32), np.array(offsets, np.int64)
+        return keys.table(), list(arks), np.array(ark_of, np.int32), np.array(offsets, np.int64)
 
     def _line(self, number: int, key: str) -> str:
         return f"{self.path} line {number} (utterance {key!r})"
@@ -171,8 +170,8 @@ class KaldiSource(SequenceSource):
 
     def _scan_ark(self) -> tuple:
         """One pass over the archive's headers (no scp given): each key, its offset and shape."""
-        keys, offsets, rows, cols, tokens = [], array.array("q"), array.array("q"), array.array("q"), \
-            array.array("b")
+        keys, offsets, rows, cols, tokens = KeyTableBuilder(), array.array("q"), array.array("q"), \
+            array.array("q"), array.array("b")
         size = os.path.getsize(self.path)
         position = 0
         f = self._file(self.path, f"{self.name}")
@@ -188,7 +187,7 @@ class KaldiSource(SequenceSource):
             count, dims, token = self._header(self.path, offset, self.where_key(key), head[space + 1:], size)
             _, extra, item, per_column = MATRICES[token]
             position = offset + 2 + len(token) + 1 + extra + dims * per_column + count * dims * item
-            keys.append(key)
+            keys.append(key.encode("utf-8", "surrogateescape"))
             offsets.append(offset)
             rows.append(count)
             cols.append(dims)
@@ -197,7 +196,7 @@ class KaldiSource(SequenceSource):
                 check_index_memory(len(keys) * max(1, size // max(position, 1)), self.name)
         arrays = [np.array(a, dtype) for a, dtype in
                   ((offsets, np.int64), (rows, np.int64), (cols, np.int64), (tokens, np.int8))]
-        return (KeyTable(keys), [self.path], np.zeros(len(keys), np.int32), *arrays)
+        return (keys.table(), [self.path], np.zeros(len(keys), np.int32), *arrays)
 
     def _file(self, ark: str, where: Union[str, Callable[[], str]]) -> Any:
         if ark not in self._fds:
