@@ -97,6 +97,8 @@ class KaldiSource(SequenceSource):
 
     def _index_scp(self) -> tuple[KeyTable, list[str], np.ndarray, np.ndarray]:
         """The keys, archives, each entry's archive and offset, from the scp's lines."""
+        # the lines are counted in a first pass: the index's memory is checked, with the exact count, before
+        # it grows (holding the scp to parse it after would cost memory; the count is ~2% of indexing)
         lines, last = 0, b"\n"
         with open(self.path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
