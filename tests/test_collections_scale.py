@@ -186,6 +186,19 @@ def test_an_hdf5_group_too_large_for_memory_is_refused_while_it_is_walked(tmp_pa
         ns.open_source(f"{tmp_path / 'f.h5'}:/g")
 
 
+def test_an_scp_too_large_for_memory_is_refused_while_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    # The scp is read once (no first pass to count its lines): its index is checked as it
+    # grows, and it stops growing at the check after the limit.
+    from normstats.readers import kaldi
+
+    kaldiio.save_ark(str(tmp_path / "f.ark"), {f"k{i:02d}": np.ones((1, 2), np.float32) for i in range(50)},
+                     scp=str(tmp_path / "f.scp"))
+    monkeypatch.setattr(kaldi, "SCP_READ_BYTES", 1)  # a check after every line
+    monkeypatch.setattr("normstats.readers.base.available_memory", lambda: 20_000)
+    with pytest.raises(ns.DataError, match=r"f.scp holds more than 26 sequences, whose index takes about 10.4 KB"):
+        ns.open_source(f"scp:{tmp_path / 'f.scp'}")
+
+
 # --- index bytes per member, measured in a fresh process -------------------------------------
 
 MEASURE = """

@@ -43,6 +43,7 @@ def looks_like_ark(path: str) -> bool:
 
 HEADER_BYTES = 22  # '\0B', the longest token and its space, and the longest header after it
 SCP_BATCH = 1 << 16  # headers read and checked together
+SCP_READ_BYTES = 1 << 20  # scp lines parsed between two checks of the index's memory
 
 
 class KaldiSource(SequenceSource):
@@ -97,33 +98,33 @@ class KaldiSource(SequenceSource):
 
     def _index_scp(self) -> tuple[KeyTable, list[str], np.ndarray, np.ndarray]:
         """The keys, archives, each entry's archive and offset, from the scp's lines."""
-        # the lines are counted in a first pass: the index's memory is checked, with the exact count, before
-        # it grows (holding the scp to parse it after would cost memory; the count is ~2% of indexing)
-        lines, last = 0, b"\n"
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                lines, last = lines + block.count(b"\n"), block[-1:]
-        check_index_memory(lines + (last != b"\n"), self.name)
+        # read once, its index checked as it grows (at most a block of lines past the limit): a first
+        # pass to count the lines was ~2% of indexing
         keys, arks, ark_of, offsets = KeyTableBuilder(), {}, array.array("i"), array.array("q")
         with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                line = raw.decode("utf-8", "replace").strip()
-                if not line:
-                    continue
-                key, _, target = line.partition(" ")
-                target = target.strip()
-                if not target:
-                    raise DataError(f"{self._line(number, key)} names no archive; an scp line is "
-                                    "'KEY ARCHIVE:OFFSET'")
-                if target.endswith("|") or target.startswith("|") or target.endswith("]"):
-                    raise DataError(f"{self._line(number, key)} reads {target!r} through a pipe or a slice, "
-                                    "which normstats does not run; copy the features to an archive first "
-                                    "(copy-feats)")
-                match = _OFFSET.match(target)
-                ark, offset = (match.group(1), int(match.group(2))) if match else (target, 0)
-                keys.append(key.encode("utf-8", "surrogateescape"))
-                ark_of.append(arks.setdefault(ark, len(arks)))
-                offsets.append(offset)
+            number = 0
+            for lines in iter(lambda: f.readlines(SCP_READ_BYTES), []):
+                if len(offsets):  # more lines follow those indexed
+                    check_index_memory(len(offsets), self.name, so_far=True)
+                for number, raw in enumerate(lines, number + 1):
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line:
+                        continue
+                    key, _, target = line.partition(" ")
+                    target = target.strip()
+                    if not target:
+                        raise DataError(f"{self._line(number, key)} names no archive; an scp line is "
+                                        "'KEY ARCHIVE:OFFSET'")
+                    if target.endswith("|") or target.startswith("|") or target.endswith("]"):
+                        raise DataError(f"{self._line(number, key)} reads {target!r} through a pipe or a "
+                                        "slice, which normstats does not run; copy the features to an archive "
+                                        "first (copy-feats)")
+                    match = _OFFSET.match(target)
+                    ark, offset = (match.group(1), int(match.group(2))) if match else (target, 0)
+                    keys.append(key.encode("utf-8", "surrogateescape"))
+                    ark_of.append(arks.setdefault(ark, len(arks)))
+                    offsets.append(offset)
+        check_index_memory(len(offsets), self.name)
         return keys.table(), list(arks), np.array(ark_of, np.int32), np.array(offsets, np.int64)
 
     def _line(self, number: int, key: str) -> str:
