@@ -648,6 +648,7 @@ def measure_all(ids: list[str], data: Data, repeat: int) -> dict[str, dict]:
             if "skipped" in row or "error" in row:
                 continue
             log(f"round {round_ + 1}/{repeat}: {case_id}")
+            os.sync()  # the outputs of the case before are written back now, not during this one
             warm_cache(data.inputs(case_id))  # this VM may drop page cache idle for a minute
             prefault(data.nbytes + 512 * MB)
             run = run_once(case_id, data)
