@@ -84,9 +84,11 @@ class H5CollectionWriter:
         self._file = None
         try:
             if self.compression is None:
-                self._offsets, self._row_bytes = sequences_layout(
+                self._offsets, row_bytes = sequences_layout(
                     self._temporary, dataset_names(self.group, self.keys), self.lengths, self.row_shape,
                     self.dtype, self._attrs)
+                # one region over the file: a sequence's frames start at its dataset's offset
+                self._region = RowRegion(self._temporary, 0, row_bytes, self.dtype.newbyteorder("=").str)
             else:
                 self._file = open_for_writing(self._temporary, self._attrs)
                 self._made = np.zeros(len(self.lengths), bool)
@@ -101,8 +103,7 @@ class H5CollectionWriter:
     def write(self, index: int, begin: int, frames: np.ndarray) -> None:
         """Frames ``begin:begin + len(frames)`` of sequence `index`."""
         if self.compression is None:
-            RowRegion(self._temporary, int(self._offsets[index]), self._row_bytes,
-                      self.dtype.newbyteorder("=").str).write(begin, frames)
+            self._region.write_at(int(self._offsets[index]) + begin * self._region.row_bytes, frames)
             return
         try:
             if self._current is None or self._current[0] != index:
