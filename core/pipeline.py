@@ -305,8 +305,7 @@ def feed_parallel(state: State, stream: Stream, block_rows: int, start_row: int,
         # shift a first update would take from the first rows (the same sums to the bit).
         state.update(np.empty((0,) + stream.row_shape, stream.dtype))
         if block_work() is None and hasattr(state, "pilot_rows"):
-            head = next(stream.blocks(state.pilot_rows(), done, done + state.pilot_rows()))
-            first = head.copy()
+            first = next(stream.blocks(state.pilot_rows(), done, done + state.pilot_rows()))
             block_work = functools.partial(state.block_work, first)
         if block_work() is None:
             done = min(stream.rows, done + block_rows)
