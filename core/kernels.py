@@ -487,13 +487,12 @@ def update_groups(x: np.ndarray, layout: Layout, groups: np.ndarray, shift: np.n
     groups = np.ascontiguousarray(groups, dtype=np.int64)
     # no weights, every element its own statistic, no counting pass: empty arrays (see the kernel)
     weights = EMPTY_F if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
-    scratch = np.empty((3, layout.stats))
-    if not layout.kmap.size and count is None and _columns_in_threads(flat, shift):
-        check = _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch[1])
+    if not layout.kmap.size and count is None:
+        check = _fold_in_runs(flat, table, groups, weights, shift, offset, m2, rows, weight)
     else:
+        scratch = np.empty((3, layout.stats))
         check = compiled_kernels()._update_groups(flat, table, layout.run, layout.kmap, groups, weights, shift,
-                                                  offset, m2, rows, weight, count, scratch[0], scratch[1],
-                                                  scratch[2], EMPTY_F)
+                                                  offset, m2, rows, weight, count, *scratch)
     if not np.isfinite(check):
         raise _not_finite(x, groups, look=count is None)
 
@@ -517,19 +516,33 @@ def _columns_in_threads(flat: np.ndarray, shift: np.ndarray) -> bool:
             and _threads() is not None)
 
 
-def _update_by_columns(flat, table, groups, weights, shift, offset, m2, rows, weight, scratch) -> float:
-    """The group updates of a block, its columns split in two halves folded in two
-    threads: the state rows a block touches are scattered (many classes), so two
-    cores wait on memory in parallel; no state is duplicated."""
+def _fold_in_runs(flat, table, groups, weights, shift, offset, m2, rows, weight) -> float:
+    """The group updates of a block, its rows sorted by group (stable: in stream
+    order within a group), so that a group met several times is read and written
+    once (:func:`compiled._fold_runs`); over a state too large for the caches, the
+    columns split in two halves folded in two threads (the state rows a block
+    touches are scattered, so two cores wait on memory in parallel; no state is
+    duplicated)."""
     compiled = compiled_kernels()
-    before = np.empty(len(groups))
-    compiled._update_groups(flat, table, 1, NO_KMAP, groups, weights, shift, offset, m2, rows, weight, None,
-                            scratch, scratch, scratch, before)  # counts the rows only
+    if len(shift) <= 8 * len(groups):
+        order = np.empty(len(groups), np.int64)
+        compiled._order_by_group(groups, np.zeros(len(shift) + 1, np.int64), order)
+    else:  # (a counting sort would pass over every group for a few rows)
+        order = np.argsort(groups, kind="stable")
+    runs = np.empty(len(groups) + 1, np.int64)
+    before, total = np.empty(len(groups)), np.empty(len(groups))
+    nruns = compiled._group_runs(order, groups, weights, rows, weight, runs, before, total)
     width = flat.shape[1]
-    pool = _threads()
+    scratch = np.empty((3, width))
+
+    def fold(lo: int, hi: int) -> float:
+        return compiled._fold_runs(flat, table, lo, hi, order, groups, weights, nruns, runs, before, total,
+                                   shift, offset, m2, scratch[0, lo:hi], scratch[1, lo:hi], scratch[2, lo:hi])
+
+    if not _columns_in_threads(flat, shift):
+        return fold(0, width)
     half = (width // 2) & ~7  # whole cache lines of float64 per half
-    parts = [pool.submit(compiled._update_columns, flat, table, lo, hi, groups, weights, before, shift, offset,
-                         m2, scratch) for lo, hi in ((0, half), (half, width))]
+    parts = [_threads().submit(fold, lo, hi) for lo, hi in ((0, half), (half, width))]
     return sum(part.result() for part in parts)
 
 
@@ -626,11 +639,15 @@ def warm_up(dtype: np.dtype = np.dtype(np.float32)) -> None:
                      np.zeros(1, bool), per_row=False, omit=False, scratch=Workspace())
     ema = accumulate(x, layout, slots, keys, None, np.ones(1, bool), squares=False)
     fold_centers_ema(ema, 1, 0.5, np.zeros((1, 2)), np.zeros(1, bool), np.ones(1), None, np.zeros(1, bool))
-    before = np.empty(4)
     rows = read_only(x)
+    two = np.zeros((3, 2))
     compiled_kernels()._update_groups(rows, None, 1, NO_KMAP, slots, EMPTY_F, *state[:3], np.zeros(1, np.int64),
-                                      state[3], None, np.zeros(2), np.zeros(2), np.zeros(2), before)
-    compiled_kernels()._update_columns(rows, None, 0, 2, slots, EMPTY_F, before, *state[:3], np.zeros(2))
+                                      state[3], None, *two)
+    runs, before, total = np.zeros(5, np.int64), np.zeros(4), np.zeros(4)
+    compiled_kernels()._order_by_group(slots, np.zeros(2, np.int64), np.zeros(4, np.int64))
+    compiled_kernels()._group_runs(slots, slots, EMPTY_F, np.zeros(1, np.int64), state[3], runs, before, total)
+    compiled_kernels()._fold_runs(rows, None, 0, 2, slots, slots, EMPTY_F, 1, runs, before, total, *state[:3],
+                                  *two)
     from . import compiled_fold
 
     compiled_fold.warm_up()

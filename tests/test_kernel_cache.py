@@ -113,7 +113,8 @@ def test_a_load_before_anything_was_cached_runs_unlocked(tmp_path: Path, monkeyp
 
 
 def test_the_fits_kernels_use_the_loader() -> None:
-    for name in ("_accumulate", "_update_groups", "_fold_exact", "_slot_rows", "_fold_centers_ema", "_update_columns"):
+    for name in ("_accumulate", "_update_groups", "_fold_exact", "_slot_rows", "_fold_centers_ema", "_fold_runs",
+                 "_group_runs", "_order_by_group"):
         cache = getattr(compiled, name)._cache
         assert cache.load_overload.func is kernel_cache._load_overload, name
         assert cache.save_overload.func is kernel_cache._save_overload, name

@@ -358,3 +358,58 @@ def test_optional_parts_compile_no_variant_of_their_own():
     before = [set(kernel.signatures) for kernel in kernels]
     run(frozen, weights=np.full(6, 0.5), squares=False, mean=None, beta=1.0)
     assert [set(kernel.signatures) for kernel in kernels] == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), groups=st.integers(1, 400), seed=st.integers(0, 999),
+       dtype=st.sampled_from(["float16", "float32", "int8", "int64"]), weighted=st.booleans(),
+       cut=st.integers(0, 40), threads=st.booleans())
+def test_rows_folded_in_runs_of_their_group_match_numpy(rows, groups, seed, dtype, weighted, cut, threads):
+    """Rows sorted by group (a counting sort for few groups, a comparison sort for
+    many), each group's run merged once, in one thread or two column halves: the
+    weighted mean and M2 of every group (zero weights inside a run, skipped rows,
+    groups absent from one of two blocks) as plain NumPy gives them."""
+    with pytest.MonkeyPatch.context() as patch:
+        if threads:
+            patch.setattr("normstats.kernels.PARALLEL_STATE_BYTES", 0)
+            patch.setattr("normstats.kernels.PARALLEL_ELEMENTS", 0)
+        _check_runs(rows, groups, seed, dtype, weighted, cut)
+
+
+def _check_runs(rows, groups, seed, dtype, weighted, cut):
+    rng = np.random.default_rng(seed)
+    x = make_data((rows, 70), dtype, seed=seed)
+    g = rng.integers(-1, min(groups, 5) if seed % 2 else groups, rows)  # few groups: long runs
+    w = np.where(rng.random(rows) < 0.3, 0.0, rng.uniform(0.1, 3.0, rows)) if weighted else None
+    cut = min(cut, rows)
+    state = ns.GroupedMoments(groups, (0,))
+    for part in (slice(0, cut), slice(cut, rows)):
+        state.update(x[part], g[part], None if w is None else w[part])
+    values = x.astype(np.float64)
+    weight = np.ones(rows) if w is None else w
+    for k in range(groups):
+        mine = (g == k) & (weight > 0)
+        assert state.rows[k] == np.count_nonzero(g == k)
+        if not mine.any():
+            assert np.all(state.count[k] == 0)
+            continue
+        total = weight[mine].sum()
+        mean = (weight[mine, None] * values[mine]).sum(0) / total
+        m2 = (weight[mine, None] * (values[mine] - mean) ** 2).sum(0)
+        close(state.count[k], np.full(70, total), rtol=1e-14)
+        close(state.mean[k], mean, rtol=1e-12, atol=1e-12)
+        close(state.m2[k], m2, rtol=1e-9, atol=1e-9 * (1 + np.abs(mean).max()) ** 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(-3, 9), max_size=60))
+def test_the_counting_sort_is_a_stable_sort_with_skipped_rows_first(labels):
+    from normstats.kernels import compiled_kernels
+
+    groups = np.array(labels, np.int64)
+    start = np.zeros(11, np.int64)
+    order = np.empty(len(groups), np.int64)
+    compiled_kernels()._order_by_group(groups, start, order)
+    key = np.where(groups < 0, -1, groups)
+    assert np.array_equal(order, np.argsort(key, kind="stable"))
+    assert not start.any()  # the scratch is left as found

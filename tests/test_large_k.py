@@ -119,7 +119,7 @@ def test_a_fit_loads_only_the_kernels_it_calls(tmp_path) -> None:
             main()
         except SystemExit:
             pass
-        print(sorted(name for name in ("_accumulate", "_update_groups", "_update_columns", "_fold_ema_batches",
+        print(sorted(name for name in ("_accumulate", "_update_groups", "_fold_runs", "_fold_ema_batches",
                                        "_fold_centers_ema", "_slot_rows") if getattr(compiled, name).signatures))
         """
     )
