@@ -23,7 +23,7 @@ from .limits import elements
 from .moments import merge_moments, variance
 
 
-RESULT_GROUPS = 4096  # groups per slice when a result is built (see GroupedMoments._sliced)
+RESULT_ELEMENTS = 1 << 15  # values per slice when a result is built (see GroupedMoments._sliced)
 PILOT_ROWS = 64  # rows whose mean is the first shift of a one-group fit
 PILOT_ELEMENTS = 1 << 18  # but no more than this many values (wide rows)
 
@@ -110,15 +110,17 @@ class GroupedMoments:
         return None if self.layout is None else self._shaped(np.array(self.count_2d))
 
     def _sliced(self, part, dtype=np.float64, *, mostly_zero: bool = False) -> np.ndarray:
-        """``part(rows)`` for slices of RESULT_GROUPS groups, into one new (groups,
-        statistics) array: a result of many groups costs its own array, not
-        several temporaries of the state's size. `mostly_zero`: only slices that
+        """``part(rows)`` for slices of groups of RESULT_ELEMENTS values, into one new
+        (groups, statistics) array: a result of many groups costs its own array, not
+        several temporaries of the state's size, and the slice's temporaries stay in
+        the cache (slices of 4 096 groups of 256 took 4x the time). `mostly_zero`: only slices that
         hold a non-zero value are written into a zeroed array, whose pages the
         others then never touch (no memory for them)."""
         out = np.zeros(self.shift.shape, dtype) if mostly_zero else np.empty(self.shift.shape, dtype)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for lo in range(0, self.num_groups, RESULT_GROUPS):
-                rows = slice(lo, lo + RESULT_GROUPS)
+            step = max(1, RESULT_ELEMENTS // max(1, self.shift.shape[1]))
+            for lo in range(0, self.num_groups, step):
+                rows = slice(lo, lo + step)
                 value = part(rows)
                 if not mostly_zero or value.any():
                     out[rows] = value
@@ -146,9 +148,9 @@ class GroupedMoments:
         n = self.count_2d
 
         def part(r: slice) -> np.ndarray:
-            spread = np.sqrt(np.where(n[r] > 0, self.m2_flat[r] / n[r], 0.0))
             low = _two_sum(self.shift[r], self.offset[r])[1]
-            return np.where((n[r] > 0) & (np.abs(low) > 2.0**-26 * spread), low, 0.0)
+            # |low| > 2**-26 sqrt(m2 / n), squared (no square root, no division)
+            return np.where((n[r] > 0) & (low * low * n[r] > 2.0**-52 * self.m2_flat[r]), low, 0.0)
         return self._shaped(self._sliced(part, mostly_zero=True))
 
     @property
