@@ -431,14 +431,18 @@ def _fold_centers_ema(keys, num_classes, base, residual, s1, weight, alpha, per_
 @numba.njit(nogil=True, cache=True)
 def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row, kfirst, no_residual, centers,
                       initialized, decay, first_mean, first_seen, shift, s1, fresh, local, rows, weight, plan,
-                      check):
+                      lead, check):
     """Moving-average centers of the consecutive batches of `x`, each batch's
-    (batch, class) sums taken (:func:`_accumulate`) into scratch the size of one
-    batch, which stays in the cache, and folded at once (:func:`_ema_plan`,
-    :func:`_fold_centers_ema`); float data only (shifts in float64). `slots`
-    and `keys` are :func:`_slot_rows`' numbering (pairs batch by batch).
+    (batch, class) means folded at once (:func:`_ema_plan`, :func:`_fold_centers_ema`);
+    float data only (shifts in float64). `slots` and `keys` are :func:`_slot_rows`'
+    numbering (pairs batch by batch).
+
+    A class met once in a batch (most of them, with many classes) has its row as
+    its mean: the row is blended in where it lies. The others' sums are taken
+    (:func:`_accumulate`) into scratch the size of one batch, which stays in the
+    cache. The same numbers either way (a one-row mean is ``row + 0 / 1``).
     Returns -1 when every batch was folded, else the first row of the first
-    batch whose sums are not finite (a NaN / Inf, or float64's overflow): it
+    batch whose means are not finite (a NaN / Inf, or float64's overflow): it
     and the batches after it are left out, the state holds those before.
     The other arguments are scratch of one batch (`check`: one row)."""
     nrows, width = x.shape
@@ -454,15 +458,26 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
         n = p1 - p0
         if n == 0:
             continue
+        for q in range(n):
+            rows[q] = 0
+            lead[q] = -1
         for i in range(b0, b1):
-            local[i - b0] = slots[i] - p0 if slots[i] >= 0 else -1
+            if slots[i] >= 0:
+                q = slots[i] - p0
+                rows[q] += 1
+                if lead[q] < 0:
+                    lead[q] = i
+        for i in range(b0, b1):  # only the rows of classes met more than once are summed
+            q = slots[i] - p0
+            local[i - b0] = q if slots[i] >= 0 and rows[q] > 1 else -1
         for q in range(n):
             fresh[q] = True
-            rows[q] = 0
-            weight[q] = 0.0
-            r = s1[q]
-            for e in range(width):
-                r[e] = 0.0
+            weight[q] = 1.0 if rows[q] == 1 else 0.0
+            if rows[q] > 1:
+                rows[q] = 0
+                r = s1[q]
+                for e in range(width):
+                    r[e] = 0.0
         # (int64 scalars: a literal 0 or 1 would be a variant of its own, beside the one
         # accumulate() calls; weight[:0] and no_residual: no weights, no squares)
         _accumulate(x[b0:b1], table, np.int64(0), np.int64(1), None, kfirst, local[:b1 - b0], weight[:0], shift[:n],
@@ -470,9 +485,14 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
         for e in range(width):
             check[e] = 0.0
         for q in range(n):
-            r = s1[q]
-            for e in range(width):
-                check[e] += r[e] * 0.0  # stays 0 unless a sum is NaN / Inf (per element: vectorized)
+            if fresh[q]:  # a one-row class (its sums untouched)
+                xi = x[lead[q]]
+                for e in range(width):
+                    check[e] += _item(xi, e, table) * 0.0  # stays 0 unless NaN / Inf (per element: vectorized)
+            else:
+                r = s1[q]
+                for e in range(width):
+                    check[e] += r[e] * 0.0
         total = 0.0
         for e in range(width):
             total += check[e]
@@ -480,6 +500,24 @@ def _fold_ema_batches(x, table, batch, slots, keys, num_classes, alpha, per_row,
             return b0
         _ema_plan(keys[p0:p1], num_classes, weight[:n], alpha, per_row, initialized, decay, first_seen,
                   keep_first, plan[:n])
+        for q in range(n):
+            if not fresh[q] or plan[q] == EMA_SKIP:
+                continue
+            j = keys[p0 + q] % num_classes
+            a = alpha  # (per row: alpha times the one row)
+            xi = x[lead[q]]
+            c = centers[j]
+            if plan[q] & EMA_BLEND:
+                for e in range(width):
+                    c[e] = (1.0 - a) * c[e] + a * _item(xi, e, table)
+            else:
+                for e in range(width):
+                    c[e] = _item(xi, e, table)
+            if plan[q] & EMA_FIRST:
+                f = first_mean[j]
+                for e in range(width):
+                    f[e] = _item(xi, e, table)
+            plan[q] = EMA_SKIP  # folded
         _fold_centers_ema(keys[p0:p1], num_classes, shift[:n], no_residual, s1[:n], weight[:n], alpha, per_row,
                           plan[:n], np.int64(0), width, centers, first_mean)
         p0 = p1

@@ -595,7 +595,8 @@ def fold_ema_batches(x: np.ndarray, slots: np.ndarray, keys: np.ndarray, batch: 
         centers, initialized, decay, EMPTY_2D if first_mean is None else first_mean, first_seen,
         scratch.array("shift", (rows, width), np.float64), scratch.array("s1", (rows, width), np.float64),
         scratch.array("fresh", (rows,), np.bool_), scratch.array("local", (rows,), np.int64), scratch.array("rows", (rows,), np.int64),
-        scratch.array("weight", (rows,), np.float64), scratch.array("plan", (rows,), np.int8), scratch.array("check", (width,), np.float64))
+        scratch.array("weight", (rows,), np.float64), scratch.array("plan", (rows,), np.int8),
+        scratch.array("lead", (rows,), np.int64), scratch.array("check", (width,), np.float64))
     if stop >= 0 and not omit:
         raise _not_finite(x, slots, look=True)
     return int(stop)
