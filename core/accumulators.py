@@ -95,9 +95,15 @@ class GroupedMoments:
 
     @property
     def count_2d(self) -> np.ndarray:
+        return np.broadcast_to(self._counts, self.shift.shape)
+
+    @property
+    def _counts(self) -> np.ndarray:
+        """The counts as stored: per element, or (groups, 1) when counted per row, which
+        broadcasts (a result's parts then cost one value per group, not per statistic)."""
         if self.count_flat is not None:
             return self.count_flat
-        return np.broadcast_to((self.weight * self.layout.per_stat)[:, None], self.shift.shape)
+        return (self.weight * self.layout.per_stat)[:, None]
 
     def count_view(self) -> np.ndarray:
         """:attr:`count` counted per row (no values left out) as a read-only view of
@@ -131,7 +137,7 @@ class GroupedMoments:
         """Mean per group and statistic; NaN where nothing was counted."""
         if self.layout is None:
             return None
-        n = self.count_2d
+        n = self._counts
         return self._shaped(self._sliced(lambda r: np.where(n[r] > 0, self.shift[r] + self.offset[r], np.nan)))
 
     @property
@@ -145,7 +151,7 @@ class GroupedMoments:
         """
         if self.layout is None:
             return None
-        n = self.count_2d
+        n = self._counts
 
         def part(r: slice) -> np.ndarray:
             low = _two_sum(self.shift[r], self.offset[r])[1]
@@ -178,7 +184,7 @@ class GroupedMoments:
 
     def variance(self, ddof: int) -> np.ndarray:
         """Per-group ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
-        n = self.count_2d
+        n = self._counts
         return self._shaped(self._sliced(lambda r: variance(n[r], self.m2_flat[r], ddof)))
 
     def near_constant(self) -> np.ndarray:
@@ -191,7 +197,7 @@ class GroupedMoments:
         told from a constant. ``|mean|`` plays no part: 1e15 + N(0, 5) keeps
         its variance.
         """
-        n = self.count_2d
+        n = self._counts
 
         def part(r: slice) -> np.ndarray:
             bound = 8.0 * np.finfo(np.float64).eps * np.log2(np.maximum(n[r], 2.0)) * n[r] * self.offset[r]**2
