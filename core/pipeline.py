@@ -34,11 +34,13 @@ Checkpoint = Optional[Callable[[object, int], None]]
 
 
 def aligned_blocks(
-    stream: Stream, side: dict[str, Stream], block_rows: int, start_row: int, stop_row: Optional[int] = None
+    stream: Stream, side: dict[str, Stream], block_rows: int, start_row: int, stop_row: Optional[int] = None,
+    *, read_ahead: bool = True,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Blocks of `stream` with the same rows of each per-row side stream."""
+    """Blocks of `stream` with the same rows of each per-row side stream (`read_ahead`:
+    read in threads while the caller works, see :meth:`Stream.blocks`)."""
     check_side(stream, side)
-    blocks = [s.blocks(block_rows, start_row, stop_row) for s in [stream, *side.values()]]
+    blocks = [s.blocks(block_rows, start_row, stop_row, prefetch=read_ahead) for s in [stream, *side.values()]]
     for block, *extras in zip(*blocks):
         yield block, dict(zip(side, extras))
 
@@ -212,13 +214,16 @@ def feed(
     checkpoint: Checkpoint = None,
     *,
     open_batches: bool = False,
+    read_ahead: bool = True,
 ) -> None:
     """Update `state` with rows ``start_row:stop_row`` of `stream`, block by block.
 
     The state numbers rows from its ``first_row`` (the stream row of its
     first row in a split fit); an error is located in `stream` by that.
     With `open_batches` (see :func:`read_plan`) a batch spans blocks and a
-    checkpoint is taken only between batches.
+    checkpoint is taken only between batches. Without `read_ahead`, each block
+    is read in this thread, then reduced while it is in the cache: what a worker
+    does when the other cores run workers too.
     """
     if stream.wide:
         feed_rows(state, stream, side, start_row, stop_row, progress, checkpoint)
@@ -226,7 +231,7 @@ def feed(
     done = start_row
     more = {"more": True} if open_batches else {}
     cuts = checkpoint is not None and open_batches and hasattr(state, "last_start")
-    for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row):
+    for block, extras in aligned_blocks(stream, side, block_rows, start_row, stop_row, read_ahead=read_ahead):
         rows = block.shape[0]
         # A batch open at every block end would never let a checkpoint be taken: with one due,
         # the block is fed in two parts, split where its last batch starts.

@@ -116,6 +116,7 @@ class FitTask:
     stop: int
     block_rows: int
     open_batches: bool = False  # batches span read blocks (see pipeline.read_plan)
+    read_ahead: bool = True  # a reader thread beside the reduction (see pipeline.feed)
 
     def __call__(self) -> State:
         state = self.recipe.build()
@@ -124,10 +125,12 @@ class FitTask:
         prelude = self.recipe.prelude(self.start)
         if prelude < self.start:  # the batches a pooled range needs before its own (not averaged)
             with self.inputs.open(prelude, self.start) as (stream, side), state.priming(prelude):
-                feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)
+                feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches,
+                     read_ahead=self.read_ahead)
         state.first_row = self.start
         with self.inputs.open(self.start, self.stop) as (stream, side):
-            feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches)
+            feed(state, stream, side, self.block_rows, 0, None, open_batches=self.open_batches,
+                 read_ahead=self.read_ahead)
         return state
 
 

@@ -105,3 +105,49 @@ def test_cli_refuses_an_impossible_bn_state_naming_what_makes_it_big(run, tmp_pa
     assert f" state for {what} of rows shaped (4,) needs " in result.stderr
     assert f"; {remedy} (or more memory)" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 4])
+def test_workers_that_fill_the_cores_read_inline(tmp_path, monkeypatch, jobs):
+    """A --jobs worker reads ahead in a thread only when a core is left for it; Dask tasks
+    (one per worker thread) read inline. The numbers do not depend on it."""
+    import os
+
+    from normstats import engines
+    from normstats.stream import Stream
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    x = np.random.default_rng(6).normal(size=(400, 3))
+    np.save(tmp_path / "x.npy", x)
+    seen = []
+    blocks = Stream.blocks
+
+    def spied(self, *args, prefetch=True, **kwargs):
+        seen.append(prefetch)
+        return blocks(self, *args, prefetch=prefetch, **kwargs)
+
+    monkeypatch.setattr(Stream, "blocks", spied)
+    recipe = ns.Recipe("batchnorm", "exact", {"batch_size": 7})
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        tasks = engines._fit_tasks(recipe, stream, {}, allow_external=False, absolute=False, block_rows=50,
+                                   parts=jobs, read_ahead=jobs < 2)
+        states = [task() for task in tasks]
+        dask_tasks = engines._fit_tasks(recipe, stream, {}, allow_external=False, absolute=True, block_rows=50,
+                                        rows_per_task=100)
+    assert seen and set(seen) == {jobs < 2}
+    assert not any(task.read_ahead for task in dask_tasks)
+    result = engines._tree(states, join).result()
+    np.testing.assert_allclose(result.arrays["mean"], x.mean(0), rtol=1e-12)
+
+    planned = {}
+    plan = engines._fit_tasks
+
+    def captured(*args, **kwargs):
+        planned.update(kwargs)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "_fit_tasks", captured)
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        forked = ns.run_fit_parallel(recipe, stream, jobs=jobs)
+    assert planned["read_ahead"] == (jobs < 2)  # two cores: one worker leaves one for its reader
+    np.testing.assert_allclose(forked.arrays["mean"], x.mean(0), rtol=1e-12)
