@@ -199,6 +199,18 @@ def test_an_scp_too_large_for_memory_is_refused_while_it_is_read(tmp_path: Path,
         ns.open_source(f"scp:{tmp_path / 'f.scp'}")
 
 
+def test_an_ark_too_large_for_memory_is_refused_with_its_estimated_count(tmp_path: Path, monkeypatch) -> None:
+    # An ark read without an scp is scanned; part-way, the count so far scaled to the file's
+    # size is an estimate, and the message says so.
+    from normstats.readers import kaldi
+
+    kaldiio.save_ark(str(tmp_path / "f.ark"), {f"k{i:02d}": np.ones((1, 2), np.float32) for i in range(50)})
+    monkeypatch.setattr(kaldi, "SCP_BATCH", 10)
+    monkeypatch.setattr("normstats.readers.base.available_memory", lambda: 20_000)
+    with pytest.raises(ns.DataError, match=r"f.ark holds about 50 sequences, whose index takes about 20.0 KB"):
+        ns.open_source(f"ark:{tmp_path / 'f.ark'}")
+
+
 # --- index bytes per member, measured in a fresh process -------------------------------------
 
 MEASURE = """

@@ -246,9 +246,10 @@ class KeyTableBuilder:
 INDEX_BYTES_PER_SEQUENCE = 400
 
 
-def check_index_memory(count: int, what: str, *, so_far: bool = False) -> None:
+def check_index_memory(count: int, what: str, *, so_far: bool = False, estimated: bool = False) -> None:
     """Refuse to index `count` sequences of `what` (with `so_far`, the first `count` of
-    more) when their index would not fit in memory.
+    more; `estimated`, a count inferred from part of the file) when their index would not
+    fit in memory.
 
     Raises
     ------
@@ -258,7 +259,7 @@ def check_index_memory(count: int, what: str, *, so_far: bool = False) -> None:
     need = count * INDEX_BYTES_PER_SEQUENCE
     limit = int(available_memory() * MEMORY_SHARE)
     if need > limit:
-        holds = f"more than {count}" if so_far else f"{count}"
+        holds = f"more than {count}" if so_far else f"about {count}" if estimated else f"{count}"
         raise DataError(f"{what} holds {holds} sequences, whose index takes about {_size(need)}, more than the "
                         f"{_size(limit)} of memory normstats may take; split it into several collections, fit "
                         "each and combine them with normstats merge")

@@ -196,7 +196,8 @@ class KaldiSource(SequenceSource):
             cols.append(dims)
             tokens.append(TOKENS.index(token))
             if len(keys) % SCP_BATCH == 0:
-                check_index_memory(len(keys) * max(1, size // max(position, 1)), self.name)
+                # (the count this far scaled to the whole file: an estimate, said so)
+                check_index_memory(len(keys) * max(1, size // max(position, 1)), self.name, estimated=True)
         arrays = [np.array(a, dtype) for a, dtype in
                   ((offsets, np.int64), (rows, np.int64), (cols, np.int64), (tokens, np.int8))]
         return (keys.table(), [self.path], np.zeros(len(keys), np.int32), *arrays)
