@@ -364,3 +364,16 @@ def test_dask_worker_logs_stay_out_of_the_terminal(tmp_path: Path) -> None:
     assert done.returncode == 1
     message = _one_error(done.stderr)  # no worker log, no traceback
     assert "nan.npy row 3500" in message
+
+
+def test_an_hdf5_write_error_takes_the_systems_errno_from_its_message() -> None:
+    """h5py may report a refused write with a generic errno; the system's own, which HDF5's
+    message carries, decides what the user is told (here: the file-size limit)."""
+    import errno as codes
+
+    from normstats.writers.h5_layout import h5_write_error
+
+    generic = OSError(codes.EIO, "Unable to synchronously write data (file write failed: time = x, filename = "
+                      "'o.h5', file descriptor = 5, errno = 27, error message = 'File too large', buf = 0x0)")
+    assert h5_write_error(generic, "o.h5").errno == codes.EFBIG
+    assert h5_write_error(RuntimeError("Can't close (no errno here)"), "o.h5").errno == codes.EIO

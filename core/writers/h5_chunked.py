@@ -17,7 +17,7 @@ import numpy as np
 from ..limits import elements
 from .atomic import atomic_path
 from .base import split_output
-from .h5_layout import _h5_errno, write_attrs
+from .h5_layout import h5_write_error, write_attrs
 
 CHUNK_BYTES = 1 << 20  # HDF5's advice: chunks of about 1 MiB, and whole rows
 
@@ -128,12 +128,6 @@ def chunked_dataset(file: Any, name: str, shape: tuple[int, ...], dtype: np.dtyp
     rows = max(1, min(shape[0], CHUNK_BYTES // max(1, elements(shape[1:]) * np.dtype(dtype).itemsize)))
     return file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks or (rows,) + tuple(shape[1:]),
                                compression=compression, shuffle=compression == "gzip")
-
-
-def h5_write_error(error: Exception, path: str) -> OSError:
-    """An HDF5 write error as the OSError it stands for (errno from HDF5's message)."""
-    code = getattr(error, "errno", None) or _h5_errno(str(error))
-    return OSError(code or errno.EIO, str(error).split("\n")[0], path)
 
 
 class CompressedArrayWriter:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from .atomic import atomic_path
-from .h5_chunked import chunked_dataset, finish, h5_write_error, open_for_writing
+from .h5_chunked import chunked_dataset, finish, open_for_writing
+from .h5_layout import h5_write_error
 from .rows import RowRegion, sequences_layout
 
 COMPRESSIONS = ("gzip", "lzf")

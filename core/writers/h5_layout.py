@@ -44,9 +44,16 @@ def _h5_skeleton(path: str, datasets: Iterable[tuple[str, tuple[int, ...], np.dt
                 f.create_dataset(name, data=value)
             write_attrs(f, attrs)
     except (OSError, RuntimeError) as error:  # HDF5 reports a failed write as either
-        code = getattr(error, "errno", None) or _h5_errno(str(error))
-        raise OSError(code or errno.EIO, str(error).split("\n")[0], path) from None
+        raise h5_write_error(error, path) from None
     return np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
+
+
+def h5_write_error(error: Exception, path: str) -> OSError:
+    """An HDF5 write error as the OSError it stands for. The system's errno, where HDF5's
+    message names it ("errno = 27"), wins over h5py's own: h5py may give a generic code
+    (a file-size limit then read as an unnamed write failure)."""
+    code = _h5_errno(str(error)) or getattr(error, "errno", None)
+    return OSError(code or errno.EIO, str(error).split("\n")[0], path)
 
 
 def _h5_errno(message: str) -> Optional[int]:
