@@ -56,7 +56,9 @@ def _served_from_heap(nbytes: int) -> None:
     threshold to its size (glibc's dynamic threshold, mallopt(3)), as glibc does
     by itself only once some larger block happens to be freed (so only a second
     fit in a process was fast). ``bytes(n)`` is calloc'd: mapped and unmapped
-    untouched. Elsewhere than glibc, a no-op.
+    untouched. Elsewhere than glibc, or where a MALLOC_* variable fixes its
+    thresholds (Dask's workers set MALLOC_TRIM_THRESHOLD_, to hand memory back),
+    a no-op.
     """
     global _heap_served
     size = min(2 * nbytes, 32 << 20)  # (glibc's ceiling for the dynamic threshold)
