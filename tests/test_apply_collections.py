@@ -142,6 +142,29 @@ def test_a_sequence_spanning_read_blocks(run, corpus, tmp_path: Path, monkeypatc
             np.testing.assert_allclose(written[key], _normalized(x, everything), rtol=1e-5, atol=1e-5)
 
 
+def test_collections_are_read_in_small_blocks(run, corpus, tmp_path: Path, monkeypatch) -> None:
+    """Sequences are written one by one, so apply reads a collection in blocks of 2 MB, not
+    8 MB (three blocks are in flight); the output is the same."""
+    import normstats.apply_collections as module
+
+    seen = []
+    blocks = module.normalized_blocks
+
+    def spied(normalizer, stream, side, block_rows):
+        seen.append(block_rows * stream.row_bytes)
+        return blocks(normalizer, stream, side, block_rows)
+
+    monkeypatch.setattr(module, "BLOCK_BYTES", 256)  # a few rows of this corpus per block
+    monkeypatch.setattr(module, "normalized_blocks", spied)
+    _fit(run, "scp:feats.scp")
+    result = run("apply", "s.npz", "scp:feats.scp", "-o", "ark:o.ark", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert seen and seen[0] <= 256
+    written, everything = dict(kaldiio.load_ark(str(tmp_path / "o.ark"))), np.concatenate(list(corpus.values()))
+    for key, x in corpus.items():
+        np.testing.assert_allclose(written[key], _normalized(x, everything), rtol=1e-5, atol=1e-5)
+
+
 def test_compressed_array_output_equals_the_contiguous_one(run, tmp_path: Path) -> None:
     x = np.random.default_rng(3).normal(size=(1000, 6)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
