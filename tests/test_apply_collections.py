@@ -142,10 +142,14 @@ def test_a_sequence_spanning_read_blocks(run, corpus, tmp_path: Path, monkeypatc
             np.testing.assert_allclose(written[key], _normalized(x, everything), rtol=1e-5, atol=1e-5)
 
 
-def test_collections_are_read_in_small_blocks(run, corpus, tmp_path: Path, monkeypatch) -> None:
-    """Sequences are written one by one, so apply reads a collection in blocks of 2 MB, not
-    8 MB (three blocks are in flight); the output is the same."""
+def test_an_hdf5_collection_output_is_fed_small_blocks(run, corpus, tmp_path: Path, monkeypatch) -> None:
+    """The output decides the read block: an HDF5 group (whose own metadata takes tens of MB)
+    2 MB, a Kaldi archive the usual ones; the output is the same whatever the block."""
     import normstats.apply_collections as module
+    from normstats.writers.collections import CollectionOutput, collection_output
+
+    assert collection_output("o.h5:/").block_bytes == 2 << 20
+    assert collection_output("ark:o.ark").block_bytes is None
 
     seen = []
     blocks = module.normalized_blocks
@@ -154,7 +158,7 @@ def test_collections_are_read_in_small_blocks(run, corpus, tmp_path: Path, monke
         seen.append(block_rows * stream.row_bytes)
         return blocks(normalizer, stream, side, block_rows)
 
-    monkeypatch.setattr(module, "BLOCK_BYTES", 256)  # a few rows of this corpus per block
+    monkeypatch.setattr(CollectionOutput, "block_bytes", property(lambda self: 256))  # a few rows per block
     monkeypatch.setattr(module, "normalized_blocks", spied)
     _fit(run, "scp:feats.scp")
     result = run("apply", "s.npz", "scp:feats.scp", "-o", "ark:o.ark", "-q")
