@@ -118,6 +118,17 @@ def _shift_gap_impl(s, v):
     return lambda s, v: 0.0
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _merged(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan–Golub–LeVeque: the (mean, M2) of a block of weight `n_a` merged with one of
+    weight `n_b` (the second alone when `n_a` is 0). The one merge of every kernel."""
+    if not n_a > 0.0:
+        return mean_b, m2_b
+    r = n_b / (n_a + n_b)
+    delta = mean_b - mean_a
+    return mean_a + delta * r, m2_a + (m2_b + delta * delta * (n_a * r))
+
+
 # --- the kernel ------------------------------------------------------------------------
 
 
@@ -269,14 +280,7 @@ def _update_groups(x, table, run, kmap, groups, weights, shift, offset, m2, rows
             n_b = w * tn[k]
             mean_b = t1[k] / tn[k]
             m2_b = w * max(t2[k] - t1[k] * mean_b, 0.0)
-            if n_a > 0.0:
-                n = n_a + n_b
-                delta = mean_b - offset[g, k]
-                offset[g, k] += delta * (n_b / n)
-                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
-            else:
-                offset[g, k] = mean_b
-                m2[g, k] = m2_b
+            offset[g, k], m2[g, k] = _merged(n_a, offset[g, k], m2[g, k], n_b, mean_b, m2_b)
             if count is not None:
                 count[g, k] += n_b
         weight[g] += w
@@ -340,14 +344,9 @@ def _fold_exact(keys, base, residual, weight, count, s1, s2, per_stat, integer,
                 # The kernel's shift is the state's, unless integer arithmetic rounded it
                 # (a restored non-integer mean): then the difference is small and exact.
                 off_b += base[p, k] - shift[g, k]
-                n = n_a + n_b
-                delta = off_b - offset[g, k]
-                offset[g, k] += delta * (n_b / n)
-                m2[g, k] += m2_b + delta * delta * (n_a * (n_b / n))
             else:
                 shift[g, k] = base[p, k]
-                offset[g, k] = off_b
-                m2[g, k] = m2_b
+            offset[g, k], m2[g, k] = _merged(n_a, offset[g, k], m2[g, k], n_b, off_b, m2_b)
             a = shift[g, k]
             b = offset[g, k]
             t = a + b
@@ -641,19 +640,11 @@ def _fold_runs(x, table, lo, hi, order, groups, weights, nruns, runs, before, to
                 d = _deviation(v, _shift_as(h[e], v)) + _shift_gap(h[e], v)
                 t1[e] += w * d
                 t2[e] += w * d * d
-        rb = whole / (n_a + whole)
         inverse = 1.0 / whole
         for e in range(width):
             c[e] += t2[e]  # (weighted: finite iff the deviations and their sum are)
             mean_b = t1[e] * inverse
-            m2_b = max(t2[e] - t1[e] * mean_b, 0.0)
-            if n_a > 0.0:
-                delta = mean_b - o[e]
-                o[e] += delta * rb
-                q[e] += m2_b + delta * delta * (n_a * rb)
-            else:
-                o[e] = mean_b
-                q[e] = m2_b
+            o[e], q[e] = _merged(n_a, o[e], q[e], whole, mean_b, max(t2[e] - t1[e] * mean_b, 0.0))
     check = 0.0
     for e in range(width):
         check += c[e]
