@@ -60,7 +60,7 @@ def _dask_task_rows(stream: Stream, task_rows: Optional[int]) -> int:
 
 
 def _fit_tasks(recipe: Union[Recipe, dict], stream: Stream, side: dict[str, Stream], *, copies: int = 1,
-               max_memory: Optional[int] = None, read_ahead: bool = False, **plan: Any) -> list[FitTask]:
+               max_memory: Optional[int] = None, read_ahead: bool, **plan: Any) -> list[FitTask]:
     """The tasks of a split fit; refused if it continues a stats file (every range
     would count it again) or if `copies` of its state do not fit in memory. Tasks
     that fill the cores read inline (no `read_ahead` thread: a block reduced in
@@ -336,7 +336,7 @@ def run_fit_dask(
     side = side or {}
     tasks = _fit_tasks(recipe, stream, side, allow_external=allow_external, absolute=True,
                        block_rows=block_rows, rows_per_task=_dask_task_rows(stream, task_rows),
-                       max_memory=max_memory)
+                       max_memory=max_memory, read_ahead=False)  # (a task per worker thread, a thread per core)
     started = time.perf_counter()
     state, = _gather(client, tasks, progress, combine=join)
     stats = with_provenance(state.result(), stream, side, time.perf_counter() - started, stream.rows)

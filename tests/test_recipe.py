@@ -132,10 +132,7 @@ def test_workers_that_fill_the_cores_read_inline(tmp_path, monkeypatch, jobs):
         tasks = engines._fit_tasks(recipe, stream, {}, allow_external=False, absolute=False, block_rows=50,
                                    parts=jobs, read_ahead=jobs < 2)
         states = [task() for task in tasks]
-        dask_tasks = engines._fit_tasks(recipe, stream, {}, allow_external=False, absolute=True, block_rows=50,
-                                        rows_per_task=100)
     assert seen and set(seen) == {jobs < 2}
-    assert not any(task.read_ahead for task in dask_tasks)
     result = engines._tree(states, join).result()
     np.testing.assert_allclose(result.arrays["mean"], x.mean(0), rtol=1e-12)
 
@@ -151,3 +148,16 @@ def test_workers_that_fill_the_cores_read_inline(tmp_path, monkeypatch, jobs):
         forked = ns.run_fit_parallel(recipe, stream, jobs=jobs)
     assert planned["read_ahead"] == (jobs < 2)  # two cores: one worker leaves one for its reader
     np.testing.assert_allclose(forked.arrays["mean"], x.mean(0), rtol=1e-12)
+
+    # Dask: the tasks it plans read inline (its tasks run here, in this process, instead of on a cluster)
+    class Client:
+        def scheduler_info(self):
+            return {"workers": {}}
+
+    monkeypatch.setattr(engines, "_gather", lambda client, tasks, progress, combine: [
+        engines._tree([task() for task in tasks], combine)])
+    planned.clear()
+    with ns.open_stream([str(tmp_path / "x.npy")]) as stream:
+        clustered = ns.run_fit_dask(recipe, stream, Client(), task_rows=100)
+    assert planned["read_ahead"] is False
+    np.testing.assert_allclose(clustered.arrays["mean"], x.mean(0), rtol=1e-12)
